@@ -1,0 +1,65 @@
+"""``torch.export`` of a StreamingGraph with the bundle's named dynamic dimensions.
+
+Graph modules take ``forward(*inputs, *state)`` (``*state`` may be a var-positional parameter);
+``torch.export`` wants ``dynamic_shapes`` in the same structure as the signature, so we build it
+from ``inspect.signature``.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch.export import Dim, ExportedProgram
+
+from edgeseq.bundle import StreamingGraph
+
+
+def dynamic_shapes(graph: StreamingGraph, dims: dict[str, Any]) -> tuple:
+    """One ``{axis: Dim}`` dict (or None) per tensor, grouped as the forward signature is."""
+    per_tensor = []
+    for spec in [*graph.inputs, *graph.state]:
+        d = {i: dims[name] for i, name in enumerate(spec.shape)
+             if isinstance(name, str) and dims.get(name) is not None}
+        per_tensor.append(d or None)
+    params = list(inspect.signature(graph.module.forward).parameters.values())
+    out: list[Any] = []
+    i = 0
+    for p in params:
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            out.append(tuple(per_tensor[i:]))
+            i = len(per_tensor)
+        else:
+            out.append(per_tensor[i])
+            i += 1
+    return tuple(out)
+
+
+def export_graph(graph: StreamingGraph, *, dynamic_batch: bool = True, batch: int = 1,
+                 max_batch: int = 64, chunk_max: int | None = None) -> ExportedProgram:
+    """Export with ``batch`` and ``chunk`` dynamic (batch fixed to ``batch`` if not dynamic).
+
+    ``chunk_max`` bounds the chunk dim: ExecuTorch plans memory for the upper bound.
+    """
+    has_chunk = any("chunk" in s.shape for s in [*graph.inputs, *graph.state])
+    dims: dict[str, Any] = {"batch": Dim("batch", min=1, max=max_batch) if dynamic_batch else None}
+    example = {"batch": 2 if dynamic_batch else batch, "chunk": 5}
+    if has_chunk:
+        cmax = chunk_max or 4096
+        if cmax > 1:
+            dims["chunk"] = Dim("chunk", min=1, max=cmax)
+            example["chunk"] = min(5, cmax)
+        else:
+            dims["chunk"] = None
+            example["chunk"] = 1
+    args = graph.example_inputs(example, vocab_size=_vocab(graph))
+    with torch.no_grad():
+        return torch.export.export(graph.module, args, dynamic_shapes=dynamic_shapes(graph, dims),
+                                   strict=False)
+
+
+def _vocab(graph: StreamingGraph) -> int:
+    for s in graph.outputs:
+        if s.name == "logits":
+            return int(s.shape[-1])
+    return 2

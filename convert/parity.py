@@ -1,0 +1,75 @@
+"""Parity: every lowered graph against the original PyTorch model, on the same input.
+
+For a causal LM we check (a) the prefill logits of a prompt, (b) the step logits along the
+reference's own greedy continuation (so both sides see identical inputs), and (c) that greedy
+decoding through the bundle yields exactly the reference library's tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PROMPT_TEXT = "def stream(self, chunk):\n    return "
+TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}  # max abs logit error; fp16 is relative to max |logit|
+
+
+@dataclass
+class ParityInputs:
+    prompt: list[int]
+    reference_tokens: list[int]
+    reference_logits: np.ndarray  # (len(prompt) + n - 1, v): logits after every known token
+
+
+def reference_run(family: Any, model: Any, prompt: list[int], n_tokens: int) -> ParityInputs:
+    import torch
+
+    ids = torch.tensor([prompt], dtype=torch.int64)
+    toks = family.reference_greedy(model, ids, n_tokens)[0].tolist()
+    full = torch.tensor([prompt + toks[:-1]], dtype=torch.int64)
+    logits = family.reference_logits(model, full)[0].numpy()
+    return ParityInputs(prompt, toks, logits)
+
+
+def default_prompt(tokenizer: Any, vocab_size: int, length: int = 16, seed: int = 0) -> list[int]:
+    if tokenizer is not None:
+        ids = tokenizer.encode(PROMPT_TEXT)
+        if ids and max(ids) < vocab_size:
+            return ids
+    rng = np.random.default_rng(seed)
+    return rng.integers(1, vocab_size, size=length).tolist()
+
+
+def check_bundle(root: Path, backend: str, ref: ParityInputs, dtype: str) -> dict[str, Any]:
+    """Run the bundle on one backend against the reference; return the parity record."""
+    from edgeseq.runtime.session import load
+
+    sess = load(root, backend=backend)
+    p = len(ref.prompt)
+    prefill = sess.prefill(np.array([ref.prompt], dtype=np.int64))[0]
+    prefill_err = float(np.abs(prefill - ref.reference_logits[:p]).max())
+    step_err, last_err = 0.0, prefill_err
+    for i, tok in enumerate(ref.reference_tokens[:-1]):
+        logits = sess.step(np.array([tok], dtype=np.int64))[0]
+        last_err = float(np.abs(logits - ref.reference_logits[p + i]).max())
+        step_err = max(step_err, last_err)
+    got = sess.generate(ref.prompt, len(ref.reference_tokens), stop_at_eos=False).tolist()
+    mismatch = next((i for i, (a, b) in enumerate(zip(got, ref.reference_tokens)) if a != b), None)
+    scale = float(np.abs(ref.reference_logits).max()) if dtype != "fp32" else 1.0
+    tol = TOLERANCE.get(dtype, TOLERANCE["fp16"]) * scale
+    identical = mismatch is None and len(got) == len(ref.reference_tokens)
+    passed = max(prefill_err, step_err) <= tol and (identical or dtype != "fp32")
+    return {
+        "backend": backend,
+        "prompt_tokens": p,
+        "tokens_compared": len(ref.reference_tokens),
+        "tokens_identical": identical,
+        "first_mismatch": mismatch,
+        "prefill_logits_max_abs_err": prefill_err,
+        "step_logits_max_abs_err": step_err,
+        "last_step_logits_max_abs_err": last_err,
+        "tolerance": tol,
+        "passed": bool(passed),
+    }

@@ -1,0 +1,124 @@
+"""``edgeseq convert``: load -> build graphs -> lower per backend -> parity -> write bundle.
+
+The bundle is written into a temporary folder beside the destination and renamed into place only
+when every step, parity included, has succeeded: a failed conversion leaves nothing behind.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from edgeseq import tokenize, zoo
+from edgeseq.bundle import (BundleError, GraphEntry, Manifest, atomic_folder, sha256_of,
+                            write_json)
+from edgeseq.checkpoint import read_config, weight_files
+from edgeseq.families.base import detect_family
+from edgeseq.registry import get_backend
+
+FORMATS = {"onnx": "ort", "pte": "executorch", "pt2": "torch"}
+ALL_FORMATS = ("onnx", "pte", "pt2")
+DTYPES = ("fp32", "fp16")
+
+Progress = Callable[[str], None]
+
+
+class ConversionError(BundleError):
+    """Conversion failed (parity included); nothing was written."""
+
+
+def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FORMATS,
+            dtype: str = "fp32", parity_tokens: int = 64, overwrite: bool = False,
+            skip_parity: bool = False, force: bool = False, target: str = "host",
+            progress: Progress | None = None) -> Path:
+    """Convert a checkpoint folder (or ``zoo:NAME``) into a bundle at ``out``.
+
+    Args:
+        formats: any of ``onnx``, ``pte``, ``pt2`` (the PyTorch reference backend's format).
+        dtype: ``fp32``, or ``fp16`` weights (compute and state stay fp32; ONNX only so far).
+        parity_tokens: greedy tokens compared against the reference library's ``generate``.
+        skip_parity: write without checking (not recommended); ``force`` writes despite a failure.
+    Returns:
+        The bundle folder.
+    Raises:
+        BundleError: bad input (missing path, unsupported architecture, corrupt or unsafe weights).
+        ConversionError: a backend failed to lower or parity failed.
+    """
+    say = progress or (lambda msg: None)
+    t0 = time.perf_counter()
+    src_label = str(src)
+    src = zoo.resolve(src)
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise BundleError(f"unknown format {bad[0]!r}; known: {', '.join(FORMATS)}, all")
+    if dtype not in DTYPES:
+        raise BundleError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise BundleError(f"{out}: already exists (use --overwrite to replace it)")
+
+    config = read_config(src)
+    family = detect_family(config, src)
+    weights = weight_files(src)
+    say(f"[1/5] loading {src_label} ({family.name}, {sum(w.stat().st_size for w in weights) / 1e6:.1f} MB)")
+    model = family.load(src)
+    graphs = family.graphs(model)
+    tok_spec = tokenize.detect(src)
+    tokenizer = tokenize.load(src, tok_spec)
+
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        files: dict[str, dict[str, str]] = {name: {} for name in graphs}
+        for i, fmt in enumerate(formats):
+            backend = get_backend(FORMATS[fmt])
+            why = backend.available()
+            if why:
+                raise ConversionError(f"cannot write {fmt}: {why}")
+            t = time.perf_counter()
+            say(f"[2/5] lowering to {fmt} ({i + 1}/{len(formats)}) ...")
+            try:
+                written = backend.lower(graphs, tmp, dtype)
+            except ValueError as e:
+                raise ConversionError(f"{src_label}: cannot lower to {fmt}: {e}") from None
+            for name, f in written.items():
+                files[name][fmt] = f
+            say(f"      {fmt}: {', '.join(sorted(set(written.values())))} "
+                f"in {time.perf_counter() - t:.1f}s")
+        tokenize.copy_files(src, tok_spec, tmp)
+        manifest = Manifest(
+            family=family.name, task=family.task,
+            source={"path": src_label, "sha256": sha256_of([src / "config.json", *weights]),
+                    "files": [w.name for w in weights]},
+            graphs={name: GraphEntry(name, g.inputs, g.outputs, g.state, files[name], g.max_chunk)
+                    for name, g in graphs.items()},
+            tokenizer=tok_spec, dtype=dtype, target=target, config=family.model_config(model),
+            quantization={"scheme": "fp16-weights"} if dtype == "fp16" else None)
+        write_json(tmp / "manifest.json", manifest.to_json())
+        say("[3/5] manifest written")
+
+        parity: dict[str, Any] = {"dtype": dtype, "checks": []}
+        if skip_parity:
+            parity["skipped"] = True
+            say("[4/5] parity skipped (--skip-parity)")
+        else:
+            from edgeseq.convert.parity import check_bundle, default_prompt, reference_run
+
+            say(f"[4/5] parity: reference greedy ({parity_tokens} tokens) ...")
+            prompt = default_prompt(tokenizer, manifest.config["vocab_size"])
+            ref = reference_run(family, model, prompt, parity_tokens)
+            parity["prompt"] = ref.prompt
+            parity["reference_tokens"] = ref.reference_tokens
+            for fmt in formats:
+                rec = check_bundle(tmp, FORMATS[fmt], ref, dtype)
+                parity["checks"].append({"format": fmt, **rec})
+                say(f"      {fmt:5s} tokens identical: {rec['tokens_identical']} "
+                    f"({rec['tokens_compared']}), max |dlogits| prefill "
+                    f"{rec['prefill_logits_max_abs_err']:.2e} step "
+                    f"{rec['step_logits_max_abs_err']:.2e} -> {'ok' if rec['passed'] else 'FAILED'}")
+            parity["passed"] = all(c["passed"] for c in parity["checks"])
+        write_json(tmp / "parity.json", parity)
+        if not skip_parity and not parity["passed"] and not force:
+            failed = [c["format"] for c in parity["checks"] if not c["passed"]]
+            raise ConversionError(f"{src_label}: parity failed on {', '.join(failed)} (see the "
+                                  f"errors above; --force writes the bundle anyway)")
+        say(f"[5/5] wrote {out} in {time.perf_counter() - t0:.1f}s")
+    return out

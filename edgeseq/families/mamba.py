@@ -1,0 +1,223 @@
+"""Mamba (Gu & Dao, 2023: selective state spaces) as stateful streaming graphs.
+
+The reference is transformers' ``MambaForCausalLM``. Its selective scan does not export and its
+cache object is no graph output, so the step and prefill modules below re-express one Mamba block
+in plain tensor ops over the *same* parameters, with the convolution window and the SSM state as
+explicit tensors (mamba-minimal, and mamba's own ``step``).
+
+Glossary of dimension letters::
+
+    b  batch            l  chunk length (tokens fed in one prefill call)
+    d  d_model          e  d_inner = expand * d_model
+    n  d_state          k  conv kernel width (the window state keeps k-1 past inputs)
+    r  dt_rank          v  vocab
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeseq.bundle import StateSpec, StreamingGraph
+from edgeseq.checkpoint import load_into, load_state_dict, read_config
+from edgeseq.families.base import Family, lm_graph_specs
+from edgeseq.registry import register_family
+
+# Prefill materialises a (b, l, l, e, n) decay tensor; the runtime keeps chunks under this size.
+PREFILL_BYTES_BUDGET = 128 << 20
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' MambaRMSNorm, in float32 as it computes it."""
+    var = x.pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(var + eps))
+
+
+class _MambaGraph(nn.Module):
+    """Holds the reference model's modules (weights are shared, never copied)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        bb = model.backbone
+        self.embeddings = bb.embeddings
+        self.layers = bb.layers
+        self.norm_f = bb.norm_f
+        self.lm_head = model.lm_head
+        self.eps = bb.norm_f.variance_epsilon
+        self.n_layers = len(bb.layers)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(rms_norm(h, self.norm_f.weight, self.eps))
+
+
+class MambaStep(_MambaGraph):
+    """One token: ``(input_ids (b,), conv_0, ssm_0, conv_1, ...) -> (logits (b, v), states...)``."""
+
+    def forward(self, input_ids: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h = self.embeddings(input_ids)  # (b, d)
+        new_state: list[torch.Tensor] = []
+        for i, layer in enumerate(self.layers):
+            conv_state, ssm_state = state[2 * i], state[2 * i + 1]  # (b, e, k-1), (b, e, n)
+            mix = layer.mixer
+            xz = mix.in_proj(rms_norm(h, layer.norm.weight, layer.norm.variance_epsilon))
+            x, z = xz.chunk(2, dim=-1)  # (b, e) each
+            window = torch.cat([conv_state, x.unsqueeze(-1)], dim=-1)  # (b, e, k)
+            x = (window * mix.conv1d.weight[:, 0, :]).sum(-1)
+            if mix.conv1d.bias is not None:
+                x = x + mix.conv1d.bias
+            x = F.silu(x)
+            dt, B, C = torch.split(mix.x_proj(x), [mix.time_step_rank, mix.ssm_state_size,
+                                                   mix.ssm_state_size], dim=-1)
+            dt = F.softplus(mix.dt_proj(dt))  # (b, e)
+            A = -torch.exp(mix.A_log)  # (e, n)
+            ssm = ssm_state * torch.exp(dt.unsqueeze(-1) * A) \
+                + (dt * x).unsqueeze(-1) * B.unsqueeze(1)  # (b, e, n)
+            y = (ssm * C.unsqueeze(1)).sum(-1) + mix.D * x  # (b, e)
+            h = h + mix.out_proj(y * F.silu(z))
+            new_state += [window[:, :, 1:], ssm]
+        return (self._head(h), *new_state)
+
+
+class MambaPrefill(_MambaGraph):
+    """A chunk of l tokens from a given state, in closed form (no sequential loop in the graph).
+
+    Within the chunk, h_t = exp(S_t) h_0 + sum_{s<=t} exp(S_t - S_s) dt_s B_s x_s with
+    S_t = sum_{u<=t} dt_u A (the selective scan unrolled; cf. Mamba-2's "segsum").
+    """
+
+    def forward(self, input_ids: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h = self.embeddings(input_ids)  # (b, l, d)
+        l = input_ids.shape[1]
+        t = torch.arange(l, device=input_ids.device)
+        causal = (t.unsqueeze(1) >= t.unsqueeze(0)).view(1, l, l, 1, 1)  # (1, l, l, 1, 1)
+        new_state: list[torch.Tensor] = []
+        for i, layer in enumerate(self.layers):
+            conv_state, ssm_state = state[2 * i], state[2 * i + 1]
+            mix = layer.mixer
+            k = mix.conv_kernel_size
+            xz = mix.in_proj(rms_norm(h, layer.norm.weight, layer.norm.variance_epsilon))
+            x, z = xz.chunk(2, dim=-1)  # (b, l, e)
+            window = torch.cat([conv_state, x.transpose(1, 2)], dim=-1)  # (b, e, k-1+l)
+            x = F.conv1d(window, mix.conv1d.weight, mix.conv1d.bias,
+                         groups=mix.intermediate_size).transpose(1, 2)  # (b, l, e)
+            x = F.silu(x)
+            dt, B, C = torch.split(mix.x_proj(x), [mix.time_step_rank, mix.ssm_state_size,
+                                                   mix.ssm_state_size], dim=-1)
+            dt = F.softplus(mix.dt_proj(dt))  # (b, l, e)
+            A = -torch.exp(mix.A_log)  # (e, n)
+            S = torch.cumsum(dt.unsqueeze(-1) * A, dim=1)  # (b, l, e, n), decreasing
+            decay = torch.exp((S.unsqueeze(2) - S.unsqueeze(1))
+                              .masked_fill(~causal, -math.inf))  # (b, l, l, e, n)
+            dBx = (dt * x).unsqueeze(-1) * B.unsqueeze(2)  # (b, l, e, n)
+            hs = (decay * dBx.unsqueeze(1)).sum(2) + torch.exp(S) * ssm_state.unsqueeze(1)
+            y = (hs * C.unsqueeze(2)).sum(-1) + mix.D * x  # (b, l, e)
+            h = h + mix.out_proj(y * F.silu(z))
+            new_state += [window[:, :, window.shape[-1] - (k - 1):], hs[:, -1]]
+        return (self._head(h), *new_state)
+
+
+@register_family("mamba")
+class MambaFamily(Family):
+    """transformers ``MambaForCausalLM`` checkpoint folders."""
+
+    task = "causal_lm"
+    model_types = ("mamba",)
+
+    def load(self, path: Path) -> nn.Module:
+        from transformers import MambaConfig, MambaForCausalLM
+
+        path = Path(path)
+        cfg = read_config(path)
+        config = MambaConfig(**{k: v for k, v in cfg.items() if k != "transformers_version"})
+        with torch.device("meta"):
+            model = MambaForCausalLM(config)
+        model = model.to_empty(device="cpu")
+        sd = load_state_dict(path)
+        if "lm_head.weight" not in sd and config.tie_word_embeddings:
+            sd["lm_head.weight"] = sd["backbone.embeddings.weight"]
+        load_into(model, sd, path)
+        if config.tie_word_embeddings:
+            model.tie_weights()
+        return model.float().eval()
+
+    def state_specs(self, model: nn.Module) -> list[StateSpec]:
+        c = model.config
+        e, n, k = c.intermediate_size, c.state_size, c.conv_kernel
+        specs = []
+        for i in range(c.num_hidden_layers):
+            specs.append(StateSpec(f"layers.{i}.conv", ("batch", e, k - 1), "float32", "window"))
+            specs.append(StateSpec(f"layers.{i}.ssm", ("batch", e, n), "float32", "recurrent"))
+        return specs
+
+    def graphs(self, model: nn.Module) -> dict[str, StreamingGraph]:
+        c = model.config
+        state = self.state_specs(model)
+        p_in, p_out, s_in, s_out = lm_graph_specs(c.vocab_size, state)
+        per_token2 = 4 * c.intermediate_size * c.state_size
+        max_chunk = max(1, min(64, int(math.sqrt(PREFILL_BYTES_BUDGET / per_token2))))
+        return {
+            "prefill": StreamingGraph("prefill", MambaPrefill(model).eval(), p_in, p_out, state,
+                                      max_chunk=max_chunk),
+            "step": StreamingGraph("step", MambaStep(model).eval(), s_in, s_out, state),
+        }
+
+    def model_config(self, model: nn.Module) -> dict[str, Any]:
+        c = model.config
+        return {"vocab_size": c.vocab_size, "eos_token_id": c.eos_token_id,
+                "bos_token_id": c.bos_token_id, "pad_token_id": c.pad_token_id,
+                "d_model": c.hidden_size, "n_layers": c.num_hidden_layers}
+
+    @torch.no_grad()
+    def reference_logits(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids, use_cache=False).logits.float()
+
+    @torch.no_grad()
+    def reference_greedy(self, model: nn.Module, input_ids: torch.Tensor,
+                         max_new_tokens: int) -> torch.Tensor:
+        return hf_greedy(model, input_ids, max_new_tokens)
+
+    def make_test_checkpoint(self, folder: Path, seed: int = 0, **overrides: Any) -> Path:
+        from transformers import MambaConfig, MambaForCausalLM
+
+        torch.manual_seed(seed)
+        kw = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, state_size=16, expand=2,
+                  conv_kernel=4, eos_token_id=0, bos_token_id=0, pad_token_id=0,
+                  tie_word_embeddings=False)
+        kw.update(overrides)
+        model = MambaForCausalLM(MambaConfig(**kw))
+        widen_init(model)
+        model.save_pretrained(folder, safe_serialization=True)
+        return Path(folder)
+
+
+def hf_greedy(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """transformers' own ``generate``, greedy, exactly ``max_new_tokens`` (EOS does not stop it)."""
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
+                           pad_token_id=0, num_beams=1)
+    out = model.generate(input_ids, generation_config=gen,
+                         attention_mask=torch.ones_like(input_ids))
+    return out[:, input_ids.shape[1]:]
+
+
+def widen_init(model: nn.Module, seed: int = 0) -> None:
+    """Re-draw weights with a wide range: default-init tiny models repeat one token, which hides
+    a wrong state. Linear weights ~ N(0, 1/fan_in) keep activations O(1) through the layers."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log") or "dt_proj.bias" in name or name.endswith(".dt_bias"):
+                continue  # keep the SSM's own stable decay parametrisation
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+                if "embed" in name:
+                    p.mul_(math.sqrt(p.shape[1]))
+            elif name.endswith(".D"):
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif p.dim() == 3:  # depthwise conv (e, 1, k)
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))

@@ -1,0 +1,54 @@
+"""The zoo: small models trained by this project and shipped inside the package.
+
+Each lives in a folder beside this file (a checkpoint folder any family loader reads) with the
+script that trained it. ``zoo:NAME`` works wherever a checkpoint path does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeseq.bundle import BundleError
+
+ROOT = Path(__file__).parent
+PREFIX = "zoo:"
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    name: str
+    family: str
+    task: str
+    description: str
+    train_script: str
+
+    @property
+    def path(self) -> Path:
+        return ROOT / self.name
+
+
+MODELS = [
+    ZooModel("mamba-bytes", "mamba", "causal_lm",
+             "byte-level Mamba LM (4 layers) trained on the Python standard library's sources",
+             "edgeseq/zoo/train_mamba_bytes.py"),
+]
+DEFAULT = "mamba-bytes"
+
+
+def get(name: str) -> ZooModel:
+    for m in MODELS:
+        if m.name == name:
+            return m
+    raise BundleError(f"zoo:{name}: no such zoo model; known: {', '.join(m.name for m in MODELS)}")
+
+
+def resolve(path: str | Path) -> Path:
+    """``zoo:NAME`` -> the model's folder; any other path is returned unchanged."""
+    s = str(path)
+    if s.startswith(PREFIX):
+        m = get(s[len(PREFIX):])
+        if not m.path.is_dir():
+            raise BundleError(f"{s}: the zoo model's files are missing from {m.path} "
+                              f"(train it with {m.train_script})")
+        return m.path
+    return Path(path)

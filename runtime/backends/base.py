@@ -1,0 +1,66 @@
+"""The backend interface: lower a graph to a file, load files into runners.
+
+A runner executes one graph: ``run(inputs, state) -> (outputs, state)``. State is an opaque,
+backend-owned handle (ONNX Runtime keeps it in preallocated OrtValues; ExecuTorch and torch in
+tensors); ``to_numpy``/``from_numpy`` convert it for snapshots, ``state_dict`` and tests.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from edgeseq.bundle import GraphEntry, StateSpec, StreamingGraph
+
+
+class Runner(Protocol):
+    entry: GraphEntry
+
+    def run(self, inputs: dict[str, np.ndarray], state: Any) -> tuple[dict[str, np.ndarray], Any]:
+        ...
+
+
+class Backend:
+    """Base class; subclasses register with ``@register_backend("name")``."""
+
+    name: str = "?"
+    #: the key under which a graph's file is recorded in the manifest (``onnx``, ``pte``, ``pt2``)
+    format: str = "?"
+
+    def available(self) -> str | None:
+        """None if usable here, else why not (a missing package, say)."""
+        return None
+
+    def lower(self, graphs: dict[str, StreamingGraph], out: Path, dtype: str) -> dict[str, str]:
+        """Write the graphs under ``out``; return {graph name: file name relative to out}."""
+        raise NotImplementedError
+
+    def load(self, root: Path, entries: dict[str, GraphEntry], threads: int | None = None
+             ) -> "LoadedModel":
+        raise NotImplementedError
+
+
+class LoadedModel:
+    """The runners of one bundle on one backend, plus state allocation and conversion."""
+
+    def __init__(self, runners: dict[str, Any], specs: list[StateSpec]):
+        self.runners = runners
+        self.specs = specs
+
+    def init_state(self, batch: int) -> Any:
+        return self.from_numpy([s.allocate({"batch": batch}) for s in self.specs])
+
+    def from_numpy(self, arrays: list[np.ndarray]) -> Any:
+        raise NotImplementedError
+
+    def to_numpy(self, state: Any) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def copy_state(self, state: Any) -> Any:
+        """An independent copy (a snapshot for rollback)."""
+        return self.from_numpy([a.copy() for a in self.to_numpy(state)])
+
+    def run(self, graph: str, inputs: dict[str, np.ndarray], state: Any
+            ) -> tuple[dict[str, np.ndarray], Any]:
+        return self.runners[graph].run(inputs, state)

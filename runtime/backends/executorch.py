@@ -1,0 +1,86 @@
+"""ExecuTorch backend: all graphs as methods of one ``.pte`` program, delegated to XNNPACK.
+
+One program with a method per graph lets ExecuTorch store weights that several methods read once
+(its named data store deduplicates them). ExecuTorch plans memory ahead of time for the upper
+bound of every dynamic dimension, so the batch is fixed to 1 (one stream per state; a loaded
+program serves many streams) and the prefill chunk is bounded by the graph's ``max_chunk``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeseq.bundle import GraphEntry, StreamingGraph
+from edgeseq.registry import register_backend
+from edgeseq.runtime.backends.base import Backend, LoadedModel
+
+PTE_FILE = "model.pte"
+
+
+@register_backend("executorch")
+class ExecuTorchBackend(Backend):
+    format = "pte"
+
+    def available(self) -> str | None:
+        try:
+            import executorch.runtime  # noqa: F401
+        except ImportError as e:
+            return f"executorch is not installed ({e})"
+        return None
+
+    def lower(self, graphs: dict[str, StreamingGraph], out: Path, dtype: str) -> dict[str, str]:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
+
+        from edgeseq.convert.export import export_graph
+
+        if dtype != "fp32":
+            raise ValueError(f"ExecuTorch lowering supports --dtype fp32 only so far, not {dtype}")
+        programs = {name: export_graph(g, dynamic_batch=False, batch=1, chunk_max=g.max_chunk)
+                    for name, g in graphs.items()}
+        et = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()])
+        (out / PTE_FILE).write_bytes(et.to_executorch().buffer)
+        return {name: PTE_FILE for name in graphs}
+
+    def load(self, root: Path, entries: dict[str, GraphEntry], threads: int | None = None
+             ) -> LoadedModel:
+        from executorch.runtime import Runtime
+
+        files = {e.files[self.format] for e in entries.values()}
+        programs = {f: Runtime.get().load_program(root / f) for f in files}
+        runners = {name: _EtRunner(e, programs[e.files[self.format]].load_method(name))
+                   for name, e in entries.items()}
+        first = next(iter(entries.values())).state
+        return _EtModel(runners, list(first))
+
+
+class _EtRunner:
+    def __init__(self, entry: GraphEntry, method: Any):
+        self.entry = entry
+        self.method = method
+        self.max_chunk = entry.max_chunk
+
+    def run(self, inputs: dict[str, np.ndarray], state: list) -> tuple[dict[str, np.ndarray], list]:
+        import torch
+
+        args = [torch.from_numpy(np.ascontiguousarray(inputs[s.name])) for s in self.entry.inputs]
+        if args and args[0].shape[0] != 1:
+            raise ValueError("the ExecuTorch backend runs one stream (batch 1) per state; "
+                             "use the ONNX Runtime backend for batched generation")
+        out = self.method.execute([*args, *state])
+        n = len(self.entry.outputs)
+        # Outputs point into the method's planned memory, which the next call overwrites: copy.
+        result = {s.name: o.numpy().copy() for s, o in zip(self.entry.outputs, out[:n])}
+        return result, [o.clone() for o in out[n:]]
+
+
+class _EtModel(LoadedModel):
+    def from_numpy(self, arrays: list[np.ndarray]) -> list:
+        import torch
+
+        return [torch.from_numpy(np.array(a, copy=True)) for a in arrays]
+
+    def to_numpy(self, state: list) -> list[np.ndarray]:
+        return [t.numpy().copy() for t in state]

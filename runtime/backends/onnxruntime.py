@@ -1,0 +1,176 @@
+"""ONNX Runtime backend: lowering with ``torch.onnx.export(dynamo=True)`` and IO-bound runners.
+
+State lives in two preallocated sets of ``OrtValue`` buffers per stream; each call reads one set
+and writes the other through IO binding (ping-pong), so steps never copy state through Python.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeseq.bundle import GraphEntry, StreamingGraph
+from edgeseq.registry import register_backend
+from edgeseq.runtime.backends.base import Backend, LoadedModel
+
+OPSET = 18
+# protobuf cannot hold a model over 2 GiB: past this, weights go to an external data file.
+EXTERNAL_DATA_BYTES = 1_800_000_000
+# weights of at least this many elements are stored in fp16 under --dtype fp16
+FP16_MIN_ELEMENTS = 1024
+
+
+@register_backend("ort")
+class OrtBackend(Backend):
+    format = "onnx"
+
+    def available(self) -> str | None:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as e:
+            return f"onnxruntime is not installed ({e})"
+        return None
+
+    def lower(self, graphs: dict[str, StreamingGraph], out: Path, dtype: str) -> dict[str, str]:
+        import onnx
+        import torch
+
+        from edgeseq.convert.export import export_graph
+
+        files = {}
+        for name, g in graphs.items():
+            ep = export_graph(g, dynamic_batch=True)
+            names_in = [s.name for s in g.inputs] + [s.input_name for s in g.state]
+            names_out = [s.name for s in g.outputs] + [s.output_name for s in g.state]
+            prog = torch.onnx.export(ep, input_names=names_in, output_names=names_out,
+                                     opset_version=OPSET, dynamo=True, verbose=False,
+                                     optimize=True)
+            fname = f"{name}.onnx"
+            model = prog.model_proto
+            if dtype == "fp16":
+                model = weights_to_fp16(model)
+            size = sum(len(t.raw_data) for t in model.graph.initializer)
+            if size > EXTERNAL_DATA_BYTES:
+                onnx.save_model(model, str(out / fname), save_as_external_data=True,
+                                all_tensors_to_one_file=True, location=f"{name}.onnx.data",
+                                size_threshold=1024)
+            else:
+                onnx.save_model(model, str(out / fname))
+            files[name] = fname
+        return files
+
+    def load(self, root: Path, entries: dict[str, GraphEntry], threads: int | None = None
+             ) -> LoadedModel:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or _physical_cores()
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        runners = {}
+        for name, e in entries.items():
+            sess = ort.InferenceSession(str(root / e.files[self.format]), sess_options=opts,
+                                        providers=["CPUExecutionProvider"])
+            runners[name] = _OrtRunner(e, sess)
+        specs = _shared_specs(entries)
+        return _OrtModel(runners, specs)
+
+
+def _physical_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+def _shared_specs(entries: dict[str, GraphEntry]) -> list:
+    first = next(iter(entries.values())).state
+    for e in entries.values():
+        if [s.name for s in e.state] != [s.name for s in first]:
+            raise ValueError(f"graph {e.name}: state order differs from graph {first}")
+    return list(first)
+
+
+class _OrtState:
+    """Two buffer sets; ``cur`` holds the live state, the other receives the next one."""
+
+    def __init__(self, bufs: list[list[Any]]):
+        self.bufs = bufs
+        self.cur = 0
+
+    @property
+    def live(self) -> list[Any]:
+        return self.bufs[self.cur]
+
+
+class _OrtRunner:
+    def __init__(self, entry: GraphEntry, sess: Any):
+        self.entry = entry
+        self.sess = sess
+        self.io = sess.io_binding()
+
+    def run(self, inputs: dict[str, np.ndarray], state: _OrtState
+            ) -> tuple[dict[str, np.ndarray], _OrtState]:
+        io = self.io
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        for s in self.entry.inputs:
+            io.bind_cpu_input(s.name, np.ascontiguousarray(inputs[s.name]))
+        src, dst = state.bufs[state.cur], state.bufs[1 - state.cur]
+        for spec, v in zip(self.entry.state, src):
+            io.bind_ortvalue_input(spec.input_name, v)
+        for s in self.entry.outputs:
+            io.bind_output(s.name, "cpu")
+        for spec, v in zip(self.entry.state, dst):
+            io.bind_ortvalue_output(spec.output_name, v)
+        self.sess.run_with_iobinding(io)
+        outs = io.get_outputs()
+        result = {s.name: outs[i].numpy() for i, s in enumerate(self.entry.outputs)}
+        state.cur = 1 - state.cur
+        return result, state
+
+
+class _OrtModel(LoadedModel):
+    def from_numpy(self, arrays: list[np.ndarray]) -> _OrtState:
+        import onnxruntime as ort
+
+        live = [ort.OrtValue.ortvalue_from_numpy(np.array(a, copy=True)) for a in arrays]
+        spare = [ort.OrtValue.ortvalue_from_numpy(np.empty_like(a)) for a in arrays]
+        return _OrtState([live, spare])
+
+    def to_numpy(self, state: _OrtState) -> list[np.ndarray]:
+        return [v.numpy().copy() for v in state.live]
+
+
+def weights_to_fp16(model: Any) -> Any:
+    """Store large float32 initializers as float16, cast back to float32 where they are read.
+
+    Compute and state stay float32 (ONNX Runtime's CPU provider lacks fp16 kernels for most ops,
+    and recurrent state accumulates rounding error); the weights, which dominate the bytes read per
+    token, halve.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    new_inits, casts = [], []
+    for init in g.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.dtype == np.float32 and arr.size >= FP16_MIN_ELEMENTS:
+            half_name = f"{init.name}__fp16"
+            new_inits.append(numpy_helper.from_array(arr.astype(np.float16), half_name))
+            casts.append(helper.make_node("Cast", [half_name], [init.name], to=onnx.TensorProto.FLOAT,
+                                          name=f"{init.name}__cast"))
+        else:
+            new_inits.append(init)
+    del g.initializer[:]
+    g.initializer.extend(new_inits)
+    nodes = list(g.node)
+    del g.node[:]
+    g.node.extend(casts + nodes)
+    return model
