@@ -13,7 +13,10 @@ from typing import Any
 import numpy as np
 
 PROMPT_TEXT = "def stream(self, chunk):\n    return "
-TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}  # max abs logit error; fp16 is relative to max |logit|
+# Max abs logit error. fp32: 1e-4, or twice the reference's own fp32 rounding noise (its distance
+# to a float64 run of itself) when that is larger, as in deep models where fp32 alone drifts by
+# more. fp16: relative to max |logit|.
+TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}
 
 
 @dataclass
@@ -21,16 +24,22 @@ class ParityInputs:
     prompt: list[int]
     reference_tokens: list[int]
     reference_logits: np.ndarray  # (len(prompt) + n - 1, v): logits after every known token
+    fp32_noise: float = 0.0       # max |fp32 reference - float64 reference| on the same input
 
 
 def reference_run(family: Any, model: Any, prompt: list[int], n_tokens: int) -> ParityInputs:
+    import copy
+
     import torch
 
     ids = torch.tensor([prompt], dtype=torch.int64)
     toks = family.reference_greedy(model, ids, n_tokens)[0].tolist()
     full = torch.tensor([prompt + toks[:-1]], dtype=torch.int64)
     logits = family.reference_logits(model, full)[0].numpy()
-    return ParityInputs(prompt, toks, logits)
+    m64 = copy.deepcopy(model).double()
+    noise = float(np.abs(family.reference_logits(m64, full)[0].numpy() - logits).max())
+    del m64
+    return ParityInputs(prompt, toks, logits, noise)
 
 
 def default_prompt(tokenizer: Any, vocab_size: int, length: int = 16, seed: int = 0) -> list[int]:
@@ -57,8 +66,10 @@ def check_bundle(root: Path, backend: str, ref: ParityInputs, dtype: str) -> dic
         step_err = max(step_err, last_err)
     got = sess.generate(ref.prompt, len(ref.reference_tokens), stop_at_eos=False).tolist()
     mismatch = next((i for i, (a, b) in enumerate(zip(got, ref.reference_tokens)) if a != b), None)
-    scale = float(np.abs(ref.reference_logits).max()) if dtype != "fp32" else 1.0
-    tol = TOLERANCE.get(dtype, TOLERANCE["fp16"]) * scale
+    if dtype == "fp32":
+        tol = max(TOLERANCE["fp32"], 2 * ref.fp32_noise)
+    else:
+        tol = TOLERANCE["fp16"] * float(np.abs(ref.reference_logits).max())
     identical = mismatch is None and len(got) == len(ref.reference_tokens)
     passed = max(prefill_err, step_err) <= tol and (identical or dtype != "fp32")
     return {
@@ -71,5 +82,6 @@ def check_bundle(root: Path, backend: str, ref: ParityInputs, dtype: str) -> dic
         "step_logits_max_abs_err": step_err,
         "last_step_logits_max_abs_err": last_err,
         "tolerance": tol,
+        "reference_fp32_noise": ref.fp32_noise,
         "passed": bool(passed),
     }

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any
 
 import click
 
 from edgeseq.bundle import BundleError
+from edgeseq.quiet import quiet_third_party
+
+quiet_third_party()
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -20,9 +22,6 @@ def _fail(msg: str, code: int = 2) -> None:
 @click.version_option(package_name="edgeseq")
 def main() -> None:
     """Turn trained sequence models into stateful streaming graphs and run them on the edge."""
-    # Keep third-party chatter (transformers, torchao, ExecuTorch's cpuinfo) out of the output.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @main.command()

@@ -33,7 +33,8 @@ from edgeseq.checkpoint import load_into, load_state_dict, read_config
 from edgeseq.families.base import Family, lm_graph_specs
 from edgeseq.registry import register_family
 
-# Prefill materialises an (h, l, l) Toeplitz kernel per layer; the runtime keeps chunks under this.
+# Prefill materialises a (b, l, l, h) Toeplitz product per layer; the runtime keeps chunks under
+# this size.
 PREFILL_BYTES_BUDGET = 128 << 20
 
 
@@ -223,7 +224,7 @@ class S4DPrefill(_S4DGraph):
         l = input_ids.shape[1]
         t = torch.arange(l, device=input_ids.device)
         lag = t.unsqueeze(1) - t.unsqueeze(0)  # (l, l), t - s
-        causal = lag >= 0
+        causal = (lag >= 0).unsqueeze(-1)  # (l, l, 1)
         steps = torch.arange(l + 1, device=input_ids.device).to(h.dtype)  # exponents 0..l
         new_state: list[torch.Tensor] = []
         for layer, x in zip(self.layers, state):
@@ -235,21 +236,25 @@ class S4DPrefill(_S4DGraph):
             p_re, p_im = mag * torch.cos(ang), mag * torch.sin(ang)  # dA^k, k = 0..l
             cdb_re, cdb_im = _cmul(c_re, c_im, db_re, db_im)  # (h, n)
             k = 2 * (cdb_re.unsqueeze(-1) * p_re[..., :l]
-                     - cdb_im.unsqueeze(-1) * p_im[..., :l]).sum(1)  # (h, l), K[0..l-1]
-            toeplitz = k[:, lag.clamp(min=0)].masked_fill(~causal, 0.0)  # (h, l, l)
-            y = torch.einsum("hts,bsh->bth", toeplitz, u) + mix.D * u  # (b, l, h)
+                     - cdb_im.unsqueeze(-1) * p_im[..., :l]).sum(1).t()  # (l, h), K[0..l-1]
+            toeplitz = k[lag.clamp(min=0)].masked_fill(~causal, 0.0)  # (l, l, h), K[t-s]
+            # Broadcast-and-sum rather than einsum: einsum lowers to bmm between reshapes with two
+            # dynamic dims (batch, chunk), which XNNPACK's reshape cannot take.
+            y = (toeplitz * u.unsqueeze(1)).sum(2) + mix.D * u  # (b, l, h)
             # Incoming state seen at step t through C dA^(t+1).
             cp_re, cp_im = _cmul(c_re.unsqueeze(-1), c_im.unsqueeze(-1),
                                  p_re[..., 1:], p_im[..., 1:])  # (h, n, l)
-            y = y + 2 * (torch.einsum("hnt,bhn->bth", cp_re, x[..., 0])
-                         - torch.einsum("hnt,bhn->bth", cp_im, x[..., 1]))
+            y0 = (cp_re * x[..., 0].unsqueeze(-1)
+                  - cp_im * x[..., 1].unsqueeze(-1)).sum(2)  # (b, h, l)
+            y = y + 2 * y0.transpose(1, 2)  # (b, l, h)
             h = h + mix.output(y)
             # Final state: dA^(l-1-s) dB u_s summed over s, plus dA^l x0.
             q_re, q_im = _cmul(p_re[..., :l].flip(-1), p_im[..., :l].flip(-1),
                                db_re.unsqueeze(-1), db_im.unsqueeze(-1))  # (h, n, l)
             dal_re, dal_im = _cmul(p_re[..., l], p_im[..., l], x[..., 0], x[..., 1])  # (b, h, n)
-            x_re = dal_re + torch.einsum("hns,bsh->bhn", q_re, u)
-            x_im = dal_im + torch.einsum("hns,bsh->bhn", q_im, u)
+            us = u.transpose(1, 2).unsqueeze(2)  # (b, h, 1, l)
+            x_re = dal_re + (q_re * us).sum(-1)  # (b, h, n)
+            x_im = dal_im + (q_im * us).sum(-1)
             new_state.append(torch.stack([x_re, x_im], dim=-1))  # (b, h, n, 2)
         return (self.lm_head(self.norm_f(h)), *new_state)
 
@@ -283,7 +288,7 @@ class S4DFamily(Family):
         c = model.config
         state = self.state_specs(model)
         p_in, p_out, s_in, s_out = lm_graph_specs(c.vocab_size, state)
-        per_token2 = 4 * c.d_model  # bytes of the (h, l, l) Toeplitz kernel per l^2
+        per_token2 = 4 * c.d_model  # bytes of the (b, l, l, h) product per l^2, per batch row
         max_chunk = max(1, min(64, int(math.sqrt(PREFILL_BYTES_BUDGET / per_token2))))
         return {
             "prefill": StreamingGraph("prefill", S4DPrefill(model).eval(), p_in, p_out, state,

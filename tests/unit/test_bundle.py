@@ -1,0 +1,69 @@
+import json
+
+import numpy as np
+import pytest
+
+from edgeseq.bundle import (BundleError, GraphEntry, Manifest, StateSpec, TensorSpec,
+                            atomic_folder, read_manifest)
+
+
+def _manifest(**kw):
+    st = [StateSpec("layers.0.ssm", ("batch", 8, 4), "float32", "recurrent")]
+    g = GraphEntry("step", [TensorSpec("input_ids", ("batch",), "int64")],
+                   [TensorSpec("logits", ("batch", 10))], st, {"onnx": "step.onnx"})
+    return Manifest(family="mamba", task="causal_lm", source={"path": "x"}, graphs={"step": g},
+                    tokenizer=None, **kw)
+
+
+def test_state_spec_roundtrip_and_allocation():
+    s = StateSpec("layers.3.conv", ("batch", 16, 3), "float32", "window")
+    assert StateSpec.from_json(json.loads(json.dumps(s.to_json()))) == s
+    a = s.allocate({"batch": 2})
+    assert a.shape == (2, 16, 3) and a.dtype == np.float32 and not a.any()
+    assert s.nbytes({"batch": 2}) == 2 * 16 * 3 * 4
+    assert s.input_name == "state_in.layers.3.conv" and s.output_name == "state_out.layers.3.conv"
+
+
+def test_manifest_roundtrip(tmp_path):
+    m = _manifest()
+    (tmp_path / "step.onnx").write_bytes(b"x")
+    (tmp_path / "manifest.json").write_text(json.dumps(m.to_json()))
+    back = read_manifest(tmp_path)
+    assert back.to_json() == m.to_json()
+
+
+def test_validate_reports_every_problem(tmp_path):
+    m = _manifest()
+    g = m.graphs["step"]
+    g.state[0] = StateSpec("layers.0.ssm", ("batch", 8), "float32", "bogus_kind")
+    g.outputs.append(TensorSpec("logits", ("batch",), "complex64"))
+    problems = m.validate(tmp_path)
+    text = " | ".join(problems)
+    assert "bogus_kind" in text and "duplicate" in text and "complex64" in text
+    assert "step.onnx is missing" in text
+
+
+def test_read_manifest_errors_name_the_file(tmp_path):
+    with pytest.raises(BundleError, match="no such bundle"):
+        read_manifest(tmp_path / "nope")
+    with pytest.raises(BundleError, match="no manifest.json"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="manifest.json: malformed"):
+        read_manifest(tmp_path)
+
+
+def test_atomic_folder_leaves_nothing_on_failure(tmp_path):
+    dest = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_folder(dest) as tmp:
+            (tmp / "half.onnx").write_bytes(b"partial")
+            raise RuntimeError("boom")
+    assert not dest.exists()
+    assert list(tmp_path.iterdir()) == []
+    with atomic_folder(dest) as tmp:
+        (tmp / "ok").write_text("1")
+    assert (dest / "ok").read_text() == "1"
+    with pytest.raises(BundleError, match="already exists"):
+        with atomic_folder(dest):
+            pass
