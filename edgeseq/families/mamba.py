@@ -200,8 +200,15 @@ def hf_greedy(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) ->
 
     gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
                            pad_token_id=0, num_beams=1)
-    out = model.generate(input_ids, generation_config=gen,
-                         attention_mask=torch.ones_like(input_ids))
+    # generate() refills an unset eos_token_id from the model's own generation config, and would
+    # then stop early at EOS: clear it there for the call.
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None
+    try:
+        out = model.generate(input_ids, generation_config=gen,
+                             attention_mask=torch.ones_like(input_ids))
+    finally:
+        model.generation_config.eos_token_id = saved
     return out[:, input_ids.shape[1]:]
 
 
