@@ -63,3 +63,24 @@ def _vocab(graph: StreamingGraph) -> int:
         if s.name == "logits":
             return int(s.shape[-1])
     return 2
+
+
+class _HalfPrecision(torch.nn.Module):
+    """A graph computed in fp16 whose interface (inputs, outputs, state) stays as specified, so
+    the runtime and the manifest do not change with the precision."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        import copy
+
+        self.inner = copy.deepcopy(module).half()
+
+    def forward(self, input_ids: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.inner(input_ids, *[s.half() for s in state])
+        return tuple(o.float() if o.is_floating_point() else o for o in out)
+
+
+def half_precision(graph: StreamingGraph) -> StreamingGraph:
+    import dataclasses
+
+    return dataclasses.replace(graph, module=_HalfPrecision(graph.module).eval())

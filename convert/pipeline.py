@@ -19,6 +19,11 @@ from edgeseq.registry import get_backend
 FORMATS = {"onnx": "ort", "pte": "executorch", "pt2": "torch"}
 ALL_FORMATS = ("onnx", "pte", "pt2")
 DTYPES = ("fp32", "fp16")
+# What --dtype fp16 means per format; state stays fp32 at every graph's interface.
+FP16_NOTE = {"scheme": "fp16",
+             "onnx": "fp16 weights (>= 1024 elements), fp32 compute and state",
+             "pte": "fp16 weights and compute (XNNPACK), fp32 state at the interface",
+             "pt2": "fp16 weights and compute, fp32 state at the interface"}
 
 Progress = Callable[[str], None]
 
@@ -91,7 +96,7 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
             graphs={name: GraphEntry(name, g.inputs, g.outputs, g.state, files[name], g.max_chunk)
                     for name, g in graphs.items()},
             tokenizer=tok_spec, dtype=dtype, target=target, config=family.model_config(model),
-            quantization={"scheme": "fp16-weights"} if dtype == "fp16" else None)
+            quantization=FP16_NOTE if dtype == "fp16" else None)
         write_json(tmp / "manifest.json", manifest.to_json())
         say("[3/5] manifest written")
 

@@ -7,8 +7,12 @@ program serves many streams) and the prefill chunk is bounded by the graph's ``m
 """
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -34,10 +38,12 @@ class ExecuTorchBackend(Backend):
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
 
-        from edgeseq.convert.export import export_graph
+        from edgeseq.convert.export import export_graph, half_precision
 
-        if dtype != "fp32":
-            raise ValueError(f"ExecuTorch lowering supports --dtype fp32 only so far, not {dtype}")
+        if dtype == "fp16":  # XNNPACK has fp16 kernels: weights and compute in fp16
+            graphs = {name: half_precision(g) for name, g in graphs.items()}
+        elif dtype != "fp32":
+            raise ValueError(f"unsupported dtype {dtype}")
         programs = {name: export_graph(g, dynamic_batch=False, batch=1, chunk_max=g.max_chunk)
                     for name, g in graphs.items()}
         et = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()])
@@ -50,8 +56,9 @@ class ExecuTorchBackend(Backend):
 
         files = {e.files[self.format] for e in entries.values()}
         programs = {f: Runtime.get().load_program(root / f) for f in files}
-        runners = {name: _EtRunner(e, programs[e.files[self.format]].load_method(name))
-                   for name, e in entries.items()}
+        with _captured_stderr():  # XNNPACK's cpuinfo probe logs to fd 2 on first use
+            runners = {name: _EtRunner(e, programs[e.files[self.format]].load_method(name))
+                       for name, e in entries.items()}
         first = next(iter(entries.values())).state
         return _EtModel(runners, list(first))
 
@@ -84,3 +91,22 @@ class _EtModel(LoadedModel):
 
     def to_numpy(self, state: list) -> list[np.ndarray]:
         return [t.numpy().copy() for t in state]
+
+
+@contextmanager
+def _captured_stderr() -> Iterator[None]:
+    """Hold back what native code writes to fd 2; replay it only if the body fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as buf:
+        os.dup2(buf.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            buf.seek(0)
+            sys.stderr.write(buf.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)

@@ -23,10 +23,12 @@ class TorchBackend(Backend):
     def lower(self, graphs: dict[str, StreamingGraph], out: Path, dtype: str) -> dict[str, str]:
         import torch
 
-        from edgeseq.convert.export import export_graph
+        from edgeseq.convert.export import export_graph, half_precision
 
         files = {}
         for name, g in graphs.items():
+            if dtype == "fp16":
+                g = half_precision(g)
             ep = export_graph(g, dynamic_batch=True)
             fname = f"{name}.pt2"
             torch.export.save(ep, str(out / fname))
