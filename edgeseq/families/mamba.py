@@ -27,8 +27,9 @@ from edgeseq.checkpoint import load_into, load_state_dict, read_config
 from edgeseq.families.base import Family, lm_graph_specs
 from edgeseq.registry import register_family
 
-# Prefill materialises a (b, l, l, e, n) decay tensor; the runtime keeps chunks under this size.
-PREFILL_BYTES_BUDGET = 128 << 20
+# Longest prefill chunk: the scan's depth is fixed at export (log2 of this), and ExecuTorch plans
+# memory for it. Longer prompts are fed in several chunks.
+MAX_CHUNK = 128
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -83,17 +84,21 @@ class MambaStep(_MambaGraph):
 
 
 class MambaPrefill(_MambaGraph):
-    """A chunk of l tokens from a given state, in closed form (no sequential loop in the graph).
+    """A chunk of l <= ``max_chunk`` tokens from a given state, without a sequential loop.
 
-    Within the chunk, h_t = exp(S_t) h_0 + sum_{s<=t} exp(S_t - S_s) dt_s B_s x_s with
-    S_t = sum_{u<=t} dt_u A (the selective scan unrolled; cf. Mamba-2's "segsum").
+    The selective scan h_t = a_t h_{t-1} + b_t (a_t = exp(dt_t A), b_t = dt_t B_t x_t) is
+    associative in (a, b); a Hillis-Steele scan computes every prefix in ceil(log2 max_chunk)
+    rounds of O(l e n) work. Unlike the quadratic "segsum" form (an (l, l, e, n) decay tensor,
+    which Mamba-2 can afford because its A is one scalar per head), this stays linear in l, and it
+    only ever multiplies decays <= 1, so it is stable for any dt.
     """
+
+    def __init__(self, model: nn.Module, max_chunk: int):
+        super().__init__(model)
+        self.rounds = max(1, math.ceil(math.log2(max(2, max_chunk))))
 
     def forward(self, input_ids: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         h = self.embeddings(input_ids)  # (b, l, d)
-        l = input_ids.shape[1]
-        t = torch.arange(l, device=input_ids.device)
-        causal = (t.unsqueeze(1) >= t.unsqueeze(0)).view(1, l, l, 1, 1)  # (1, l, l, 1, 1)
         new_state: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
             conv_state, ssm_state = state[2 * i], state[2 * i + 1]
@@ -108,16 +113,28 @@ class MambaPrefill(_MambaGraph):
             dt, B, C = torch.split(mix.x_proj(x), [mix.time_step_rank, mix.ssm_state_size,
                                                    mix.ssm_state_size], dim=-1)
             dt = F.softplus(mix.dt_proj(dt))  # (b, l, e)
-            A = -torch.exp(mix.A_log)  # (e, n)
-            S = torch.cumsum(dt.unsqueeze(-1) * A, dim=1)  # (b, l, e, n), decreasing
-            decay = torch.exp((S.unsqueeze(2) - S.unsqueeze(1))
-                              .masked_fill(~causal, -math.inf))  # (b, l, l, e, n)
-            dBx = (dt * x).unsqueeze(-1) * B.unsqueeze(2)  # (b, l, e, n)
-            hs = (decay * dBx.unsqueeze(1)).sum(2) + torch.exp(S) * ssm_state.unsqueeze(1)
+            a = torch.exp(dt.unsqueeze(-1) * -torch.exp(mix.A_log))  # (b, l, e, n)
+            u = (dt * x).unsqueeze(-1) * B.unsqueeze(2)  # (b, l, e, n)
+            hs = self._scan(a, u, ssm_state)  # (b, l, e, n)
             y = (hs * C.unsqueeze(2)).sum(-1) + mix.D * x  # (b, l, e)
             h = h + mix.out_proj(y * F.silu(z))
             new_state += [window[:, :, window.shape[-1] - (k - 1):], hs[:, -1]]
         return (self._head(h), *new_state)
+
+    def _scan(self, a: torch.Tensor, u: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+        """All prefixes of h_t = a_t h_{t-1} + u_t from h_{-1} = h0. a, u: (b, l, e, n)."""
+        l = a.shape[1]
+        first = u[:, :1] + a[:, :1] * h0.unsqueeze(1)  # fold the incoming state into t = 0
+        u = torch.cat([first, u[:, 1:]], dim=1)
+        for r in range(self.rounds):
+            s = 1 << r
+            # the element s steps back, or the identity (a=1, u=0) before the chunk start;
+            # padding at the front keeps this shape-generic for a dynamic l
+            a_prev = F.pad(a, (0, 0, 0, 0, s, 0), value=1.0)[:, :l]
+            u_prev = F.pad(u, (0, 0, 0, 0, s, 0))[:, :l]
+            u = a * u_prev + u
+            a = a * a_prev
+        return u
 
 
 @register_family("mamba")
@@ -157,11 +174,9 @@ class MambaFamily(Family):
         c = model.config
         state = self.state_specs(model)
         p_in, p_out, s_in, s_out = lm_graph_specs(c.vocab_size, state)
-        per_token2 = 4 * c.intermediate_size * c.state_size
-        max_chunk = max(1, min(64, int(math.sqrt(PREFILL_BYTES_BUDGET / per_token2))))
         return {
-            "prefill": StreamingGraph("prefill", MambaPrefill(model).eval(), p_in, p_out, state,
-                                      max_chunk=max_chunk),
+            "prefill": StreamingGraph("prefill", MambaPrefill(model, MAX_CHUNK).eval(), p_in,
+                                      p_out, state, max_chunk=MAX_CHUNK),
             "step": StreamingGraph("step", MambaStep(model).eval(), s_in, s_out, state),
         }
 

@@ -40,7 +40,10 @@ LIVE_SQUARE_TENSORS = 5  # segsum input, segsum, decay, C.B, masked C.B
 
 
 class _Mamba2Graph(nn.Module):
-    """Holds the reference model's modules (weights are shared, never copied)."""
+    """Holds the reference model's modules (weights are shared, never copied).
+
+    Everything runs in float32 (``load`` casts), so ``residual_in_fp32`` needs no code.
+    """
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -50,9 +53,10 @@ class _Mamba2Graph(nn.Module):
         self.norm_f = bb.norm_f
         self.lm_head = model.lm_head
         mix = bb.layers[0].mixer
-        self.h, self.p, self.g, self.n = mix.num_heads, mix.head_dim, mix.n_groups, mix.ssm_state_size
+        self.h, self.p, self.n = mix.num_heads, mix.head_dim, mix.ssm_state_size
+        self.g = mix.n_groups
         self.e, self.c, self.k = mix.intermediate_size, mix.conv_dim, mix.conv_kernel_size
-        # transformers ignores the leading 2*d_mlp in_proj features (an MLP branch Mamba-2 lacks).
+        # transformers drops the leading 2*d_mlp in_proj features, if any (0 in its own layout).
         self.skip = mix.in_proj.out_features - (self.e + self.c + self.h)
         lo, hi = (float(t) for t in c.time_step_limit)
         self.dt_min = lo if lo > 0.0 else None  # softplus >= 0: a (0, inf) clamp is the identity
@@ -79,7 +83,8 @@ class _Mamba2Graph(nn.Module):
         return bc.reshape(*lead, self.h, self.n)
 
     def _out(self, layer: nn.Module, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """MambaRMSNormGated (gate before the norm, over all e features), then out_proj."""
+        """MambaRMSNormGated, then out_proj. As in transformers: the gate multiplies before the
+        norm, the norm spans all e features (not per group) and ``config.rms_norm`` is ignored."""
         mix = layer.mixer
         return mix.out_proj(rms_norm(y * F.silu(z), mix.norm.weight, mix.norm.variance_epsilon))
 
@@ -118,8 +123,9 @@ class Mamba2Step(_Mamba2Graph):
 class Mamba2Prefill(_Mamba2Graph):
     """A chunk of l tokens from a given state, in closed form (no sequential loop in the graph).
 
-    With a_t = dt_t A (scalar per head) and seg[t, s] = sum_{s<u<=t} a_u (SSD's segsum),
-    y_t = sum_{s<=t} exp(seg[t, s]) (C_t . B_s) dt_s x_s + exp(seg[t, -1]) C_t . h_0 + D x_t.
+    With a_t = dt_t A (scalar per head), seg[t, s] = sum_{s<u<=t} a_u (SSD's segsum) and
+    S_t = sum_{u<=t} a_u: y_t = sum_{s<=t} exp(seg[t, s]) (C_t . B_s) dt_s x_s
+    + exp(S_t) C_t . h_0 + D x_t, and the new state is h_{l-1} (the same sums at t = l-1).
     The segment sum is a masked cumsum rather than a difference of cumsums, which would cancel
     catastrophically over long chunks.
     """
@@ -234,7 +240,7 @@ class Mamba2Family(Family):
         kw.update(overrides)
         kw.setdefault("num_heads", kw["expand"] * kw["hidden_size"] // kw["head_dim"])
         model = Mamba2ForCausalLM(Mamba2Config(**kw))
-        widen_init(model)  # skips A_log and dt_bias, as for Mamba
+        widen_init(model, seed=seed)  # skips A_log and dt_bias, as for Mamba
         if model.config.tie_word_embeddings:  # Mamba2 declares no tied keys, so saving refuses
             model.lm_head.weight = nn.Parameter(model.backbone.embeddings.weight.detach().clone())
         model.save_pretrained(folder, safe_serialization=True)

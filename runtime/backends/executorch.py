@@ -60,7 +60,10 @@ class ExecuTorchBackend(Backend):
             runners = {name: _EtRunner(e, programs[e.files[self.format]].load_method(name))
                        for name, e in entries.items()}
         first = next(iter(entries.values())).state
-        return _EtModel(runners, list(first))
+        model = _EtModel(runners, list(first))
+        # A method reads its program's memory: the program must live as long as the methods.
+        model.programs = programs
+        return model
 
 
 class _EtRunner:
