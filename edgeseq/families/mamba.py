@@ -124,8 +124,6 @@ class MambaPrefill(_MambaGraph):
     def _scan(self, a: torch.Tensor, u: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
         """All prefixes of h_t = a_t h_{t-1} + u_t from h_{-1} = h0. a, u: (b, l, e, n)."""
         l = a.shape[1]
-        first = u[:, :1] + a[:, :1] * h0.unsqueeze(1)  # fold the incoming state into t = 0
-        u = torch.cat([first, u[:, 1:]], dim=1)
         for r in range(self.rounds):
             s = 1 << r
             # the element s steps back, or the identity (a=1, u=0) before the chunk start;
@@ -134,7 +132,8 @@ class MambaPrefill(_MambaGraph):
             u_prev = F.pad(u, (0, 0, 0, 0, s, 0))[:, :l]
             u = a * u_prev + u
             a = a * a_prev
-        return u
+        # now a_t = prod_{s<=t} a_s, the decay of the incoming state up to t
+        return u + a * h0.unsqueeze(1)
 
 
 @register_family("mamba")

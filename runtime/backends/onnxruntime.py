@@ -48,7 +48,7 @@ class OrtBackend(Backend):
                                      opset_version=OPSET, dynamo=True, verbose=False,
                                      optimize=True)
             fname = f"{name}.onnx"
-            model = prog.model_proto
+            model = _name_dynamic_dims(prog.model_proto, g)
             if dtype == "fp16":
                 model = weights_to_fp16(model)
             size = sum(len(t.raw_data) for t in model.graph.initializer)
@@ -173,4 +173,25 @@ def weights_to_fp16(model: Any) -> Any:
     nodes = list(g.node)
     del g.node[:]
     g.node.extend(casts + nodes)
+    return model
+
+
+def _name_dynamic_dims(model: Any, graph: StreamingGraph) -> Any:
+    """Give dynamic axes the bundle's names (``batch``, ``chunk``) instead of the exporter's
+    symbols (``s1``, ``s70``), so the ONNX file reads like its manifest."""
+    specs = {s.name: s for s in graph.inputs + graph.outputs}
+    specs.update({s.input_name: s for s in graph.state})
+    specs.update({s.output_name: s for s in graph.state})
+    rename: dict[str, str] = {}
+    for vi in [*model.graph.input, *model.graph.output]:
+        spec = specs.get(vi.name)
+        if spec is None:
+            continue
+        for dim, want in zip(vi.type.tensor_type.shape.dim, spec.shape):
+            if dim.dim_param and isinstance(want, str):
+                rename.setdefault(dim.dim_param, want)
+    for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in vi.type.tensor_type.shape.dim:
+            if dim.dim_param in rename:
+                dim.dim_param = rename[dim.dim_param]
     return model
