@@ -27,8 +27,9 @@ def main() -> None:
 @main.command()
 @click.argument("checkpoint")
 @click.option("-o", "--output", "output", required=True, help="Bundle folder to write.")
-@click.option("--format", "fmt", type=click.Choice(["onnx", "pte", "pt2", "all"]), default="all",
-              show_default=True, help="Graph formats: ONNX, ExecuTorch .pte, torch.export .pt2.")
+@click.option("--format", "fmt", default="onnx,pte", show_default=True,
+              help="Comma-separated graph formats: onnx (ONNX Runtime), pte (ExecuTorch), pt2 "
+                   "(torch.export, the PyTorch reference backend); all = onnx,pte,pt2.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--parity-tokens", type=click.IntRange(1, 4096), default=64, show_default=True,
               help="Greedy tokens compared against the source model.")
@@ -41,7 +42,7 @@ def convert(checkpoint: str, output: str, fmt: str, dtype: str, parity_tokens: i
     """Convert CHECKPOINT (a folder, or zoo:NAME) into a bundle."""
     from edgeseq.convert.pipeline import ALL_FORMATS, convert as _convert
 
-    formats = ALL_FORMATS if fmt == "all" else (fmt,)
+    formats = ALL_FORMATS if fmt == "all" else tuple(f.strip() for f in fmt.split(",") if f.strip())
     try:
         _convert(checkpoint, output, formats=formats, dtype=dtype, parity_tokens=parity_tokens,
                  overwrite=overwrite, skip_parity=skip_parity, force=force,

@@ -145,3 +145,14 @@ def test_bundle_is_self_describing(bundle_of):
             assert (root / f).is_file()
     parity = json.loads((root / "parity.json").read_text())
     assert parity["prompt"] and len(parity["reference_tokens"]) == 64
+
+
+def test_convert_format_list_and_unknown_format(tmp_path, checkpoints):
+    out = tmp_path / "b"
+    edgeseq("convert", checkpoints["s4d"], "-o", out, "--format", "onnx,pt2", "-q",
+            "--parity-tokens", "8")
+    files = json.loads((out / "manifest.json").read_text())["graphs"]["step"]["files"]
+    assert set(files) == {"onnx", "pt2"}
+    p = edgeseq("convert", checkpoints["s4d"], "-o", tmp_path / "c", "--format", "tflite",
+                check=False)
+    assert p.returncode != 0 and "unknown format 'tflite'" in error_line(p)

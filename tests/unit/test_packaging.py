@@ -1,0 +1,20 @@
+"""The stage folders install into one `edgeseq` namespace, importable from any folder."""
+import subprocess
+import sys
+
+
+def test_namespace_imports_from_any_folder(tmp_path):
+    code = ("import edgeseq, edgeseq.convert.pipeline, edgeseq.runtime.session, "
+            "edgeseq.runtime.backends.onnxruntime, edgeseq.quant, edgeseq.kernels, "
+            "edgeseq.devices; print(edgeseq.__version__)")
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "0.1.0"
+
+
+def test_console_script(tmp_path):
+    import shutil
+
+    exe = shutil.which("edgeseq") or str(__import__("pathlib").Path(sys.executable).parent / "edgeseq")
+    p = subprocess.run([exe, "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 0 and "convert" in p.stdout and "run" in p.stdout and "zoo" in p.stdout
