@@ -98,7 +98,7 @@ def load_stdlib() -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 @torch.no_grad()
-def evaluate(model: MambaForCausalLM, data: torch.Tensor, seq: int, n: int = 32) -> float:
+def evaluate(model: MambaForCausalLM, data: torch.Tensor, seq: int, n: int = 64) -> float:
     """Mean loss (nats/byte) over the first n contiguous windows, via the stock eval path."""
     model.eval()
     x = data[: n * seq].view(n, seq)
@@ -174,7 +174,7 @@ def main() -> None:
                 msg += f" val {evaluate(model, val, args.seq):.4f}"
             print(msg, flush=True)
             log.append(msg)
-    val_loss = evaluate(model, val, args.seq, n=64)
+    val_loss = evaluate(model, val, args.seq)
     train_time = time.time() - t_start
     out = Path(args.out)
     model.save_pretrained(out, safe_serialization=True)
