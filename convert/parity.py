@@ -13,10 +13,12 @@ from typing import Any
 import numpy as np
 
 PROMPT_TEXT = "def stream(self, chunk):\n    return "
-# Max abs logit error. fp32: 1e-4, or twice the reference's own fp32 rounding noise (see
-# fp32_noise) when that is larger, as in deep models where fp32 alone drifts by more.
-# fp16: relative to max |logit|.
+# Max abs logit error. fp32: 1e-4, or NOISE_FACTOR x the reference's own sensitivity to one-ulp
+# rounding (see fp32_noise) when that is larger, as in deep models where fp32 alone drifts by more.
+# The factor covers kernels that round differently by a few ulps per op (XNNPACK's vectorised
+# exp/sigmoid approximations). fp16: relative to max |logit|.
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}
+NOISE_FACTOR = 4.0
 
 
 @dataclass
@@ -85,7 +87,7 @@ def check_bundle(root: Path, backend: str, ref: ParityInputs, dtype: str) -> dic
     got = sess.generate(ref.prompt, len(ref.reference_tokens), stop_at_eos=False).tolist()
     mismatch = next((i for i, (a, b) in enumerate(zip(got, ref.reference_tokens)) if a != b), None)
     if dtype == "fp32":
-        tol = max(TOLERANCE["fp32"], 2 * ref.fp32_noise)
+        tol = max(TOLERANCE["fp32"], NOISE_FACTOR * ref.fp32_noise)
     else:
         tol = TOLERANCE["fp16"] * float(np.abs(ref.reference_logits).max())
     identical = mismatch is None and len(got) == len(ref.reference_tokens)
