@@ -13,6 +13,7 @@ import torch
 from torch.export import Dim, ExportedProgram
 
 from edgeseq.bundle import StreamingGraph
+from edgeseq.convert.patch import flat_linear
 
 
 def dynamic_shapes(graph: StreamingGraph, dims: dict[str, Any]) -> tuple:
@@ -53,7 +54,7 @@ def export_graph(graph: StreamingGraph, *, dynamic_batch: bool = True, batch: in
             dims["chunk"] = None
             example["chunk"] = 1
     args = graph.example_inputs(example, vocab_size=_vocab(graph))
-    with torch.no_grad():
+    with torch.no_grad(), flat_linear():
         return torch.export.export(graph.module, args, dynamic_shapes=dynamic_shapes(graph, dims),
                                    strict=False)
 

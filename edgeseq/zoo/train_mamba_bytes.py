@@ -11,9 +11,10 @@ Speed notes (measured on a 2-core CPU shared with other jobs):
   ``use_mambapy`` parallel scan needs the ``mambapy`` package, which is not installed. So training
   swaps in ``SelectiveScan`` below: the same recurrence with a hand-written backward. The model,
   its weights and its saved config are unchanged; eval/generation use the stock transformers path.
-* Denormal floats appear in the scan and slow CPU arithmetic ~10x, hence ``set_flush_denormal``.
-  That flag only reaches the calling thread and 2 OpenMP threads lost ~3x to contention, so the
-  default is one thread (also makes runs bitwise reproducible for a given machine).
+* Denormal floats appear in the scan and slowed a training step ~8x, hence ``set_flush_denormal``.
+* One intra-op thread ran ~3x faster than two on that shared machine (OpenMP threads stall on
+  each other under contention), so ``--threads`` defaults to 1; a fixed step count and thread
+  count make runs repeatable.
 
 Usage: python -m edgeseq.zoo.train_mamba_bytes --out edgeseq/zoo/mamba-bytes [--steps N] [--minutes M]
 """
@@ -131,7 +132,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=192)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     t_start = time.time()

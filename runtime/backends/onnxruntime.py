@@ -1,5 +1,12 @@
 """ONNX Runtime backend: lowering with ``torch.onnx.export(dynamo=True)`` and IO-bound runners.
 
+Weights are stored once for all graphs: every large initializer goes, deduplicated by content,
+into one ``weights.onnx.data`` file that each ``<graph>.onnx`` references as standard ONNX external
+data (so plain ONNX Runtime opens the files too, and no graph nears protobuf's 2 GB limit). At
+load, edgeseq maps that file once and hands the same buffers to every session
+(``SessionOptions.add_initializer`` does not copy), with prepacking off so sessions do not make
+private copies either: the weights are in memory once however many graphs read them.
+
 State lives in two preallocated sets of ``OrtValue`` buffers per stream; each call reads one set
 and writes the other through IO binding (ping-pong), so steps never copy state through Python.
 """
@@ -16,8 +23,10 @@ from edgeseq.registry import register_backend
 from edgeseq.runtime.backends.base import Backend, LoadedModel
 
 OPSET = 18
-# protobuf cannot hold a model over 2 GiB: past this, weights go to an external data file.
-EXTERNAL_DATA_BYTES = 1_800_000_000
+WEIGHTS_FILE = "weights.onnx.data"
+# initializers at least this large go to the shared weights file; smaller ones stay inline
+EXTERNAL_MIN_BYTES = 1024
+ALIGN = 64
 # weights of at least this many elements are stored in fp16 under --dtype fp16
 FP16_MIN_ELEMENTS = 1024
 
@@ -39,26 +48,21 @@ class OrtBackend(Backend):
 
         from edgeseq.convert.export import export_graph
 
-        files = {}
+        models = {}
         for name, g in graphs.items():
-            ep = export_graph(g, dynamic_batch=True)
+            ep = export_graph(g, dynamic_batch=True, chunk_max=g.max_chunk)
             names_in = [s.name for s in g.inputs] + [s.input_name for s in g.state]
             names_out = [s.name for s in g.outputs] + [s.output_name for s in g.state]
             prog = torch.onnx.export(ep, input_names=names_in, output_names=names_out,
                                      opset_version=OPSET, dynamo=True, verbose=False,
                                      optimize=True)
-            fname = f"{name}.onnx"
             model = _name_dynamic_dims(prog.model_proto, g)
-            if dtype == "fp16":
-                model = weights_to_fp16(model)
-            size = sum(len(t.raw_data) for t in model.graph.initializer)
-            if size > EXTERNAL_DATA_BYTES:
-                onnx.save_model(model, str(out / fname), save_as_external_data=True,
-                                all_tensors_to_one_file=True, location=f"{name}.onnx.data",
-                                size_threshold=1024)
-            else:
-                onnx.save_model(model, str(out / fname))
-            files[name] = fname
+            models[name] = weights_to_fp16(model) if dtype == "fp16" else model
+        _share_weights(models, out / WEIGHTS_FILE)
+        files = {}
+        for name, model in models.items():
+            onnx.save_model(model, str(out / f"{name}.onnx"))
+            files[name] = f"{name}.onnx"
         return files
 
     def load(self, root: Path, entries: dict[str, GraphEntry], threads: int | None = None
@@ -70,13 +74,20 @@ class OrtBackend(Backend):
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        # Private prepacked copies per session would undo the sharing; for decoding (one row per
+        # step) prepacking did not change speed on our CPUs.
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+        weights = _SharedWeights(root / WEIGHTS_FILE)
         runners = {}
         for name, e in entries.items():
-            sess = ort.InferenceSession(str(root / e.files[self.format]), sess_options=opts,
+            path = root / e.files[self.format]
+            sess_opts = weights.bind(path, opts)
+            sess = ort.InferenceSession(str(path), sess_options=sess_opts,
                                         providers=["CPUExecutionProvider"])
             runners[name] = _OrtRunner(e, sess)
-        specs = _shared_specs(entries)
-        return _OrtModel(runners, specs)
+        model = _OrtModel(runners, _shared_specs(entries))
+        model.weights = weights  # the sessions read these buffers: keep them alive
+        return model
 
 
 def _physical_cores() -> int:
@@ -195,3 +206,78 @@ def _name_dynamic_dims(model: Any, graph: StreamingGraph) -> Any:
             if dim.dim_param in rename:
                 dim.dim_param = rename[dim.dim_param]
     return model
+
+
+def _share_weights(models: dict[str, Any], data_path: Path) -> None:
+    """Move every large initializer of every model into one file, each distinct tensor once."""
+    import hashlib
+
+    from onnx import TensorProto
+
+    offsets: dict[bytes, tuple[int, int]] = {}
+    with open(data_path, "wb") as f:
+        for model in models.values():
+            for init in model.graph.initializer:
+                raw = init.raw_data
+                if len(raw) < EXTERNAL_MIN_BYTES:
+                    continue
+                key = hashlib.sha1(raw).digest() + bytes(str((init.data_type, list(init.dims))), "ascii")
+                if key not in offsets:
+                    pad = -f.tell() % ALIGN
+                    f.write(b"\0" * pad)
+                    offsets[key] = (f.tell(), len(raw))
+                    f.write(raw)
+                offset, length = offsets[key]
+                init.ClearField("raw_data")
+                init.data_location = TensorProto.EXTERNAL
+                del init.external_data[:]
+                for k, v in (("location", data_path.name), ("offset", str(offset)),
+                             ("length", str(length))):
+                    entry = init.external_data.add()
+                    entry.key, entry.value = k, v
+
+
+class _SharedWeights:
+    """The weights file mapped once; one OrtValue per distinct tensor, shared by all sessions."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.map = np.memmap(path, dtype=np.uint8, mode="r") if path.is_file() else None
+        self.values: dict[tuple[int, int, int, tuple[int, ...]], Any] = {}
+
+    def bind(self, model_path: Path, base: Any) -> Any:
+        import onnx
+        import onnxruntime as ort
+        from onnx.helper import tensor_dtype_to_np_dtype
+
+        opts = _clone_options(base)
+        if self.map is None:
+            return opts
+        proto = onnx.load(str(model_path), load_external_data=False)
+        for init in proto.graph.initializer:
+            if init.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            ext = {e.key: e.value for e in init.external_data}
+            if ext.get("location") != self.path.name:
+                continue
+            offset, length = int(ext["offset"]), int(ext["length"])
+            key = (offset, length, init.data_type, tuple(init.dims))
+            if key not in self.values:
+                dtype = tensor_dtype_to_np_dtype(init.data_type)
+                arr = self.map[offset:offset + length].view(dtype).reshape(tuple(init.dims))
+                self.values[key] = ort.OrtValue.ortvalue_from_numpy(arr)
+            opts.add_initializer(init.name, self.values[key])
+        return opts
+
+
+def _clone_options(base: Any) -> Any:
+    """SessionOptions cannot be copied, and initializers added to one are per session."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    for attr in ("intra_op_num_threads", "inter_op_num_threads", "graph_optimization_level",
+                 "log_severity_level"):
+        setattr(opts, attr, getattr(base, attr))
+    opts.add_session_config_entry("session.disable_prepacking",
+                                  base.get_session_config_entry("session.disable_prepacking"))
+    return opts
