@@ -48,10 +48,7 @@ def worker(engine: str, ckpt: Path, bundle: Path, prompt: list[int], n: int, thr
     import torch
 
     torch.set_num_threads(threads)
-    if engine.startswith("transformers"):
-        # SSM states decay into denormal floats, which cost ~10x on CPUs. edgeseq's backends
-        # flush them; "transformers" runs as users run it, "transformers-ftz" gets the same favour.
-        torch.set_flush_denormal(engine == "transformers-ftz")
+    if engine == "transformers":
         from transformers import GenerationConfig, MambaForCausalLM
 
         model = MambaForCausalLM.from_pretrained(ckpt).eval()
@@ -119,7 +116,7 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="a small shape for a quick check")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--engines", default="transformers,transformers-ftz,ort,executorch")
+    ap.add_argument("--engines", default="transformers,ort,executorch")
     ap.add_argument("--workdir", type=Path, default=None, help="keep checkpoint and bundle here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--args", help=argparse.SUPPRESS)
@@ -163,19 +160,17 @@ def main() -> None:
     bpt = bytes_per_token(ckpt, shape)
     limit = bw / bpt
     base = rows.get("transformers", {}).get("tokens_per_s")
-    tuned = rows.get("transformers-ftz", {}).get("tokens_per_s")
     ref_tokens = rows.get("transformers", {}).get("tokens")
     print(f"\nMamba {shape['hidden_size']}d x {shape['num_hidden_layers']} layers, vocab "
           f"{shape['vocab_size']}; {a.tokens} greedy tokens after a {len(prompt)}-token prompt; "
           f"{a.threads} threads")
     print(f"host read bandwidth {bw / 1e9:.1f} GB/s; bytes read per token {bpt / 1e6:.0f} MB; "
           f"bandwidth limit {limit:.1f} tokens/s\n")
-    print(f"| engine | tokens/s | vs transformers | vs transformers-ftz | % of bandwidth limit | "
-          f"first token ms | peak RSS MB | same tokens |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| engine | tokens/s | vs transformers | % of bandwidth limit | first token ms | "
+          f"peak RSS MB | same tokens |")
+    print("|---|---|---|---|---|---|---|")
     for eng, r in rows.items():
         speed = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
-        speed += f" | {r['tokens_per_s'] / tuned:.2f}x" if tuned else " | -"
         same = "ref" if eng == "transformers" else (str(r["tokens"] == ref_tokens) if ref_tokens else "-")
         print(f"| {eng} | {r['tokens_per_s']:.1f} | {speed} | {100 * r['tokens_per_s'] / limit:.0f}% "
               f"| {r['first_token_ms']:.1f} | {r['peak_rss'] / 1e6:.0f} | {same} |")
