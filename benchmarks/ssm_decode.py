@@ -166,8 +166,8 @@ def main() -> None:
           f"{a.threads} threads")
     print(f"host read bandwidth {bw / 1e9:.1f} GB/s; bytes read per token {bpt / 1e6:.0f} MB; "
           f"bandwidth limit {limit:.1f} tokens/s\n")
-    print(f"| engine | tokens/s | vs transformers | % of bandwidth limit | first token ms | "
-          f"peak RSS MB | same tokens |")
+    print("| engine | tokens/s | vs transformers | % of bandwidth limit | first token ms | "
+          "peak RSS MB | same tokens |")
     print("|---|---|---|---|---|---|---|")
     for eng, r in rows.items():
         speed = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"

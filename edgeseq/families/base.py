@@ -77,3 +77,45 @@ def detect_family(config: dict[str, Any], path: Path) -> Any:
     arch = config.get("model_type") or config.get("architectures") or "none given"
     raise BundleError(f"{path}: unsupported architecture {arch!r} (model_type); "
                       f"supported: {', '.join(supported)}")
+
+
+class TransformersCausalLM(Family):
+    """A family whose reference is a transformers ``*ForCausalLM``: its own forward for logits
+    and its own ``generate`` for greedy tokens."""
+
+    def model_config(self, model: Any) -> dict[str, Any]:
+        c = model.config
+        return {"vocab_size": c.vocab_size, "eos_token_id": c.eos_token_id,
+                "bos_token_id": c.bos_token_id, "pad_token_id": c.pad_token_id,
+                "d_model": c.hidden_size, "n_layers": c.num_hidden_layers}
+
+    def reference_logits(self, model: Any, input_ids: Any) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return model(input_ids, use_cache=False).logits.float()
+
+    def reference_greedy(self, model: Any, input_ids: Any, max_new_tokens: int) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return hf_greedy(model, input_ids, max_new_tokens)
+
+
+def hf_greedy(model: Any, input_ids: Any, max_new_tokens: int) -> Any:
+    """transformers' own ``generate``, greedy, exactly ``max_new_tokens`` (EOS does not stop it)."""
+    import torch
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
+                           pad_token_id=0, num_beams=1)
+    # generate() refills an unset eos_token_id from the model's own generation config, and would
+    # then stop early at EOS: clear it there for the call.
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None
+    try:
+        out = model.generate(input_ids, generation_config=gen,
+                             attention_mask=torch.ones_like(input_ids))
+    finally:
+        model.generation_config.eos_token_id = saved
+    return out[:, input_ids.shape[1]:]

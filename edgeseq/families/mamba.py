@@ -24,7 +24,7 @@ from torch import nn
 
 from edgeseq.bundle import StateSpec, StreamingGraph
 from edgeseq.checkpoint import load_into, load_state_dict, read_config
-from edgeseq.families.base import Family, lm_graph_specs
+from edgeseq.families.base import TransformersCausalLM, lm_graph_specs
 from edgeseq.registry import register_family
 
 # Longest prefill chunk: the scan's depth is fixed at export (log2 of this), and ExecuTorch plans
@@ -137,7 +137,7 @@ class MambaPrefill(_MambaGraph):
 
 
 @register_family("mamba")
-class MambaFamily(Family):
+class MambaFamily(TransformersCausalLM):
     """transformers ``MambaForCausalLM`` checkpoint folders."""
 
     task = "causal_lm"
@@ -179,21 +179,6 @@ class MambaFamily(Family):
             "step": StreamingGraph("step", MambaStep(model).eval(), s_in, s_out, state),
         }
 
-    def model_config(self, model: nn.Module) -> dict[str, Any]:
-        c = model.config
-        return {"vocab_size": c.vocab_size, "eos_token_id": c.eos_token_id,
-                "bos_token_id": c.bos_token_id, "pad_token_id": c.pad_token_id,
-                "d_model": c.hidden_size, "n_layers": c.num_hidden_layers}
-
-    @torch.no_grad()
-    def reference_logits(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-        return model(input_ids, use_cache=False).logits.float()
-
-    @torch.no_grad()
-    def reference_greedy(self, model: nn.Module, input_ids: torch.Tensor,
-                         max_new_tokens: int) -> torch.Tensor:
-        return hf_greedy(model, input_ids, max_new_tokens)
-
     def make_test_checkpoint(self, folder: Path, seed: int = 0, **overrides: Any) -> Path:
         from transformers import MambaConfig, MambaForCausalLM
 
@@ -206,24 +191,6 @@ class MambaFamily(Family):
         widen_init(model)
         model.save_pretrained(folder, safe_serialization=True)
         return Path(folder)
-
-
-def hf_greedy(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    """transformers' own ``generate``, greedy, exactly ``max_new_tokens`` (EOS does not stop it)."""
-    from transformers import GenerationConfig
-
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
-                           pad_token_id=0, num_beams=1)
-    # generate() refills an unset eos_token_id from the model's own generation config, and would
-    # then stop early at EOS: clear it there for the call.
-    saved = model.generation_config.eos_token_id
-    model.generation_config.eos_token_id = None
-    try:
-        out = model.generate(input_ids, generation_config=gen,
-                             attention_mask=torch.ones_like(input_ids))
-    finally:
-        model.generation_config.eos_token_id = saved
-    return out[:, input_ids.shape[1]:]
 
 
 def widen_init(model: nn.Module, seed: int = 0) -> None:

@@ -30,8 +30,8 @@ from torch import nn
 
 from edgeseq.bundle import StateSpec, StreamingGraph
 from edgeseq.checkpoint import load_into, load_state_dict, read_config
-from edgeseq.families.base import Family, lm_graph_specs
-from edgeseq.families.mamba import hf_greedy, rms_norm, widen_init
+from edgeseq.families.base import TransformersCausalLM, lm_graph_specs
+from edgeseq.families.mamba import rms_norm, widen_init
 from edgeseq.registry import register_family
 
 # Prefill materialises a few (b, h, l, l) tensors; the runtime keeps chunks under this size.
@@ -166,7 +166,7 @@ class Mamba2Prefill(_Mamba2Graph):
 
 
 @register_family("mamba2")
-class Mamba2Family(Family):
+class Mamba2Family(TransformersCausalLM):
     """transformers ``Mamba2ForCausalLM`` checkpoint folders."""
 
     task = "causal_lm"
@@ -213,21 +213,6 @@ class Mamba2Family(Family):
                                       max_chunk=max_chunk),
             "step": StreamingGraph("step", Mamba2Step(model).eval(), s_in, s_out, state),
         }
-
-    def model_config(self, model: nn.Module) -> dict[str, Any]:
-        c = model.config
-        return {"vocab_size": c.vocab_size, "eos_token_id": c.eos_token_id,
-                "bos_token_id": c.bos_token_id, "pad_token_id": c.pad_token_id,
-                "d_model": c.hidden_size, "n_layers": c.num_hidden_layers}
-
-    @torch.no_grad()
-    def reference_logits(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-        return model(input_ids, use_cache=False).logits.float()
-
-    @torch.no_grad()
-    def reference_greedy(self, model: nn.Module, input_ids: torch.Tensor,
-                         max_new_tokens: int) -> torch.Tensor:
-        return hf_greedy(model, input_ids, max_new_tokens)
 
     def make_test_checkpoint(self, folder: Path, seed: int = 0, **overrides: Any) -> Path:
         from transformers import Mamba2Config, Mamba2ForCausalLM

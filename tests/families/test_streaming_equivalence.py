@@ -2,7 +2,6 @@
 
 Runs in PyTorch only (no backend): these are the graphs every backend lowers.
 """
-import numpy as np
 import pytest
 import torch
 
