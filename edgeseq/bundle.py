@@ -24,7 +24,6 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 SCHEMA_VERSION = 1
-DYNAMIC_DIMS = ("batch", "chunk")
 STATE_KINDS = ("kv", "recurrent", "window")
 DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
           "bool": np.bool_}
@@ -130,14 +129,6 @@ class StreamingGraph:
             out.append(0.1 * torch.randn(spec.concrete_shape(dims), generator=g))
         return tuple(out)
 
-    def spec_json(self) -> dict[str, Any]:
-        return {
-            "inputs": [s.to_json() for s in self.inputs],
-            "outputs": [s.to_json() for s in self.outputs],
-            "state": [s.to_json() for s in self.state],
-            "max_chunk": self.max_chunk,
-        }
-
 
 @dataclass
 class GraphEntry:
@@ -222,14 +213,6 @@ class Manifest:
                     if not (root / f).is_file():
                         problems.append(f"graph {name}: {backend} file {f} is missing")
         return problems
-
-    def state_specs(self) -> list[StateSpec]:
-        """The state shared by the bundle's graphs (they must agree)."""
-        specs: dict[str, StateSpec] = {}
-        for g in self.graphs.values():
-            for s in g.state:
-                specs.setdefault(s.name, s)
-        return list(specs.values())
 
 
 def read_manifest(bundle: str | os.PathLike) -> Manifest:

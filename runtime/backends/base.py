@@ -41,6 +41,15 @@ class Backend:
         raise NotImplementedError
 
 
+def shared_state_specs(entries: dict[str, GraphEntry]) -> list[StateSpec]:
+    """The state list every graph of a bundle shares (same names, same order)."""
+    first = next(iter(entries.values()))
+    for e in entries.values():
+        if [s.name for s in e.state] != [s.name for s in first.state]:
+            raise ValueError(f"graph {e.name}: state differs from graph {first.name}'s")
+    return list(first.state)
+
+
 class LoadedModel:
     """The runners of one bundle on one backend, plus state allocation and conversion."""
 
@@ -56,10 +65,6 @@ class LoadedModel:
 
     def to_numpy(self, state: Any) -> list[np.ndarray]:
         raise NotImplementedError
-
-    def copy_state(self, state: Any) -> Any:
-        """An independent copy (a snapshot for rollback)."""
-        return self.from_numpy([a.copy() for a in self.to_numpy(state)])
 
     def run(self, graph: str, inputs: dict[str, np.ndarray], state: Any
             ) -> tuple[dict[str, np.ndarray], Any]:

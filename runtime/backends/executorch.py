@@ -18,7 +18,7 @@ import numpy as np
 
 from edgeseq.bundle import GraphEntry, StreamingGraph
 from edgeseq.registry import register_backend
-from edgeseq.runtime.backends.base import Backend, LoadedModel
+from edgeseq.runtime.backends.base import Backend, LoadedModel, shared_state_specs
 
 PTE_FILE = "model.pte"
 
@@ -59,8 +59,7 @@ class ExecuTorchBackend(Backend):
         with _captured_stderr():  # XNNPACK's cpuinfo probe logs to fd 2 on first use
             runners = {name: _EtRunner(e, programs[e.files[self.format]].load_method(name))
                        for name, e in entries.items()}
-        first = next(iter(entries.values())).state
-        model = _EtModel(runners, list(first))
+        model = _EtModel(runners, shared_state_specs(entries))
         # A method reads its program's memory: the program must live as long as the methods.
         model.programs = programs
         return model

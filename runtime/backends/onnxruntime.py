@@ -20,7 +20,7 @@ import numpy as np
 
 from edgeseq.bundle import GraphEntry, StreamingGraph
 from edgeseq.registry import register_backend
-from edgeseq.runtime.backends.base import Backend, LoadedModel
+from edgeseq.runtime.backends.base import Backend, LoadedModel, shared_state_specs
 
 OPSET = 18
 WEIGHTS_FILE = "weights.onnx.data"
@@ -89,7 +89,7 @@ class OrtBackend(Backend):
             sess = ort.InferenceSession(str(path), sess_options=sess_opts,
                                         providers=["CPUExecutionProvider"])
             runners[name] = _OrtRunner(e, sess)
-        model = _OrtModel(runners, _shared_specs(entries))
+        model = _OrtModel(runners, shared_state_specs(entries))
         model.weights = weights  # the sessions read these buffers: keep them alive
         return model
 
@@ -101,14 +101,6 @@ def _physical_cores() -> int:
         return psutil.cpu_count(logical=False) or os.cpu_count() or 1
     except ImportError:
         return os.cpu_count() or 1
-
-
-def _shared_specs(entries: dict[str, GraphEntry]) -> list:
-    first = next(iter(entries.values())).state
-    for e in entries.values():
-        if [s.name for s in e.state] != [s.name for s in first]:
-            raise ValueError(f"graph {e.name}: state order differs from graph {first}")
-    return list(first)
 
 
 class _OrtState:

@@ -13,7 +13,7 @@ import numpy as np
 
 from edgeseq.bundle import GraphEntry, StreamingGraph
 from edgeseq.registry import register_backend
-from edgeseq.runtime.backends.base import Backend, LoadedModel
+from edgeseq.runtime.backends.base import Backend, LoadedModel, shared_state_specs
 
 
 @register_backend("torch")
@@ -45,15 +45,7 @@ class TorchBackend(Backend):
         for name, e in entries.items():
             ep = torch.export.load(str(root / e.files[self.format]))
             runners[name] = _TorchRunner(e, ep.module())
-        return _TorchModel(runners, _state_specs(entries))
-
-
-def _state_specs(entries: dict[str, GraphEntry]) -> list:
-    specs: dict[str, Any] = {}
-    for e in entries.values():
-        for s in e.state:
-            specs.setdefault(s.name, s)
-    return list(specs.values())
+        return _TorchModel(runners, shared_state_specs(entries))
 
 
 class _TorchRunner:

@@ -105,3 +105,12 @@ def test_load_errors(tmp_path, bundle_of):
         edgeseq.load(tmp_path / "missing")
     with pytest.raises(KeyError, match="unknown backend 'tflite'; known: executorch, ort, torch"):
         edgeseq.load(bundle_of(FAMILIES[0]), backend="tflite")
+
+
+def test_fork_shares_weights_not_state(bundle_of):
+    a = edgeseq.load(bundle_of(FAMILIES[0]), backend="ort")
+    b = a.fork()
+    assert b.model is a.model
+    alone = b.generate([1, 2, 3], 8, stop_at_eos=False).tolist()
+    a.generate([7, 7, 7, 7], 5, stop_at_eos=False)  # another stream on the same weights
+    assert b.generate([1, 2, 3], 8, stop_at_eos=False).tolist() == alone
