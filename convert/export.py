@@ -70,18 +70,22 @@ class _HalfPrecision(torch.nn.Module):
     """A graph computed in fp16 whose interface (inputs, outputs, state) stays as specified, so
     the runtime and the manifest do not change with the precision."""
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module):
         super().__init__()
-        import copy
-
-        self.inner = copy.deepcopy(module).half()
+        self.inner = inner
 
     def forward(self, input_ids: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.inner(input_ids, *[s.half() for s in state])
         return tuple(o.float() if o.is_floating_point() else o for o in out)
 
 
-def half_precision(graph: StreamingGraph) -> StreamingGraph:
+def half_precision(graphs: dict[str, StreamingGraph]) -> dict[str, StreamingGraph]:
+    """fp16 copies of the graphs. One deepcopy memo for all of them, so weights that several
+    graphs read (prefill and step share the model's) are copied and converted once."""
+    import copy
     import dataclasses
 
-    return dataclasses.replace(graph, module=_HalfPrecision(graph.module).eval())
+    memo: dict[int, Any] = {}
+    return {name: dataclasses.replace(
+                g, module=_HalfPrecision(copy.deepcopy(g.module, memo).half()).eval())
+            for name, g in graphs.items()}

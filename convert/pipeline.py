@@ -40,7 +40,8 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
 
     Args:
         formats: any of ``onnx``, ``pte``, ``pt2`` (the PyTorch reference backend's format).
-        dtype: ``fp32``, or ``fp16`` weights (compute and state stay fp32; ONNX only so far).
+        dtype: ``fp32`` or ``fp16`` (what fp16 means per format: ``FP16_NOTE``; state stays fp32
+            at every graph interface).
         parity_tokens: greedy tokens compared against the reference library's ``generate``.
         skip_parity: write without checking (not recommended); ``force`` writes despite a failure.
     Returns:

@@ -104,9 +104,8 @@ class Session:
         ids = _as_batch(input_ids)
         self._flush_pending()
         if ids.shape[1]:
-            if self._logits is None and self.position == 0:
-                self._batch = ids.shape[0]
-                self._state = self.model.init_state(self._batch)
+            if self.position == 0 and ids.shape[0] != self._batch:
+                self.reset(ids.shape[0])
             self._logits = self.prefill(ids)[:, -1]
 
     def _flush_pending(self) -> None:

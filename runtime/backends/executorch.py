@@ -41,7 +41,7 @@ class ExecuTorchBackend(Backend):
         from edgeseq.convert.export import export_graph, half_precision
 
         if dtype == "fp16":  # XNNPACK has fp16 kernels: weights and compute in fp16
-            graphs = {name: half_precision(g) for name, g in graphs.items()}
+            graphs = half_precision(graphs)
         elif dtype != "fp32":
             raise ValueError(f"unsupported dtype {dtype}")
         programs = {name: export_graph(g, dynamic_batch=False, batch=1, chunk_max=g.max_chunk)

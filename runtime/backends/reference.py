@@ -25,10 +25,10 @@ class TorchBackend(Backend):
 
         from edgeseq.convert.export import export_graph, half_precision
 
+        if dtype == "fp16":
+            graphs = half_precision(graphs)
         files = {}
         for name, g in graphs.items():
-            if dtype == "fp16":
-                g = half_precision(g)
             ep = export_graph(g, dynamic_batch=True)
             fname = f"{name}.pt2"
             torch.export.save(ep, str(out / fname))
