@@ -18,13 +18,19 @@ class Tokenizer(Protocol):
 
 
 class ByteTokenizer:
-    """Token id = UTF-8 byte value; decoding replaces bytes that do not form valid UTF-8."""
+    """Token id = UTF-8 byte value + ``offset``; decoding replaces bytes that do not form valid
+    UTF-8. Ids below ``offset`` are special tokens (ByT5's convention with offset 3: pad 0, eos 1,
+    unk 2), which decoding skips."""
+
+    def __init__(self, offset: int = 0):
+        self.offset = offset
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        return [b + self.offset for b in text.encode("utf-8")]
 
     def decode(self, ids: list[int]) -> str:
-        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+        o = self.offset
+        return bytes(i - o for i in ids if o <= i < 256 + o).decode("utf-8", errors="replace")
 
 
 class HFTokenizer:
@@ -46,7 +52,10 @@ def detect(src: Path) -> dict[str, Any] | None:
         spec = json.loads((src / MARKER).read_text())
         if spec.get("type") != "bytes":
             raise BundleError(f"{src / MARKER}: unknown tokenizer type {spec.get('type')!r}")
-        return {"type": "bytes"}
+        offset = spec.get("offset", 0)
+        if not isinstance(offset, int) or offset < 0:
+            raise BundleError(f"{src / MARKER}: offset must be a non-negative integer")
+        return {"type": "bytes", "offset": offset} if offset else {"type": "bytes"}
     if (src / "tokenizer.json").is_file():
         return {"type": "hf", "file": "tokenizer.json"}
     return None
@@ -61,7 +70,7 @@ def load(root: Path, spec: dict[str, Any] | None) -> Tokenizer | None:
     if not spec:
         return None
     if spec["type"] == "bytes":
-        return ByteTokenizer()
+        return ByteTokenizer(spec.get("offset", 0))
     if spec["type"] == "hf":
         return HFTokenizer(root / spec["file"])
     raise BundleError(f"{root}: unknown tokenizer type {spec['type']!r}")
