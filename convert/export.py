@@ -44,7 +44,11 @@ def export_graph(graph: StreamingGraph, *, dynamic_batch: bool = True, batch: in
     """
     has_chunk = any("chunk" in s.shape for s in [*graph.inputs, *graph.state])
     dims: dict[str, Any] = {"batch": Dim("batch", min=1, max=max_batch) if dynamic_batch else None}
-    example = {"batch": 2 if dynamic_batch else batch, "chunk": 5}
+    example = {**graph.example_dims, "batch": 2 if dynamic_batch else batch, "chunk": 5}
+    for name, (lo, hi) in graph.dim_bounds.items():
+        dims[name] = Dim(name, min=lo, max=hi) if hi > lo else None
+        if hi <= lo:
+            example[name] = hi
     if has_chunk:
         cmax = chunk_max or 4096
         if cmax > 1:

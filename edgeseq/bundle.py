@@ -106,6 +106,11 @@ class StreamingGraph:
     state: list[StateSpec]
     example_dims: dict[str, int] = field(default_factory=lambda: {"batch": 2, "chunk": 5})
     max_chunk: int | None = None  # largest chunk the runtime should feed (bounds prefill memory)
+    #: bounds (min, max) of named dims other than ``batch`` and ``chunk`` (``source``, ``past``,
+    #: ``frames``): dynamic in the exported graph, and ExecuTorch plans memory for the max.
+    dim_bounds: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: builds example inputs from concrete dims when random ones would be invalid (masks, positions)
+    make_example: Any = None
 
     def example_inputs(self, dims: dict[str, int] | None = None, seed: int = 0,
                        vocab_size: int | None = None) -> tuple:
@@ -117,6 +122,8 @@ class StreamingGraph:
         import torch
 
         dims = {**self.example_dims, **(dims or {})}
+        if self.make_example is not None:
+            return tuple(self.make_example(dims, seed))
         g = torch.Generator().manual_seed(seed)
         out = []
         for spec in self.inputs:

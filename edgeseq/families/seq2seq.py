@@ -1,0 +1,429 @@
+"""Encoder-decoder Transformers (T5, BART, Marian, Whisper) as streaming graphs with explicit caches.
+
+Small encoder-decoders are the practical language models of the edge: the input is encoded once
+and a light decoder then runs one token at a time (Return of the Encoder; Encoder-Decoder Gemma).
+Two graphs carry a model:
+
+- ``encoder``: the source (token ids + mask, or log-mel features) -> the cross-attention K/V of
+  every decoder layer, ``cross.{i}.key`` / ``cross.{i}.value`` (b, h, s, k). They are computed
+  once per input, never per token.
+- ``decoder_step``: ``input_ids`` (b,), ``cache_position`` (1,), [``encoder_attention_mask``
+  (b, s)], the cross K/V, and the self-attention cache ``state_in.self.{i}.key|value`` ->
+  ``logits`` (b, v) and ``state_out.self.{i}.key|value``.
+
+Two cache layouts (``StateSpec.kind == "kv"``):
+
+- ``dynamic``: the cache has ``past`` positions and each step returns it with one more
+  (concatenation), as optimum's ``decoder_with_past`` does.
+- ``fixed`` (``--max-target-len N``): static shapes; the step writes its K/V at
+  ``cache_position`` (a select, so the write is in place wherever the runtime aliases the buffer)
+  and masks positions beyond it. Static shapes are what NPUs and ExecuTorch's planned memory want.
+
+The modules below re-express the decoder step in plain tensor ops over the *same* parameters as
+the transformers model (no copies), one adapter per architecture; encoders reuse the library's
+own encoder where it exports as is.
+
+Glossary of dimension letters::
+
+    b  batch (rows: sources x beams)   s  source positions (encoder output length)
+    t  cache positions (past + 1, or the fixed capacity)
+    h  attention heads   k  head dim   d  d_model   v  vocab   f  mel frames   m  mel bins
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from edgeseq.bundle import BundleError, StateSpec, StreamingGraph, TensorSpec
+from edgeseq.checkpoint import load_into, load_state_dict, read_config
+from edgeseq.families.base import Family
+
+LAYOUTS = ("dynamic", "fixed")
+# Longest source the exported text encoder is planned for when the architecture has no limit of
+# its own (T5's relative positions have none); ExecuTorch plans memory for it.
+DEFAULT_MAX_SOURCE = 512
+# Generation-config fields the runtime honours (the same names as transformers' GenerationConfig).
+GENERATION_FIELDS = ("decoder_start_token_id", "eos_token_id", "pad_token_id", "bos_token_id",
+                     "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens",
+                     "begin_suppress_tokens", "bad_words_ids", "no_repeat_ngram_size",
+                     "repetition_penalty", "min_length", "num_beams", "length_penalty",
+                     "early_stopping", "max_length", "num_beam_groups", "diversity_penalty")
+
+
+def split_heads(x: torch.Tensor, h: int) -> torch.Tensor:
+    """(b, t, h*k) -> (b, h, t, k)"""
+    b, t, hk = x.shape
+    return x.reshape(b, t, h, hk // h).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(b, h, t, k) -> (b, t, h*k)"""
+    b, h, t, k = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * k)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+           bias: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention. q (b, h, 1, k), k/v (b, h, t, k), bias broadcastable to (b, h, 1, t)."""
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    if scale != 1.0:
+        scores = scores * scale
+    if bias is not None:
+        scores = scores + bias
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+def mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(b, s) 1/0 attention mask -> additive bias (b, 1, 1, s)."""
+    neg = torch.finfo(dtype).min
+    return ((1 - mask.to(dtype)) * neg)[:, None, None, :]
+
+
+class DecoderStep(nn.Module):
+    """The shared decoder-step contract; subclasses supply one architecture's maths.
+
+    ``forward(input_ids (b,), cache_position (1,), [encoder_attention_mask (b, s)],
+    *cross (2 per layer), *cache (2 per layer)) -> (logits (b, v), *cache')``.
+    """
+
+    def __init__(self, n_layers: int, layout: str, has_mask: bool):
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown cache layout {layout!r}; known: {', '.join(LAYOUTS)}")
+        self.n_layers = n_layers
+        self.layout = layout
+        self.has_mask = has_mask
+
+    # -- what an architecture provides ---------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        """(b,) ids -> (b, 1, d) decoder input embeddings at ``cache_position``."""
+        raise NotImplementedError
+
+    def self_bias(self, cache_position: torch.Tensor, t: int) -> torch.Tensor | None:
+        """Position bias (1, h, 1, t) for the self-attention over t cache slots (T5), or None."""
+        return None
+
+    def layer(self, i: int, x: torch.Tensor, self_attn: Callable, cross_attn: Callable
+              ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, 1, d) -> (b, v) logits."""
+        raise NotImplementedError
+
+    # -- the step itself -----------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor, *rest: torch.Tensor
+                ) -> tuple[torch.Tensor, ...]:
+        n = self.n_layers
+        enc_bias = None
+        if self.has_mask:
+            enc_bias = mask_bias(rest[0], torch.float32)
+            rest = rest[1:]
+        cross, cache = rest[:2 * n], rest[2 * n:]
+        x = self.embed(input_ids, cache_position)                       # (b, 1, d)
+        t = cache[0].shape[2] + 1 if self.layout == "dynamic" else cache[0].shape[2]
+        bias = self.self_bias(cache_position, t)
+        if self.layout == "fixed":
+            slots = torch.arange(t, device=x.device)
+            hit = (slots == cache_position).view(1, 1, t, 1)              # where this step writes
+            future = torch.where(slots <= cache_position, 0.0, torch.finfo(torch.float32).min)
+            bias = future.view(1, 1, 1, t) if bias is None else bias + future.view(1, 1, 1, t)
+        new_cache: list[torch.Tensor] = []
+        for i in range(n):
+            k_past, v_past = cache[2 * i], cache[2 * i + 1]
+            k_x, v_x = cross[2 * i], cross[2 * i + 1]
+
+            def self_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                          k_past: torch.Tensor = k_past, v_past: torch.Tensor = v_past
+                          ) -> torch.Tensor:
+                if self.layout == "dynamic":
+                    k_all = torch.cat([k_past, k], dim=2)                 # (b, h, t, k)
+                    v_all = torch.cat([v_past, v], dim=2)
+                else:
+                    k_all = torch.where(hit, k, k_past)
+                    v_all = torch.where(hit, v, v_past)
+                new_cache.extend([k_all, v_all])
+                return attend(q, k_all, v_all, scale, bias)
+
+            def cross_attn(q: torch.Tensor, scale: float, k_x: torch.Tensor = k_x,
+                           v_x: torch.Tensor = v_x) -> torch.Tensor:
+                return attend(q, k_x, v_x, scale, enc_bias)
+
+            x = self.layer(i, x, self_attn, cross_attn)
+        return (self.head(x), *new_cache)
+
+
+class CrossKV(nn.Module):
+    """Encoder output (b, s, d) -> the cross-attention K/V of every decoder layer."""
+
+    def __init__(self, projections: list[tuple[nn.Module, nn.Module]], heads: int):
+        super().__init__()
+        self.k = nn.ModuleList([k for k, _ in projections])
+        self.v = nn.ModuleList([v for _, v in projections])
+        self.heads = heads
+
+    def forward(self, h: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for k, v in zip(self.k, self.v):
+            out.extend([split_heads(k(h), self.heads), split_heads(v(h), self.heads)])
+        return out
+
+
+class Seq2SeqFamily(Family):
+    """Base for the encoder-decoder architectures; subclasses register one ``model_type`` each."""
+
+    task = "seq2seq"
+    model_class: str = ""          # transformers class name
+    speech = False                 # Whisper: the encoder takes log-mel features
+
+    # -- loading ---------------------------------------------------------------------------
+    def config_class(self) -> Any:
+        raise NotImplementedError
+
+    def load(self, path: Path) -> Any:
+        import transformers
+
+        cfg = read_config(path)
+        config = self.config_class()(**{k: v for k, v in cfg.items()
+                                        if k not in ("transformers_version", "architectures")})
+        # eager attention: plain matmul/softmax ops, which every exporter handles the same way
+        config._attn_implementation = "eager"
+        model = getattr(transformers, self.model_class)(config)
+        sd = load_state_dict(path)
+        own = model.state_dict()
+        # tied and recomputed tensors (shared embeddings, sinusoidal tables) may be absent
+        for k in own:
+            if k not in sd and self._may_be_absent(k):
+                sd[k] = own[k]
+        load_into(model, sd, path)
+        model.tie_weights()
+        gen = path / "generation_config.json"
+        if gen.is_file():
+            model.generation_config = transformers.GenerationConfig.from_pretrained(path)
+        return model.float().eval()
+
+    def _may_be_absent(self, key: str) -> bool:
+        return key.endswith(("embed_tokens.weight", "lm_head.weight", "proj_out.weight",
+                             "embed_positions.weight", "final_logits_bias"))
+
+    # -- graphs ----------------------------------------------------------------------------
+    def dims(self, model: Any) -> dict[str, int]:
+        """n_layers (decoder), heads, head_dim, vocab, max_target (position table), max_source."""
+        raise NotImplementedError
+
+    def encoder_module(self, model: Any) -> nn.Module:
+        raise NotImplementedError
+
+    def step_module(self, model: Any, layout: str) -> DecoderStep:
+        raise NotImplementedError
+
+    def graphs(self, model: Any, max_target_len: int | None = None, **_: Any
+               ) -> dict[str, StreamingGraph]:
+        d = self.dims(model)
+        n, h, k, v = d["n_layers"], d["heads"], d["head_dim"], d["vocab"]
+        layout = "fixed" if max_target_len else "dynamic"
+        if max_target_len and d.get("max_target") and max_target_len > d["max_target"]:
+            raise BundleError(f"--max-target-len {max_target_len} exceeds the model's "
+                              f"{d['max_target']} decoder positions")
+        cap = max_target_len or d.get("max_target") or 1024
+        max_source = d.get("max_source") or DEFAULT_MAX_SOURCE
+        cross = [TensorSpec(f"cross.{i}.{kv}", ("batch", h, "source", k))
+                 for i in range(n) for kv in ("key", "value")]
+        t_dim: str | int = "past" if layout == "dynamic" else max_target_len
+        state = [StateSpec(f"self.{i}.{kv}", ("batch", h, t_dim, k), "float32", "kv")
+                 for i in range(n) for kv in ("key", "value")]
+        if self.speech:
+            enc_in = [TensorSpec("input_features", ("batch", d["n_mels"], "frames"))]
+            enc_bounds = {"frames": (2, 2 * max_source)}
+        else:
+            enc_in = [TensorSpec("input_ids", ("batch", "source"), "int64"),
+                      TensorSpec("attention_mask", ("batch", "source"), "int64")]
+            enc_bounds = {"source": (1, max_source)}
+        step_in = [TensorSpec("input_ids", ("batch",), "int64"),
+                   TensorSpec("cache_position", (1,), "int64")]
+        if not self.speech:
+            step_in.append(TensorSpec("encoder_attention_mask", ("batch", "source"), "int64"))
+        step_in += cross
+        step_bounds = {"source": (1, max_source)}
+        if layout == "dynamic":
+            step_bounds["past"] = (0, cap - 1)
+        ex = {"batch": 2, "source": 7, "frames": 14, "past": 3}
+        speech = self.speech
+
+        def enc_example(dims: dict[str, int], seed: int) -> list[torch.Tensor]:
+            g = torch.Generator().manual_seed(seed)
+            b = dims["batch"]
+            if speech:
+                return [torch.randn(b, d["n_mels"], dims["frames"], generator=g)]
+            s = dims["source"]
+            return [torch.randint(0, v, (b, s), generator=g), torch.ones(b, s, dtype=torch.int64)]
+
+        def step_example(dims: dict[str, int], seed: int) -> list[torch.Tensor]:
+            g = torch.Generator().manual_seed(seed)
+            b, s = dims["batch"], dims["source"]
+            t = dims["past"] if layout == "dynamic" else max_target_len
+            out = [torch.randint(0, v, (b,), generator=g), torch.tensor([min(3, t - 1)])]
+            if not speech:
+                out.append(torch.ones(b, s, dtype=torch.int64))
+            out += [0.1 * torch.randn(b, h, s, k, generator=g) for _ in range(2 * n)]
+            out += [0.1 * torch.randn(b, h, t, k, generator=g) for _ in range(2 * n)]
+            return out
+
+        return {
+            "encoder": StreamingGraph("encoder", self.encoder_module(model).eval(), enc_in, cross,
+                                      [], example_dims=ex, dim_bounds=enc_bounds,
+                                      make_example=enc_example),
+            "decoder_step": StreamingGraph(
+                "decoder_step", self.step_module(model, layout).eval(), step_in,
+                [TensorSpec("logits", ("batch", v))], state, example_dims=ex,
+                dim_bounds=step_bounds, make_example=step_example),
+        }
+
+    # -- what the runtime needs --------------------------------------------------------------
+    def model_config(self, model: Any, max_target_len: int | None = None, **_: Any
+                     ) -> dict[str, Any]:
+        d = self.dims(model)
+        c = model.config
+        gen = {f: _jsonable(getattr(model.generation_config, f, None)) for f in GENERATION_FIELDS}
+        for f in ("decoder_start_token_id", "eos_token_id", "pad_token_id", "bos_token_id"):
+            if gen.get(f) is None:
+                gen[f] = getattr(c, f, None)
+        return {"vocab_size": d["vocab"], "n_layers": d["n_layers"], "heads": d["heads"],
+                "head_dim": d["head_dim"], "d_model": c.d_model,
+                "eos_token_id": gen["eos_token_id"], "pad_token_id": gen["pad_token_id"],
+                "decoder_start_token_id": gen["decoder_start_token_id"],
+                "max_source_positions": d.get("max_source"),
+                "max_target_positions": d.get("max_target"),
+                "cache_layout": "fixed" if max_target_len else "dynamic",
+                "max_target_len": max_target_len or d.get("max_target"),
+                "decoder_prompt": self.decoder_prompt(model, gen),
+                "generation": gen, "architecture": self.name}
+
+    def decoder_prompt(self, model: Any, gen: dict[str, Any]) -> list[int]:
+        """The tokens the decoder starts from (Whisper adds its forced language/task tokens)."""
+        return [int(gen["decoder_start_token_id"])]
+
+    # -- the reference -------------------------------------------------------------------------
+    def reference_encode_inputs(self, source: Any) -> dict[str, Any]:
+        """Keyword arguments for the transformers model given one source (ids or features)."""
+        if self.speech:
+            return {"input_features": torch.as_tensor(source, dtype=torch.float32)[None]}
+        ids = torch.as_tensor(source, dtype=torch.int64)[None]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def reference_generate(self, model: Any, source: Any, max_new_tokens: int, num_beams: int = 1,
+                           ignore_eos: bool = False, **kw: Any) -> list[int]:
+        """New tokens from transformers' own ``generate`` (the decoder prompt stripped)."""
+        from transformers import GenerationConfig
+
+        gen = GenerationConfig.from_dict(model.generation_config.to_dict())
+        gen.max_new_tokens = max_new_tokens
+        gen.max_length = None
+        gen.num_beams = num_beams
+        gen.do_sample = False
+        for k2, val in kw.items():
+            setattr(gen, k2, val)
+        saved = model.generation_config.eos_token_id
+        if ignore_eos:  # generate() would refill it from the model's own config
+            gen.eos_token_id = None
+            model.generation_config.eos_token_id = None
+        try:
+            with torch.no_grad():
+                out = model.generate(**self.reference_encode_inputs(source), generation_config=gen)
+        finally:
+            model.generation_config.eos_token_id = saved
+        toks = out[0].tolist()
+        n_prompt = 0 if self.speech else 1  # Whisper's generate strips its prompt itself
+        return _trim_after_eos(toks[n_prompt:], None if ignore_eos else saved)
+
+    def reference_logits(self, model: Any, source: Any, decoder_ids: list[int]) -> Any:
+        """Teacher-forced decoder logits (len(decoder_ids), v) of the reference."""
+        dec = torch.tensor([decoder_ids], dtype=torch.int64)
+        with torch.no_grad():
+            out = model(**self.reference_encode_inputs(source), decoder_input_ids=dec,
+                        use_cache=False)
+        return out.logits[0].float()
+
+    def parity_source(self, model: Any, tokenizer: Any, seed: int = 0) -> Any:
+        """A source for parity checks: a sentence through the tokenizer, else random ids."""
+        import numpy as np
+
+        d = self.dims(model)
+        eos = model.config.eos_token_id
+        if tokenizer is not None:
+            ids = tokenizer.encode("Retrun the numbr of itmes in teh lsit, and stop.")
+            if ids and max(ids) < d["vocab"]:
+                return ids + ([eos] if eos is not None else [])
+        rng = np.random.default_rng(seed)
+        return rng.integers(3, d["vocab"], size=12).tolist() + ([eos] if eos is not None else [])
+
+
+def _trim_after_eos(toks: list[int], eos: Any) -> list[int]:
+    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+    for i, t in enumerate(toks):
+        if t in eos_ids:
+            return toks[:i + 1]
+    return toks
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(i) for i in x]
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    return x
+
+
+def widen_init(model: nn.Module, seed: int = 0, gain: float = 1.0) -> None:
+    """Re-draw linear and embedding weights with a wide range so a tiny random model's outputs
+    depend on its inputs and caches (default-init tiny models repeat one token, which would hide
+    a wrong cache). Norms and biases keep their init."""
+    import math
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed_positions" not in name:
+                std = 1.0 if "embed" in name or "shared" in name else gain / math.sqrt(p.shape[1])
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def fit_reversal(model: nn.Module, *, speech: bool, steps: int = 800, seed: int = 0,
+                 n_mels: int = 80, frames: int = 100) -> None:
+    """Train a tiny test model briefly to copy its source (tokens from a 16-symbol alphabet, or the tokens that
+    a speech model's features spell), so its outputs depend on the source, on the position and
+    on what it has already emitted (the cache). Default-init tiny models repeat one token, which
+    would let a wrong cache pass parity.
+    """
+    c = model.config
+    g = torch.Generator().manual_seed(seed)
+    v = c.vocab_size
+    start, eos = c.decoder_start_token_id, c.eos_token_id
+    lo = 8  # ids below this are specials in the test configs
+    bos = getattr(model.generation_config, "forced_bos_token_id", None)
+    # a speech "pronunciation": each token is a random mel pattern 4 frames long
+    sounds = torch.randn(v, n_mels, 4, generator=g)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    model.train()
+    for _ in range(steps):
+        b, n = 16, int(torch.randint(3, 10, (1,), generator=g))
+        src = torch.randint(lo, min(v, lo + 16), (b, n), generator=g)
+        tgt = torch.cat([src, torch.full((b, 1), eos)], 1)
+        if bos is not None:
+            tgt = torch.cat([torch.full((b, 1), bos), tgt], 1)
+        dec_in = torch.cat([torch.full((b, 1), start), tgt[:, :-1]], 1)
+        if speech:
+            feats = torch.zeros(b, n_mels, frames)
+            feats[:, :, :4 * n] = sounds[src].permute(0, 2, 1, 3).reshape(b, n_mels, 4 * n)
+            inputs = {"input_features": feats}
+        else:
+            inputs = {"input_ids": torch.cat([src, torch.full((b, 1), eos)], 1)}
+        logits = model(**inputs, decoder_input_ids=dec_in).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, v), tgt.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
