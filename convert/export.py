@@ -45,10 +45,15 @@ def export_graph(graph: StreamingGraph, *, dynamic_batch: bool = True, batch: in
     has_chunk = any("chunk" in s.shape for s in [*graph.inputs, *graph.state])
     dims: dict[str, Any] = {"batch": Dim("batch", min=1, max=max_batch) if dynamic_batch else None}
     example = {**graph.example_dims, "batch": 2 if dynamic_batch else batch, "chunk": 5}
-    for name, (lo, hi) in graph.dim_bounds.items():
-        dims[name] = Dim(name, min=lo, max=hi) if hi > lo else None
+    for name, bounds in graph.dim_bounds.items():
+        lo, hi, multiple = (*bounds, 1)[:3]
         if hi <= lo:
+            dims[name] = None
             example[name] = hi
+        elif multiple > 1:  # e.g. mel frames, which a stride-2 convolution halves
+            dims[name] = multiple * Dim(f"_{name}", min=max(1, lo // multiple), max=hi // multiple)
+        else:
+            dims[name] = Dim(name, min=lo, max=hi)
     if has_chunk:
         cmax = chunk_max or 4096
         if cmax > 1:

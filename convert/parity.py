@@ -105,3 +105,83 @@ def check_bundle(root: Path, backend: str, ref: ParityInputs, dtype: str) -> dic
         "reference_fp32_noise": ref.fp32_noise,
         "passed": bool(passed),
     }
+
+
+# -- encoder-decoder models -----------------------------------------------------------------
+SEQ2SEQ_BEAMS = 4
+
+
+@dataclass
+class Seq2SeqParityInputs:
+    source: Any                     # token ids, or (mel bins, frames) features
+    decoder_prompt: list[int]
+    reference_tokens: list[int]     # greedy, EOS ignored: exactly n tokens
+    reference_logits: np.ndarray    # teacher-forced (len(prompt) + n - 1, v)
+    beam_tokens: list[int]          # 4-beam search as transformers' generate returns it
+    fp32_noise: float = 0.0
+
+
+def reference_seq2seq(family: Any, model: Any, source: Any, prompt: list[int], n_tokens: int
+                      ) -> Seq2SeqParityInputs:
+    import copy
+
+    import torch
+
+    toks = family.reference_generate(model, source, n_tokens, ignore_eos=True)
+    dec = prompt + toks[:-1]
+    logits = family.reference_logits(model, source, dec).numpy()
+    beams = family.reference_generate(model, source, n_tokens, num_beams=SEQ2SEQ_BEAMS)
+    g = torch.Generator().manual_seed(0)
+    nudged = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in nudged.parameters():
+            sign = torch.randint(0, 2, p.shape, generator=g, dtype=torch.int8).to(p.dtype) * 2 - 1
+            p.mul_(1 + sign * 2.0 ** -23)
+    noise = float(np.abs(family.reference_logits(nudged, source, dec).numpy() - logits).max())
+    src = source.tolist() if hasattr(source, "tolist") else list(source)
+    return Seq2SeqParityInputs(src, prompt, toks, logits, beams, noise)
+
+
+def check_seq2seq_bundle(root: Path, backend: str, ref: Seq2SeqParityInputs, dtype: str
+                         ) -> dict[str, Any]:
+    """Decoder-step logits along the reference path, greedy tokens, and 4-beam tokens."""
+    from edgeseq.runtime.session import load
+
+    sess = load(root, backend=backend)
+    source = np.asarray(ref.source, dtype=np.float32 if sess.speech else np.int64)
+    sess.encode(source)
+    sess.start(1)
+    path = ref.decoder_prompt + ref.reference_tokens[:-1]
+    step_err = 0.0
+    for i, tok in enumerate(path):
+        logits = sess.step(np.array([tok], dtype=np.int64))[0]
+        step_err = max(step_err, float(np.abs(logits - ref.reference_logits[i]).max()))
+    got = sess.generate(source, len(ref.reference_tokens), num_beams=1, ignore_eos=True)
+    beams = sess.generate(source, len(ref.reference_tokens), num_beams=SEQ2SEQ_BEAMS)
+    mismatch = next((i for i, (a, b) in enumerate(zip(got, ref.reference_tokens)) if a != b), None)
+    if dtype == "fp32":
+        tol = max(TOLERANCE["fp32"], NOISE_FACTOR * ref.fp32_noise)
+    else:
+        tol = TOLERANCE["fp16"] * float(np.abs(ref.reference_logits).max())
+    identical = mismatch is None and len(got) == len(ref.reference_tokens)
+    # transformers' Whisper generate drops the final EOS that the others keep: compare without it
+    eos = sess.config.get("eos_token_id")
+    beams_identical = _strip_eos(list(beams), eos) == _strip_eos(list(ref.beam_tokens), eos)
+    passed = step_err <= tol and ((identical and beams_identical) or dtype != "fp32")
+    return {
+        "backend": backend,
+        "tokens_compared": len(ref.reference_tokens),
+        "tokens_identical": identical,
+        "first_mismatch": mismatch,
+        "beam_tokens_identical": beams_identical,
+        "num_beams": SEQ2SEQ_BEAMS,
+        "step_logits_max_abs_err": step_err,
+        "prefill_logits_max_abs_err": 0.0,
+        "tolerance": tol,
+        "reference_fp32_noise": ref.fp32_noise,
+        "passed": bool(passed),
+    }
+
+
+def _strip_eos(toks: list[int], eos: Any) -> list[int]:
+    return toks[:-1] if toks and toks[-1] == eos else toks

@@ -28,6 +28,12 @@ FP16_NOTE = {"scheme": "fp16",
 Progress = Callable[[str], None]
 
 
+def _decoder_room(config: dict[str, Any]) -> int:
+    """How many new tokens the decoder's cache and position table allow."""
+    caps = [c for c in (config.get("max_target_len"), config.get("max_target_positions")) if c]
+    return (min(caps) if caps else 1 << 30) - len(config.get("decoder_prompt", [0]))
+
+
 class ConversionError(BundleError):
     """Conversion failed (parity included); nothing was written."""
 
@@ -35,7 +41,7 @@ class ConversionError(BundleError):
 def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FORMATS,
             dtype: str = "fp32", parity_tokens: int = 64, overwrite: bool = False,
             skip_parity: bool = False, force: bool = False, target: str = "host",
-            progress: Progress | None = None) -> Path:
+            max_target_len: int | None = None, progress: Progress | None = None) -> Path:
     """Convert a checkpoint folder (or ``zoo:NAME``) into a bundle at ``out``.
 
     Args:
@@ -44,6 +50,8 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
             at every graph interface).
         parity_tokens: greedy tokens compared against the reference library's ``generate``.
         skip_parity: write without checking (not recommended); ``force`` writes despite a failure.
+        max_target_len: encoder-decoders only: a fixed-capacity self-attention cache of this many
+            positions (static shapes) instead of a growing one.
     Returns:
         The bundle folder.
     Raises:
@@ -67,8 +75,13 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
     family = detect_family(config, src)
     weights = weight_files(src)
     say(f"[1/5] loading {src_label} ({family.name}, {sum(w.stat().st_size for w in weights) / 1e6:.1f} MB)")
+    seq2seq = family.task in ("seq2seq", "speech_seq2seq")
+    if max_target_len is not None and not seq2seq:
+        raise BundleError(f"{src_label}: --max-target-len applies to encoder-decoder models; "
+                          f"{family.name} has no attention cache")
+    opts = {"max_target_len": max_target_len} if seq2seq else {}
     model = family.load(src)
-    graphs = family.graphs(model)
+    graphs = family.graphs(model, **opts)
     tok_spec = tokenize.detect(src)
     tokenizer = tokenize.load(src, tok_spec)
 
@@ -96,7 +109,8 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
                     "files": [w.name for w in weights]},
             graphs={name: GraphEntry(name, g.inputs, g.outputs, g.state, files[name], g.max_chunk)
                     for name, g in graphs.items()},
-            tokenizer=tok_spec, dtype=dtype, target=target, config=family.model_config(model),
+            tokenizer=tok_spec, dtype=dtype, target=target,
+            config=family.model_config(model, **opts),
             quantization=FP16_NOTE if dtype == "fp16" else None)
         write_json(tmp / "manifest.json", manifest.to_json())
         say("[3/5] manifest written")
@@ -105,6 +119,23 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
         if skip_parity:
             parity["skipped"] = True
             say("[4/5] parity skipped (--skip-parity)")
+        elif seq2seq:
+            from edgeseq.convert.parity import check_seq2seq_bundle, reference_seq2seq
+
+            n = min(parity_tokens, 32, _decoder_room(manifest.config))
+            say(f"[4/5] parity: reference greedy and {4}-beam search ({n} tokens) ...")
+            source = family.parity_source(model, tokenizer)
+            ref = reference_seq2seq(family, model, source, manifest.config["decoder_prompt"], n)
+            parity["reference_tokens"] = ref.reference_tokens
+            parity["reference_beam_tokens"] = ref.beam_tokens
+            for fmt in formats:
+                rec = check_seq2seq_bundle(tmp, FORMATS[fmt], ref, dtype)
+                parity["checks"].append({"format": fmt, **rec})
+                say(f"      {fmt:5s} greedy identical: {rec['tokens_identical']} "
+                    f"({rec['tokens_compared']}), 4-beam identical: "
+                    f"{rec['beam_tokens_identical']}, max |dlogits| step "
+                    f"{rec['step_logits_max_abs_err']:.2e} -> {'ok' if rec['passed'] else 'FAILED'}")
+            parity["passed"] = all(c["passed"] for c in parity["checks"])
         else:
             from edgeseq.convert.parity import check_bundle, default_prompt, reference_run
 

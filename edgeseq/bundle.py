@@ -106,9 +106,10 @@ class StreamingGraph:
     state: list[StateSpec]
     example_dims: dict[str, int] = field(default_factory=lambda: {"batch": 2, "chunk": 5})
     max_chunk: int | None = None  # largest chunk the runtime should feed (bounds prefill memory)
-    #: bounds (min, max) of named dims other than ``batch`` and ``chunk`` (``source``, ``past``,
-    #: ``frames``): dynamic in the exported graph, and ExecuTorch plans memory for the max.
-    dim_bounds: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: bounds (min, max[, multiple]) of named dims other than ``batch`` and ``chunk``
+    #: (``source``, ``past``, ``frames``): dynamic in the exported graph, and ExecuTorch plans
+    #: memory for the max. A third number makes the dim a multiple of it (even mel frames).
+    dim_bounds: dict[str, tuple[int, ...]] = field(default_factory=dict)
     #: builds example inputs from concrete dims when random ones would be invalid (masks, positions)
     make_example: Any = None
 

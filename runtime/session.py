@@ -178,7 +178,7 @@ def _as_batch(input_ids: Sequence[int] | np.ndarray) -> np.ndarray:
     return ids
 
 
-def load(path: str | Path, backend: str = "ort", threads: int | None = None) -> Session:
+def load(path: str | Path, backend: str = "ort", threads: int | None = None) -> Any:
     """Open a bundle written by ``edgeseq convert`` on one backend (``ort``, ``executorch``,
     ``torch``)."""
     root = Path(path)
@@ -194,6 +194,10 @@ def load(path: str | Path, backend: str = "ort", threads: int | None = None) -> 
             raise BundleError(f"{root}: graph {name} was not lowered for {be.name} "
                               f"(format {be.format}; bundle has: {have})")
         entries[name] = g
+    if manifest.task in ("seq2seq", "speech_seq2seq"):
+        from edgeseq.runtime.seq2seq import Seq2SeqSession
+
+        return Seq2SeqSession(root, manifest, be.name, be.load(root, entries, threads))
     if manifest.task != "causal_lm":
-        raise BundleError(f"{root}: task {manifest.task!r} has no session type yet")
+        raise BundleError(f"{root}: task {manifest.task!r} has no session type in this edgeseq")
     return Session(root, manifest, be.name, be.load(root, entries, threads))

@@ -237,7 +237,8 @@ class Seq2SeqFamily(Family):
                  for i in range(n) for kv in ("key", "value")]
         if self.speech:
             enc_in = [TensorSpec("input_features", ("batch", d["n_mels"], "frames"))]
-            enc_bounds = {"frames": (2, 2 * max_source)}
+            # even frames (the stride-2 convolution halves them), >= 2 encoder positions
+            enc_bounds = {"frames": (4, 2 * max_source, 2)}
         else:
             enc_in = [TensorSpec("input_ids", ("batch", "source"), "int64"),
                       TensorSpec("attention_mask", ("batch", "source"), "int64")]

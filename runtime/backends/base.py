@@ -42,9 +42,14 @@ class Backend:
 
 
 def shared_state_specs(entries: dict[str, GraphEntry]) -> list[StateSpec]:
-    """The state list every graph of a bundle shares (same names, same order)."""
-    first = next(iter(entries.values()))
-    for e in entries.values():
+    """The state list every stateful graph of a bundle shares (same names, same order).
+
+    Stateless graphs (an encoder) are skipped."""
+    stateful = [e for e in entries.values() if e.state]
+    if not stateful:
+        return []
+    first = stateful[0]
+    for e in stateful:
         if [s.name for s in e.state] != [s.name for s in first.state]:
             raise ValueError(f"graph {e.name}: state differs from graph {first.name}'s")
     return list(first.state)
@@ -58,7 +63,12 @@ class LoadedModel:
         self.specs = specs
 
     def init_state(self, batch: int) -> Any:
-        return self.from_numpy([s.allocate({"batch": batch}) for s in self.specs])
+        # a growing KV cache (named dim ``past``) starts empty
+        return self.from_numpy([s.allocate({"batch": batch, "past": 0}) for s in self.specs])
+
+    def reorder(self, state: Any, index: np.ndarray) -> Any:
+        """Rows of the state picked by ``index`` (beam search: each beam continues a parent)."""
+        return self.from_numpy([a[index] for a in self.to_numpy(state)])
 
     def from_numpy(self, arrays: list[np.ndarray]) -> Any:
         raise NotImplementedError

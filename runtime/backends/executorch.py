@@ -3,7 +3,8 @@
 One program with a method per graph lets ExecuTorch store weights that several methods read once
 (its named data store deduplicates them). ExecuTorch plans memory ahead of time for the upper
 bound of every dynamic dimension, so the batch is fixed to 1 (one stream per state; a loaded
-program serves many streams) and the prefill chunk is bounded by the graph's ``max_chunk``.
+program serves many streams; a batch such as beam search runs row by row) and the prefill chunk
+is bounded by the graph's ``max_chunk``.
 """
 from __future__ import annotations
 
@@ -75,9 +76,10 @@ class _EtRunner:
         import torch
 
         args = [torch.from_numpy(np.ascontiguousarray(inputs[s.name])) for s in self.entry.inputs]
-        if args and args[0].shape[0] != 1:
-            raise ValueError("the ExecuTorch backend runs one stream (batch 1) per state; "
-                             "use the ONNX Runtime backend for batched generation")
+        batched = [s.shape[:1] == ("batch",) for s in self.entry.inputs]
+        rows = next((a.shape[0] for a, b in zip(args, batched) if b), 1)
+        if rows > 1:
+            return self._run_rows(args, batched, state, rows)
         out = self.method.execute([*args, *state])
         n = len(self.entry.outputs)
         # Outputs point into the method's planned memory, which the next call overwrites: copy.
@@ -85,14 +87,45 @@ class _EtRunner:
         return result, [o.clone() for o in out[n:]]
 
 
+    def _run_rows(self, args: list, batched: list[bool], state: list, rows: int
+                  ) -> tuple[dict[str, np.ndarray], list]:
+        """The program is planned for batch 1: run a batch (beams) one row at a time."""
+        import torch
+
+        outs, states = [], []
+        for r in range(rows):
+            row_args = [a[r:r + 1] if b else a for a, b in zip(args, batched)]
+            o, s = self.run({spec.name: a.numpy() for spec, a in zip(self.entry.inputs, row_args)},
+                            [t[r:r + 1] for t in state])
+            outs.append(o)
+            states.append(s)
+        result = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+        return result, [torch.cat(parts) for parts in zip(*states)] if states[0] else []
+
+
 class _EtModel(LoadedModel):
     def from_numpy(self, arrays: list[np.ndarray]) -> list:
         import torch
 
-        return [torch.from_numpy(np.array(a, copy=True)) for a in arrays]
+        return [_tensor(a) for a in arrays]
 
     def to_numpy(self, state: list) -> list[np.ndarray]:
         return [t.numpy().copy() for t in state]
+
+
+def _tensor(a: np.ndarray) -> Any:
+    """A tensor copy of ``a``. An empty array gets the strides ExecuTorch computes for its shape
+    (sizes of 0 count as 1); torch's own would be 0 and fail ExecuTorch's stride check."""
+    import torch
+
+    if a.size:
+        return torch.from_numpy(np.array(a, copy=True))
+    strides, acc = [], 1
+    for n in reversed(a.shape):
+        strides.append(acc)
+        acc *= max(n, 1)
+    return torch.empty_strided(a.shape, tuple(reversed(strides)),
+                               dtype=torch.from_numpy(a).dtype)
 
 
 @contextmanager

@@ -126,6 +126,10 @@ class _OrtRunner:
         io = self.io
         io.clear_binding_inputs()
         io.clear_binding_outputs()
+        if not self.entry.state:  # a stateless graph (an encoder)
+            feeds = {s.name: np.ascontiguousarray(inputs[s.name]) for s in self.entry.inputs}
+            outs = self.sess.run([s.name for s in self.entry.outputs], feeds)
+            return {s.name: o for s, o in zip(self.entry.outputs, outs)}, state
         for s in self.entry.inputs:
             io.bind_cpu_input(s.name, np.ascontiguousarray(inputs[s.name]))
         src, dst = state.bufs[state.cur], state.bufs[1 - state.cur]
@@ -133,13 +137,23 @@ class _OrtRunner:
             io.bind_ortvalue_input(spec.input_name, v)
         for s in self.entry.outputs:
             io.bind_output(s.name, "cpu")
-        for spec, v in zip(self.entry.state, dst):
+        for j, (spec, v) in enumerate(zip(self.entry.state, dst)):
+            want = _grown(spec, src[j].shape())
+            if v.shape() != want:  # a growing KV cache: the spare buffer gets the new size
+                import onnxruntime as ort
+
+                v = dst[j] = ort.OrtValue.ortvalue_from_shape_and_type(want, np.float32)
             io.bind_ortvalue_output(spec.output_name, v)
         self.sess.run_with_iobinding(io)
         outs = io.get_outputs()
         result = {s.name: outs[i].numpy() for i, s in enumerate(self.entry.outputs)}
         state.cur = 1 - state.cur
         return result, state
+
+
+def _grown(spec: Any, shape: list[int]) -> list[int]:
+    """The output shape of a state: one position more along a ``past`` dim, else unchanged."""
+    return [n + 1 if d == "past" else n for d, n in zip(spec.shape, shape)]
 
 
 class _OrtModel(LoadedModel):

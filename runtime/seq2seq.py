@@ -1,0 +1,203 @@
+"""A loaded encoder-decoder bundle: encode once, then decode with explicit caches.
+
+``Seq2SeqSession.encode`` runs the ``encoder`` graph once per input and keeps the cross-attention
+K/V; ``generate`` then drives ``decoder_step`` — greedy, sampling (temperature, top-k, top-p,
+seeded), beam search or diverse beam search — with the checkpoint's generation config (decoder
+prompt, EOS, forced and suppressed tokens). For a fixed-capacity cache the session stops at the
+capacity; a growing cache stops at the model's position table.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from edgeseq import tokenize
+from edgeseq.bundle import BundleError, Manifest
+from edgeseq.runtime.backends.base import LoadedModel
+from edgeseq.runtime.beam import Hypothesis, beam_search
+from edgeseq.runtime.decoding import SamplingConfig, next_token
+from edgeseq.runtime.processors import Processors
+
+
+class Seq2SeqSession:
+    """One decoding stream (a source and its rows: beams or a batch) of a seq2seq bundle."""
+
+    def __init__(self, root: Path, manifest: Manifest, backend: str, model: LoadedModel):
+        self.root = root
+        self.manifest = manifest
+        self.backend = backend
+        self.model = model
+        self.tokenizer = tokenize.load(root, manifest.tokenizer)
+        self.config = manifest.config
+        self.gen = dict(self.config.get("generation") or {})
+        self.speech = manifest.task == "speech_seq2seq"
+        enc = manifest.graphs["encoder"]
+        self.encoder_inputs = [s.name for s in enc.inputs]
+        self.cross_names = [s.name for s in enc.outputs]
+        self.capacity = int(self.config.get("max_target_len") or 1 << 30)
+        self._cross: dict[str, np.ndarray] = {}
+        self._mask: np.ndarray | None = None
+        self._state: Any = None
+        self.position = 0
+
+    # -- encoder ---------------------------------------------------------------------------
+    def encode(self, source: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
+        """Run the encoder on one source: token ids (s,), or log-mel features (m, f) for speech.
+
+        Returns the cross-attention K/V (batch 1) and keeps them for ``generate``.
+        """
+        if self.speech:
+            feats = np.asarray(source, dtype=np.float32)
+            if feats.ndim != 2:
+                raise ValueError(f"input_features must be (mel bins, frames), got {feats.shape}")
+            limit = self.config.get("audio", {}).get("window_frames")
+            if limit and feats.shape[1] > limit:
+                raise ValueError(f"{feats.shape[1]} mel frames exceed the encoder's window of "
+                                 f"{limit}; split long audio into windows (edgeseq.runtime.speech)")
+            inputs = {"input_features": feats[None]}
+            self._mask = None
+        else:
+            ids = np.asarray(source, dtype=np.int64)
+            if ids.ndim != 1 or ids.size == 0:
+                raise ValueError("the source must be a non-empty 1-D list of token ids")
+            vocab = self.config["vocab_size"]
+            if ids.min() < 0 or ids.max() >= vocab:
+                raise ValueError(f"source token ids must be in [0, {vocab})")
+            limit = self.config.get("max_source_positions")
+            if limit and ids.size > limit:
+                raise ValueError(f"the source has {ids.size} tokens; this encoder takes at most "
+                                 f"{limit}")
+            mask = np.ones((1, ids.size), dtype=np.int64)
+            inputs = {"input_ids": ids[None], "attention_mask": mask}
+            self._mask = mask
+        out, _ = self.model.run("encoder", inputs, [])
+        self._cross = {k: out[k] for k in self.cross_names}
+        return self._cross
+
+    # -- decoder ---------------------------------------------------------------------------
+    def start(self, rows: int = 1) -> None:
+        """Empty self-attention caches for ``rows`` decoding rows over the encoded source."""
+        if not self._cross:
+            raise ValueError("nothing encoded: call encode() first")
+        self._rows = rows
+        self._feeds = {k: np.repeat(v, rows, axis=0) for k, v in self._cross.items()}
+        if self._mask is not None:
+            self._feeds["encoder_attention_mask"] = np.repeat(self._mask, rows, axis=0)
+        self._state = self.model.init_state(rows)
+        self.position = 0
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """Feed one token per row at the current position; return logits (rows, v)."""
+        if self.position >= self.capacity:
+            raise ValueError(f"the decoder cache is full ({self.capacity} positions)")
+        inputs = dict(self._feeds)
+        inputs["input_ids"] = np.asarray(tokens, dtype=np.int64)
+        inputs["cache_position"] = np.array([self.position], dtype=np.int64)
+        out, self._state = self.model.run("decoder_step", inputs, self._state)
+        self.position += 1
+        return out["logits"]
+
+    def reorder(self, index: np.ndarray) -> None:
+        self._state = self.model.reorder(self._state, np.asarray(index))
+
+    # -- generation ------------------------------------------------------------------------
+    @property
+    def decoder_prompt(self) -> list[int]:
+        return [int(t) for t in self.config["decoder_prompt"]]
+
+    def max_new_tokens_cap(self) -> int:
+        cap = self.capacity
+        table = self.config.get("max_target_positions")
+        if table:
+            cap = min(cap, int(table))
+        return cap - len(self.decoder_prompt)
+
+    def _processors(self, max_new: int, ignore_eos: bool) -> Processors:
+        return Processors.from_config(self.gen, len(self.decoder_prompt), max_new, ignore_eos,
+                                      speech=self.speech)
+
+    def stream(self, source: Sequence[int] | np.ndarray | None = None, max_new_tokens: int = 64,
+               do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int | None = None, ignore_eos: bool = False
+               ) -> Iterator[int]:
+        """Yield new tokens one by one (greedy or sampling), EOS included, as they are chosen."""
+        cfg = SamplingConfig(do_sample, temperature, top_k, top_p)
+        if source is not None:
+            self.encode(source)
+        max_new = min(max_new_tokens, self.max_new_tokens_cap())
+        procs = self._processors(max_new, ignore_eos)
+        rng = np.random.default_rng(seed)
+        prompt = self.decoder_prompt
+        self.start(1)
+        for tok in prompt[:-1]:
+            self.step(np.array([tok]))
+        seq = list(prompt)
+        last = prompt[-1]
+        for _ in range(max_new):
+            logits = self.step(np.array([last]))
+            scores = procs(np.array([seq]), logits.astype(np.float32))
+            last = int(next_token(scores, cfg, rng)[0])
+            seq.append(last)
+            yield last
+            if last in procs.eos:
+                return
+
+    def generate(self, source: Sequence[int] | np.ndarray | None = None,
+                 max_new_tokens: int = 64, num_beams: int | None = None,
+                 num_beam_groups: int | None = None, diversity_penalty: float | None = None,
+                 length_penalty: float | None = None, early_stopping: bool | str | None = None,
+                 num_return_sequences: int = 1, ignore_eos: bool = False, **sampling: Any
+                 ) -> list[int] | list[Hypothesis]:
+        """New tokens for one source (EOS included when reached).
+
+        Beam settings default to the checkpoint's generation config. With
+        ``num_return_sequences > 1`` the best hypotheses are returned (tokens and score).
+        """
+        beams = num_beams if num_beams is not None else int(self.gen.get("num_beams") or 1)
+        if beams <= 1:
+            toks = list(self.stream(source, max_new_tokens, ignore_eos=ignore_eos, **sampling))
+            return toks
+        if sampling.get("do_sample"):
+            raise ValueError("sampling with beams (beam sampling) is not supported")
+        if source is not None:
+            self.encode(source)
+        groups = num_beam_groups or int(self.gen.get("num_beam_groups") or 1)
+        div = diversity_penalty if diversity_penalty is not None else float(
+            self.gen.get("diversity_penalty") or 0.0)
+        lp = length_penalty if length_penalty is not None else float(
+            self.gen.get("length_penalty") if self.gen.get("length_penalty") is not None else 1.0)
+        es = early_stopping if early_stopping is not None else (self.gen.get("early_stopping") or False)
+        max_new = min(max_new_tokens, self.max_new_tokens_cap())
+        self.start(beams)
+
+        def step(tokens: np.ndarray, pos: int) -> np.ndarray:
+            assert pos == self.position
+            return self.step(tokens)
+
+        hyps = beam_search(step, self.reorder, self.decoder_prompt, beams, max_new,
+                           self._processors(max_new, ignore_eos), lp, es, groups, div,
+                           num_return_sequences)
+        if num_return_sequences == 1:
+            return hyps[0].tokens
+        return hyps
+
+    # -- text ------------------------------------------------------------------------------
+    def encode_text(self, text: str) -> list[int]:
+        """Source token ids for ``text`` (the tokenizer's ids, then EOS as the model was trained)."""
+        if self.tokenizer is None:
+            raise BundleError(f"{self.root}: bundle has no tokenizer; pass token ids instead")
+        ids = self.tokenizer.encode(text)
+        eos = self.config.get("eos_token_id")
+        if self.config.get("append_eos_to_source", True) and eos is not None:
+            ids = ids + [int(eos)]
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        specials = {self.config.get("eos_token_id"), self.config.get("pad_token_id"),
+                    self.config.get("decoder_start_token_id")}
+        keep = [int(i) for i in ids if int(i) not in specials]
+        if self.tokenizer is None:
+            return " ".join(str(i) for i in keep)
+        return self.tokenizer.decode(keep)
