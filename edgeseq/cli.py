@@ -36,9 +36,13 @@ def main() -> None:
 @click.option("--skip-parity", is_flag=True, help="Do not check parity (not recommended).")
 @click.option("--force", is_flag=True, help="Write the bundle even if parity fails.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--max-target-len", type=click.IntRange(2), default=None,
+              help="Encoder-decoders: a fixed-capacity self-attention cache of N positions "
+                   "(static shapes, for NPUs and ExecuTorch) instead of a growing one.")
 @click.option("-q", "--quiet", is_flag=True)
 def convert(checkpoint: str, output: str, fmt: str, dtype: str, parity_tokens: int,
-            skip_parity: bool, force: bool, overwrite: bool, quiet: bool) -> None:
+            skip_parity: bool, force: bool, overwrite: bool, max_target_len: int | None,
+            quiet: bool) -> None:
     """Convert CHECKPOINT (a folder, or zoo:NAME) into a bundle."""
     from edgeseq.convert.pipeline import ALL_FORMATS, convert as _convert
 
@@ -46,15 +50,29 @@ def convert(checkpoint: str, output: str, fmt: str, dtype: str, parity_tokens: i
     try:
         _convert(checkpoint, output, formats=formats, dtype=dtype, parity_tokens=parity_tokens,
                  overwrite=overwrite, skip_parity=skip_parity, force=force,
-                 progress=None if quiet else (lambda m: click.echo(m, err=True)))
+                 max_target_len=max_target_len, progress=None if quiet else (lambda m: click.echo(m, err=True)))
     except BundleError as e:
         _fail(str(e))
 
 
 @main.command()
 @click.argument("bundle")
-@click.option("--prompt", help="Prompt text (needs a bundle with a tokenizer).")
-@click.option("--prompt-ids", help="Prompt token ids, comma-separated: 1,2,3")
+@click.option("--prompt", "--text", "prompt",
+              help="Prompt text (causal LMs) or source text for an encoder-decoder.")
+@click.option("--prompt-ids", help="Prompt (or source) token ids, comma-separated: 1,2,3")
+@click.option("--audio", type=click.Path(dir_okay=False),
+              help="Speech models: a WAV file to transcribe (other rates are resampled).")
+@click.option("--stream", "stream_audio", is_flag=True,
+              help="With --audio: feed the audio in chunks and print words as they become stable.")
+@click.option("--chunk-seconds", type=click.FloatRange(0.1, 30), default=1.0, show_default=True)
+@click.option("--window", "window_s", type=click.FloatRange(1, 30), default=None,
+              help="Speech: encoder window in seconds for short audio (default: the model's).")
+@click.option("--num-beams", type=click.IntRange(1), default=None,
+              help="Encoder-decoders: beam search width (default: the checkpoint's config).")
+@click.option("--num-beam-groups", type=click.IntRange(1), default=None,
+              help="Diverse beam search: number of groups.")
+@click.option("--diversity-penalty", type=float, default=None)
+@click.option("--length-penalty", type=float, default=None)
 @click.option("-n", "--max-new-tokens", type=click.IntRange(0), default=64, show_default=True)
 @click.option("--backend", type=click.Choice(["ort", "executorch", "torch"]), default="ort",
               show_default=True)
@@ -65,17 +83,30 @@ def convert(checkpoint: str, output: str, fmt: str, dtype: str, parity_tokens: i
 @click.option("--seed", type=int, default=None)
 @click.option("--threads", type=int, default=None, help="Intra-op threads (default: cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def run(bundle: str, prompt: str | None, prompt_ids: str | None, max_new_tokens: int,
-        backend: str, do_sample: bool, temperature: float, top_k: int, top_p: float,
-        seed: int | None, threads: int | None, as_json: bool) -> None:
-    """Stream a completion from BUNDLE."""
+def run(bundle: str, prompt: str | None, prompt_ids: str | None, audio: str | None,
+        stream_audio: bool, chunk_seconds: float, window_s: float | None,
+        num_beams: int | None, num_beam_groups: int | None, diversity_penalty: float | None,
+        length_penalty: float | None, max_new_tokens: int, backend: str, do_sample: bool,
+        temperature: float, top_k: int, top_p: float, seed: int | None, threads: int | None,
+        as_json: bool) -> None:
+    """Stream a completion from BUNDLE (causal LM), translate/correct text (encoder-decoder) or
+    transcribe a WAV file (speech)."""
     import edgeseq
     from edgeseq.runtime.streaming import timed_stream
 
-    if (prompt is None) == (prompt_ids is None):
-        _fail("give exactly one of --prompt or --prompt-ids")
+    given = [x for x in (prompt, prompt_ids, audio) if x is not None]
+    if len(given) != 1:
+        _fail("give exactly one of --prompt/--text, --prompt-ids or --audio")
     try:
         sess = edgeseq.load(bundle, backend=backend, threads=threads)
+        if getattr(sess, "speech", False) or audio is not None:
+            _run_speech(sess, audio, stream_audio, chunk_seconds, window_s, num_beams, as_json)
+            return
+        if hasattr(sess, "encode_text"):
+            _run_seq2seq(sess, prompt, prompt_ids, max_new_tokens, num_beams, num_beam_groups,
+                         diversity_penalty, length_penalty, do_sample, temperature, top_k,
+                         top_p, seed, as_json)
+            return
         if prompt_ids is not None:
             try:
                 ids = [int(x) for x in prompt_ids.split(",") if x.strip()]
@@ -118,6 +149,103 @@ def run(bundle: str, prompt: str | None, prompt_ids: str | None, max_new_tokens:
         click.echo(f"-- {len(res.tokens)} tokens on {sess.backend}: first token "
                    f"{res.first_token_ms:.1f} ms (prompt {len(ids)} tokens), "
                    f"{res.tokens_per_s:.1f} tokens/s", err=True)
+
+
+def _parse_ids(text: str, vocab: int | None) -> list[int]:
+    try:
+        ids = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"--prompt-ids: expected comma-separated integers, got {text!r}")
+    if vocab and any(not 0 <= i < vocab for i in ids):
+        _fail(f"--prompt-ids: ids must be in [0, {vocab})")
+    return ids
+
+
+def _run_seq2seq(sess: Any, text: str | None, ids_text: str | None, max_new_tokens: int,
+                 num_beams: int | None, groups: int | None, diversity: float | None,
+                 length_penalty: float | None, do_sample: bool, temperature: float, top_k: int,
+                 top_p: float, seed: int | None, as_json: bool) -> None:
+    import time
+
+    ids = _parse_ids(ids_text, sess.config.get("vocab_size")) if ids_text is not None \
+        else sess.encode_text(text or "")
+    if not ids or (text is not None and not text.strip()):
+        _fail("the source is empty")
+    t0 = time.perf_counter()
+    sess.encode(ids)
+    beams = num_beams if num_beams is not None else int(sess.gen.get("num_beams") or 1)
+    if beams > 1:
+        toks = sess.generate(None, max_new_tokens, num_beams=beams, num_beam_groups=groups,
+                             diversity_penalty=diversity, length_penalty=length_penalty)
+        first_ms = (time.perf_counter() - t0) * 1e3
+        total = time.perf_counter() - t0
+        if not as_json:
+            click.echo(sess.decode(toks))
+    else:
+        toks, first_ms, printed = [], 0.0, ""
+        for tok in sess.stream(None, max_new_tokens, do_sample=do_sample,
+                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed):
+            if not toks:
+                first_ms = (time.perf_counter() - t0) * 1e3
+            toks.append(tok)
+            if not as_json:
+                out = sess.decode(toks)
+                if out.startswith(printed):
+                    click.echo(out[len(printed):], nl=False)
+                    printed = out
+        total = time.perf_counter() - t0
+        if not as_json:
+            click.echo("")
+    rate = (len(toks) - 1) / (total - first_ms / 1e3) if len(toks) > 1 and total > first_ms / 1e3 else 0.0
+    if as_json:
+        click.echo(json.dumps({
+            "tokens": [int(t) for t in toks], "text": sess.decode(toks), "source_tokens": len(ids),
+            "num_beams": beams, "backend": sess.backend, "first_token_ms": round(first_ms, 3),
+            "tokens_per_s": round(rate, 3), "total_ms": round(total * 1e3, 3)}))
+    else:
+        click.echo(f"-- {len(toks)} tokens on {sess.backend} ({'beams ' + str(beams) if beams > 1 else 'greedy'}): "
+                   f"first token {first_ms:.1f} ms (source {len(ids)} tokens), "
+                   f"{rate:.1f} tokens/s", err=True)
+
+
+def _run_speech(sess: Any, path: str | None, stream: bool, chunk_s: float,
+                window_s: float | None, num_beams: int | None, as_json: bool) -> None:
+    from edgeseq import audio as A
+    from edgeseq.runtime.speech import Transcriber, chunked
+
+    if path is None:
+        _fail("this is a speech model: give --audio FILE.wav")
+    if not getattr(sess, "speech", False):
+        _fail("--audio needs a speech model bundle (this one takes text)")
+    wav = A.read_wav(path)
+    tr = Transcriber(sess, window_s=window_s, num_beams=num_beams or 1)
+    if stream:
+        def show(rep: Any) -> None:
+            if not as_json:
+                if rep.stable_text:
+                    click.echo(rep.stable_text + " ", nl=False)
+                click.echo(f"[chunk {rep.index} @ {rep.audio_s:.1f}s: {rep.latency_ms:.0f} ms]",
+                           err=True)
+        res = tr.stream(chunked(wav, chunk_s), on_chunk=show)
+        if not as_json:
+            click.echo("")
+    else:
+        res = tr.transcribe(wav)
+        if not as_json:
+            click.echo(res.text)
+    lat = [c.latency_ms for c in res.chunks]
+    if as_json:
+        click.echo(json.dumps({
+            "text": res.text, "audio_s": round(res.audio_s, 3), "backend": sess.backend,
+            "compute_s": round(res.compute_s, 3), "rtf": round(res.rtf, 4),
+            "segments": [{"start": round(a, 3), "end": round(b, 3), "text": t}
+                         for a, b, t in res.segments],
+            "chunk_latency_ms": [round(x, 2) for x in lat]}))
+    else:
+        extra = (f", chunk latency mean {sum(lat) / len(lat):.0f} ms max {max(lat):.0f} ms"
+                 if lat else "")
+        click.echo(f"-- {res.audio_s:.1f} s of audio on {sess.backend}: real-time factor "
+                   f"{res.rtf:.3f}{extra}", err=True)
 
 
 @main.command("zoo")

@@ -16,33 +16,48 @@ quiet_third_party()
 
 from edgeseq.registry import backends, families  # noqa: E402
 
-FAMILIES = sorted(families())
+#: causal-LM families (prefill + step graphs) and encoder-decoder families (encoder + decoder_step)
+FAMILIES = sorted(n for n, c in families().items() if c.task == "causal_lm")
+SEQ2SEQ = sorted(n for n, c in families().items() if c.task != "causal_lm")
 BACKENDS = sorted(backends())
+# the fixed-capacity cache used by the encoder-decoder tests
+FIXED_LEN = 40
+
+
+class _LazyCheckpoints(dict):
+    """Tiny checkpoints, built on first use (the encoder-decoder ones are briefly trained)."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, name: str) -> Path:
+        self[name] = families()[name]().make_test_checkpoint(self.root / name)
+        return self[name]
 
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("ckpt")
-    out = {}
-    for name in FAMILIES:
-        fam = families()[name]()
-        out[name] = fam.make_test_checkpoint(root / name)
-    return out
+    return _LazyCheckpoints(tmp_path_factory.mktemp("ckpt"))
 
 
-_BUNDLES: dict[str, Path] = {}
+_BUNDLES: dict[tuple, Path] = {}
 
 
 @pytest.fixture(scope="session")
 def bundle_of(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
-    """Convert (once per session) a family's tiny checkpoint to every format, parity included."""
+    """Convert (once per session) a family's tiny checkpoint, parity included: every format, or
+    for an encoder-decoder with a fixed-capacity cache (``max_target_len``) ONNX and ExecuTorch."""
     from edgeseq.convert.pipeline import convert
 
-    def get(family: str) -> Path:
-        if family not in _BUNDLES:
-            out = tmp_path_factory.mktemp("bundle") / family
-            _BUNDLES[family] = convert(checkpoints[family], out, parity_tokens=64)
-        return _BUNDLES[family]
+    def get(family: str, max_target_len: int | None = None) -> Path:
+        key = (family, max_target_len)
+        if key not in _BUNDLES:
+            out = tmp_path_factory.mktemp("bundle") / f"{family}-{max_target_len or 'dyn'}"
+            formats = ("onnx", "pte", "pt2") if max_target_len is None else ("onnx", "pte")
+            _BUNDLES[key] = convert(checkpoints[family], out, formats=formats, parity_tokens=64,
+                                    max_target_len=max_target_len)
+        return _BUNDLES[key]
     return get
 
 

@@ -358,8 +358,12 @@ class Seq2SeqFamily(Family):
             ids = tokenizer.encode("Retrun the numbr of itmes in teh lsit, and stop.")
             if ids and max(ids) < d["vocab"]:
                 return ids + ([eos] if eos is not None else [])
+        # without a tokenizer: a short random source from a small id range above the usual
+        # special ids (the range the tiny test models are trained on)
         rng = np.random.default_rng(seed)
-        return rng.integers(3, d["vocab"], size=12).tolist() + ([eos] if eos is not None else [])
+        lo = min(8, d["vocab"] // 4)
+        return (rng.integers(lo, min(d["vocab"], lo + 16), size=8).tolist()
+                + ([eos] if eos is not None else []))
 
 
 def _trim_after_eos(toks: list[int], eos: Any) -> list[int]:

@@ -1,0 +1,143 @@
+"""Encoder-decoder family (T5, BART, Marian, Whisper) on every backend and both cache layouts.
+
+The tiny models are briefly trained (``fit_reversal``) so their tokens depend on the source and
+on the cache; parity (run by ``convert``) compares 32 greedy tokens and 4-beam search against
+transformers' ``generate``, and every decoder-step logit along the reference path.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edgeseq
+
+from ..conftest import FIXED_LEN, SEQ2SEQ
+
+LAYOUTS = [None, FIXED_LEN]
+
+
+def _source(sess, n: int = 7, seed: int = 0):
+    if sess.speech:
+        from edgeseq.families.whisper import WhisperFamily  # noqa: F401 - registers
+
+        rng = np.random.default_rng(seed)
+        frames = sess.config["audio"]["window_frames"]
+        return rng.standard_normal((sess.config["audio"]["n_mels"], frames)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    return rng.integers(8, 24, size=n).tolist() + [sess.config["eos_token_id"]]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["dynamic", "fixed"])
+@pytest.mark.parametrize("family", SEQ2SEQ)
+def test_parity_greedy_and_beams(bundle_of, family, layout):
+    import json
+
+    rep = json.loads((bundle_of(family, layout) / "parity.json").read_text())
+    assert rep["passed"]
+    want = {"onnx", "pte", "pt2"} if layout is None else {"onnx", "pte"}
+    assert {c["format"] for c in rep["checks"]} == want
+    for c in rep["checks"]:
+        assert c["tokens_identical"] and c["beam_tokens_identical"], c
+        assert c["tokens_compared"] == 32
+        assert c["step_logits_max_abs_err"] <= c["tolerance"]
+    # the reference is not degenerate: tokens vary, so a wrong cache could not pass
+    assert len(set(rep["reference_tokens"])) >= 4
+
+
+@pytest.mark.parametrize("family", SEQ2SEQ)
+def test_fixed_cache_equals_dynamic(bundle_of, family):
+    dyn = edgeseq.load(bundle_of(family), backend="ort")
+    fix = edgeseq.load(bundle_of(family, FIXED_LEN), backend="ort")
+    assert dyn.config["cache_layout"] == "dynamic" and fix.config["cache_layout"] == "fixed"
+    spec = fix.model.specs[0]
+    assert spec.shape[2] == FIXED_LEN and dyn.model.specs[0].shape[2] == "past"
+    for seed in range(3):
+        src = _source(dyn, seed=seed)
+        assert dyn.generate(src, 30, ignore_eos=True) == fix.generate(src, 30, ignore_eos=True)
+        assert dyn.generate(src, 30, num_beams=3) == fix.generate(src, 30, num_beams=3)
+
+
+@pytest.mark.parametrize("family", SEQ2SEQ)
+def test_logits_depend_on_the_cache(bundle_of, family):
+    """A wrong cache must show: wiping it changes the next logits far beyond the tolerance."""
+    sess = edgeseq.load(bundle_of(family), backend="ort")
+    sess.encode(_source(sess))
+    sess.start(1)
+    prompt = sess.decoder_prompt
+    toks = list(prompt) + [9, 12, 15, 10]
+    for t in toks[:-1]:
+        sess.step(np.array([t]))
+    state = sess.model.to_numpy(sess._state)
+    good = sess.step(np.array([toks[-1]]))
+    sess._state = sess.model.from_numpy([np.zeros_like(a) for a in state])
+    sess.position -= 1
+    wiped = sess.step(np.array([toks[-1]]))
+    assert np.abs(good - wiped).max() > 1e-2
+
+
+@pytest.mark.parametrize("backend", ["ort", "executorch"])
+def test_fixed_cache_capacity_is_a_clear_limit(bundle_of, backend):
+    sess = edgeseq.load(bundle_of("t5", FIXED_LEN), backend=backend)
+    toks = sess.generate(_source(sess), 500, ignore_eos=True)
+    assert len(toks) == FIXED_LEN - len(sess.decoder_prompt)
+
+
+def test_sampling_is_seeded(bundle_of):
+    sess = edgeseq.load(bundle_of("bart"), backend="ort")
+    src = _source(sess)
+    a = sess.generate(src, 20, do_sample=True, temperature=1.5, seed=1, ignore_eos=True)
+    b = sess.generate(src, 20, do_sample=True, temperature=1.5, seed=1, ignore_eos=True)
+    c = sess.generate(src, 20, do_sample=True, temperature=1.5, seed=2, ignore_eos=True)
+    assert a == b and a != c
+
+
+def test_diverse_beam_search(bundle_of):
+    sess = edgeseq.load(bundle_of("t5"), backend="ort")
+    src = _source(sess)
+    plain = sess.generate(src, 20, num_beams=4)
+    # one group and no penalty is plain beam search
+    assert sess.generate(src, 20, num_beams=4, num_beam_groups=1, diversity_penalty=0.0) == plain
+    hyps = sess.generate(src, 20, num_beams=4, num_beam_groups=4, diversity_penalty=50.0,
+                         num_return_sequences=4)
+    firsts = [h.tokens[0] for h in hyps]
+    assert len(set(firsts)) == 4, "a large penalty makes every group start differently"
+    assert all(hyps[i].score >= hyps[i + 1].score for i in range(3))
+    with pytest.raises(ValueError, match="divisible"):
+        sess.generate(src, 5, num_beams=4, num_beam_groups=3)
+
+
+def test_executorch_runs_beams_row_by_row(bundle_of):
+    ort = edgeseq.load(bundle_of("marian"), backend="ort")
+    et = edgeseq.load(bundle_of("marian"), backend="executorch")
+    src = _source(ort, seed=4)
+    assert ort.generate(src, 25, num_beams=4) == et.generate(src, 25, num_beams=4)
+
+
+def test_generation_config_is_honoured(bundle_of):
+    """BART's test config forces BOS first and EOS at the last position; Marian bans its pad."""
+    bart = edgeseq.load(bundle_of("bart"), backend="ort")
+    toks = bart.generate(_source(bart), 6, ignore_eos=True)
+    assert toks[0] == 0 and toks[-1] == 2 and len(toks) == 6
+    marian = edgeseq.load(bundle_of("marian"), backend="ort")
+    assert marian.config["generation"]["bad_words_ids"] == [[95]]
+    assert 95 not in marian.generate(_source(marian), 30, ignore_eos=True)
+
+
+def test_bad_sources(bundle_of):
+    sess = edgeseq.load(bundle_of("bart"), backend="ort")
+    with pytest.raises(ValueError, match="non-empty"):
+        sess.encode([])
+    with pytest.raises(ValueError, match="at most"):
+        sess.encode([9] * 129)
+    with pytest.raises(ValueError, match=r"\[0, 96\)"):
+        sess.encode([9, 300])
+    speech = edgeseq.load(bundle_of("whisper"), backend="ort")
+    with pytest.raises(ValueError, match="window"):
+        speech.encode(np.zeros((80, 102), dtype=np.float32))
+
+
+def test_whisper_shorter_window_runs(bundle_of):
+    """The encoder graph takes any even number of frames up to the model's window."""
+    sess = edgeseq.load(bundle_of("whisper"), backend="executorch")
+    feats = _source(sess)[:, :40]
+    assert len(sess.generate(feats, 10, ignore_eos=True)) == 10
