@@ -127,6 +127,17 @@ def batch(rng: np.random.Generator, fe: WhisperFeatureExtractor,
     return features(fe, list(clips)), labels, guide, frames
 
 
+def previous_letter(guide: torch.Tensor) -> torch.Tensor:
+    """prev[b, j] = guide position of the last letter before label j (NaN where there is none):
+    the letter the decoder has just written, i.e. where it should be in the audio."""
+    prev = torch.full_like(guide, float("nan"))
+    last = torch.full(guide.shape[:1], float("nan"))
+    for j in range(guide.shape[1]):
+        prev[:, j] = last
+        last = torch.where(guide[:, j].isnan(), last, guide[:, j])
+    return prev
+
+
 def guided_attention_loss(attn: torch.Tensor, guide: torch.Tensor, width: float) -> torch.Tensor:
     """Share of the (head-averaged) cross-attention [B, H, L, T] that falls outside a Gaussian
     window around the letter being written (guided attention, Tachibana et al. 2017)."""
@@ -196,6 +207,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--frame", type=float, default=1.0, help="weight of the training-only frame-letter loss (0: off)")
     ap.add_argument("--guide", type=float, default=1.0, help="weight of the training-only guided-attention loss (0: off)")
+    ap.add_argument("--guide-prev", type=float, default=1.0,
+                    help="weight of guided attention in the next-to-last decoder layer towards the letter just written (0: off)")
     ap.add_argument("--guide-width", type=float, default=3.0, help="its Gaussian window, in encoder positions (20 ms)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -220,9 +233,9 @@ def main() -> None:
     frame_head = torch.nn.Linear(args.d_model, 27)
     eager = copy.deepcopy(cfg)
     eager._attn_implementation = "eager"
-    guided = model.model.decoder.layers[-1].encoder_attn
-    if args.guide:
-        guided.config = eager
+    guided = [layer.encoder_attn for layer in model.model.decoder.layers[-2:]]
+    for m in guided:
+        m.config = eager
     params = list(model.named_parameters()) + list(frame_head.named_parameters(prefix="frame_head"))
     decay = [p for n, p in params if p.ndim >= 2]
     rest = [p for n, p in params if p.ndim < 2]
@@ -244,6 +257,10 @@ def main() -> None:
         res = model(input_features=x, labels=y, output_attentions=args.guide > 0)
         fl = torch.nn.functional.cross_entropy(frame_head(res.encoder_last_hidden_state).flatten(0, 1), frames.flatten())
         ga = guided_attention_loss(res.cross_attentions[-1], guide, args.guide_width) if args.guide else fl * 0
+        if args.guide_prev:
+            prev = previous_letter(guide)
+            prev[y == -100] = float("nan")
+            ga = ga + args.guide_prev * guided_attention_loss(res.cross_attentions[-2], prev, args.guide_width)
         loss = res.loss + args.frame * fl + args.guide * ga
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -259,7 +276,8 @@ def main() -> None:
             print(msg, flush=True)
             log.append(msg)
     train_time = time.time() - t_start
-    guided.config = model.config
+    for m in guided:
+        m.config = model.config
     out = Path(args.out)
     with warnings.catch_warnings():  # "moving suppress_tokens to the generation config": intended
         warnings.simplefilter("ignore", UserWarning)
