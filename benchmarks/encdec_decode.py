@@ -30,6 +30,7 @@ import importlib.util
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -416,6 +417,17 @@ def main() -> None:
         if m not in MODELS:
             ap.error(f"unknown model {m!r}; known: {', '.join(MODELS)}")
     work = a.workdir or Path(tempfile.mkdtemp(prefix="edgeseq-encdec-"))
+    try:
+        report(a, work, engines, models, n)
+    finally:
+        if a.workdir is None:  # nothing to keep: checkpoints and exports are rebuilt each time
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def report(a: argparse.Namespace, work: Path, engines: list[str], models: list[str], n: int
+           ) -> None:
+    """Build what is missing under ``work``, measure every row, print the table and ratios."""
+    load0 = os.getloadavg()[0]
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     results: dict[str, list[tuple[str, str, dict | None, str]]] = {}
     t_start = time.perf_counter()
@@ -460,7 +472,8 @@ def main() -> None:
                              if k in ("d_model", "encoder_layers", "decoder_layers", "num_layers",
                                       "vocab_size", "d_ff", "encoder_ffn_dim"))
         for m in models)
-    print(f"Shapes: {shapes}. Load average at the end: {os.getloadavg()[0]:.2f} "
+    print(f"Shapes: {shapes}. Load average (1 min) {load0:.2f} at the start, "
+          f"{os.getloadavg()[0]:.2f} at the end "
           f"({os.cpu_count()} CPUs); total wall time {time.perf_counter() - t_start:.0f} s.\n")
     print("| model | engine | first token ms | decode tokens/s | total ms | peak RSS MB | "
           "same tokens as transformers | note |")
