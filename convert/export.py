@@ -52,6 +52,9 @@ def export_graph(graph: StreamingGraph, *, dynamic_batch: bool = True, batch: in
             example[name] = hi
         elif multiple > 1:  # e.g. mel frames, which a stride-2 convolution halves
             dims[name] = multiple * Dim(f"_{name}", min=max(1, lo // multiple), max=hi // multiple)
+            # ExecuTorch loses a derived dim's range in to_edge and plans memory from the example
+            # size (the hint): trace at the upper bound so the plan covers every allowed size.
+            example[name] = hi // multiple * multiple
         else:
             dims[name] = Dim(name, min=lo, max=hi)
     if has_chunk:

@@ -67,6 +67,8 @@ def convert(checkpoint: str, output: str, fmt: str, dtype: str, parity_tokens: i
 @click.option("--chunk-seconds", type=click.FloatRange(0.1, 30), default=1.0, show_default=True)
 @click.option("--window", "window_s", type=click.FloatRange(1, 30), default=None,
               help="Speech: encoder window in seconds for short audio (default: the model's).")
+@click.option("--agreement", type=click.IntRange(1, 10), default=3, show_default=True,
+              help="With --stream: consecutive decodes that must agree before a word is printed.")
 @click.option("--num-beams", type=click.IntRange(1), default=None,
               help="Encoder-decoders: beam search width (default: the checkpoint's config).")
 @click.option("--num-beam-groups", type=click.IntRange(1), default=None,
@@ -84,7 +86,7 @@ def convert(checkpoint: str, output: str, fmt: str, dtype: str, parity_tokens: i
 @click.option("--threads", type=int, default=None, help="Intra-op threads (default: cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def run(bundle: str, prompt: str | None, prompt_ids: str | None, audio: str | None,
-        stream_audio: bool, chunk_seconds: float, window_s: float | None,
+        stream_audio: bool, chunk_seconds: float, window_s: float | None, agreement: int,
         num_beams: int | None, num_beam_groups: int | None, diversity_penalty: float | None,
         length_penalty: float | None, max_new_tokens: int, backend: str, do_sample: bool,
         temperature: float, top_k: int, top_p: float, seed: int | None, threads: int | None,
@@ -100,7 +102,8 @@ def run(bundle: str, prompt: str | None, prompt_ids: str | None, audio: str | No
     try:
         sess = edgeseq.load(bundle, backend=backend, threads=threads)
         if getattr(sess, "speech", False) or audio is not None:
-            _run_speech(sess, audio, stream_audio, chunk_seconds, window_s, num_beams, as_json)
+            _run_speech(sess, audio, stream_audio, chunk_seconds, window_s, num_beams, as_json,
+                        agreement)
             return
         if hasattr(sess, "encode_text"):
             _run_seq2seq(sess, prompt, prompt_ids, max_new_tokens, num_beams, num_beam_groups,
@@ -177,8 +180,8 @@ def _run_seq2seq(sess: Any, text: str | None, ids_text: str | None, max_new_toke
     if beams > 1:
         toks = sess.generate(None, max_new_tokens, num_beams=beams, num_beam_groups=groups,
                              diversity_penalty=diversity, length_penalty=length_penalty)
-        first_ms = (time.perf_counter() - t0) * 1e3
         total = time.perf_counter() - t0
+        first_ms = None  # a beam search settles its first token only at the end
         if not as_json:
             click.echo(sess.decode(toks))
     else:
@@ -196,20 +199,25 @@ def _run_seq2seq(sess: Any, text: str | None, ids_text: str | None, max_new_toke
         total = time.perf_counter() - t0
         if not as_json:
             click.echo("")
-    rate = (len(toks) - 1) / (total - first_ms / 1e3) if len(toks) > 1 and total > first_ms / 1e3 else 0.0
+    if first_ms is None:
+        rate = len(toks) / total if total > 0 else 0.0
+    else:
+        rate = (len(toks) - 1) / (total - first_ms / 1e3) if len(toks) > 1 and total > first_ms / 1e3 else 0.0
     if as_json:
         click.echo(json.dumps({
             "tokens": [int(t) for t in toks], "text": sess.decode(toks), "source_tokens": len(ids),
-            "num_beams": beams, "backend": sess.backend, "first_token_ms": round(first_ms, 3),
+            "num_beams": beams, "backend": sess.backend, "first_token_ms": None if first_ms is None else round(first_ms, 3),
             "tokens_per_s": round(rate, 3), "total_ms": round(total * 1e3, 3)}))
     else:
-        click.echo(f"-- {len(toks)} tokens on {sess.backend} ({'beams ' + str(beams) if beams > 1 else 'greedy'}): "
-                   f"first token {first_ms:.1f} ms (source {len(ids)} tokens), "
-                   f"{rate:.1f} tokens/s", err=True)
+        first = "" if first_ms is None else f"first token {first_ms:.1f} ms, "
+        click.echo(f"-- {len(toks)} tokens on {sess.backend} "
+                   f"({'beams ' + str(beams) if beams > 1 else 'greedy'}, source {len(ids)} tokens): "
+                   f"{first}{rate:.1f} tokens/s, {total * 1e3:.0f} ms in all", err=True)
 
 
 def _run_speech(sess: Any, path: str | None, stream: bool, chunk_s: float,
-                window_s: float | None, num_beams: int | None, as_json: bool) -> None:
+                window_s: float | None, num_beams: int | None, as_json: bool,
+                agreement: int = 3) -> None:
     from edgeseq import audio as A
     from edgeseq.runtime.speech import Transcriber, chunked
 
@@ -218,7 +226,7 @@ def _run_speech(sess: Any, path: str | None, stream: bool, chunk_s: float,
     if not getattr(sess, "speech", False):
         _fail("--audio needs a speech model bundle (this one takes text)")
     wav = A.read_wav(path)
-    tr = Transcriber(sess, window_s=window_s, num_beams=num_beams or 1)
+    tr = Transcriber(sess, window_s=window_s, num_beams=num_beams or 1, agreement=agreement)
     if stream:
         def show(rep: Any) -> None:
             if not as_json:

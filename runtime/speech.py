@@ -1,22 +1,24 @@
 """Speech transcription with a Whisper-style bundle: offline (any length) and streaming.
 
-Long audio is cut into windows no longer than the encoder's (30 s for Whisper). Each cut is
-placed at the quietest 100 ms in the last part of the window, so a word is never split between
-two windows and no word is lost or transcribed twice at a seam; a window with no quiet point is
-cut at its end. The cut depends only on the audio inside the window, so streaming and offline
-transcription cut at the same places.
+Long audio is cut into windows no longer than the encoder's (30 s for Whisper). A window ends at
+the first pause after 60% of it, or, when it has none, at the quietest 100 ms of its last 40%, so a
+word is never split between two windows and no word is lost or transcribed twice at a seam. A pause
+is judged only from the audio before it, so a stream finds every cut as soon as it has heard the
+pause, at the same place as the offline transcription.
 
-Streaming feeds the audio in chunks (default 1 s). After each chunk the open window is decoded
-again; the words on which two consecutive decodes agree are *stable* and printed (the
-LocalAgreement policy of streaming Whisper systems). When a window is complete its final decode
-is the offline one, so the streamed transcript equals the offline transcript but for the rare
-stable word a final decode revises.
+Streaming feeds the audio in chunks (default 1 s). After each chunk the open window is decoded up
+to its last pause (words cut by the chunk edge are not decoded); the words on which the last n
+decodes agree are *stable* and printed (LocalAgreement-n, as in Machacek et al.'s streaming
+Whisper; n = 3 by default). When a window closes its final decode is the offline one, and the words
+it adds after the last printed word it shares are printed, so the streamed transcript equals the
+offline one but for the rare stable word the final decode revises.
 
 Silence: a window whose RMS level is below ``SILENCE_DBFS`` is not decoded (Whisper-style models
 invent text on silence); it transcribes to nothing.
 """
 from __future__ import annotations
 
+import difflib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -28,6 +30,7 @@ from edgeseq import audio as A
 SILENCE_DBFS = -50.0
 QUIET_FRAME_S = 0.1
 SEARCH_FRACTION = 0.4   # look for the cut in the last 40% of a full window
+PAUSE_RATIO = 1e-3      # -30 dB: a streaming pause, relative to the loudest frame so far
 
 
 @dataclass
@@ -57,7 +60,7 @@ class Transcriber:
     """Decodes windows of 16 kHz mono audio with a speech seq2seq session."""
 
     def __init__(self, session: Any, window_s: float | None = None, num_beams: int = 1,
-                 max_new_tokens: int | None = None):
+                 max_new_tokens: int | None = None, agreement: int = 3):
         cfg = session.config.get("audio") or {}
         if not session.speech:
             raise ValueError("this bundle is not a speech model (no audio front end)")
@@ -66,6 +69,8 @@ class Transcriber:
         self.window_s = min(window_s or self.full_window_s, self.full_window_s)
         self.n_mels = int(cfg.get("n_mels", 80))
         self.num_beams = num_beams
+        # LocalAgreement-n: a word is printed once n consecutive decodes agree on it.
+        self.agreement = max(1, agreement)
         self.max_new_tokens = max_new_tokens or session.max_new_tokens_cap()
 
     @property
@@ -84,21 +89,49 @@ class Transcriber:
         toks = self.sess.generate(feats, self.max_new_tokens, num_beams=self.num_beams)
         return " ".join(self.sess.decode(toks).split())
 
-    def cut(self, audio: np.ndarray, start: int) -> int:
-        """Where the window starting at ``start`` ends (its next window starts there)."""
+    def cut(self, audio: np.ndarray, start: int, final: bool = True) -> int | None:
+        """Where the window starting at ``start`` ends (the next window starts there).
+
+        The first pause after 60% of the window, else the quietest 100 ms in its last 40%. A pause
+        is judged only from audio before it (a frame 30 dB below the loudest frame so far), so a
+        stream finds the same cut as soon as it has the pause, without waiting for the window to
+        fill. With ``final=False`` (a stream, more audio to come) it returns None when the cut is
+        not decided yet.
+        """
         w = self.window_samples
-        if audio.size - start <= w:
-            return audio.size
         frame = int(QUIET_FRAME_S * A.SAMPLE_RATE)
         hop = frame // 4
-        lo = start + int(w * (1 - SEARCH_FRACTION))
-        region = audio[lo:start + w]
-        n = (region.size - frame) // hop + 1
-        if n <= 0:
+        seg = audio[start:start + w]
+        n = (seg.size - frame) // hop + 1
+        if n > 0:
+            energy = _frame_energy(seg, frame, hop)
+            loudest = np.maximum.accumulate(energy)
+            first = int(np.ceil((w * (1 - SEARCH_FRACTION) - frame // 2) / hop))
+            pause = np.flatnonzero((energy[first:] < loudest[first:] * PAUSE_RATIO)
+                                   & (loudest[first:] > 0))
+            if pause.size:
+                return start + (first + int(pause[0])) * hop + frame // 2
+        if audio.size - start <= w:
+            return audio.size if final else None
+        lo = int(w * (1 - SEARCH_FRACTION))
+        region = seg[lo:]
+        m = (region.size - frame) // hop + 1
+        if m <= 0:
             return start + w
-        energy = np.array([np.mean(region[i * hop:i * hop + frame] ** 2) for i in range(n)])
-        best = int(np.argmin(energy))
-        return lo + best * hop + frame // 2
+        return start + lo + int(np.argmin(_frame_energy(region, frame, hop))) * hop + frame // 2
+
+    def last_pause(self, audio: np.ndarray) -> int:
+        """End of the last pause (a 100 ms frame 30 dB below the loudest one) that lies at least
+        one frame before the end of ``audio``; 0 if there is none."""
+        frame = int(QUIET_FRAME_S * A.SAMPLE_RATE)
+        hop = frame // 4
+        if audio.size < 2 * frame:
+            return 0
+        energy = _frame_energy(audio[:audio.size - frame], frame, hop)
+        quiet = np.flatnonzero(energy < energy.max() * PAUSE_RATIO)
+        if quiet.size == 0 or energy.max() <= 0:
+            return 0
+        return int(quiet[-1]) * hop + frame // 2
 
     def transcribe(self, audio: np.ndarray) -> Transcript:
         """Offline: window the whole clip at quiet points and decode each window."""
@@ -118,22 +151,27 @@ class Transcriber:
         done_s = 0.0                          # audio already committed to closed windows
         words: list[str] = []                 # printed (stable) words, all windows
         open_words = 0                        # how many of them belong to the open window
-        prev: list[str] | None = None
+        recent: list[list[str]] = []           # the open window's latest decodes
         segs: list[tuple[float, float, str]] = []
         reports: list[ChunkReport] = []
         compute = 0.0
         total = 0
 
         def close(end: int) -> str:
-            nonlocal buf, done_s, open_words, prev
+            nonlocal buf, done_s, open_words
             final = self.decode(buf[:end]).split()
-            new = final[open_words:] if final[:open_words] == words[len(words) - open_words:] \
-                else final[min(open_words, len(final)):]
+            shown = words[len(words) - open_words:] if open_words else []
+            # The words already printed for this window stay; print the final decode's words
+            # after the last one it shares with them.
+            blocks = [m for m in difflib.SequenceMatcher(a=shown, b=final, autojunk=False)
+                      .get_matching_blocks() if m.size]
+            new = final[blocks[-1].b + blocks[-1].size:] if blocks else final[min(open_words, len(final)):]
             words.extend(new)
             segs.append((done_s, done_s + end / A.SAMPLE_RATE, " ".join(final)))
             done_s += end / A.SAMPLE_RATE
             buf = buf[end:]
-            open_words, prev = 0, None
+            open_words = 0
+            recent.clear()
             return " ".join(new)
 
         for i, chunk in enumerate(chunks):
@@ -141,19 +179,22 @@ class Transcriber:
             buf = np.concatenate([buf, np.asarray(chunk, dtype=np.float32)])
             total += len(chunk)
             out = []
-            while buf.size > self.window_samples:
-                end = self.cut(buf, 0)
+            while (end := self.cut(buf, 0, final=False)) is not None:
                 out.append(close(end))
-            hyp = self.decode(buf).split() if buf.size else []
-            if prev is not None:
+            # Decode only up to the last pause: the words before it are complete, so a later
+            # decode of the whole window rarely revises them (a word cut by the chunk edge would be).
+            settled = self.last_pause(buf)
+            hyp = self.decode(buf[:settled]).split() if settled else []
+            recent.append(hyp)
+            del recent[:-self.agreement]
+            if len(recent) == self.agreement:
                 agree = 0
-                while agree < min(len(prev), len(hyp)) and prev[agree] == hyp[agree]:
+                while all(agree < len(h) and h[agree] == hyp[agree] for h in recent):
                     agree += 1
                 if agree > open_words:
                     out.append(" ".join(hyp[open_words:agree]))
                     words.extend(hyp[open_words:agree])
                     open_words = agree
-            prev = hyp
             dt = time.perf_counter() - t
             compute += dt
             rep = ChunkReport(i, total / A.SAMPLE_RATE, dt * 1e3, " ".join(x for x in out if x),
@@ -175,6 +216,15 @@ def chunked(audio: np.ndarray, seconds: float = 1.0) -> Iterator[np.ndarray]:
     n = max(1, A.samples_for(seconds))
     for i in range(0, audio.size, n):
         yield audio[i:i + n]
+
+
+def _frame_energy(x: np.ndarray, frame: int, hop: int) -> np.ndarray:
+    """Mean square of each ``frame``-sample frame, every ``hop`` samples."""
+    n = (x.size - frame) // hop + 1
+    if n <= 0:
+        return np.zeros(0)
+    win = np.lib.stride_tricks.sliding_window_view(x.astype(np.float64), frame)[::hop][:n]
+    return np.mean(np.square(win), axis=1)
 
 
 def _dbfs(x: np.ndarray) -> float:
