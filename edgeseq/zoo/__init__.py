@@ -35,6 +35,10 @@ MODELS = [
              "tiny Whisper (2 encoder / 4 decoder layers, 10 s window) that transcribes tone speech, "
              "a synthetic spoken language (edgeseq/zoo/tonespeech.py)",
              "edgeseq/zoo/train_tonespeech_whisper.py"),
+    ZooModel("t5-typo-bytes", "t5", "seq2seq",
+             "byte-level T5 (3 encoder / 2 decoder layers) that fixes keyboard typos in English text, "
+             "trained on the Python standard library's docstrings",
+             "edgeseq/zoo/train_typo_fixer.py"),
 ]
 DEFAULT = "mamba-bytes"
 

@@ -177,3 +177,28 @@ def wer(refs: list[str], hyps: list[str]) -> float:
     """Corpus word error rate: total edits / total reference words."""
     errs = [word_errors(r, h) for r, h in zip(refs, hyps)]
     return sum(e for e, _ in errs) / max(1, sum(n for _, n in errs))
+
+
+def main() -> None:
+    """``python -m edgeseq.zoo.tonespeech OUT.wav [--seconds S] [--seed N]``: write a tone-speech
+    clip (16 kHz mono WAV) and print its reference transcript."""
+    import argparse
+
+    from edgeseq import audio
+
+    ap = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    ap.add_argument("out")
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    rng = np.random.default_rng(args.seed)
+    if args.seconds > 10:
+        clip, text, _ = make_long_clip(rng, args.seconds)
+    else:
+        clip, text, _ = random_clip(rng, args.seconds)
+    audio.write_wav(args.out, clip)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
