@@ -117,3 +117,22 @@ def test_fork_shares_weights_not_state(bundle_of):
     alone = b.generate([1, 2, 3], 8, stop_at_eos=False).tolist()
     a.generate([7, 7, 7, 7], 5, stop_at_eos=False)  # another stream on the same weights
     assert b.generate([1, 2, 3], 8, stop_at_eos=False).tolist() == alone
+
+
+def test_executorch_plans_derived_dims_at_their_bound(tmp_path):
+    """Whisper's encoder takes any even number of mel frames up to its window: the ExecuTorch
+    program must accept the largest. (Lowering the zoo model's encoder once planned only 256 of
+    its 1000 frames: to_edge loses the range of a derived dim and falls back to the traced size.)"""
+    pytest.importorskip("executorch.runtime")
+    from executorch.runtime import Runtime
+
+    from edgeseq import zoo
+    from edgeseq.registry import get_backend, get_family
+
+    fam = get_family("whisper")
+    model = fam.load(zoo.resolve("zoo:whisper-tonespeech"))
+    enc = fam.graphs(model)["encoder"]
+    get_backend("executorch").lower({"encoder": enc}, tmp_path, "fp32")
+    meta = Runtime.get().load_program(tmp_path / "model.pte").metadata("encoder")
+    window = 2 * model.config.max_source_positions
+    assert tuple(meta.input_tensor_meta(0).sizes()) == (1, model.config.num_mel_bins, window)
