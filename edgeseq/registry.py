@@ -13,6 +13,7 @@ _FAMILIES: dict[str, Any] = {}
 _BACKENDS: dict[str, Any] = {}
 # Modules that register on import; imported lazily so `import edgeseq` stays light.
 _FAMILY_MODULES = ("edgeseq.families.mamba", "edgeseq.families.mamba2", "edgeseq.families.s4d",
+                   "edgeseq.families.lmu",
                    "edgeseq.families.t5", "edgeseq.families.bart", "edgeseq.families.whisper")
 _BACKEND_MODULES = ("edgeseq.runtime.backends.reference", "edgeseq.runtime.backends.onnxruntime",
                     "edgeseq.runtime.backends.executorch")

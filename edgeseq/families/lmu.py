@@ -1,0 +1,698 @@
+"""Legendre Memory Units and LMUFormer (spiking and not) as O(1)-per-frame streaming graphs.
+
+* LMU: Voelker, Kajić & Eliasmith, "Legendre Memory Units: Continuous-Time Representation in
+  Recurrent Neural Networks" (NeurIPS 2019). A memory of order d holds a sliding window of length
+  theta of a scalar signal u as the coefficients of its Legendre expansion: theta m' = A m + B u,
+  discretised here by zero-order hold (exactly, through a matrix exponential).
+* Parallel LMU training: Chilkuri & Eliasmith, "Parallelizing Legendre Memory Unit Training"
+  (ICML 2021): without feedback from h or m into u, the memory is a causal convolution of u with
+  the impulse response H[:, t] = Ad^t Bd, computed by FFT.
+* LMUFormer: Liu, Datta, Han & Beerel, "LMUFormer: Low Complexity Yet Powerful Spiking Model With
+  Legendre Memory Units" (ICLR 2024): a convolutional patch embedding, an LMU token mixer and a
+  convolutional channel mixer with residuals, optionally with multi-step leaky integrate-and-fire
+  (LIF) neurons in place of activations. Its "recurrent" evaluation recomputes the prefix at every
+  frame; the streaming graphs here carry every causal quantity as explicit state instead.
+
+Module and parameter names follow the official implementation (github.com/zeyuliu1037/LMUFormer,
+``lmu_rnn_conv1d`` and ``slmu_rnn_conv1d``), so its state dicts load (``A``, ``B``, ``H``, ``fft_H``
+buffers included). The LIF neuron is spikingjelly's ``MultiStepLIFNode`` (decay_input, hard reset
+to 0, Heaviside spike with a sigmoid surrogate gradient) in plain PyTorch.
+
+Streaming: the patch embedding's kernel-3 convolutions are centred (padding 1), so each looks one
+frame ahead; the step graph outputs frame t - L after reading frame t, with L (the manifest's
+``lookahead``) the number of such convolutions in the chain. Every convolution keeps a window of
+its last two inputs as state, with a validity mask flowing beside the data, so the zero padding of
+the parallel model is reproduced exactly at both ends: frames before the first are invalid (the
+initial state), and L "flush" frames marked invalid finish the sequence. Causal state (LMU memory,
+LIF membranes, the running mean of the classification head) only advances on valid frames.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeseq.bundle import BundleError, StateSpec, StreamingGraph, TensorSpec
+from edgeseq.checkpoint import load_into, load_state_dict, read_config
+from edgeseq.families.base import Family
+from edgeseq.registry import register_family
+
+DEFAULT_CHUNK = 8
+
+
+# -- the Legendre delay system ---------------------------------------------------------------------
+def legendre_continuous(order: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Continuous (A, B) of the Legendre delay system, float64: theta m' = A m + B u, folded 1/theta."""
+    q = np.arange(order, dtype=np.float64)
+    r = (2 * q + 1)[:, None] / theta
+    i, j = np.meshgrid(q, q, indexing="ij")
+    a = r * np.where(i < j, -1.0, (-1.0) ** (i - j + 1))
+    b = r * ((-1.0) ** q)[:, None]
+    return a, b
+
+
+def zoh(a: np.ndarray, b: np.ndarray, dt: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-order-hold discretisation: exp([[A, B], [0, 0]] dt) = [[Ad, Bd], [0, I]]."""
+    n, m = a.shape[0], b.shape[1]
+    block = np.zeros((n + m, n + m))
+    block[:n, :n], block[:n, n:] = a * dt, b * dt
+    e = torch.linalg.matrix_exp(torch.from_numpy(block)).numpy()
+    return e[:n, :n], e[:n, n:]
+
+
+def legendre_discrete(order: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """(Ad (d, d), Bd (d, 1)) in float64, as ``scipy.signal.cont2discrete(..., method="zoh")``."""
+    return zoh(*legendre_continuous(order, theta))
+
+
+def impulse_response(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
+    """H[:, t] = Ad^t Bd for t < n, (d, n) float64."""
+    out = np.empty((a.shape[0], n))
+    v = b[:, 0].copy()
+    for t in range(n):
+        out[:, t] = v
+        v = a @ v
+    return out
+
+
+# -- spiking neurons -------------------------------------------------------------------------------
+class _Spike(torch.autograd.Function):
+    """Heaviside forward (x >= 0), sigmoid surrogate gradient (spikingjelly's default, alpha 4)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(4.0 * x)
+        return grad * 4.0 * s * (1 - s)
+
+
+def spike(x: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Spike.apply(x)
+    return (x >= 0).to(x.dtype)
+
+
+class LIF(nn.Module):
+    """Multi-step leaky integrate-and-fire neuron over the time axis (dim 1 of (b, t, c)).
+
+    v <- v + (x - v) / tau; s = [v >= v_threshold]; v <- v (1 - s) (hard reset to 0; the reset
+    is detached from the graph in training, as spikingjelly's ``detach_reset=True``).
+    """
+
+    def __init__(self, tau: float = 2.0, v_threshold: float = 1.0):
+        super().__init__()
+        self.tau = float(tau)
+        self.v_threshold = float(v_threshold)
+
+    def step(self, x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v = v + (x - v) / self.tau
+        s = spike(v - self.v_threshold)
+        return s, v * (1 - s.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = torch.zeros_like(x[:, 0])
+        out = []
+        for t in range(x.shape[1]):
+            s, v = self.step(x[:, t], v)
+            out.append(s)
+        return torch.stack(out, 1)
+
+
+def _lif_bcn(lif: LIF, x: torch.Tensor) -> torch.Tensor:
+    """LIF over the time axis of a (b, c, n) tensor."""
+    return lif(x.transpose(1, 2)).transpose(1, 2)
+
+
+# -- LMU cells -------------------------------------------------------------------------------------
+class LMUCell(nn.Module):
+    """The LMU of Voelker et al. (2019) in its general recurrent form.
+
+    u_t = e_x x_t + e_h h_{t-1} + e_m m_{t-1};  m_t = Ad m_{t-1} + Bd u_t;
+    h_t = f(W_x x_t + W_h h_{t-1} + W_m m_t).
+    Encoders ``e_*`` and kernels ``W_*`` are learned; a disabled connection is absent. Without the
+    h->u, m->u and h->h connections the memory is an LTI filter of x and ``forward`` runs it in
+    parallel (FFT); ``forward_recurrent`` always steps.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, order: int, theta: float,
+                 hidden_to_memory: bool = False, memory_to_memory: bool = False,
+                 hidden_to_hidden: bool = False):
+        super().__init__()
+        self.order, self.hidden_size = order, hidden_size
+        self.e_x = nn.Linear(input_size, 1, bias=False)
+        self.e_h = nn.Linear(hidden_size, 1, bias=False) if hidden_to_memory else None
+        self.e_m = nn.Linear(order, 1, bias=False) if memory_to_memory else None
+        self.W_x = nn.Linear(input_size, hidden_size)
+        self.W_h = nn.Linear(hidden_size, hidden_size, bias=False) if hidden_to_hidden else None
+        self.W_m = nn.Linear(order, hidden_size, bias=False)
+        a, b = legendre_discrete(order, theta)
+        self.register_buffer("A", torch.from_numpy(a).float())
+        self.register_buffer("B", torch.from_numpy(b).float())
+
+    @property
+    def parallel(self) -> bool:
+        return self.e_h is None and self.e_m is None and self.W_h is None
+
+    def step(self, x: torch.Tensor, h: torch.Tensor, m: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        u = self.e_x(x)
+        if self.e_h is not None:
+            u = u + self.e_h(h)
+        if self.e_m is not None:
+            u = u + self.e_m(m)
+        m = m @ self.A.T + u @ self.B.T
+        pre = self.W_x(x) + self.W_m(m)
+        if self.W_h is not None:
+            pre = pre + self.W_h(h)
+        return torch.tanh(pre), m
+
+    def forward_recurrent(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        h, m = x.new_zeros(b, self.hidden_size), x.new_zeros(b, self.order)
+        out = []
+        for t in range(x.shape[1]):
+            h, m = self.step(x[:, t], h, m)
+            out.append(h)
+        return torch.stack(out, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.parallel:
+            return self.forward_recurrent(x)
+        m = fft_memory(self.e_x(x), self.A, self.B)
+        return torch.tanh(self.W_x(x) + self.W_m(m))
+
+
+def fft_memory(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+               h: torch.Tensor | None = None) -> torch.Tensor:
+    """m_t = sum_{s<=t} Ad^(t-s) Bd u_s for u (batch, n, 1) -> (batch, n, d), by FFT.
+
+    ``h`` is a stored impulse response (d, >= n) to reuse; computed in float64 otherwise. Outside
+    training the convolution runs in float64, so the reference is the exact filter and a
+    streaming graph's error is its own.
+    """
+    n = u.shape[1]
+    if h is None or h.shape[1] < n:
+        h = torch.from_numpy(impulse_response(a.double().cpu().numpy(), b.double().cpu().numpy(), n))
+    h = h[:, :n].to(u.device)
+    dtype = u.dtype if torch.is_grad_enabled() and u.requires_grad else torch.float64
+    uf = torch.fft.rfft(u.transpose(1, 2).to(dtype), n=2 * n)  # (b, 1, n+1)
+    hf = torch.fft.rfft(h.to(dtype), n=2 * n)  # (d, n+1)
+    m = torch.fft.irfft(uf * hf.unsqueeze(0), n=2 * n)[..., :n]  # (b, d, n)
+    return m.transpose(1, 2).to(u.dtype)
+
+
+class LMUFFTCell(nn.Module):
+    """LMUFormer's LMU (parallel form): u = f_u(W_u x), m = H * u, h = f_h(W_h [m; x]).
+
+    ``A``, ``B`` (discrete), ``H`` (impulse response for ``seq_len`` steps) and ``fft_H`` are
+    buffers, as in the official implementation. The spiking variant puts batch norm and a LIF
+    neuron after each of u, m and h.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, memory_size: int, seq_len: int,
+                 theta: float, spiking: bool = False, tau: float = 2.0, v_threshold: float = 1.0):
+        super().__init__()
+        self.hidden_size, self.memory_size, self.seq_len, self.theta = (
+            hidden_size, memory_size, seq_len, theta)
+        self.spiking = spiking
+        self.W_u = nn.Linear(input_size, 1)
+        self.W_h = nn.Linear(memory_size + input_size, hidden_size)
+        a, b = legendre_discrete(memory_size, theta)
+        h = impulse_response(a, b, seq_len)
+        self.register_buffer("A", torch.from_numpy(a).float())
+        self.register_buffer("B", torch.from_numpy(b).float())
+        self.register_buffer("H", torch.from_numpy(h).float())
+        self.register_buffer("fft_H", torch.fft.rfft(torch.from_numpy(h).float(), n=2 * seq_len))
+        if spiking:
+            self.bn_u = nn.BatchNorm1d(1)
+            self.bn_m = nn.BatchNorm1d(memory_size)
+            self.bn_h = nn.BatchNorm1d(hidden_size)
+            self.f_u, self.f_m, self.f_h = (LIF(tau, v_threshold) for _ in range(3))
+        else:
+            self.f_u, self.f_h = nn.ReLU(), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, n, c) -> (b, n, hidden)."""
+        if self.spiking:
+            u = self.f_u(self.bn_u(self.W_u(x).transpose(1, 2)).transpose(1, 2))
+        else:
+            u = self.f_u(self.W_u(x))
+        m = fft_memory(u, self.A, self.B, None)
+        if self.spiking:
+            m = _lif_bcn(self.f_m, self.bn_m(m.transpose(1, 2))).transpose(1, 2)
+            pre = self.bn_h(self.W_h(torch.cat([m, x], -1)).transpose(1, 2)).transpose(1, 2)
+            return self.f_h(pre)
+        return self.f_h(self.W_h(torch.cat([m, x], -1)))
+
+
+# -- LMUFormer -------------------------------------------------------------------------------------
+@dataclass
+class LMUFormerConfig:
+    in_channels: int          # features per frame
+    embed_dims: int
+    depths: int               # number of blocks
+    num_classes: int
+    spiking: bool = False
+    mlp_ratio: float = 4.0
+    memory_size: int | None = None  # default: embed_dims (2x for the spiking model, as official)
+    theta: float = 128.0
+    seq_len: int = 128        # length of the stored impulse response H
+    n_conv_layers: int = 4    # convolutions of the non-spiking patch embedding (Tokenizer)
+    tau: float = 2.0
+    v_threshold: float = 1.0
+    #: what the model reads: frames per sequence (None: any), and how raw data is scaled
+    input_frames: int | None = None
+    input_scaling: str = ""
+    labels: list[str] = field(default_factory=list)
+    model_type: ClassVar[str] = "edgeseq_lmuformer"
+
+    @property
+    def memory(self) -> int:
+        return self.memory_size or (2 * self.embed_dims if self.spiking else self.embed_dims)
+
+    @property
+    def hidden(self) -> int:
+        return int(self.embed_dims * self.mlp_ratio)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_type": self.model_type, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LMUFormerConfig":
+        d = dict(d)
+        mt = d.pop("model_type", cls.model_type)
+        if mt != cls.model_type:
+            raise ValueError(f"model_type {mt!r} is not {cls.model_type!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown LMUFormerConfig key(s): {', '.join(unknown)}")
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.default is dataclasses.MISSING
+                         and f.default_factory is dataclasses.MISSING and f.name not in d)
+        if missing:
+            raise ValueError(f"missing LMUFormerConfig key(s): {', '.join(missing)}")
+        return cls(**d)
+
+
+def _conv3(c_in: int, c_out: int) -> nn.Conv1d:
+    return nn.Conv1d(c_in, c_out, kernel_size=3, stride=1, padding=1, bias=False)
+
+
+class Tokenizer(nn.Module):
+    """Non-spiking patch embedding: n x (conv3 -> ReLU -> BN), then x + rpe_conv(x)."""
+
+    def __init__(self, c: LMUFormerConfig):
+        super().__init__()
+        chans = [c.in_channels] + [c.embed_dims] * c.n_conv_layers
+        self.conv_layers = nn.Sequential(*[
+            nn.Sequential(_conv3(chans[i], chans[i + 1]), nn.ReLU(), nn.Identity(),
+                          nn.BatchNorm1d(chans[i + 1]))
+            for i in range(c.n_conv_layers)])
+        self.rpe_conv = _conv3(c.embed_dims, c.embed_dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, c, n)
+        x = self.conv_layers(x)
+        return x + self.rpe_conv(x)
+
+
+class Conv1d4EB(nn.Module):
+    """Spiking patch embedding: 4 x (conv3 -> BN -> LIF), then x + LIF(BN(rpe_conv(x)))."""
+
+    def __init__(self, c: LMUFormerConfig):
+        super().__init__()
+        e = c.embed_dims
+        self.proj_conv, self.proj_bn = _conv3(c.in_channels, e), nn.BatchNorm1d(e)
+        self.proj_conv1, self.proj_bn1 = _conv3(e, e), nn.BatchNorm1d(e)
+        self.proj_conv2, self.proj_bn2 = _conv3(e, e), nn.BatchNorm1d(e)
+        self.proj_conv3, self.proj_bn3 = _conv3(e, e), nn.BatchNorm1d(e)
+        self.rpe_conv, self.rpe_bn = _conv3(e, e), nn.BatchNorm1d(e)
+        (self.proj_lif, self.proj_lif1, self.proj_lif2, self.proj_lif3,
+         self.rpe_lif) = (LIF(c.tau, c.v_threshold) for _ in range(5))
+
+    def stages(self) -> list[tuple[nn.Conv1d, nn.BatchNorm1d, LIF]]:
+        return [(self.proj_conv, self.proj_bn, self.proj_lif),
+                (self.proj_conv1, self.proj_bn1, self.proj_lif1),
+                (self.proj_conv2, self.proj_bn2, self.proj_lif2),
+                (self.proj_conv3, self.proj_bn3, self.proj_lif3)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, c, n)
+        for conv, bn, lif in self.stages():
+            x = _lif_bcn(lif, bn(conv(x)))
+        return x + _lif_bcn(self.rpe_lif, self.rpe_bn(self.rpe_conv(x)))
+
+
+class LMUMixer(nn.Module):
+    """Token mixer (official ``LMU`` / ``SLMU``): the LMU cell, then a 1x1 conv and BN (+ LIF)."""
+
+    def __init__(self, c: LMUFormerConfig):
+        super().__init__()
+        e = c.embed_dims
+        self.lmu = LMUFFTCell(e, e, c.memory, c.seq_len, c.theta, c.spiking, c.tau, c.v_threshold)
+        self.proj_conv = nn.Conv1d(e, e, kernel_size=1)
+        self.proj_bn = nn.BatchNorm1d(e)
+        if c.spiking:
+            self.proj_lif = LIF(c.tau, c.v_threshold)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, c, n)
+        h = self.lmu(x.transpose(1, 2)).transpose(1, 2)
+        y = self.proj_bn(self.proj_conv(h))
+        return _lif_bcn(self.proj_lif, y) if hasattr(self, "proj_lif") else y
+
+
+class ConvFFN(nn.Module):
+    """Channel mixer: 1x1 conv -> BN -> GELU (LIF) -> 1x1 conv -> BN -> ReLU (LIF)."""
+
+    def __init__(self, c: LMUFormerConfig):
+        super().__init__()
+        e, h = c.embed_dims, c.hidden
+        self.fc1_conv, self.fc1_bn = nn.Conv1d(e, h, kernel_size=1), nn.BatchNorm1d(h)
+        self.fc2_conv, self.fc2_bn = nn.Conv1d(h, e, kernel_size=1), nn.BatchNorm1d(e)
+        if c.spiking:
+            self.fc1_lif, self.fc2_lif = LIF(c.tau, c.v_threshold), LIF(c.tau, c.v_threshold)
+        else:
+            self.fc1_lif, self.fc2_lif = nn.GELU(), nn.ReLU()
+
+    def act(self, f: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return _lif_bcn(f, x) if isinstance(f, LIF) else f(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, c, n)
+        x = self.act(self.fc1_lif, self.fc1_bn(self.fc1_conv(x)))
+        return self.act(self.fc2_lif, self.fc2_bn(self.fc2_conv(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, c: LMUFormerConfig):
+        super().__init__()
+        self.attn = LMUMixer(c)
+        self.mlp = ConvFFN(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(x)
+        return x + self.mlp(x)
+
+
+class LMUFormer(nn.Module):
+    """Sequence classifier: (batch, frames, features) -> class logits (batch, classes)."""
+
+    def __init__(self, config: LMUFormerConfig):
+        super().__init__()
+        self.config = config
+        self.patch_embed = Conv1d4EB(config) if config.spiking else Tokenizer(config)
+        self.block = nn.ModuleList(Block(config) for _ in range(config.depths))
+        self.head = nn.Linear(config.embed_dims, config.num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, n, f) -> (b, n, c): the last block's output per frame."""
+        x = self.patch_embed(x.transpose(1, 2))
+        for blk in self.block:
+            x = blk(x)
+        return x.transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(1))
+
+    def running_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, n, classes): the prediction after each frame (head of the running mean; the
+        official ``all_seq`` test mode). Its last frame equals ``forward``."""
+        f = self.features(x)
+        count = torch.arange(1, f.shape[1] + 1, dtype=f.dtype, device=f.device)[:, None]
+        return self.head(f.cumsum(1) / count)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        sd = {k: v.detach().contiguous() for k, v in self.state_dict().items()
+              if not k.endswith("fft_H")}  # complex; rebuilt from H at load
+        save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return folder
+
+
+# -- streaming graphs --------------------------------------------------------------------------------
+def _fold(conv: nn.Conv1d, bn: nn.BatchNorm1d | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conv weight (o, i, k) and bias (o,) with an eval-mode batch norm after it folded in."""
+    w = conv.weight.detach()
+    b = conv.bias.detach() if conv.bias is not None else torch.zeros(w.shape[0])
+    if bn is None:
+        return w.clone(), b.clone()
+    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    return w * scale[:, None, None], (b - bn.running_mean) * scale + bn.bias.detach()
+
+
+def _affine(bn: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode batch norm as x * scale + shift."""
+    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    return scale, bn.bias.detach() - bn.running_mean * scale
+
+
+class LMUFormerStream(nn.Module):
+    """k frames per call, O(1) work and state per frame.
+
+    ``(frames (b, k, f), valid (b, k), *state) -> (logits (b, k, classes), ready (b, k), *state)``.
+    ``ready[:, i]`` is 1 when output i is the running prediction after a real frame (it lags the
+    input by ``lookahead`` frames); ``valid`` 0 marks the flush frames that end a sequence.
+    """
+
+    def __init__(self, model: LMUFormer, k: int):
+        super().__init__()
+        c = model.config
+        self.k, self.spiking, self.tau, self.th = k, c.spiking, c.tau, c.v_threshold
+        pe = model.patch_embed
+        convs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        posts: list[tuple[torch.Tensor, torch.Tensor]] = []  # non-spiking: BN after the ReLU
+        if c.spiking:
+            for conv, bn, _ in pe.stages():
+                convs.append(_fold(conv, bn))
+            convs.append(_fold(pe.rpe_conv, pe.rpe_bn))
+        else:
+            for seq in pe.conv_layers:
+                convs.append(_fold(seq[0], None))
+                posts.append(_affine(seq[3]))
+            convs.append(_fold(pe.rpe_conv, None))
+        self.conv_w = nn.ParameterList(nn.Parameter(w, requires_grad=False) for w, _ in convs)
+        self.conv_b = nn.ParameterList(nn.Parameter(b, requires_grad=False) for _, b in convs)
+        self.post_s = nn.ParameterList(nn.Parameter(s, requires_grad=False) for s, _ in posts)
+        self.post_t = nn.ParameterList(nn.Parameter(t, requires_grad=False) for _, t in posts)
+        self.blocks = model.block
+        self.head = model.head
+        # folded 1x1 convs of each block: proj (attn), fc1, fc2 (mlp)
+        self.folded = nn.ParameterList()
+        for blk in model.block:
+            for conv, bn in ((blk.attn.proj_conv, blk.attn.proj_bn), (blk.mlp.fc1_conv, blk.mlp.fc1_bn),
+                             (blk.mlp.fc2_conv, blk.mlp.fc2_bn)):
+                w, b = _fold(conv, bn)
+                self.folded.append(nn.Parameter(w[:, :, 0], requires_grad=False))
+                self.folded.append(nn.Parameter(b, requires_grad=False))
+            if c.spiking:
+                cell = blk.attn.lmu
+                for lin, bn in ((cell.W_u, cell.bn_u), (cell.W_h, cell.bn_h)):
+                    s, t = _affine(bn)
+                    self.folded.append(nn.Parameter(lin.weight.detach() * s[:, None], requires_grad=False))
+                    self.folded.append(nn.Parameter(lin.bias.detach() * s + t, requires_grad=False))
+                s, t = _affine(cell.bn_m)
+                self.folded.append(nn.Parameter(s, requires_grad=False))
+                self.folded.append(nn.Parameter(t, requires_grad=False))
+
+    def _lif(self, x: torch.Tensor, v: torch.Tensor, ok: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        v2 = v + (x - v) / self.tau
+        s = (v2 >= self.th).to(x.dtype)
+        return s, torch.where(ok, v2 * (1 - s), v)
+
+    def forward(self, frames: torch.Tensor, valid: torch.Tensor, *state: torch.Tensor
+                ) -> tuple[torch.Tensor, ...]:
+        st = list(state)
+        n_conv = len(self.conv_w)
+        windows, masks = st[0:2 * n_conv:2], st[1:2 * n_conv:2]
+        pos = 2 * n_conv
+        n_embed_lif = n_conv if self.spiking else 0
+        embed_v = st[pos:pos + n_embed_lif]
+        pos += n_embed_lif
+        per_block = 7 if self.spiking else 1
+        block_state = st[pos:pos + per_block * len(self.blocks)]
+        pos += per_block * len(self.blocks)
+        run_sum, run_count = st[pos], st[pos + 1]
+        logits, ready = [], []
+        for i in range(self.k):
+            x = frames[:, i]                      # (b, f)
+            m = valid[:, i].unsqueeze(-1)          # (b, 1)
+            # patch embedding: a chain of centred kernel-3 convolutions, one frame of delay each
+            for j in range(n_conv):
+                xin = x * m
+                full = torch.cat([windows[j], xin.unsqueeze(-1)], -1)   # (b, c_in, 3)
+                y = F.conv1d(full, self.conv_w[j], self.conv_b[j])[:, :, 0]   # (b, c_out)
+                center = full[:, :, 1]
+                windows[j] = full[:, :, 1:]
+                mfull = torch.cat([masks[j], m], -1)                        # (b, 3)
+                m = mfull[:, 1:2]
+                masks[j] = mfull[:, 1:]
+                ok = m > 0.5
+                if self.spiking:
+                    y, embed_v[j] = self._lif(y, embed_v[j], ok)
+                    x = center + y if j == n_conv - 1 else y
+                elif j < n_conv - 1:
+                    x = F.relu(y) * self.post_s[j] + self.post_t[j]
+                else:
+                    x = center + y
+            ok = m > 0.5
+            for bi, blk in enumerate(self.blocks):
+                x = self._block(bi, blk, x, block_state, per_block, ok)
+            run_sum = torch.where(ok, run_sum + x, run_sum)
+            run_count = torch.where(ok, run_count + 1, run_count)
+            logits.append(self.head(run_sum / torch.clamp(run_count, min=1.0)))
+            ready.append(m[:, 0])
+        out_state = []
+        for w, mk in zip(windows, masks):
+            out_state += [w, mk]
+        out_state += embed_v + block_state + [run_sum, run_count]
+        return (torch.stack(logits, 1), torch.stack(ready, 1), *out_state)
+
+    def _block(self, bi: int, blk: Block, x: torch.Tensor, st: list[torch.Tensor],
+               per: int, ok: torch.Tensor) -> torch.Tensor:
+        """One block on one frame; its state (st[bi * per:...]) advances only where ``ok``."""
+        cell = blk.attn.lmu
+        f = self.folded
+        base = bi * (12 if self.spiking else 6)
+        pw, pb, w1, b1, w2, b2 = (f[base + i] for i in range(6))
+        s0 = bi * per
+        mem = st[s0]
+        if not self.spiking:
+            u = F.relu(cell.W_u(x))                                       # (b, 1)
+            new = mem @ cell.A.T + u @ cell.B.T                           # (b, d)
+            st[s0] = torch.where(ok, new, mem)
+            h = F.relu(cell.W_h(torch.cat([new, x], -1)))
+            x = x + F.linear(h, pw, pb)
+            return x + F.relu(F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2))
+        wu, bu, wh, bh, ms, mt = (f[base + 6 + i] for i in range(6))
+        su, st[s0 + 1] = self._lif(F.linear(x, wu, bu), st[s0 + 1], ok)
+        new = mem @ cell.A.T + su @ cell.B.T
+        st[s0] = torch.where(ok, new, mem)
+        sm, st[s0 + 2] = self._lif(new * ms + mt, st[s0 + 2], ok)
+        sh, st[s0 + 3] = self._lif(F.linear(torch.cat([sm, x], -1), wh, bh), st[s0 + 3], ok)
+        sp, st[s0 + 4] = self._lif(F.linear(sh, pw, pb), st[s0 + 4], ok)
+        x = x + sp
+        s1, st[s0 + 5] = self._lif(F.linear(x, w1, b1), st[s0 + 5], ok)
+        s2, st[s0 + 6] = self._lif(F.linear(s1, w2, b2), st[s0 + 6], ok)
+        return x + s2
+
+
+def lookahead(c: LMUFormerConfig) -> int:
+    """Frames of delay of the streaming graph: one per centred kernel-3 convolution."""
+    return (4 if c.spiking else c.n_conv_layers) + 1
+
+
+def state_specs(c: LMUFormerConfig) -> list[StateSpec]:
+    """In the order ``LMUFormerStream`` reads them."""
+    e, f = c.embed_dims, c.in_channels
+    n_conv = lookahead(c)
+    out: list[StateSpec] = []
+    for j in range(n_conv):
+        out.append(StateSpec(f"embed.{j}.window", ("batch", f if j == 0 else e, 2), "float32", "window"))
+        out.append(StateSpec(f"embed.{j}.valid", ("batch", 2), "float32", "window"))
+    if c.spiking:
+        out += [StateSpec(f"embed.{j}.lif", ("batch", e), "float32", "recurrent")
+                for j in range(n_conv)]
+    for i in range(c.depths):
+        out.append(StateSpec(f"block.{i}.memory", ("batch", c.memory), "float32", "recurrent"))
+        if c.spiking:
+            for name, n in (("lif_u", 1), ("lif_m", c.memory), ("lif_h", e), ("lif_proj", e),
+                            ("lif_fc1", c.hidden), ("lif_fc2", e)):
+                out.append(StateSpec(f"block.{i}.{name}", ("batch", n), "float32", "recurrent"))
+    out.append(StateSpec("head.sum", ("batch", e), "float32", "recurrent"))
+    out.append(StateSpec("head.count", ("batch", 1), "float32", "recurrent"))
+    return out
+
+
+@register_family("lmuformer")
+class LMUFormerFamily(Family):
+    """edgeseq's ``LMUFormer`` (config.json with ``model_type: edgeseq_lmuformer`` + weights in
+    safetensors, or an official LMUFormer state dict saved as a weights-only ``.pth``/``.bin``)."""
+
+    task = "classification"
+    model_types = ("edgeseq_lmuformer",)
+
+    def load(self, path: Path) -> LMUFormer:
+        path = Path(path)
+        try:
+            config = LMUFormerConfig.from_dict(read_config(path))
+        except (ValueError, TypeError) as e:
+            raise BundleError(f"{path / 'config.json'}: {e}") from None
+        model = LMUFormer(config)
+        sd = {k.removeprefix("module."): v for k, v in load_state_dict(path).items()}
+        own = model.state_dict()
+        for k in own:  # fft_H is derived from H (and complex, which safetensors cannot hold)
+            if k.endswith("fft_H") and k not in sd and k[:-5] + "H" in sd:
+                h = sd[k[:-5] + "H"].float()
+                sd[k] = torch.fft.rfft(h, n=2 * h.shape[1])
+        load_into(model, sd, path)
+        return model.float().eval()
+
+    def graphs(self, model: LMUFormer, chunk: int = DEFAULT_CHUNK) -> dict[str, StreamingGraph]:
+        c = model.config
+        state = state_specs(c)
+        out = {}
+        for name, k in (("step", 1), ("chunk", chunk)):
+            ins = [TensorSpec("frames", ("batch", k, c.in_channels)),
+                   TensorSpec("valid", ("batch", k))]
+            outs = [TensorSpec("logits", ("batch", k, c.num_classes)),
+                    TensorSpec("ready", ("batch", k))]
+            out[name] = StreamingGraph(name, LMUFormerStream(model, k).eval(), ins, outs, state,
+                                       example_dims={"batch": 2})
+        return out
+
+    def model_config(self, model: LMUFormer, chunk: int = DEFAULT_CHUNK) -> dict[str, Any]:
+        c = model.config
+        return {"num_classes": c.num_classes, "labels": list(c.labels) or
+                [str(i) for i in range(c.num_classes)],
+                "input": {"features": c.in_channels, "frames": c.input_frames,
+                          "scaling": c.input_scaling},
+                "lookahead": lookahead(c), "chunk": chunk, "spiking": c.spiking,
+                "embed_dims": c.embed_dims, "depths": c.depths, "memory_size": c.memory,
+                "theta": c.theta}
+
+    @torch.no_grad()
+    def reference_running(self, model: LMUFormer, x: torch.Tensor) -> torch.Tensor:
+        """(b, n, f) -> running class logits (b, n, classes), parallel (FFT) mode."""
+        return model.running_logits(x)
+
+    def parity_inputs(self, model: LMUFormer, n: int = 4, seed: int = 0) -> torch.Tensor:
+        c = model.config
+        g = torch.Generator().manual_seed(seed)
+        frames = c.input_frames or 64
+        return torch.rand(n, frames, c.in_channels, generator=g)
+
+    def make_test_checkpoint(self, folder: Path, seed: int = 0, **overrides: Any) -> Path:
+        """A small random LMUFormer whose batch norms have non-trivial statistics."""
+        torch.manual_seed(seed)
+        kw: dict[str, Any] = dict(in_channels=3, embed_dims=16, depths=2, num_classes=5,
+                                  mlp_ratio=2.0, theta=32.0, seq_len=32, input_frames=40)
+        kw.update(overrides)
+        model = LMUFormer(LMUFormerConfig(**kw))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for mod in model.modules():
+                if isinstance(mod, nn.BatchNorm1d):
+                    n = mod.num_features
+                    mod.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+                    mod.running_var.copy_(0.5 + torch.rand(n, generator=g))
+                    # spiking layers need inputs near their threshold (1) to fire at all
+                    mod.weight.copy_(2.0 + 0.3 * torch.randn(n, generator=g))
+                    mod.bias.copy_(0.8 + 0.5 * torch.randn(n, generator=g))
+        model.eval().save_pretrained(folder)
+        return Path(folder)
