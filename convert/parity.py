@@ -185,3 +185,41 @@ def check_seq2seq_bundle(root: Path, backend: str, ref: Seq2SeqParityInputs, dty
 
 def _strip_eos(toks: list[int], eos: Any) -> list[int]:
     return toks[:-1] if toks and toks[-1] == eos else toks
+
+
+@dataclass
+class ClassifierParityInputs:
+    inputs: np.ndarray          # (n, frames, features)
+    reference_running: np.ndarray  # (n, frames, classes): parallel model, logits after each frame
+
+
+def reference_classifier(family: Any, model: Any) -> ClassifierParityInputs:
+    x = family.parity_inputs(model)
+    return ClassifierParityInputs(x.numpy(), family.reference_running(model, x).numpy())
+
+
+def check_classifier_bundle(root: Path, backend: str, ref: ClassifierParityInputs, dtype: str
+                            ) -> dict[str, Any]:
+    """Running logits after every frame, streamed (a) in the bundle's chunks and (b) frame by
+    frame, against the parallel model: within the tolerance, and the same predicted class at
+    every frame (for a spiking model a flipped spike would move the logits far past it)."""
+    from edgeseq.runtime.session import load
+
+    sess = load(root, backend=backend)
+    err, same = 0.0, True
+    for x, want in zip(ref.inputs, ref.reference_running):
+        whole = sess.classify(x).running
+        sess.reset(1)
+        for t in range(x.shape[0]):
+            sess.push(x[t:t + 1])
+        sess.finish()
+        single = sess.running()[0]
+        for got in (whole, single):
+            err = max(err, float(np.abs(got - want).max()))
+            same = same and bool((got.argmax(-1) == want.argmax(-1)).all())
+    tol = TOLERANCE["fp32"] if dtype == "fp32" else TOLERANCE["fp16"] * float(
+        np.abs(ref.reference_running).max())
+    passed = err <= tol and (same or dtype != "fp32")
+    return {"backend": backend, "sequences": len(ref.inputs),
+            "frames": int(ref.inputs.shape[1]), "running_logits_max_abs_err": err,
+            "predictions_identical": same, "tolerance": tol, "passed": passed}

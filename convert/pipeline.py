@@ -119,6 +119,20 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
         if skip_parity:
             parity["skipped"] = True
             say("[4/5] parity skipped (--skip-parity)")
+        elif family.task == "classification":
+            from edgeseq.convert.parity import check_classifier_bundle, reference_classifier
+
+            ref = reference_classifier(family, model)
+            n, frames = ref.inputs.shape[:2]
+            say(f"[4/5] parity: running predictions of {n} sequences x {frames} frames, "
+                f"in chunks and frame by frame ...")
+            for fmt in formats:
+                rec = check_classifier_bundle(tmp, FORMATS[fmt], ref, dtype)
+                parity["checks"].append({"format": fmt, **rec})
+                say(f"      {fmt:5s} predictions identical: {rec['predictions_identical']}, "
+                    f"max |dlogits| {rec['running_logits_max_abs_err']:.2e} -> "
+                    f"{'ok' if rec['passed'] else 'FAILED'}")
+            parity["passed"] = all(c["passed"] for c in parity["checks"])
         elif seq2seq:
             from edgeseq.convert.parity import check_seq2seq_bundle, reference_seq2seq
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -62,6 +63,11 @@ def convert(checkpoint: str, output: str, fmt: str, dtype: str, parity_tokens: i
 @click.option("--prompt-ids", help="Prompt (or source) token ids, comma-separated: 1,2,3")
 @click.option("--audio", type=click.Path(dir_okay=False),
               help="Speech models: a WAV file to transcribe (other rates are resampled).")
+@click.option("--input", "input_npy", type=click.Path(dir_okay=False),
+              help="Sequence classifiers: a .npy array (frames x features) to classify.")
+@click.option("--early-exit", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="With --input: also report the first frame at which the running prediction "
+                   "reaches this confidence and stays unchanged to the end.")
 @click.option("--stream", "stream_audio", is_flag=True,
               help="With --audio: feed the audio in chunks and print words as they become stable.")
 @click.option("--chunk-seconds", type=click.FloatRange(0.1, 30), default=1.0, show_default=True)
@@ -86,6 +92,7 @@ def convert(checkpoint: str, output: str, fmt: str, dtype: str, parity_tokens: i
 @click.option("--threads", type=int, default=None, help="Intra-op threads (default: cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def run(bundle: str, prompt: str | None, prompt_ids: str | None, audio: str | None,
+        input_npy: str | None, early_exit: float | None,
         stream_audio: bool, chunk_seconds: float, window_s: float | None, agreement: int,
         num_beams: int | None, num_beam_groups: int | None, diversity_penalty: float | None,
         length_penalty: float | None, max_new_tokens: int, backend: str, do_sample: bool,
@@ -96,11 +103,14 @@ def run(bundle: str, prompt: str | None, prompt_ids: str | None, audio: str | No
     import edgeseq
     from edgeseq.runtime.streaming import timed_stream
 
-    given = [x for x in (prompt, prompt_ids, audio) if x is not None]
+    given = [x for x in (prompt, prompt_ids, audio, input_npy) if x is not None]
     if len(given) != 1:
-        _fail("give exactly one of --prompt/--text, --prompt-ids or --audio")
+        _fail("give exactly one of --prompt/--text, --prompt-ids, --audio or --input")
     try:
         sess = edgeseq.load(bundle, backend=backend, threads=threads)
+        if hasattr(sess, "classify") or input_npy is not None:
+            _run_classify(sess, input_npy, early_exit, as_json)
+            return
         if getattr(sess, "speech", False) or audio is not None:
             _run_speech(sess, audio, stream_audio, chunk_seconds, window_s, num_beams, as_json,
                         agreement)
@@ -213,6 +223,54 @@ def _run_seq2seq(sess: Any, text: str | None, ids_text: str | None, max_new_toke
         click.echo(f"-- {len(toks)} tokens on {sess.backend} "
                    f"({'beams ' + str(beams) if beams > 1 else 'greedy'}, source {len(ids)} tokens): "
                    f"{first}{rate:.1f} tokens/s, {total * 1e3:.0f} ms in all", err=True)
+
+
+def _run_classify(sess: Any, path: str | None, early_exit: float | None, as_json: bool) -> None:
+    import time
+
+    import numpy as np
+
+    if not hasattr(sess, "classify"):
+        _fail("--input needs a sequence-classifier bundle (this one generates tokens)")
+    if path is None:
+        _fail("this is a sequence classifier: give --input FILE.npy (frames x features)")
+    p = Path(path)
+    if not p.is_file():
+        _fail(f"{p}: no such file")
+    try:
+        x = np.load(p, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        _fail(f"{p}: not a readable .npy array ({str(e).splitlines()[0]})")
+    spec = sess.config["input"]
+    try:
+        t0 = time.perf_counter()
+        res = sess.classify(x)
+        total = time.perf_counter() - t0
+    except ValueError as e:
+        want = f"{spec.get('frames') or 'any number of'} frames x {spec['features']} features"
+        _fail(f"{p}: {e} (this model reads {want}; {spec.get('scaling') or 'no scaling given'})")
+    out: dict[str, Any] = {
+        "class": res.label, "label": sess.label_name(res.label),
+        "probs": [round(v, 6) for v in res.probs], "frames": res.frames,
+        "backend": sess.backend, "lookahead": sess.lookahead,
+        "ms_per_frame": round(total * 1e3 / max(1, res.frames), 4)}
+    if early_exit is not None:
+        ef, df = res.exit_frame(early_exit), res.decided_frame(early_exit)
+        out.update({"early_exit": early_exit, "exit_frame": ef,
+                    "exit_fraction": None if ef is None else round((ef + 1) / res.frames, 4),
+                    "decided_frame": df,
+                    "decided_class": None if df is None else int(res.running[df].argmax())})
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    click.echo(f"class {out['label']} (p={max(res.probs):.3f})")
+    if early_exit is not None:
+        ef = out["exit_frame"]
+        click.echo(f"early exit at {early_exit}: " + ("never (the prediction is not stable at "
+                   "that confidence)" if ef is None else
+                   f"frame {ef} of {res.frames} ({out['exit_fraction']:.0%} of the sequence)"))
+    click.echo(f"-- {res.frames} frames on {sess.backend}: {out['ms_per_frame']:.3f} ms/frame "
+               f"(lookahead {sess.lookahead} frames)", err=True)
 
 
 def _run_speech(sess: Any, path: str | None, stream: bool, chunk_s: float,

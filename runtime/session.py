@@ -198,6 +198,10 @@ def load(path: str | Path, backend: str = "ort", threads: int | None = None) -> 
         from edgeseq.runtime.seq2seq import Seq2SeqSession
 
         return Seq2SeqSession(root, manifest, be.name, be.load(root, entries, threads))
+    if manifest.task == "classification":
+        from edgeseq.runtime.classify import ClassifierSession
+
+        return ClassifierSession(root, manifest, be.name, be.load(root, entries, threads))
     if manifest.task != "causal_lm":
         raise BundleError(f"{root}: task {manifest.task!r} has no session type in this edgeseq")
     return Session(root, manifest, be.name, be.load(root, entries, threads))

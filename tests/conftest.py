@@ -18,7 +18,9 @@ from edgeseq.registry import backends, families  # noqa: E402
 
 #: causal-LM families (prefill + step graphs) and encoder-decoder families (encoder + decoder_step)
 FAMILIES = sorted(n for n, c in families().items() if c.task == "causal_lm")
-SEQ2SEQ = sorted(n for n, c in families().items() if c.task != "causal_lm")
+SEQ2SEQ = sorted(n for n, c in families().items() if c.task in ("seq2seq", "speech_seq2seq"))
+#: sequence classifiers (step + chunk graphs, running predictions)
+CLASSIFIERS = sorted(n for n, c in families().items() if c.task == "classification")
 BACKENDS = sorted(backends())
 # the fixed-capacity cache used by the encoder-decoder tests
 FIXED_LEN = 40

@@ -2,11 +2,12 @@
 test_all_models_tested): the suites parametrize over the registries, so this pins the lists."""
 from edgeseq.registry import backends, families
 
-from .conftest import BACKENDS, FAMILIES, SEQ2SEQ
+from .conftest import BACKENDS, CLASSIFIERS, FAMILIES, SEQ2SEQ
 
 
 def test_registries_are_covered():
-    assert set(FAMILIES) | set(SEQ2SEQ) == set(families())
+    assert set(FAMILIES) | set(SEQ2SEQ) | set(CLASSIFIERS) == set(families())
+    assert set(CLASSIFIERS) == {"lmuformer"}
     assert set(FAMILIES) >= {"mamba", "mamba2", "s4d"}
     assert set(SEQ2SEQ) >= {"t5", "bart", "marian", "whisper"}
     assert set(BACKENDS) == set(backends()) == {"ort", "executorch", "torch"}
