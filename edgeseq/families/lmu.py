@@ -244,13 +244,24 @@ class LMUFFTCell(nn.Module):
         else:
             self.f_u, self.f_h = nn.ReLU(), nn.ReLU()
 
+    def _impulse(self, n: int) -> torch.Tensor:
+        """Ad^t Bd for t < n in float64 from the float32 ``A``/``B`` the step graphs use; cached
+        (the stored ``H`` was computed in float32 and only covers ``seq_len`` steps)."""
+        key = (self.A.data_ptr(), self.A._version, self.B.data_ptr(), self.B._version)
+        cache = getattr(self, "_h64", None)
+        if cache is None or cache.shape[1] < n or self._h64_key != key:
+            a, b = self.A.double().cpu().numpy(), self.B.double().cpu().numpy()
+            cache = torch.from_numpy(impulse_response(a, b, max(n, self.seq_len))).to(self.A.device)
+            self._h64, self._h64_key = cache, key
+        return cache[:, :n]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(b, n, c) -> (b, n, hidden)."""
         if self.spiking:
             u = self.f_u(self.bn_u(self.W_u(x).transpose(1, 2)).transpose(1, 2))
         else:
             u = self.f_u(self.W_u(x))
-        m = fft_memory(u, self.A, self.B, None)
+        m = fft_memory(u, self.A, self.B, self._impulse(u.shape[1]))
         if self.spiking:
             m = _lif_bcn(self.f_m, self.bn_m(m.transpose(1, 2))).transpose(1, 2)
             pre = self.bn_h(self.W_h(torch.cat([m, x], -1)).transpose(1, 2)).transpose(1, 2)
