@@ -39,6 +39,12 @@ MODELS = [
              "byte-level T5 (3 encoder / 2 decoder layers) that fixes keyboard typos in English text, "
              "trained on the Python standard library's docstrings",
              "edgeseq/zoo/train_typo_fixer.py"),
+    ZooModel("lmuformer-digits", "lmuformer", "classification",
+             "LMUFormer (14 k params) reading scikit-learn's 8x8 digits pixel by pixel (64 frames); "
+             "test accuracy 98.3%", "edgeseq/zoo/train_lmuformer_digits.py"),
+    ZooModel("slmuformer-digits", "lmuformer", "classification",
+             "spiking LMUFormer (LIF neurons, 22 k params) on the same digits; test accuracy 97.2%",
+             "edgeseq/zoo/train_lmuformer_digits.py"),
 ]
 DEFAULT = "mamba-bytes"
 
