@@ -41,7 +41,10 @@ class ConversionError(BundleError):
 def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FORMATS,
             dtype: str = "fp32", parity_tokens: int = 64, overwrite: bool = False,
             skip_parity: bool = False, force: bool = False, target: str = "host",
-            max_target_len: int | None = None, progress: Progress | None = None) -> Path:
+            max_target_len: int | None = None, quant: str | None = None, group_size: int = 32,
+            keep: list[str] | None = None, quantize_all: bool = False,
+            eval_file: str | Path | None = None, max_drop: float | None = None,
+            progress: Progress | None = None) -> Path:
     """Convert a checkpoint folder (or ``zoo:NAME``) into a bundle at ``out``.
 
     Args:
@@ -52,6 +55,10 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
         skip_parity: write without checking (not recommended); ``force`` writes despite a failure.
         max_target_len: encoder-decoders only: a fixed-capacity self-attention cache of this many
             positions (static shapes) instead of a growing one.
+        quant: ``int8``, ``int4`` or ``int4-tensor`` weight quantization of the ONNX graphs
+            (``edgeseq.quant.onnx``), checked by an accuracy gate (``edgeseq.quant.gates``)
+            instead of exact parity; ``keep`` globs weights to leave in float (default: the
+            family's sensitive layers, none with ``quantize_all``).
     Returns:
         The bundle folder.
     Raises:
@@ -80,6 +87,21 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
         raise BundleError(f"{src_label}: --max-target-len applies to encoder-decoder models; "
                           f"{family.name} has no attention cache")
     opts = {"max_target_len": max_target_len} if seq2seq else {}
+    if quant is not None:
+        from edgeseq.quant.onnx import SCHEMES, sensitive_patterns
+
+        if quant not in SCHEMES:
+            raise BundleError(f"unknown quantization {quant!r}; known: fp16, {', '.join(SCHEMES)}")
+        if seq2seq:
+            raise BundleError(f"{src_label}: --quant {quant} is not implemented for "
+                              f"encoder-decoders yet (use --dtype fp16)")
+        if "onnx" not in formats or any(f != "onnx" for f in formats):
+            raise BundleError(f"--quant {quant} quantizes ONNX graphs (ONNX Runtime) only; "
+                              f"ExecuTorch and pt2 quantization are not implemented yet: "
+                              f"use --format onnx")
+        if dtype != "fp32":
+            raise BundleError("--quant int8/int4 starts from fp32 graphs: drop --dtype fp16")
+        keep = [] if quantize_all else (keep if keep is not None else sensitive_patterns(family.name))
     model = family.load(src)
     graphs = family.graphs(model, **opts)
     tok_spec = tokenize.detect(src)
@@ -102,6 +124,21 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
                 files[name][fmt] = f
             say(f"      {fmt}: {', '.join(sorted(set(written.values())))} "
                 f"in {time.perf_counter() - t:.1f}s")
+        quant_record = None
+        if quant is not None:
+            from edgeseq.quant.onnx import quantize_bundle_graphs, weight_bytes_by_dtype
+
+            onnx_files = {name: f["onnx"] for name, f in files.items()}
+            before = sum(weight_bytes_by_dtype(tmp, list(onnx_files.values())).values())
+            reports = quantize_bundle_graphs(tmp, onnx_files, quant, keep or [], group_size)
+            after = weight_bytes_by_dtype(tmp, list(onnx_files.values()))
+            quant_record = {"scheme": quant, "group_size": group_size if "int4" in quant else None,
+                            "keep_float": keep or [], "state": "float32 (every state tensor)",
+                            "weight_bytes_fp32": before, "weight_bytes": after,
+                            "graphs": reports}
+            say(f"      quantized ({quant}): weights {before / 1e6:.2f} MB -> "
+                f"{sum(after.values()) / 1e6:.2f} MB ({before / max(1, sum(after.values())):.2f}x "
+                f"smaller); kept in float: {', '.join(keep or []) or 'nothing'}")
         tokenize.copy_files(src, tok_spec, tmp)
         manifest = Manifest(
             family=family.name, task=family.task,
@@ -111,7 +148,7 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
                     for name, g in graphs.items()},
             tokenizer=tok_spec, dtype=dtype, target=target,
             config=family.model_config(model, **opts),
-            quantization=FP16_NOTE if dtype == "fp16" else None)
+            quantization=quant_record or (FP16_NOTE if dtype == "fp16" else None))
         write_json(tmp / "manifest.json", manifest.to_json())
         say("[3/5] manifest written")
 
@@ -119,6 +156,23 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
         if skip_parity:
             parity["skipped"] = True
             say("[4/5] parity skipped (--skip-parity)")
+        elif quant is not None:
+            from edgeseq.quant import gates
+
+            say(f"[4/5] accuracy gate ({quant} against the fp32 model) ...")
+            try:
+                if family.task == "classification":
+                    res = gates.classifier_gate(family, model, tmp, "ort", eval_file, max_drop)
+                else:
+                    res = gates.lm_gate(family, model, tmp, "ort", tokenizer,
+                                        manifest.config["vocab_size"], eval_file=eval_file,
+                                        max_drop=max_drop)
+            except (ValueError, OSError) as e:
+                raise BundleError(str(e)) from None
+            parity.update({"quantization": quant, "gate": res, "passed": res["passed"]})
+            parity["checks"].append({"format": "onnx", **res})
+            say("      " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()
+                                     if isinstance(v, float)) + f" -> {'ok' if res['passed'] else 'FAILED'}")
         elif family.task == "classification":
             from edgeseq.convert.parity import check_classifier_bundle, reference_classifier
 
@@ -168,6 +222,14 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
             parity["passed"] = all(c["passed"] for c in parity["checks"])
         write_json(tmp / "parity.json", parity)
         if not skip_parity and not parity["passed"] and not force:
+            if quant is not None:
+                g = parity["gate"]
+                raise ConversionError(
+                    f"{src_label}: --quant {quant} failed its accuracy gate: agreement "
+                    f"{g['agreement']:.4f} (needs >= {1 - g['max_drop']:.4f})"
+                    + (f", mean KL {g['kl_mean']:.4f} (needs <= {g['max_kl']})" if "kl_mean" in g else "")
+                    + "; keep more layers in float (--keep), use a milder scheme, raise "
+                      "--max-drop, or --force to write it anyway")
             failed = [c["format"] for c in parity["checks"] if not c["passed"]]
             raise ConversionError(f"{src_label}: parity failed on {', '.join(failed)} (see the "
                                   f"errors above; --force writes the bundle anyway)")

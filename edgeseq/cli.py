@@ -28,9 +28,10 @@ def main() -> None:
 @main.command()
 @click.argument("checkpoint")
 @click.option("-o", "--output", "output", required=True, help="Bundle folder to write.")
-@click.option("--format", "fmt", default="onnx,pte", show_default=True,
+@click.option("--format", "fmt", default=None,
               help="Comma-separated graph formats: onnx (ONNX Runtime), pte (ExecuTorch), pt2 "
-                   "(torch.export, the PyTorch reference backend); all = onnx,pte,pt2.")
+                   "(torch.export, the PyTorch reference backend); all = onnx,pte,pt2. "
+                   "[default: onnx,pte; onnx with --quant int8/int4]")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--parity-tokens", type=click.IntRange(1, 4096), default=64, show_default=True,
               help="Greedy tokens compared against the source model.")
@@ -40,18 +41,42 @@ def main() -> None:
 @click.option("--max-target-len", type=click.IntRange(2), default=None,
               help="Encoder-decoders: a fixed-capacity self-attention cache of N positions "
                    "(static shapes, for NPUs and ExecuTorch) instead of a growing one.")
+@click.option("--quant", type=click.Choice(["fp16", "int8", "int4", "int4-tensor"]), default=None,
+              help="Quantize: fp16 (= --dtype fp16); int8 (per-channel weights, dynamic "
+                   "activations) or int4 (weight-only, grouped) on ONNX Runtime; int4-tensor "
+                   "(one scale per matrix: for testing the gate). State stays float32.")
+@click.option("--group-size", type=click.IntRange(16), default=32, show_default=True,
+              help="int4: weights per scale (a power of two).")
+@click.option("--keep", multiple=True,
+              help="Weights (glob on initializer names) to keep in float; repeatable. Default: "
+                   "the family's sensitive layers.")
+@click.option("--quantize-all", is_flag=True, help="Quantize the sensitive layers too.")
+@click.option("--eval", "eval_file", type=click.Path(dir_okay=False), default=None,
+              help="Held-out data for the accuracy gate: a text file (language models) or an "
+                   ".npz with x (and y) (classifiers).")
+@click.option("--max-drop", type=click.FloatRange(0, 1), default=None,
+              help="Gate threshold: largest allowed drop in agreement/accuracy "
+                   "(default 0.10 for language models, 0.02 for classifiers).")
 @click.option("-q", "--quiet", is_flag=True)
-def convert(checkpoint: str, output: str, fmt: str, dtype: str, parity_tokens: int,
+def convert(checkpoint: str, output: str, fmt: str | None, dtype: str, parity_tokens: int,
             skip_parity: bool, force: bool, overwrite: bool, max_target_len: int | None,
-            quiet: bool) -> None:
+            quant: str | None, group_size: int, keep: tuple[str, ...], quantize_all: bool,
+            eval_file: str | None, max_drop: float | None, quiet: bool) -> None:
     """Convert CHECKPOINT (a folder, or zoo:NAME) into a bundle."""
     from edgeseq.convert.pipeline import ALL_FORMATS, convert as _convert
 
+    if quant == "fp16":
+        dtype, quant = "fp16", None
+    if fmt is None:
+        fmt = "onnx" if quant else "onnx,pte"
     formats = ALL_FORMATS if fmt == "all" else tuple(f.strip() for f in fmt.split(",") if f.strip())
     try:
         _convert(checkpoint, output, formats=formats, dtype=dtype, parity_tokens=parity_tokens,
                  overwrite=overwrite, skip_parity=skip_parity, force=force,
-                 max_target_len=max_target_len, progress=None if quiet else (lambda m: click.echo(m, err=True)))
+                 max_target_len=max_target_len, quant=quant, group_size=group_size,
+                 keep=None if quantize_all else (list(keep) or None), quantize_all=quantize_all,
+                 eval_file=eval_file, max_drop=max_drop,
+                 progress=None if quiet else (lambda m: click.echo(m, err=True)))
     except BundleError as e:
         _fail(str(e))
 
@@ -312,6 +337,88 @@ def _run_speech(sess: Any, path: str | None, stream: bool, chunk_s: float,
                  if lat else "")
         click.echo(f"-- {res.audio_s:.1f} s of audio on {sess.backend}: real-time factor "
                    f"{res.rtf:.3f}{extra}", err=True)
+
+
+@main.command()
+@click.argument("bundle")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def inspect(bundle: str, as_json: bool) -> None:
+    """Show what BUNDLE holds: graphs, state and its bytes, weights by dtype, quantization and
+    the parity / accuracy-gate results."""
+    from edgeseq.bundle import read_manifest
+
+    try:
+        info = _inspect(Path(bundle), read_manifest(bundle))
+    except BundleError as e:
+        _fail(str(e))
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{bundle}: {info['family']} ({info['task']}), interface dtype {info['dtype']}, "
+               f"target {info['target']}")
+    for name, g in info["graphs"].items():
+        ins = ", ".join(f"{t['name']} {tuple(t['shape'])}" for t in g["inputs"])
+        outs = ", ".join(f"{t['name']} {tuple(t['shape'])}" for t in g["outputs"])
+        click.echo(f"  graph {name} [{', '.join(g['files'])}]: ({ins}) -> ({outs})")
+    st = info["state"]
+    click.echo(f"  state: {len(st['tensors'])} tensors, {st['bytes_batch1']} bytes at batch 1"
+               + (f" + {st['bytes_per_position']} bytes per cached position" if st["bytes_per_position"] else ""))
+    for t in st["tensors"]:
+        click.echo(f"    {t['name']:28s} {t['kind']:9s} {t['dtype']:8s} {tuple(t['shape'])}")
+    for fmt, w in info["weights"].items():
+        click.echo(f"  weights ({fmt}): " + ", ".join(f"{k} {v / 1e6:.3f} MB" for k, v in w.items()))
+    q = info["quantization"]
+    if q:
+        if isinstance(q, dict) and "graphs" in q:
+            click.echo(f"  quantization: {q['scheme']}"
+                       + (f", group {q['group_size']}" if q.get("group_size") else "")
+                       + f"; state {q['state']}; kept in float: {', '.join(q['keep_float']) or 'nothing'}")
+            for name, r in q["graphs"].items():
+                click.echo(f"    {name}: {r['how']}")
+                click.echo(f"      quantized ({len(r['quantized'])}): {', '.join(r['quantized'])}")
+                if r["kept_float"]:
+                    click.echo(f"      float ({len(r['kept_float'])}): {', '.join(r['kept_float'])}")
+        else:
+            click.echo(f"  quantization: {q}")
+    p = info["parity"]
+    if p is None:
+        click.echo("  parity: no parity.json")
+    elif "gate" in p:
+        g = p["gate"]
+        click.echo(f"  accuracy gate: {'passed' if p['passed'] else 'FAILED'}: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in g.items() if isinstance(v, float)) + f" on {g.get('data')}")
+    else:
+        click.echo(f"  parity: {'skipped' if p.get('skipped') else ('passed' if p.get('passed') else 'FAILED')}"
+                   + "".join(f"; {c['format']} ok" if c.get("passed") else f"; {c['format']} FAILED"
+                             for c in p.get("checks", [])))
+
+
+def _inspect(root: Path, man: Any) -> dict[str, Any]:
+    from edgeseq.quant.onnx import weight_bytes_by_dtype
+
+    graphs = {n: {"inputs": [t.to_json() for t in g.inputs], "outputs": [t.to_json() for t in g.outputs],
+                  "files": g.files} for n, g in man.graphs.items()}
+    specs = next((g.state for g in man.graphs.values() if g.state), [])
+    b1 = {"batch": 1, "past": 0, "source": 0}
+    tensors = [{**s.to_json(), "bytes_batch1": s.nbytes(b1)} for s in specs]
+    per_pos = sum(s.nbytes({"batch": 1, "past": 1, "source": 0}) - s.nbytes(b1) for s in specs)
+    weights: dict[str, dict[str, int]] = {}
+    onnx_files = sorted({g.files["onnx"] for g in man.graphs.values() if "onnx" in g.files})
+    if onnx_files:
+        weights["onnx"] = weight_bytes_by_dtype(root, onnx_files)
+    for fmt in ("pte", "pt2"):
+        fs = sorted({g.files[fmt] for g in man.graphs.values() if fmt in g.files})
+        if fs:
+            weights[fmt] = {"file bytes": sum((root / f).stat().st_size for f in fs)}
+    parity = None
+    if (root / "parity.json").is_file():
+        parity = json.loads((root / "parity.json").read_text())
+    return {"family": man.family, "task": man.task, "dtype": man.dtype, "target": man.target,
+            "graphs": graphs,
+            "state": {"tensors": tensors, "bytes_batch1": sum(t["bytes_batch1"] for t in tensors),
+                      "bytes_per_position": per_pos},
+            "weights": weights, "quantization": man.quantization, "parity": parity,
+            "config": man.config}
 
 
 @main.command("zoo")

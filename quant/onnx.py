@@ -1,0 +1,194 @@
+"""Weight quantization of a bundle's ONNX graphs (ONNX Runtime).
+
+Schemes:
+
+* ``int8``: per-channel symmetric int8 weights, activations quantized dynamically per call
+  (ONNX Runtime ``DynamicQuantizeMatMul``/``MatMulInteger``), for the matrix products.
+* ``int4``: weight-only 4-bit, symmetric, one scale per ``group_size`` weights along the input
+  dim (ONNX Runtime ``MatMulNBits``, ``accuracy_level`` 4: int8 compute, the fast CPU path).
+* ``int4-tensor``: 16 levels with one scale for a whole weight matrix (no groups; stored as int8
+  values in [-8, 7] behind a ``DequantizeLinear``). Deliberately damaging on weights with outlier
+  channels; it exists so the accuracy gate can be shown to catch it.
+
+Only matrix products with constant weights are quantized. State tensors are graph inputs and
+outputs and stay float32; so do normalisations, convolutions, SSM parameters (A, D, dt), and the
+families' sensitive layers (``sensitive_patterns``) unless the user includes them.
+
+The exporter writes linear layers as ``Gemm(x, W, b, transB=1)``; ONNX Runtime's quantizers take
+``MatMul`` with a (in, out) weight, so those Gemms are first rewritten to ``MatMul`` + ``Add``.
+"""
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMES = ("int8", "int4", "int4-tensor")
+DEFAULT_GROUP = 32
+#: weights kept in float by default, per family: Mamba's x_proj/dt_proj produce the step size
+#: dt that scales the whole state update (exp(dt A)); errors there compound along the stream.
+SENSITIVE = {"mamba": ["*x_proj*", "*dt_proj*"]}
+
+
+def sensitive_patterns(family: str) -> list[str]:
+    return list(SENSITIVE.get(family, []))
+
+
+def gemm_to_matmul(model: Any) -> int:
+    """Rewrite ``Gemm(A, W, [C], transB=1, alpha=beta=1)`` with constant W as MatMul (+ Add)."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    new_nodes, n = [], 0
+    for node in g.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        ok = (node.op_type == "Gemm" and node.input[1] in inits and attrs.get("transB", 0) == 1
+              and attrs.get("transA", 0) == 0 and attrs.get("alpha", 1.0) == 1.0
+              and attrs.get("beta", 1.0) == 1.0)
+        if not ok:
+            new_nodes.append(node)
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        wt_name = node.input[1] + ".T"
+        if wt_name not in inits:
+            t = numpy_helper.from_array(np.ascontiguousarray(w.T), wt_name)
+            g.initializer.append(t)
+            inits[wt_name] = t
+        has_bias = len(node.input) > 2 and node.input[2]
+        mm_out = node.output[0] + "_mm" if has_bias else node.output[0]
+        new_nodes.append(helper.make_node("MatMul", [node.input[0], wt_name], [mm_out],
+                                          name=node.name + "_matmul"))
+        if has_bias:
+            new_nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]],
+                                              name=node.name + "_bias"))
+        n += 1
+    del g.node[:]
+    g.node.extend(new_nodes)
+    used = {i for node in g.node for i in node.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return n
+
+
+def matmul_weights(model: Any) -> dict[str, str]:
+    """node name -> weight initializer name, for MatMuls with a constant 2-D weight."""
+    inits = {i.name: i for i in model.graph.initializer}
+    return {n.name: n.input[1] for n in model.graph.node
+            if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2}
+
+
+def quantize_model(model: Any, scheme: str, keep: list[str], group_size: int = DEFAULT_GROUP
+                   ) -> tuple[Any, dict[str, Any]]:
+    """Quantize one ONNX model in memory; returns it and a per-weight report."""
+    import onnx
+
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+    gemm_to_matmul(model)
+    weights = matmul_weights(model)
+    exclude = [node for node, w in weights.items()
+               if any(fnmatch.fnmatch(w, pat) for pat in keep)]
+    chosen = {node: w for node, w in weights.items() if node not in exclude}
+    # embedding tables (Gather from a 2-D constant): int8 too; excluded like any weight by `keep`
+    inits = {i.name: i for i in model.graph.initializer}
+    gathers = {n.name: n.input[0] for n in model.graph.node if n.op_type == "Gather"
+               and n.input[0] in inits and len(inits[n.input[0]].dims) == 2}
+    gather_exclude = [n for n, w in gathers.items() if any(fnmatch.fnmatch(w, p) for p in keep)]
+    if scheme == "int8":
+        import tempfile
+
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        with tempfile.TemporaryDirectory() as tmp:
+            src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+            onnx.save_model(model, str(src))
+            quantize_dynamic(src, dst, op_types_to_quantize=["MatMul", "Gather"], per_channel=True,
+                             weight_type=QuantType.QInt8,
+                             nodes_to_quantize=(list(chosen) + [n for n in gathers
+                                                                if n not in gather_exclude]) or None,
+                             nodes_to_exclude=exclude + gather_exclude,
+                             extra_options={"MatMulConstBOnly": True})
+            model = onnx.load(str(dst))
+        how = ("int8 per-channel symmetric weights, dynamic int8 activations (DynamicQuantizeMatMul); "
+               "embedding tables int8 (per-tensor, dequantized at the Gather)")
+    elif scheme == "int4-tensor":
+        _per_tensor_int4(model, sorted(set(chosen.values())))
+        how = "int4 levels, one scale per weight matrix (int8 storage + DequantizeLinear)"
+    else:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        q = MatMulNBitsQuantizer(model, bits=4, block_size=group_size, is_symmetric=True,
+                                 accuracy_level=4, nodes_to_exclude=exclude)
+        q.process()
+        model = q.model.model
+        how = (f"int4 weight-only, symmetric, group {group_size} (MatMulNBits, accuracy level 4: "
+               f"int8 compute)")
+    if scheme == "int8":
+        chosen.update({n: w for n, w in gathers.items() if n not in gather_exclude})
+    report = {"scheme": scheme, "how": how, "quantized": sorted(set(chosen.values())),
+              "kept_float": sorted({weights[n] for n in exclude})}
+    return model, report
+
+
+def _per_tensor_int4(model: Any, names: list[str]) -> None:
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    dq = []
+    for name in names:
+        w = numpy_helper.to_array(inits[name]).astype(np.float32)
+        scale = np.float32(max(float(np.abs(w).max()), 1e-12) / 7.0)
+        q = np.clip(np.round(w / scale), -8, 7).astype(np.int8)
+        g.initializer.remove(inits[name])
+        g.initializer.extend([numpy_helper.from_array(q, name + ".q4"),
+                              numpy_helper.from_array(np.array(scale), name + ".scale")])
+        dq.append(helper.make_node("DequantizeLinear", [name + ".q4", name + ".scale"], [name],
+                                   name=name + ".dequantize"))
+    nodes = list(g.node)
+    del g.node[:]
+    g.node.extend(dq + nodes)
+
+
+def quantize_bundle_graphs(folder: Path, files: dict[str, str], scheme: str, keep: list[str],
+                           group_size: int = DEFAULT_GROUP) -> dict[str, Any]:
+    """Quantize every ``<graph>.onnx`` of a bundle folder in place (weights re-shared once)."""
+    import onnx
+
+    from edgeseq.runtime.backends.onnxruntime import WEIGHTS_FILE, _share_weights
+
+    models, reports = {}, {}
+    for name, f in files.items():
+        model = onnx.load(str(folder / f), load_external_data=True)
+        models[name], reports[name] = quantize_model(model, scheme, keep, group_size)
+    (folder / WEIGHTS_FILE).unlink(missing_ok=True)
+    _share_weights(models, folder / WEIGHTS_FILE)
+    for name, model in models.items():
+        onnx.save_model(model, str(folder / files[name]))
+    return reports
+
+
+def weight_bytes_by_dtype(folder: Path, files: list[str]) -> dict[str, int]:
+    """Bytes of the initializers of the given ONNX files by dtype, each shared tensor once."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    seen: set[tuple] = set()
+    out: dict[str, int] = {}
+    for f in files:
+        model = onnx.load(str(folder / f), load_external_data=False)
+        for init in model.graph.initializer:
+            ext = {e.key: e.value for e in init.external_data}
+            key = (ext.get("location"), ext.get("offset")) if ext else (f, init.name)
+            if key in seen:
+                continue
+            seen.add(key)
+            n = int(np.prod(init.dims)) if init.dims else 1
+            dt = np.dtype(tensor_dtype_to_np_dtype(init.data_type))
+            nbytes = int(ext["length"]) if ext else (len(init.raw_data) or n * dt.itemsize)
+            out[str(dt)] = out.get(str(dt), 0) + nbytes
+    return out
