@@ -52,7 +52,7 @@ def test_run_streams_text_and_summary(bundle_of):
     (["--prompt-ids", "1,x"], "comma-separated integers"),
     (["--prompt-ids", "1,100000"], "ids must be in"),
     (["--prompt", "hi"], "has no tokenizer"),
-    ([], "exactly one of --prompt/--text, --prompt-ids or --audio"),
+    ([], "exactly one of --prompt/--text, --prompt-ids, --audio or --input"),
 ])
 def test_run_bad_input(bundle_of, args, msg):
     p = edgeseq("run", bundle_of(FAMILIES[0]), *args, check=False)
