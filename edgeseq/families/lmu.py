@@ -502,6 +502,12 @@ class LMUFormerStream(nn.Module):
         self.post_t = nn.ParameterList(nn.Parameter(t, requires_grad=False) for _, t in posts)
         self.blocks = model.block
         self.head = model.head
+        # The Legendre matrices, transposed for the row-vector update m A^T + u B^T, under names
+        # that quantization can recognise and keep in float (edgeseq.quant.onnx.SENSITIVE).
+        self.memory_At = nn.ParameterList(nn.Parameter(b.attn.lmu.A.T.contiguous().clone(),
+                                                       requires_grad=False) for b in model.block)
+        self.memory_Bt = nn.ParameterList(nn.Parameter(b.attn.lmu.B.T.contiguous().clone(),
+                                                       requires_grad=False) for b in model.block)
         # folded 1x1 convs of each block: proj (attn), fc1, fc2 (mlp)
         self.folded = nn.ParameterList()
         for blk in model.block:
@@ -585,14 +591,14 @@ class LMUFormerStream(nn.Module):
         mem = st[s0]
         if not self.spiking:
             u = F.relu(cell.W_u(x))                                       # (b, 1)
-            new = mem @ cell.A.T + u @ cell.B.T                           # (b, d)
+            new = mem @ self.memory_At[bi] + u @ self.memory_Bt[bi]       # (b, d)
             st[s0] = torch.where(ok, new, mem)
             h = F.relu(cell.W_h(torch.cat([new, x], -1)))
             x = x + F.linear(h, pw, pb)
             return x + F.relu(F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2))
         wu, bu, wh, bh, ms, mt = (f[base + 6 + i] for i in range(6))
         su, st[s0 + 1] = self._lif(F.linear(x, wu, bu), st[s0 + 1], ok)
-        new = mem @ cell.A.T + su @ cell.B.T
+        new = mem @ self.memory_At[bi] + su @ self.memory_Bt[bi]
         st[s0] = torch.where(ok, new, mem)
         sm, st[s0 + 2] = self._lif(new * ms + mt, st[s0 + 2], ok)
         sh, st[s0 + 3] = self._lif(F.linear(torch.cat([sm, x], -1), wh, bh), st[s0 + 3], ok)
