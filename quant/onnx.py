@@ -112,7 +112,10 @@ def quantize_model(model: Any, scheme: str, keep: list[str], group_size: int = D
                              nodes_to_exclude=exclude,
                              extra_options={"MatMulConstBOnly": True})
             model = onnx.load(str(dst))
+        shared = share_tied_int8(model, tables)
         how = "int8 per-channel symmetric weights, dynamic int8 activations (DynamicQuantizeMatMul)"
+        if shared:
+            how += "; the tied embedding reads the LM head's int8 matrix"
     elif scheme == "int4-tensor":
         _per_tensor_int4(model, sorted(set(chosen.values())))
         how = "int4 levels, one scale per weight matrix (int8 storage + DequantizeLinear)"
@@ -242,6 +245,44 @@ def quantize_embeddings(model: Any, bits: int, keep: list[str], group: int = DEF
     del g.node[:]
     g.node.extend(new_nodes)
     return done
+
+
+def share_tied_int8(model: Any, tables: list[str]) -> list[str]:
+    """A tied embedding / LM head holds one int8 matrix: the embedding Gather reads the LM head's
+    quantized (in, vocab) matrix by column (its per-column scales are per vocabulary row), instead
+    of its own per-row copy. Returns the tables now shared."""
+    from onnx import helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in g.input}
+    shared, new_nodes = [], []
+    for n in g.node:
+        w = next((t for t in tables if n.op_type == "Gather" and n.input[0] == t + ".q"), None)
+        qt, st = (w + ".T_quantized", w + ".T_scale") if w else ("", "")
+        if w is None or qt not in inits or st not in inits or n.input[1] not in ranks:
+            if n.op_type == "Gather" and any(n.input[0] == t + ".scale" and t in shared
+                                             for t in tables):
+                n.input[0] = n.input[0][:-len(".scale")] + ".T_scale"
+            new_nodes.append(n)
+            continue
+        r = ranks[n.input[1]]
+        cols = n.output[0] + "_cols"
+        new_nodes += [helper.make_node("Gather", [qt, n.input[1]], [cols], axis=1,
+                                       name=n.name + "_cols"),
+                      helper.make_node("Transpose", [cols], [n.output[0]],
+                                       perm=[*range(1, r + 1), 0], name=n.name + "_t")]
+        shared.append(w)
+    for n in new_nodes:  # the scale Gathers may come before their row Gathers
+        if n.op_type == "Gather" and any(n.input[0] == t + ".scale" for t in shared):
+            n.input[0] = n.input[0][:-len(".scale")] + ".T_scale"
+    del g.node[:]
+    g.node.extend(new_nodes)
+    used = {i for n in g.node for i in n.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return shared
 
 
 def quantize_bundle_graphs(folder: Path, files: dict[str, str], scheme: str, keep: list[str],
