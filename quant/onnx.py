@@ -38,6 +38,13 @@ def sensitive_patterns(family: str) -> list[str]:
     return list(SENSITIVE.get(family, []))
 
 
+def _drop_unused_initializers(g: Any) -> None:
+    used = {i for node in g.node for i in node.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+
+
 def gemm_to_matmul(model: Any) -> int:
     """Rewrite ``Gemm(A, W, [C], transB=1, alpha=beta=1)`` with constant W as MatMul (+ Add)."""
     from onnx import helper, numpy_helper
@@ -69,10 +76,7 @@ def gemm_to_matmul(model: Any) -> int:
         n += 1
     del g.node[:]
     g.node.extend(new_nodes)
-    used = {i for node in g.node for i in node.input}
-    keep = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+    _drop_unused_initializers(g)
     return n
 
 
@@ -278,10 +282,7 @@ def share_tied_int8(model: Any, tables: list[str]) -> list[str]:
             n.input[0] = n.input[0][:-len(".scale")] + ".T_scale"
     del g.node[:]
     g.node.extend(new_nodes)
-    used = {i for n in g.node for i in n.input}
-    keep = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+    _drop_unused_initializers(g)
     return shared
 
 

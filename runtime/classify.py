@@ -96,28 +96,30 @@ class ClassifierSession:
         if self.finished:
             raise ValueError("this stream is finished; call reset() to start another")
         x = self._check(frames)
-        before = sum(o.shape[1] for o in self._out)
+        before = len(self._out)
         self._feed(x, 1.0)
         self.frames_in += x.shape[1]
         return self._ready_since(before)
 
     def finish(self) -> np.ndarray:
         """Flush the lookahead: the last frames' running logits, (rows, lookahead, classes)."""
-        before = sum(o.shape[1] for o in self._out)
-        flush = min(self.lookahead, self.frames_in)
-        if flush:
+        before = len(self._out)
+        if self.frames_in:
             self._feed(np.zeros((self.rows, self.lookahead, self.features), np.float32), 0.0)
         self.finished = True
         return self._ready_since(before)
 
     def running(self) -> np.ndarray:
         """All ready running logits so far, (rows, frames, classes)."""
-        if not self._out:
-            return np.zeros((self.rows, 0, int(self.config["num_classes"])), np.float32)
-        return np.concatenate(self._out, axis=1)
+        return self._ready_since(0)
 
     def _ready_since(self, before: int) -> np.ndarray:
-        return self.running()[:, before:]
+        """Running logits of the calls from ``before`` on (not the whole history: a stream fed
+        frame by frame would otherwise copy everything on every push)."""
+        new = self._out[before:]
+        if not new:
+            return np.zeros((self.rows, 0, int(self.config["num_classes"])), np.float32)
+        return np.concatenate(new, axis=1)
 
     def classify(self, frames: np.ndarray) -> Classification:
         """A whole sequence (n, features): feed it, flush, and return the final prediction."""

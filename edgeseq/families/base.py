@@ -55,6 +55,26 @@ class Family:
         raise NotImplementedError
 
 
+def config_from_dict(cls: Any, d: dict[str, Any]) -> Any:
+    """Build a family's own config dataclass from ``config.json``: ``model_type`` must be the
+    class's, and unknown or missing keys are errors naming the class."""
+    import dataclasses
+
+    d = dict(d)
+    mt = d.pop("model_type", cls.model_type)
+    if mt != cls.model_type:
+        raise ValueError(f"model_type {mt!r} is not {cls.model_type!r}")
+    fields = dataclasses.fields(cls)
+    unknown = sorted(set(d) - {f.name for f in fields})
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}")
+    missing = sorted(f.name for f in fields if f.default is dataclasses.MISSING
+                     and f.default_factory is dataclasses.MISSING and f.name not in d)
+    if missing:
+        raise ValueError(f"missing {cls.__name__} key(s): {', '.join(missing)}")
+    return cls(**d)
+
+
 def lm_graph_specs(vocab_size: int, state: list[StateSpec]) -> tuple[
         list[TensorSpec], list[TensorSpec], list[TensorSpec], list[TensorSpec]]:
     """Input and output specs of the causal-LM ``prefill`` and ``step`` graphs."""

@@ -42,7 +42,7 @@ from torch import nn
 
 from edgeseq.bundle import BundleError, StateSpec, StreamingGraph, TensorSpec
 from edgeseq.checkpoint import load_into, load_state_dict, read_config
-from edgeseq.families.base import Family
+from edgeseq.families.base import Family, config_from_dict
 from edgeseq.registry import register_family
 
 DEFAULT_CHUNK = 8
@@ -303,20 +303,7 @@ class LMUFormerConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LMUFormerConfig":
-        d = dict(d)
-        mt = d.pop("model_type", cls.model_type)
-        if mt != cls.model_type:
-            raise ValueError(f"model_type {mt!r} is not {cls.model_type!r}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown LMUFormerConfig key(s): {', '.join(unknown)}")
-        missing = sorted(f.name for f in dataclasses.fields(cls)
-                         if f.default is dataclasses.MISSING
-                         and f.default_factory is dataclasses.MISSING and f.name not in d)
-        if missing:
-            raise ValueError(f"missing LMUFormerConfig key(s): {', '.join(missing)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 def _conv3(c_in: int, c_out: int) -> nn.Conv1d:

@@ -30,7 +30,7 @@ from torch import nn
 
 from edgeseq.bundle import BundleError, StateSpec, StreamingGraph
 from edgeseq.checkpoint import load_into, load_state_dict, read_config
-from edgeseq.families.base import Family, lm_graph_specs
+from edgeseq.families.base import Family, config_from_dict, lm_graph_specs
 from edgeseq.registry import register_family
 
 # Prefill materialises a (b, l, l, h) Toeplitz product per layer; the runtime keeps chunks under
@@ -62,19 +62,7 @@ class S4DConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "S4DConfig":
-        d = dict(d)
-        mt = d.pop("model_type", cls.model_type)
-        if mt != cls.model_type:
-            raise ValueError(f"model_type {mt!r} is not {cls.model_type!r}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown S4DConfig key(s): {', '.join(unknown)}")
-        missing = sorted(f.name for f in dataclasses.fields(cls)
-                         if f.default is dataclasses.MISSING and f.name not in d)
-        if missing:
-            raise ValueError(f"missing S4DConfig key(s): {', '.join(missing)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 def _cmul(ar: torch.Tensor, ai: torch.Tensor, br: torch.Tensor,

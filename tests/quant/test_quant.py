@@ -94,3 +94,10 @@ def test_classifier_gate_with_eval_file(tmp_path):
     p = cli("convert", "zoo:lmuformer-digits", "-o", tmp_path / "bad", "--quant", "int8",
             "--eval", tmp_path / "missing.npz", check=False)
     assert p.returncode != 0 and "missing.npz" in p.stderr
+
+
+def test_inspect_bad_input(tmp_path):
+    p = cli("inspect", tmp_path / "missing", check=False)
+    assert p.returncode == 2 and "missing: no such bundle folder" in p.stderr
+    p = cli("inspect", tmp_path, check=False)
+    assert p.returncode == 2 and "not an edgeseq bundle (no manifest.json)" in p.stderr
