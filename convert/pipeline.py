@@ -34,6 +34,36 @@ def _decoder_room(config: dict[str, Any]) -> int:
     return (min(caps) if caps else 1 << 30) - len(config.get("decoder_prompt", [0]))
 
 
+def _check_quant(quant: str, formats: tuple[str, ...], dtype: str, family: str,
+                 keep: list[str] | None, quantize_all: bool) -> list[str]:
+    """Refuse a scheme/format combination that does not exist; return the float patterns."""
+    from edgeseq.quant.executorch import SCHEMES as ET_SCHEMES
+    from edgeseq.quant.onnx import SCHEMES as ORT_SCHEMES, sensitive_patterns
+
+    if quant not in ORT_SCHEMES:
+        raise BundleError(f"unknown quantization {quant!r}; known: fp16, {', '.join(ORT_SCHEMES)}")
+    if "pt2" in formats:
+        raise BundleError(f"--quant {quant}: pt2 (the PyTorch reference format) is not quantized; "
+                          f"use --format onnx, pte or onnx,pte")
+    if "pte" in formats and quant not in ET_SCHEMES:
+        raise BundleError(f"--quant {quant} exists for ONNX Runtime only (ExecuTorch: "
+                          f"{', '.join(ET_SCHEMES)}); use --format onnx")
+    if dtype != "fp32":
+        raise BundleError(f"--quant {quant} starts from fp32 graphs: drop --dtype fp16")
+    return [] if quantize_all else (keep if keep is not None else sensitive_patterns(family))
+
+
+def _gate_summary(g: dict[str, Any]) -> str:
+    parts = [f"agreement {g['agreement']:.4f} (needs >= {1 - g['max_drop']:.4f})"]
+    if "kl_mean" in g:
+        parts.append(f"mean KL {g['kl_mean']:.4f} (needs <= {g['max_kl']})")
+    if "cer" in g:
+        parts.append(f"CER {g['cer']:.4f} (needs <= {g['max_cer']})")
+    if "accuracy" in g:
+        parts.append(f"accuracy {g['accuracy']:.4f} (fp32 {g['accuracy_fp32']:.4f})")
+    return ", ".join(parts)
+
+
 class ConversionError(BundleError):
     """Conversion failed (parity included); nothing was written."""
 
@@ -55,9 +85,10 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
         skip_parity: write without checking (not recommended); ``force`` writes despite a failure.
         max_target_len: encoder-decoders only: a fixed-capacity self-attention cache of this many
             positions (static shapes) instead of a growing one.
-        quant: ``int8``, ``int4`` or ``int4-tensor`` weight quantization of the ONNX graphs
-            (``edgeseq.quant.onnx``), checked by an accuracy gate (``edgeseq.quant.gates``)
-            instead of exact parity; ``keep`` globs weights to leave in float (default: the
+        quant: ``int8``, ``int4`` (ONNX Runtime: ``edgeseq.quant.onnx``; ExecuTorch:
+            ``edgeseq.quant.executorch``) or ``int4-tensor`` (ONNX only) weight quantization,
+            checked per format by an accuracy gate (``edgeseq.quant.gates``) instead of exact
+            parity; ``keep`` globs weights to leave in float (default: the
             family's sensitive layers, none with ``quantize_all``).
     Returns:
         The bundle folder.
@@ -88,20 +119,7 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
                           f"{family.name} has no attention cache")
     opts = {"max_target_len": max_target_len} if seq2seq else {}
     if quant is not None:
-        from edgeseq.quant.onnx import SCHEMES, sensitive_patterns
-
-        if quant not in SCHEMES:
-            raise BundleError(f"unknown quantization {quant!r}; known: fp16, {', '.join(SCHEMES)}")
-        if seq2seq:
-            raise BundleError(f"{src_label}: --quant {quant} is not implemented for "
-                              f"encoder-decoders yet (use --dtype fp16)")
-        if "onnx" not in formats or any(f != "onnx" for f in formats):
-            raise BundleError(f"--quant {quant} quantizes ONNX graphs (ONNX Runtime) only; "
-                              f"ExecuTorch and pt2 quantization are not implemented yet: "
-                              f"use --format onnx")
-        if dtype != "fp32":
-            raise BundleError("--quant int8/int4 starts from fp32 graphs: drop --dtype fp16")
-        keep = [] if quantize_all else (keep if keep is not None else sensitive_patterns(family.name))
+        keep = _check_quant(quant, formats, dtype, family.name, keep, quantize_all)
     model = family.load(src)
     graphs = family.graphs(model, **opts)
     tok_spec = tokenize.detect(src)
@@ -109,6 +127,7 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
 
     with atomic_folder(out, overwrite=overwrite) as tmp:
         files: dict[str, dict[str, str]] = {name: {} for name in graphs}
+        q_formats: dict[str, Any] = {}
         for i, fmt in enumerate(formats):
             backend = get_backend(FORMATS[fmt])
             why = backend.available()
@@ -117,7 +136,17 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
             t = time.perf_counter()
             say(f"[2/5] lowering to {fmt} ({i + 1}/{len(formats)}) ...")
             try:
-                written = backend.lower(graphs, tmp, dtype)
+                if quant is not None and fmt == "pte":
+                    from edgeseq.quant.executorch import float_weight_bytes, quantize_graphs
+
+                    qgraphs, reports = quantize_graphs(graphs, quant, keep or [], group_size)
+                    written = backend.lower(qgraphs, tmp, dtype, quantized=True)
+                    q_formats["pte"] = {"weight_bytes_fp32": float_weight_bytes(graphs),
+                                        "file_bytes": (tmp / written[next(iter(written))]).stat().st_size,
+                                        "graphs": reports}
+                    del qgraphs
+                else:
+                    written = backend.lower(graphs, tmp, dtype)
             except ValueError as e:
                 raise ConversionError(f"{src_label}: cannot lower to {fmt}: {e}") from None
             for name, f in written.items():
@@ -126,19 +155,25 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
                 f"in {time.perf_counter() - t:.1f}s")
         quant_record = None
         if quant is not None:
-            from edgeseq.quant.onnx import quantize_bundle_graphs, weight_bytes_by_dtype
+            if "onnx" in formats:
+                from edgeseq.quant.onnx import quantize_bundle_graphs, weight_bytes_by_dtype
 
-            onnx_files = {name: f["onnx"] for name, f in files.items()}
-            before = sum(weight_bytes_by_dtype(tmp, list(onnx_files.values())).values())
-            reports = quantize_bundle_graphs(tmp, onnx_files, quant, keep or [], group_size)
-            after = weight_bytes_by_dtype(tmp, list(onnx_files.values()))
+                onnx_files = {name: f["onnx"] for name, f in files.items()}
+                before = sum(weight_bytes_by_dtype(tmp, list(onnx_files.values())).values())
+                reports = quantize_bundle_graphs(tmp, onnx_files, quant, keep or [], group_size)
+                after = weight_bytes_by_dtype(tmp, list(onnx_files.values()))
+                q_formats["onnx"] = {"weight_bytes_fp32": before, "weight_bytes": after,
+                                     "graphs": reports}
+            for fmt, rec in q_formats.items():
+                before = rec["weight_bytes_fp32"]
+                after = sum(rec["weight_bytes"].values()) if "weight_bytes" in rec else rec["file_bytes"]
+                say(f"      quantized {fmt} ({quant}): weights {before / 1e6:.2f} MB -> "
+                    f"{after / 1e6:.2f} MB{' (whole .pte file)' if fmt == 'pte' else ''} "
+                    f"({before / max(1, after):.2f}x smaller)")
+            say(f"      kept in float: {', '.join(keep or []) or 'nothing'}")
             quant_record = {"scheme": quant, "group_size": group_size if "int4" in quant else None,
                             "keep_float": keep or [], "state": "float32 (every state tensor)",
-                            "weight_bytes_fp32": before, "weight_bytes": after,
-                            "graphs": reports}
-            say(f"      quantized ({quant}): weights {before / 1e6:.2f} MB -> "
-                f"{sum(after.values()) / 1e6:.2f} MB ({before / max(1, sum(after.values())):.2f}x "
-                f"smaller); kept in float: {', '.join(keep or []) or 'nothing'}")
+                            "formats": {f: q_formats[f] for f in formats}}
         tokenize.copy_files(src, tok_spec, tmp)
         manifest = Manifest(
             family=family.name, task=family.task,
@@ -159,20 +194,28 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
         elif quant is not None:
             from edgeseq.quant import gates
 
-            say(f"[4/5] accuracy gate ({quant} against the fp32 model) ...")
-            try:
-                if family.task == "classification":
-                    res = gates.classifier_gate(family, model, tmp, "ort", eval_file, max_drop)
-                else:
-                    res = gates.lm_gate(family, model, tmp, "ort", tokenizer,
-                                        manifest.config["vocab_size"], eval_file=eval_file,
-                                        max_drop=max_drop)
-            except (ValueError, OSError) as e:
-                raise BundleError(str(e)) from None
-            parity.update({"quantization": quant, "gate": res, "passed": res["passed"]})
-            parity["checks"].append({"format": "onnx", **res})
-            say("      " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()
-                                     if isinstance(v, float)) + f" -> {'ok' if res['passed'] else 'FAILED'}")
+            parity.update({"quantization": quant, "gates": {}})
+            for fmt in formats:
+                say(f"[4/5] accuracy gate: {fmt} {quant} against the fp32 model ...")
+                try:
+                    if family.task == "classification":
+                        res = gates.classifier_gate(family, model, tmp, FORMATS[fmt], eval_file,
+                                                    max_drop)
+                    elif seq2seq:
+                        res = gates.seq2seq_gate(family, model, tmp, FORMATS[fmt], eval_file,
+                                                 max_drop)
+                    else:
+                        res = gates.lm_gate(family, model, tmp, FORMATS[fmt], tokenizer,
+                                            manifest.config["vocab_size"], eval_file=eval_file,
+                                            max_drop=max_drop)
+                except (ValueError, OSError) as e:
+                    raise BundleError(str(e)) from None
+                parity["gates"][fmt] = res
+                parity["checks"].append({"format": fmt, **res})
+                say(f"      {fmt:5s} " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()
+                                                if isinstance(v, float))
+                    + f" -> {'ok' if res['passed'] else 'FAILED'}")
+            parity["passed"] = all(c["passed"] for c in parity["checks"])
         elif family.task == "classification":
             from edgeseq.convert.parity import check_classifier_bundle, reference_classifier
 
@@ -223,11 +266,10 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
         write_json(tmp / "parity.json", parity)
         if not skip_parity and not parity["passed"] and not force:
             if quant is not None:
-                g = parity["gate"]
                 raise ConversionError(
-                    f"{src_label}: --quant {quant} failed its accuracy gate: agreement "
-                    f"{g['agreement']:.4f} (needs >= {1 - g['max_drop']:.4f})"
-                    + (f", mean KL {g['kl_mean']:.4f} (needs <= {g['max_kl']})" if "kl_mean" in g else "")
+                    f"{src_label}: --quant {quant} failed its accuracy gate: "
+                    + "; ".join(f"{fmt}: {_gate_summary(g)}" for fmt, g in parity["gates"].items()
+                                if not g["passed"])
                     + "; keep more layers in float (--keep), use a milder scheme, raise "
                       "--max-drop, or --force to write it anyway")
             failed = [c["format"] for c in parity["checks"] if not c["passed"]]

@@ -31,7 +31,7 @@ def main() -> None:
 @click.option("--format", "fmt", default=None,
               help="Comma-separated graph formats: onnx (ONNX Runtime), pte (ExecuTorch), pt2 "
                    "(torch.export, the PyTorch reference backend); all = onnx,pte,pt2. "
-                   "[default: onnx,pte; onnx with --quant int8/int4]")
+                   "[default: onnx,pte; onnx with --quant int4-tensor]")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--parity-tokens", type=click.IntRange(1, 4096), default=64, show_default=True,
               help="Greedy tokens compared against the source model.")
@@ -43,8 +43,9 @@ def main() -> None:
                    "(static shapes, for NPUs and ExecuTorch) instead of a growing one.")
 @click.option("--quant", type=click.Choice(["fp16", "int8", "int4", "int4-tensor"]), default=None,
               help="Quantize: fp16 (= --dtype fp16); int8 (per-channel weights, dynamic "
-                   "activations) or int4 (weight-only, grouped) on ONNX Runtime; int4-tensor "
-                   "(one scale per matrix: for testing the gate). State stays float32.")
+                   "activations) or int4 (grouped weights; ONNX Runtime MatMulNBits, ExecuTorch "
+                   "XNNPACK 8da4w); int4-tensor (one scale per matrix, ONNX only: for testing "
+                   "the gate). State stays float32.")
 @click.option("--group-size", type=click.IntRange(16), default=32, show_default=True,
               help="int4: weights per scale (a power of two).")
 @click.option("--keep", multiple=True,
@@ -68,7 +69,7 @@ def convert(checkpoint: str, output: str, fmt: str | None, dtype: str, parity_to
     if quant == "fp16":
         dtype, quant = "fp16", None
     if fmt is None:
-        fmt = "onnx" if quant else "onnx,pte"
+        fmt = "onnx" if quant == "int4-tensor" else "onnx,pte"
     formats = ALL_FORMATS if fmt == "all" else tuple(f.strip() for f in fmt.split(",") if f.strip())
     try:
         _convert(checkpoint, output, formats=formats, dtype=dtype, parity_tokens=parity_tokens,
@@ -369,24 +370,26 @@ def inspect(bundle: str, as_json: bool) -> None:
         click.echo(f"  weights ({fmt}): " + ", ".join(f"{k} {v / 1e6:.3f} MB" for k, v in w.items()))
     q = info["quantization"]
     if q:
-        if isinstance(q, dict) and "graphs" in q:
+        if isinstance(q, dict) and "formats" in q:
             click.echo(f"  quantization: {q['scheme']}"
                        + (f", group {q['group_size']}" if q.get("group_size") else "")
                        + f"; state {q['state']}; kept in float: {', '.join(q['keep_float']) or 'nothing'}")
-            for name, r in q["graphs"].items():
-                click.echo(f"    {name}: {r['how']}")
-                click.echo(f"      quantized ({len(r['quantized'])}): {', '.join(r['quantized'])}")
-                if r["kept_float"]:
-                    click.echo(f"      float ({len(r['kept_float'])}): {', '.join(r['kept_float'])}")
+            for fmt, rec in q["formats"].items():
+                for name, r in rec["graphs"].items():
+                    click.echo(f"    {fmt} {name}: {r['how']}")
+                    click.echo(f"      quantized ({len(r['quantized'])}): {', '.join(r['quantized'])}")
+                    if r["kept_float"]:
+                        click.echo(f"      float ({len(r['kept_float'])}): {', '.join(r['kept_float'])}")
         else:
             click.echo(f"  quantization: {q}")
     p = info["parity"]
     if p is None:
         click.echo("  parity: no parity.json")
-    elif "gate" in p:
-        g = p["gate"]
-        click.echo(f"  accuracy gate: {'passed' if p['passed'] else 'FAILED'}: " + ", ".join(
-            f"{k} {v:.4f}" for k, v in g.items() if isinstance(v, float)) + f" on {g.get('data')}")
+    elif "gates" in p:
+        for fmt, g in p["gates"].items():
+            click.echo(f"  accuracy gate ({fmt}): {'passed' if g['passed'] else 'FAILED'}: "
+                       + ", ".join(f"{k} {v:.4f}" for k, v in g.items() if isinstance(v, float))
+                       + f" on {g.get('data')}")
     else:
         click.echo(f"  parity: {'skipped' if p.get('skipped') else ('passed' if p.get('passed') else 'FAILED')}"
                    + "".join(f"; {c['format']} ok" if c.get("passed") else f"; {c['format']} FAILED"
@@ -436,6 +439,54 @@ def zoo_cmd(as_json: bool) -> None:
         return
     for r in rows:
         click.echo(f"zoo:{r['name']:<16} {r['family']:<8} {r['task']:<10} {r['description']}")
+
+
+_NOT_CALIBRATED = "not calibrated (run with --calibrate)"
+
+
+@main.command("devices")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+@click.option("--devices", "device_paths", multiple=True, type=click.Path(),
+              help="A device .toml file or a folder of them; repeatable (also "
+                   "$EDGESEQ_DEVICES, os.pathsep-separated).")
+@click.option("--calibrate", is_flag=True,
+              help="Measure this host now (a few seconds) and cache the result.")
+def devices_cmd(as_json: bool, device_paths: tuple[str, ...], calibrate: bool) -> None:
+    """List the target device profiles: app memory, DRAM bandwidth, peak throughput, NPU and
+    preferred backends (see docs/devices.md)."""
+    from edgeseq.devices import DeviceError, calibrate_host, load_profiles
+
+    try:
+        profiles = load_profiles([Path(p) for p in device_paths])
+        if calibrate:
+            click.echo("calibrating this host (a few seconds)...", err=True)
+            profiles["host"] = calibrate_host(force=True)
+    except DeviceError as e:
+        _fail(str(e))
+    rows = [p.summary() for p in profiles.values()]
+    if as_json:
+        for r in rows:
+            if not r["calibrated"]:
+                r["note"] = _NOT_CALIBRATED
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'id':<26} {'name':<46} {'app GB':>7} {'BW GB/s':>8} {'fp32 GOP/s':>10} "
+               f"{'int8 GOP/s':>10} {'NPU TOPS':>8}  backends")
+    for r in rows:
+        head = f"{r['id']:<26} {r['name'][:46]:<46}"
+        if not r["calibrated"]:
+            click.echo(f"{head} {_NOT_CALIBRATED}")
+            continue
+        peak = r["cpu"]["peak_ops_per_s"]
+
+        def g(v: float | None, scale: float, fmt: str = ".1f") -> str:
+            return "-" if v is None else format(v / scale, fmt)
+
+        npu = r["npu"]["tops"] if r["npu"] and r["npu"].get("tops") is not None else None
+        click.echo(f"{head} {g(r['app_memory_bytes'], 1e9):>7} "
+                   f"{g(r['dram_bandwidth_bytes_per_s'], 1e9):>8} "
+                   f"{g(peak.get('fp32'), 1e9, '.0f'):>10} {g(peak.get('int8'), 1e9, '.0f'):>10} "
+                   f"{g(npu, 1, 'g'):>8}  {', '.join(r['backends'][:2])}")
 
 
 if __name__ == "__main__":

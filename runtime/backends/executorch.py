@@ -35,9 +35,12 @@ class ExecuTorchBackend(Backend):
             return f"executorch is not installed ({e})"
         return None
 
-    def lower(self, graphs: dict[str, StreamingGraph], out: Path, dtype: str) -> dict[str, str]:
+    def lower(self, graphs: dict[str, StreamingGraph], out: Path, dtype: str,
+              quantized: bool = False) -> dict[str, str]:
+        """``quantized``: the graphs hold torchao-quantized layers (``edgeseq.quant.executorch``);
+        their quantized embeddings are fused into ``quantized_decomposed`` kernels."""
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-        from executorch.exir import to_edge_transform_and_lower
+        from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
 
         from edgeseq.convert.export import export_graph, half_precision
 
@@ -48,13 +51,15 @@ class ExecuTorchBackend(Backend):
         programs = {name: export_graph(g, dynamic_batch=False, batch=1, chunk_max=g.max_chunk)
                     for name, g in graphs.items()}
         et = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()])
-        (out / PTE_FILE).write_bytes(et.to_executorch().buffer)
+        config = ExecutorchBackendConfig(do_quant_fusion_and_const_prop=quantized)
+        (out / PTE_FILE).write_bytes(et.to_executorch(config).buffer)
         return {name: PTE_FILE for name in graphs}
 
     def load(self, root: Path, entries: dict[str, GraphEntry], threads: int | None = None
              ) -> LoadedModel:
         from executorch.runtime import Runtime
 
+        _register_quantized_kernels()
         files = {e.files[self.format] for e in entries.values()}
         programs = {f: Runtime.get().load_program(root / f) for f in files}
         with _captured_stderr():  # XNNPACK's cpuinfo probe logs to fd 2 on first use
@@ -64,6 +69,27 @@ class ExecuTorchBackend(Backend):
         # A method reads its program's memory: the program must live as long as the methods.
         model.programs = programs
         return model
+
+
+def _register_quantized_kernels() -> None:
+    """Register ExecuTorch's quantized kernels (``quantized_decomposed::embedding_4bit`` ...) with
+    the Python runtime: quantized embeddings run outside XNNPACK, and the pybindings link only the
+    portable and optimized kernels. On a device the app links ``quantized_ops_lib`` instead."""
+    global _QUANTIZED_KERNELS
+    if _QUANTIZED_KERNELS is not None:
+        return
+    import ctypes
+    import importlib.util
+
+    spec = importlib.util.find_spec("executorch")
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    libs = [Path(r) / "lib" / "libexecutorch_kernels_quantized.so" for r in roots]
+    lib = next((p for p in libs if p.is_file()), None)
+    # RTLD_GLOBAL: its static registrars add the kernels to the runtime's one registry.
+    _QUANTIZED_KERNELS = ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL) if lib else False
+
+
+_QUANTIZED_KERNELS: Any = None
 
 
 class _EtRunner:

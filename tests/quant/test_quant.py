@@ -18,7 +18,9 @@ def lm_bundles(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant")
     out = {}
     for scheme in ("fp32", "int8", "int4"):
-        args = ["convert", "zoo:mamba-bytes", "-o", root / scheme, "--format", "onnx"]
+        # int4 on both backends (ExecuTorch 8da4w too); the others on ONNX Runtime only, for time
+        fmt = "onnx,pte" if scheme == "int4" else "onnx"
+        args = ["convert", "zoo:mamba-bytes", "-o", root / scheme, "--format", fmt]
         if scheme != "fp32":
             args += ["--quant", scheme]
         cli(*args)
@@ -37,25 +39,30 @@ def test_int_schemes_shrink_weights_and_pass_the_gate(lm_bundles):
         w = _weights(b)
         assert fp32 / sum(w.values()) >= min_ratio, (scheme, w)
         parity = json.loads((b / "parity.json").read_text())
-        gate = parity["gate"]
         assert parity["passed"] and parity["quantization"] == scheme
-        assert gate["tokens"] >= 512 and gate["agreement"] >= 0.9 and gate["kl_mean"] < 0.1
         man = json.loads((b / "manifest.json").read_text())
         q = man["quantization"]
         assert q["scheme"] == scheme and q["state"].startswith("float32")
-        step = q["graphs"]["step"]
-        # the family's sensitive layers stay float; the big matrices are quantized
-        assert any("dt_proj" in k for k in step["kept_float"])
-        assert any("in_proj" in k for k in step["quantized"])
+        formats = ("onnx", "pte") if scheme == "int4" else ("onnx",)
+        assert set(parity["gates"]) == set(q["formats"]) == set(formats)
+        for fmt in formats:
+            gate = parity["gates"][fmt]
+            assert gate["tokens"] >= 512 and gate["agreement"] >= 0.9 and gate["kl_mean"] < 0.1
+            step = q["formats"][fmt]["graphs"]["step"]
+            # the family's sensitive layers stay float; the big matrices are quantized
+            assert any("dt_proj" in k for k in step["kept_float"])
+            assert any("in_proj" in k for k in step["quantized"])
+            sess = edgeseq.load(b, backend={"onnx": "ort", "pte": "executorch"}[fmt])
+            assert len(sess.generate(list(b"def "), 16, stop_at_eos=False)) == 16
         # state stays float32 at the interface
         assert all(s["dtype"] == "float32" for s in man["graphs"]["step"]["state"])
-        sess = edgeseq.load(b, backend="ort")
-        assert len(sess.generate(list(b"def "), 16, stop_at_eos=False)) == 16
+    all_w = json.loads(cli("inspect", lm_bundles["int4"], "--json").stdout)["weights"]
+    assert 0 < all_w["pte"]["file bytes"] < fp32 / 3
 
 
 def test_int8_matches_fp32_closely_and_int4_less(lm_bundles):
-    g8 = json.loads((lm_bundles["int8"] / "parity.json").read_text())["gate"]
-    g4 = json.loads((lm_bundles["int4"] / "parity.json").read_text())["gate"]
+    g8 = json.loads((lm_bundles["int8"] / "parity.json").read_text())["gates"]["onnx"]
+    g4 = json.loads((lm_bundles["int4"] / "parity.json").read_text())["gates"]["onnx"]
     assert g8["kl_mean"] < g4["kl_mean"]
 
 
@@ -69,15 +76,21 @@ def test_damaging_scheme_is_refused(tmp_path):
     assert json.loads((out / "parity.json").read_text())["passed"] is False
 
 
-def test_quant_refuses_other_formats(tmp_path):
+def test_quant_refuses_formats_without_the_scheme(tmp_path):
     p = cli("convert", "zoo:mamba-bytes", "-o", tmp_path / "x", "--quant", "int8", "--format",
-            "onnx,pte", check=False)
-    assert p.returncode == 2 and "ONNX graphs (ONNX Runtime) only" in p.stderr
+            "onnx,pt2", check=False)
+    assert p.returncode == 2 and "pt2 (the PyTorch reference format) is not quantized" in p.stderr
+    p = cli("convert", "zoo:mamba-bytes", "-o", tmp_path / "x", "--quant", "int4-tensor",
+            "--format", "pte", check=False)
+    assert p.returncode == 2 and "ONNX Runtime only" in p.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_inspect_text(lm_bundles):
     out = cli("inspect", lm_bundles["int4"]).stdout
-    assert "quantization: int4, group 32" in out and "accuracy gate: passed" in out
+    assert "quantization: int4, group 32" in out
+    assert "accuracy gate (onnx): passed" in out and "accuracy gate (pte): passed" in out
+    assert "pte step: 8da4w" in out
     assert "layers.0.ssm" in out and "recurrent" in out and "uint8" in out
 
 
@@ -87,12 +100,12 @@ def test_classifier_gate_with_eval_file(tmp_path):
     _, _, x, y = load_data()
     np.savez(tmp_path / "digits.npz", x=x.numpy(), y=y.numpy())
     b = tmp_path / "lmu8"
-    cli("convert", "zoo:lmuformer-digits", "-o", b, "--quant", "int8", "--eval",
-        tmp_path / "digits.npz")
-    gate = json.loads((b / "parity.json").read_text())["gate"]
+    cli("convert", "zoo:lmuformer-digits", "-o", b, "--quant", "int8", "--format", "onnx",
+        "--eval", tmp_path / "digits.npz")
+    gate = json.loads((b / "parity.json").read_text())["gates"]["onnx"]
     assert gate["sequences"] == 360 and gate["accuracy"] >= gate["accuracy_fp32"] - 0.02
     p = cli("convert", "zoo:lmuformer-digits", "-o", tmp_path / "bad", "--quant", "int8",
-            "--eval", tmp_path / "missing.npz", check=False)
+            "--format", "onnx", "--eval", tmp_path / "missing.npz", check=False)
     assert p.returncode != 0 and "missing.npz" in p.stderr
 
 
@@ -101,3 +114,30 @@ def test_inspect_bad_input(tmp_path):
     assert p.returncode == 2 and "missing: no such bundle folder" in p.stderr
     p = cli("inspect", tmp_path, check=False)
     assert p.returncode == 2 and "not an edgeseq bundle (no manifest.json)" in p.stderr
+
+
+def test_seq2seq_int8_gate_on_both_backends(checkpoints, tmp_path):
+    b = tmp_path / "t5q"
+    cli("convert", checkpoints["t5"], "-o", b, "--quant", "int8", "--format", "onnx,pte")
+    parity = json.loads((b / "parity.json").read_text())
+    assert parity["passed"] and set(parity["gates"]) == {"onnx", "pte"}
+    for g in parity["gates"].values():
+        assert g["sources"] == 16 and g["exact_match"] >= 0.9 and g["cer"] <= 0.05
+    man = json.loads((b / "manifest.json").read_text())
+    for fmt in ("onnx", "pte"):
+        enc = man["quantization"]["formats"][fmt]["graphs"]["encoder"]
+        assert enc["quantized"], fmt
+
+
+def test_seq2seq_gate_with_references(tmp_path):
+    data = tmp_path / "typos.tsv"
+    data.write_text("Retrun the numbr of itmes.\tReturn the number of items.\n"
+                    "Teh list is emtpy.\tThe list is empty.\n", encoding="utf-8")
+    b = tmp_path / "typo8"
+    cli("convert", "zoo:t5-typo-bytes", "-o", b, "--quant", "int8", "--format", "onnx",
+        "--eval", data)
+    g = json.loads((b / "parity.json").read_text())["gates"]["onnx"]
+    assert g["sources"] == 2 and g["data"] == str(data)
+    for k in ("exact_match_target", "exact_match_target_fp32", "cer_target", "cer_target_fp32"):
+        assert 0 <= g[k] <= 1, k
+    assert g["cer_target"] <= g["cer_target_fp32"] + g["max_cer"]
