@@ -35,13 +35,22 @@ def _decoder_room(config: dict[str, Any]) -> int:
 
 
 def _check_quant(quant: str, formats: tuple[str, ...], dtype: str, family: str,
-                 keep: list[str] | None, quantize_all: bool) -> list[str]:
-    """Refuse a scheme/format combination that does not exist; return the float patterns."""
+                 keep: list[str] | None, quantize_all: bool,
+                 calibration: str | Path | None = None) -> tuple[list[str], list[str]]:
+    """Refuse a scheme/format combination that does not exist; return the patterns of the
+    weights kept in float (the user's ``--keep``) and of the family's sensitive ones."""
     from edgeseq.quant.executorch import SCHEMES as ET_SCHEMES
     from edgeseq.quant.onnx import SCHEMES as ORT_SCHEMES, sensitive_patterns
 
+    ORT_SCHEMES = (*ORT_SCHEMES, "int8-static")
     if quant not in ORT_SCHEMES:
         raise BundleError(f"unknown quantization {quant!r}; known: fp16, {', '.join(ORT_SCHEMES)}")
+    if quant == "int8-static" and calibration is None:
+        raise BundleError("--quant int8-static calibrates activation ranges on your data: give "
+                          "--calibration FILE (text for language models, one source per line for "
+                          "encoder-decoders, an .npz with x for classifiers)")
+    if calibration is not None and not Path(calibration).is_file():
+        raise BundleError(f"{calibration}: calibration file not found")
     if "pt2" in formats:
         raise BundleError(f"--quant {quant}: pt2 (the PyTorch reference format) is not quantized; "
                           f"use --format onnx, pte or onnx,pte")
@@ -50,7 +59,7 @@ def _check_quant(quant: str, formats: tuple[str, ...], dtype: str, family: str,
                           f"{', '.join(ET_SCHEMES)}); use --format onnx")
     if dtype != "fp32":
         raise BundleError(f"--quant {quant} starts from fp32 graphs: drop --dtype fp16")
-    return [] if quantize_all else (keep if keep is not None else sensitive_patterns(family))
+    return list(keep or []), ([] if quantize_all else sensitive_patterns(family))
 
 
 def _gate_summary(g: dict[str, Any]) -> str:
@@ -64,6 +73,19 @@ def _gate_summary(g: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _manifest(family: Any, model: Any, graphs: dict[str, Any], files: dict[str, dict[str, str]],
+              src_label: str, src: Path, weights: list[Path], tok_spec: Any, dtype: str,
+              target: str, opts: dict[str, Any], quantization: Any) -> Manifest:
+    return Manifest(
+        family=family.name, task=family.task,
+        source={"path": src_label, "sha256": sha256_of([src / "config.json", *weights]),
+                "files": [w.name for w in weights]},
+        graphs={name: GraphEntry(name, g.inputs, g.outputs, g.state, files[name], g.max_chunk)
+                for name, g in graphs.items()},
+        tokenizer=tok_spec, dtype=dtype, target=target,
+        config=family.model_config(model, **opts), quantization=quantization)
+
+
 class ConversionError(BundleError):
     """Conversion failed (parity included); nothing was written."""
 
@@ -74,7 +96,7 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
             max_target_len: int | None = None, quant: str | None = None, group_size: int = 32,
             keep: list[str] | None = None, quantize_all: bool = False,
             eval_file: str | Path | None = None, max_drop: float | None = None,
-            progress: Progress | None = None) -> Path:
+            calibration: str | Path | None = None, progress: Progress | None = None) -> Path:
     """Convert a checkpoint folder (or ``zoo:NAME``) into a bundle at ``out``.
 
     Args:
@@ -119,7 +141,8 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
                           f"{family.name} has no attention cache")
     opts = {"max_target_len": max_target_len} if seq2seq else {}
     if quant is not None:
-        keep = _check_quant(quant, formats, dtype, family.name, keep, quantize_all)
+        keep, sensitive = _check_quant(quant, formats, dtype, family.name, keep, quantize_all,
+                                       calibration)
     model = family.load(src)
     graphs = family.graphs(model, **opts)
     tok_spec = tokenize.detect(src)
@@ -139,7 +162,7 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
                 if quant is not None and fmt == "pte":
                     from edgeseq.quant.executorch import float_weight_bytes, quantize_graphs
 
-                    qgraphs, reports = quantize_graphs(graphs, quant, keep or [], group_size)
+                    qgraphs, reports = quantize_graphs(graphs, quant, keep, group_size, sensitive)
                     written = backend.lower(qgraphs, tmp, dtype, quantized=True)
                     q_formats["pte"] = {"weight_bytes_fp32": float_weight_bytes(graphs),
                                         "file_bytes": (tmp / written[next(iter(written))]).stat().st_size,
@@ -153,6 +176,7 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
                 files[name][fmt] = f
             say(f"      {fmt}: {', '.join(sorted(set(written.values())))} "
                 f"in {time.perf_counter() - t:.1f}s")
+        tokenize.copy_files(src, tok_spec, tmp)
         quant_record = None
         if quant is not None:
             if "onnx" in formats:
@@ -160,7 +184,21 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
 
                 onnx_files = {name: f["onnx"] for name, f in files.items()}
                 before = sum(weight_bytes_by_dtype(tmp, list(onnx_files.values())).values())
-                reports = quantize_bundle_graphs(tmp, onnx_files, quant, keep or [], group_size)
+                if quant == "int8-static":
+                    from edgeseq.quant.static import calibration_feeds, quantize_static_bundle
+
+                    # the fp32 graphs stream the calibration data once, with a provisional
+                    # manifest, and every call is recorded
+                    say(f"      calibrating activation ranges on {calibration} ...")
+                    write_json(tmp / "manifest.json", _manifest(
+                        family, model, graphs, files, src_label, src, weights, tok_spec, dtype,
+                        target, opts, None).to_json())
+                    feeds = calibration_feeds(family, model, tmp, family.task, Path(calibration),
+                                              tokenizer)
+                    reports = quantize_static_bundle(tmp, onnx_files, feeds, keep + sensitive)
+                else:
+                    reports = quantize_bundle_graphs(tmp, onnx_files, quant, keep, group_size,
+                                                     sensitive)
                 after = weight_bytes_by_dtype(tmp, list(onnx_files.values()))
                 q_formats["onnx"] = {"weight_bytes_fp32": before, "weight_bytes": after,
                                      "graphs": reports}
@@ -170,20 +208,20 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
                 say(f"      quantized {fmt} ({quant}): weights {before / 1e6:.2f} MB -> "
                     f"{after / 1e6:.2f} MB{' (whole .pte file)' if fmt == 'pte' else ''} "
                     f"({before / max(1, after):.2f}x smaller)")
-            say(f"      kept in float: {', '.join(keep or []) or 'nothing'}")
+            floats = keep + (sensitive if quant != "int4" else [])
+            if quant == "int8-static":
+                q_formats["onnx"]["calibration"] = str(calibration)
+            say(f"      kept in float: {', '.join(floats) or 'nothing'}"
+                + (f"; int8 (sensitive): {', '.join(sensitive)}" if quant == "int4" and sensitive
+                   else ""))
             quant_record = {"scheme": quant, "group_size": group_size if "int4" in quant else None,
-                            "keep_float": keep or [], "state": "float32 (every state tensor)",
+                            "keep_float": floats,
+                            "int8_sensitive": sensitive if quant == "int4" else [],
+                            "state": "float32 (every state tensor)",
                             "formats": {f: q_formats[f] for f in formats}}
-        tokenize.copy_files(src, tok_spec, tmp)
-        manifest = Manifest(
-            family=family.name, task=family.task,
-            source={"path": src_label, "sha256": sha256_of([src / "config.json", *weights]),
-                    "files": [w.name for w in weights]},
-            graphs={name: GraphEntry(name, g.inputs, g.outputs, g.state, files[name], g.max_chunk)
-                    for name, g in graphs.items()},
-            tokenizer=tok_spec, dtype=dtype, target=target,
-            config=family.model_config(model, **opts),
-            quantization=quant_record or (FP16_NOTE if dtype == "fp16" else None))
+        manifest = _manifest(family, model, graphs, files, src_label, src, weights, tok_spec,
+                             dtype, target, opts,
+                             quant_record or (FP16_NOTE if dtype == "fp16" else None))
         write_json(tmp / "manifest.json", manifest.to_json())
         say("[3/5] manifest written")
 

@@ -41,20 +41,26 @@ def main() -> None:
 @click.option("--max-target-len", type=click.IntRange(2), default=None,
               help="Encoder-decoders: a fixed-capacity self-attention cache of N positions "
                    "(static shapes, for NPUs and ExecuTorch) instead of a growing one.")
-@click.option("--quant", type=click.Choice(["fp16", "int8", "int4", "int4-tensor"]), default=None,
+@click.option("--quant", type=click.Choice(["fp16", "int8", "int4", "int8-static", "int4-tensor"]),
+              default=None,
               help="Quantize: fp16 (= --dtype fp16); int8 (per-channel weights, dynamic "
                    "activations) or int4 (grouped weights; ONNX Runtime MatMulNBits, ExecuTorch "
-                   "XNNPACK 8da4w); int4-tensor (one scale per matrix, ONNX only: for testing "
-                   "the gate). State stays float32.")
+                   "XNNPACK 8da4w); int8-static (QDQ with calibrated activation ranges, for "
+                   "NPUs; ONNX only; needs --calibration); int4-tensor (one scale per matrix, "
+                   "ONNX only: for testing the gate). State stays float32.")
+@click.option("--calibration", type=click.Path(dir_okay=False), default=None,
+              help="int8-static: data to calibrate activation ranges on, in --eval's formats.")
 @click.option("--group-size", type=click.IntRange(16), default=32, show_default=True,
               help="int4: weights per scale (a power of two).")
 @click.option("--keep", multiple=True,
-              help="Weights (glob on initializer names) to keep in float; repeatable. Default: "
-                   "the family's sensitive layers.")
-@click.option("--quantize-all", is_flag=True, help="Quantize the sensitive layers too.")
+              help="Weights (glob on weight names) to keep in float; repeatable. The family's "
+                   "sensitive layers are kept apart anyway: float under int8, int8 under int4.")
+@click.option("--quantize-all", is_flag=True,
+              help="Quantize the sensitive layers with the scheme too.")
 @click.option("--eval", "eval_file", type=click.Path(dir_okay=False), default=None,
-              help="Held-out data for the accuracy gate: a text file (language models) or an "
-                   ".npz with x (and y) (classifiers).")
+              help="Held-out data for the accuracy gate: a text file (language models), one "
+                   "source per line with an optional TAB and reference (encoder-decoders; a WAV "
+                   "path per line for speech), or an .npz with x (and y) (classifiers).")
 @click.option("--max-drop", type=click.FloatRange(0, 1), default=None,
               help="Gate threshold: largest allowed drop in agreement/accuracy "
                    "(default 0.10 for language models, 0.02 for classifiers).")
@@ -62,21 +68,22 @@ def main() -> None:
 def convert(checkpoint: str, output: str, fmt: str | None, dtype: str, parity_tokens: int,
             skip_parity: bool, force: bool, overwrite: bool, max_target_len: int | None,
             quant: str | None, group_size: int, keep: tuple[str, ...], quantize_all: bool,
-            eval_file: str | None, max_drop: float | None, quiet: bool) -> None:
+            eval_file: str | None, max_drop: float | None, calibration: str | None,
+            quiet: bool) -> None:
     """Convert CHECKPOINT (a folder, or zoo:NAME) into a bundle."""
     from edgeseq.convert.pipeline import ALL_FORMATS, convert as _convert
 
     if quant == "fp16":
         dtype, quant = "fp16", None
     if fmt is None:
-        fmt = "onnx" if quant == "int4-tensor" else "onnx,pte"
+        fmt = "onnx" if quant in ("int4-tensor", "int8-static") else "onnx,pte"
     formats = ALL_FORMATS if fmt == "all" else tuple(f.strip() for f in fmt.split(",") if f.strip())
     try:
         _convert(checkpoint, output, formats=formats, dtype=dtype, parity_tokens=parity_tokens,
                  overwrite=overwrite, skip_parity=skip_parity, force=force,
                  max_target_len=max_target_len, quant=quant, group_size=group_size,
-                 keep=None if quantize_all else (list(keep) or None), quantize_all=quantize_all,
-                 eval_file=eval_file, max_drop=max_drop,
+                 keep=list(keep), quantize_all=quantize_all,
+                 eval_file=eval_file, max_drop=max_drop, calibration=calibration,
                  progress=None if quiet else (lambda m: click.echo(m, err=True)))
     except BundleError as e:
         _fail(str(e))
@@ -487,6 +494,76 @@ def devices_cmd(as_json: bool, device_paths: tuple[str, ...], calibrate: bool) -
                    f"{g(r['dram_bandwidth_bytes_per_s'], 1e9):>8} "
                    f"{g(peak.get('fp32'), 1e9, '.0f'):>10} {g(peak.get('int8'), 1e9, '.0f'):>10} "
                    f"{g(npu, 1, 'g'):>8}  {', '.join(r['backends'][:2])}")
+
+
+@main.command("profile")
+@click.argument("bundle")
+@click.option("--device", "device_names", multiple=True, default=("host",), show_default=True,
+              help="Device to project onto: an id, a .toml file, or `all`; repeatable (the first "
+                   "is the one `projected` reports).")
+@click.option("--devices", "device_paths", multiple=True, type=click.Path(),
+              help="Extra device .toml files or folders; repeatable.")
+@click.option("--backend", type=click.Choice(["ort", "executorch"]), default="ort",
+              show_default=True)
+@click.option("--tokens", type=click.IntRange(2, 100_000), default=128, show_default=True,
+              help="Decode steps (tokens; frames for classifiers) to measure.")
+@click.option("--prompt-len", type=click.IntRange(1, 100_000), default=16, show_default=True,
+              help="Prompt (causal LM) or source (encoder-decoder) length in tokens.")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="Intra-op threads (default: the backend's).")
+@click.option("--memory-budget", default=None,
+              help="Bytes the app may use, e.g. 512M or 2G (default: the device's app memory).")
+@click.option("--target-latency", type=click.FloatRange(0, min_open=True), default=None,
+              help="Latency target in ms per step (token or frame; per window for speech).")
+@click.option("--ops/--no-ops", default=True, show_default=True,
+              help="Time per operator (ONNX Runtime profiler / ExecuTorch ETDump).")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
+              help="Write a self-contained HTML report with plots.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@click.option("--from-report", "from_report", type=click.Path(dir_okay=False), default=None,
+              help="Reuse the measurement of a previous --json report (same bundle) instead of "
+                   "measuring again; only the projections are recomputed.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
+def profile_cmd(bundle: str, device_names: tuple[str, ...], device_paths: tuple[str, ...],
+                backend: str, tokens: int, prompt_len: int, threads: int | None,
+                memory_budget: str | None, target_latency: float | None, ops: bool,
+                html_path: str | None, as_json: bool, from_report: str | None,
+                quiet: bool) -> None:
+    """Measure BUNDLE on this host (latency, tokens/s or real-time factor, peak memory split,
+    time per operator) and project it onto devices with a calibrated roofline: does it fit the
+    memory budget, does it meet the latency target, what to change if not (docs/profile.md)."""
+    from edgeseq.devices import DeviceError
+    from edgeseq.runtime import report
+    from edgeseq.runtime.profile import ProfileError, ProfileOptions, parse_size, profile
+
+    budget = None
+    if memory_budget is not None:
+        try:
+            budget = parse_size(memory_budget)
+        except ValueError as e:
+            _fail(f"--memory-budget: {e}")
+    measured = None
+    if from_report is not None:
+        try:
+            measured = json.loads(Path(from_report).read_text())["measured"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            _fail(f"--from-report {from_report}: not a profile --json report ({e})")
+    opts = ProfileOptions(backend=backend, tokens=tokens, prompt_len=prompt_len, threads=threads,
+                          ops=ops, memory_budget=budget, target_latency_ms=target_latency,
+                          devices=list(device_names), device_paths=[Path(p) for p in device_paths])
+    progress = None if quiet else (lambda m: click.echo(f"[profile] {m}", err=True))
+    try:
+        rep = profile(bundle, opts, progress=progress, measured=measured)
+    except (BundleError, ProfileError, DeviceError) as e:
+        _fail(str(e))
+    if html_path is not None:
+        Path(html_path).write_text(report.html_report(rep), encoding="utf-8")
+        if progress:
+            progress(f"wrote {html_path}")
+    if as_json:
+        click.echo(json.dumps(rep, indent=1))
+    else:
+        click.echo(report.text(rep))
 
 
 if __name__ == "__main__":

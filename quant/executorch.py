@@ -56,41 +56,59 @@ def _configs(scheme: str, group_size: int) -> tuple[Any, Any, str]:
 
 
 def quantize_graphs(graphs: dict[str, StreamingGraph], scheme: str, keep: list[str],
-                    group_size: int = 32) -> tuple[dict[str, StreamingGraph], dict[str, Any]]:
-    """Quantized deep copies of ``graphs``; returns them and a per-graph report."""
+                    group_size: int = 32, sensitive: list[str] | None = None
+                    ) -> tuple[dict[str, StreamingGraph], dict[str, Any]]:
+    """Quantized deep copies of ``graphs``; returns them and a per-graph report.
+
+    ``keep``: layers left in float; ``sensitive``: one step above the scheme (``8da8w`` under
+    int4, float under int8), as ``edgeseq.quant.onnx`` does."""
     from torchao.quantization import quantize_
 
     if scheme not in SCHEMES:
         raise ValueError(f"--quant {scheme} is not available on ExecuTorch (known: "
                          f"{', '.join(SCHEMES)}); use --format onnx")
+    sensitive = list(sensitive or [])
+    if scheme != "int4":
+        keep, sensitive = keep + sensitive, []
     linear_cfg, table_cfg, how = _configs(scheme, group_size)
+    int8_linear = _configs("int8", group_size)[0]
     memo: dict[int, Any] = {}
     copies = {name: dataclasses.replace(g, module=copy.deepcopy(g.module, memo).eval())
               for name, g in graphs.items()}
     done: dict[int, str] = {}  # id(module) -> what it became, for modules graphs share
     reports: dict[str, Any] = {}
     for name, g in copies.items():
-        quantized, kept = [], []
+        quantized, kept, promoted = [], [], []
         for fqn, m in list(g.module.named_modules()):
             if not isinstance(m, (nn.Linear, nn.Embedding)):
                 continue
             pname = fqn + ".weight"
             if id(m) in done:
-                (kept if done[id(m)] == "float" else quantized).append(pname)
+                {"float": kept, "int8": promoted}.get(done[id(m)], quantized).append(pname)
                 continue
+            matches = lambda pats: any(fnmatch.fnmatch(pname, p) or fnmatch.fnmatch(fqn, p)
+                                       for p in pats)
             k = m.weight.shape[-1]
             fits = scheme != "int4" or k % group_size == 0
-            if any(fnmatch.fnmatch(pname, p) or fnmatch.fnmatch(fqn, p) for p in keep) or not fits:
+            if matches(keep) or not fits:
                 done[id(m)] = "float"
                 kept.append(pname)
+                continue
+            if matches(sensitive) and isinstance(m, nn.Linear):
+                quantize_(m, int8_linear, filter_fn=lambda mod, _fqn, target=m: mod is target)
+                done[id(m)] = "int8"
+                promoted.append(pname)
                 continue
             cfg = table_cfg if isinstance(m, nn.Embedding) else linear_cfg
             # quantize_ on the module itself: its filter sees the root with an empty name.
             quantize_(m, cfg, filter_fn=lambda mod, _fqn, target=m: mod is target)
             done[id(m)] = scheme
             quantized.append(pname)
-        reports[name] = {"scheme": scheme, "how": how, "quantized": sorted(quantized),
-                         "kept_float": sorted(kept)}
+        reports[name] = {"scheme": scheme, "how": how + ("; sensitive layers 8da8w (int8)"
+                                                         if promoted else ""),
+                         "quantized": sorted(quantized), "kept_float": sorted(kept)}
+        if promoted:
+            reports[name]["int8_sensitive"] = sorted(promoted)
     return copies, reports
 
 

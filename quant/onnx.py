@@ -87,35 +87,48 @@ def matmul_weights(model: Any) -> dict[str, str]:
             if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2}
 
 
-def quantize_model(model: Any, scheme: str, keep: list[str], group_size: int = DEFAULT_GROUP
-                   ) -> tuple[Any, dict[str, Any]]:
-    """Quantize one ONNX model in memory; returns it and a per-weight report."""
-    import onnx
+def _int8_dynamic(model: Any, nodes: list[str], exclude: list[str]) -> Any:
+    import tempfile
 
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        onnx.save_model(model, str(src))
+        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True,
+                         weight_type=QuantType.QInt8, nodes_to_quantize=nodes or None,
+                         nodes_to_exclude=exclude, extra_options={"MatMulConstBOnly": True})
+        return onnx.load(str(dst))
+
+
+def quantize_model(model: Any, scheme: str, keep: list[str], group_size: int = DEFAULT_GROUP,
+                   sensitive: list[str] | None = None) -> tuple[Any, dict[str, Any]]:
+    """Quantize one ONNX model in memory; returns it and a per-weight report.
+
+    ``keep``: weights left in float. ``sensitive``: weights kept one step above the scheme: int8
+    under ``int4`` (float under ``int8``, where they join ``keep``).
+    """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+    sensitive = list(sensitive or [])
+    if scheme != "int4":
+        keep, sensitive = keep + sensitive, []
     gemm_to_matmul(model)
-    tables = [] if scheme == "int4-tensor" else quantize_embeddings(
-        model, 8 if scheme == "int8" else 4, keep)
     weights = matmul_weights(model)
     exclude = [node for node, w in weights.items()
                if any(fnmatch.fnmatch(w, pat) for pat in keep)]
-    chosen = {node: w for node, w in weights.items() if node not in exclude}
+    promoted = [node for node, w in weights.items() if node not in exclude
+                and any(fnmatch.fnmatch(w, pat) for pat in sensitive)]
+    chosen = {node: w for node, w in weights.items() if node not in exclude + promoted}
+    # int4: a table tied to a quantized LM head is read from the head's MatMulNBits blob
+    tied = [w[:-2] for w in chosen.values() if scheme == "int4" and w.endswith(".T")]
+    tables = [] if scheme == "int4-tensor" else quantize_embeddings(
+        model, 8 if scheme == "int8" else 4, keep + tied, group_size)
 
+    shared_tables: list[str] = []
     if scheme == "int8":
-        import tempfile
-
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        with tempfile.TemporaryDirectory() as tmp:
-            src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-            onnx.save_model(model, str(src))
-            quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True,
-                             weight_type=QuantType.QInt8,
-                             nodes_to_quantize=list(chosen) or None,
-                             nodes_to_exclude=exclude,
-                             extra_options={"MatMulConstBOnly": True})
-            model = onnx.load(str(dst))
+        model = _int8_dynamic(model, list(chosen), exclude)
         shared = share_tied_int8(model, tables)
         how = "int8 per-channel symmetric weights, dynamic int8 activations (DynamicQuantizeMatMul)"
         if shared:
@@ -127,17 +140,73 @@ def quantize_model(model: Any, scheme: str, keep: list[str], group_size: int = D
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         q = MatMulNBitsQuantizer(model, bits=4, block_size=group_size, is_symmetric=True,
-                                 accuracy_level=4, nodes_to_exclude=exclude)
+                                 accuracy_level=4, nodes_to_exclude=exclude + promoted)
         q.process()
         model = q.model.model
         how = (f"int4 weight-only, symmetric, group {group_size} (MatMulNBits, accuracy level 4: "
                f"int8 compute)")
+        shared_tables = share_tied_int4(model, tied, group_size)
+        if shared_tables:
+            how += "; the tied embedding reads the LM head's int4 blocks (GatherBlockQuantized)"
+        if promoted:
+            model = _int8_dynamic(model, promoted, [])
+            how += "; sensitive layers int8 per-channel (DynamicQuantizeMatMul)"
     if tables:
         how += (f"; embedding tables {'int8 per row' if scheme == 'int8' else 'int4 per row group'}"
                 f" (dequantized after the Gather)")
-    report = {"scheme": scheme, "how": how, "quantized": sorted(set(chosen.values()) | set(tables)),
+    report = {"scheme": scheme, "how": how,
+              "quantized": sorted(set(chosen.values()) | set(tables) | set(shared_tables)),
               "kept_float": sorted({weights[n] for n in exclude})}
+    if promoted:
+        report["int8_sensitive"] = sorted({weights[n] for n in promoted})
     return model, report
+
+
+def share_tied_int4(model: Any, tied: list[str], group: int) -> list[str]:
+    """Embedding Gathers on a table whose transpose became a MatMulNBits weight read the same
+    4-bit blocks: ``GatherBlockQuantized`` dequantizes only the rows read, from the (vocab,
+    blocks, bytes) blob with its zero point 8 (measured identical to MatMulNBits' dequantized
+    weights). Its scales need a trailing block dim: a Reshape in the graph, so the file holds
+    them once (ONNX Runtime may fold it into a copy in memory, 1/8 of the blob). Returns the
+    tables."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    new_nodes, done = [], []
+    for n in g.node:
+        w = n.input[0] if n.op_type == "Gather" and n.input else ""
+        blob, scales = w + ".T_Q4", w + ".T_scales"
+        if w not in tied or blob not in inits or scales not in inits:
+            new_nodes.append(n)
+            continue
+        rows, blocks, _ = inits[blob].dims
+        k = blocks * group
+        s3 = scales + "_3d"
+        if w not in done:  # a Reshape node, not a second initializer: the file stores them once
+            shape3 = numpy_helper.from_array(np.array([rows, blocks, 1], dtype=np.int64),
+                                             s3 + "_shape")
+            g.initializer.append(shape3)
+            new_nodes.append(helper.make_node("Reshape", [scales, shape3.name], [s3],
+                                              name=s3 + "_reshape"))
+        out = n.output[0]
+        new_nodes += [
+            helper.make_node("GatherBlockQuantized", [blob, n.input[1], s3], [out + "_blocks"],
+                             domain="com.microsoft", gather_axis=0, quantize_axis=2,
+                             block_size=group, bits=4, name=n.name + "_gbq"),
+            helper.make_node("Shape", [n.input[1]], [out + "_ids_shape"]),
+            helper.make_node("Concat", [out + "_ids_shape", w + ".k"], [out + "_shape"], axis=0),
+            helper.make_node("Reshape", [out + "_blocks", out + "_shape"], [out])]
+        if w + ".k" not in inits:
+            inits[w + ".k"] = numpy_helper.from_array(np.array([k], dtype=np.int64), w + ".k")
+            g.initializer.append(inits[w + ".k"])
+        done.append(w)
+    del g.node[:]
+    g.node.extend(new_nodes)
+    if done and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _drop_unused_initializers(g)
+    return sorted(set(done))
 
 
 def _per_tensor_int4(model: Any, names: list[str]) -> None:
@@ -287,7 +356,8 @@ def share_tied_int8(model: Any, tables: list[str]) -> list[str]:
 
 
 def quantize_bundle_graphs(folder: Path, files: dict[str, str], scheme: str, keep: list[str],
-                           group_size: int = DEFAULT_GROUP) -> dict[str, Any]:
+                           group_size: int = DEFAULT_GROUP, sensitive: list[str] | None = None
+                           ) -> dict[str, Any]:
     """Quantize every ``<graph>.onnx`` of a bundle folder in place (weights re-shared once)."""
     import onnx
 
@@ -296,7 +366,7 @@ def quantize_bundle_graphs(folder: Path, files: dict[str, str], scheme: str, kee
     models, reports = {}, {}
     for name, f in files.items():
         model = onnx.load(str(folder / f), load_external_data=True)
-        models[name], reports[name] = quantize_model(model, scheme, keep, group_size)
+        models[name], reports[name] = quantize_model(model, scheme, keep, group_size, sensitive)
     (folder / WEIGHTS_FILE).unlink(missing_ok=True)
     _share_weights(models, folder / WEIGHTS_FILE)
     for name, model in models.items():

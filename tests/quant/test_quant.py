@@ -141,3 +141,28 @@ def test_seq2seq_gate_with_references(tmp_path):
     for k in ("exact_match_target", "exact_match_target_fp32", "cer_target", "cer_target_fp32"):
         assert 0 <= g[k] <= 1, k
     assert g["cer_target"] <= g["cer_target_fp32"] + g["max_cer"]
+
+
+def test_int8_static_calibrates_on_user_data(tmp_path):
+    import difflib
+    import inspect
+
+    import onnx
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(inspect.getsource(difflib)[:6000], encoding="utf-8")
+    p = cli("convert", "zoo:mamba-bytes", "-o", tmp_path / "x", "--quant", "int8-static",
+            check=False)
+    assert p.returncode == 2 and "--calibration FILE" in p.stderr
+    p = cli("convert", "zoo:mamba-bytes", "-o", tmp_path / "x", "--quant", "int8-static",
+            "--calibration", tmp_path / "missing.txt", check=False)
+    assert p.returncode == 2 and "missing.txt: calibration file not found" in p.stderr
+    b = tmp_path / "s8"
+    cli("convert", "zoo:mamba-bytes", "-o", b, "--quant", "int8-static", "--calibration", calib)
+    man = json.loads((b / "manifest.json").read_text())
+    rec = man["quantization"]["formats"]["onnx"]
+    assert rec["calibration"] == str(calib) and set(rec["graphs"]) == {"prefill", "step"}
+    ops = {n.op_type for n in onnx.load(str(b / "step.onnx"), load_external_data=False).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ, as NPU providers take it
+    gate = json.loads((b / "parity.json").read_text())["gates"]["onnx"]
+    assert gate["passed"] and gate["agreement"] >= 0.9

@@ -1,0 +1,149 @@
+"""``int8-static``: QDQ int8 with activation ranges calibrated on the user's data (for NPUs).
+
+NPU execution providers (Qualcomm QNN, Intel/AMD NPU back ends, ExecuTorch's QNN delegate)
+run integer graphs whose activation scales are fixed ahead of time: the graph carries explicit
+``QuantizeLinear``/``DequantizeLinear`` pairs (the QDQ format) around every quantized operator.
+ONNX Runtime's CPU provider fuses the same pairs into integer kernels, so the bundle is checked
+on this host.
+
+Calibration: the fp32 bundle runs on the ``--calibration`` data exactly as it will stream
+(prefill and then one step per token, encoder and decoder steps, classifier chunks), every call
+of every graph is recorded with its state, and ONNX Runtime's calibrator collects the ranges of
+each activation over those calls (MinMax). Weights are int8 per channel, symmetric; activations
+uint8 asymmetric. State tensors stay float32 at every graph interface (they are inputs and
+outputs, not quantized activations), as do the family's sensitive layers and ``--keep``.
+"""
+from __future__ import annotations
+
+import fnmatch
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: recorded calls per graph handed to the calibrator (spread evenly over the stream)
+MAX_FEEDS = 64
+
+
+class _Recorder:
+    """Wraps a LoadedModel's ``run`` to keep each call's feed (inputs and state by ONNX name)."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.inner = model.run
+        self.feeds: dict[str, list[dict[str, np.ndarray]]] = {}
+        model.run = self.run
+
+    def run(self, graph: str, inputs: dict[str, np.ndarray], state: Any) -> Any:
+        entry = self.model.runners[graph].entry
+        feed = {s.name: np.array(inputs[s.name]) for s in entry.inputs}
+        if entry.state:
+            feed.update({spec.input_name: a for spec, a in
+                         zip(entry.state, self.model.to_numpy(state))})
+        self.feeds.setdefault(graph, []).append(feed)
+        return self.inner(graph, inputs, state)
+
+
+def calibration_feeds(family: Any, model: Any, bundle: Path, task: str, calib: Path,
+                      tokenizer: Any = None, tokens: int = 512) -> dict[str, list[dict]]:
+    """Run the fp32 bundle over the calibration data; the recorded feeds per graph."""
+    from edgeseq.quant import gates
+    from edgeseq.runtime.session import load
+
+    sess = load(bundle, backend="ort")
+    rec = _Recorder(sess.model)
+    calib = Path(calib)
+    if not calib.is_file():
+        raise ValueError(f"{calib}: calibration file not found")
+    if task == "classification":
+        try:
+            x = np.asarray(np.load(calib, allow_pickle=False)["x"], dtype=np.float32)
+        except (KeyError, ValueError, OSError) as e:
+            raise ValueError(f"{calib}: expected an .npz with x (n, frames, features) ({e})") from None
+        # whole chunks and then single frames, so both the chunk and the step graph are seen
+        split = x.shape[1] // 2
+        sess.reset(len(x))
+        sess.push(x[:, :split])
+        for i in range(split, x.shape[1]):
+            sess.push(x[:, i:i + 1])
+        sess.finish()
+    elif task in ("seq2seq", "speech_seq2seq"):
+        sources, _, _ = gates._seq2seq_sources(family, model, sess, calib)
+        for src in sources:
+            sess.generate(np.asarray(src), 32, num_beams=1)
+    else:
+        text = calib.read_text(encoding="utf-8", errors="replace")
+        ids = tokenizer.encode(text) if tokenizer is not None else []
+        if not ids:
+            raise ValueError(f"{calib}: no tokens to calibrate on")
+        ids = ids[:tokens]
+        sess.prefill(np.array([ids[:gates.PREFILL]], dtype=np.int64))
+        for t in ids[gates.PREFILL:]:
+            sess.step(np.array([t], dtype=np.int64))
+    out = {}
+    for graph, feeds in rec.feeds.items():
+        idx = np.unique(np.linspace(0, len(feeds) - 1, min(MAX_FEEDS, len(feeds))).astype(int))
+        out[graph] = [feeds[i] for i in idx]
+    return out
+
+
+class _Reader:
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self.it = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.it, None)
+
+
+def quantize_static_model(model: Any, feeds: list[dict[str, np.ndarray]], keep: list[str]
+                          ) -> tuple[Any, dict[str, Any]]:
+    import onnx
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    from edgeseq.quant.onnx import gemm_to_matmul, matmul_weights, quantize_embeddings
+
+    gemm_to_matmul(model)
+    tables = quantize_embeddings(model, 8, keep)
+    weights = matmul_weights(model)
+    exclude = [n for n, w in weights.items() if any(fnmatch.fnmatch(w, p) for p in keep)]
+    chosen = [n for n in weights if n not in exclude]
+    if not feeds:
+        raise ValueError("no calibration feeds recorded for this graph")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        onnx.save_model(model, str(src))
+        quantize_static(src, dst, _Reader(feeds), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=["MatMul"], nodes_to_quantize=chosen or None,
+                        nodes_to_exclude=exclude, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax,
+                        extra_options={"MatMulConstBOnly": True, "WeightSymmetric": True})
+        model = onnx.load(str(dst))
+    report = {"scheme": "int8-static",
+              "how": "QDQ: int8 per-channel symmetric weights, uint8 activations with ranges "
+                     f"calibrated (MinMax) over {len(feeds)} recorded calls; embedding tables int8 "
+                     "per row",
+              "quantized": sorted({weights[n] for n in chosen} | set(tables)),
+              "kept_float": sorted({weights[n] for n in exclude})}
+    return model, report
+
+
+def quantize_static_bundle(folder: Path, files: dict[str, str],
+                           feeds: dict[str, list[dict[str, np.ndarray]]], keep: list[str]
+                           ) -> dict[str, Any]:
+    """Quantize every ``<graph>.onnx`` of a bundle folder in place with its recorded feeds."""
+    import onnx
+
+    from edgeseq.runtime.backends.onnxruntime import WEIGHTS_FILE, _share_weights
+
+    models, reports = {}, {}
+    for name, f in files.items():
+        model = onnx.load(str(folder / f), load_external_data=True)
+        models[name], reports[name] = quantize_static_model(model, feeds.get(name, []), keep)
+    (folder / WEIGHTS_FILE).unlink(missing_ok=True)
+    _share_weights(models, folder / WEIGHTS_FILE)
+    for name, model in models.items():
+        onnx.save_model(model, str(folder / files[name]))
+    return reports
