@@ -196,7 +196,8 @@ def seq2seq_gate(family: Any, model: Any, bundle: Path, backend: str,
         ref_toks.append(family.reference_generate(model, src, n_new))
         got_toks.append(list(sess.generate(np.asarray(src), n_new, num_beams=1)))
     text = sess.tokenizer is not None
-    decode = (lambda t: sess.decode(t)) if text else (lambda t: [int(i) for i in t])
+    # decode() drops EOS/pad/start ids (generate() keeps the EOS, transformers' Whisper does not)
+    decode = (lambda t: sess.decode(t)) if text else (lambda t: sess.decode(t).split())
     ref_out, got_out = [decode(t) for t in ref_toks], [decode(t) for t in got_toks]
     drop = DEFAULT_MAX_DROP["seq2seq"] if max_drop is None else max_drop
     res: dict[str, Any] = {

@@ -166,3 +166,10 @@ def test_int8_static_calibrates_on_user_data(tmp_path):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ, as NPU providers take it
     gate = json.loads((b / "parity.json").read_text())["gates"]["onnx"]
     assert gate["passed"] and gate["agreement"] >= 0.9
+
+
+def test_speech_int8_gate(checkpoints, tmp_path):
+    b = tmp_path / "wq"
+    cli("convert", checkpoints["whisper"], "-o", b, "--quant", "int8", "--format", "onnx")
+    g = json.loads((b / "parity.json").read_text())["gates"]["onnx"]
+    assert g["passed"] and g["sources"] == 4 and "chirps" in g["data"]
