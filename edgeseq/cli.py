@@ -510,7 +510,8 @@ def devices_cmd(as_json: bool, device_paths: tuple[str, ...], calibrate: bool) -
 @click.option("--prompt-len", type=click.IntRange(1, 100_000), default=16, show_default=True,
               help="Prompt (causal LM) or source (encoder-decoder) length in tokens.")
 @click.option("--threads", type=click.IntRange(1), default=None,
-              help="Intra-op threads (default: the backend's).")
+              help="Intra-op threads for ONNX Runtime (default: physical cores; ExecuTorch uses "
+                   "its threadpool default).")
 @click.option("--memory-budget", default=None,
               help="Bytes the app may use, e.g. 512M or 2G (default: the device's app memory).")
 @click.option("--target-latency", type=click.FloatRange(0, min_open=True), default=None,
@@ -545,7 +546,9 @@ def profile_cmd(bundle: str, device_names: tuple[str, ...], device_paths: tuple[
     measured = None
     if from_report is not None:
         try:
-            measured = json.loads(Path(from_report).read_text())["measured"]
+            old = json.loads(Path(from_report).read_text())
+            measured = {**old["measured"], "op_breakdown": old.get("op_breakdown"),
+                        "op_breakdown_note": old.get("op_breakdown_note")}
         except (OSError, ValueError, KeyError, TypeError) as e:
             _fail(f"--from-report {from_report}: not a profile --json report ({e})")
     opts = ProfileOptions(backend=backend, tokens=tokens, prompt_len=prompt_len, threads=threads,
