@@ -42,6 +42,17 @@ def export_graph(graph: StreamingGraph, *, dynamic_batch: bool = True, batch: in
 
     ``chunk_max`` bounds the chunk dim: ExecuTorch plans memory for the upper bound.
     """
+    dims, args = example_args(graph, dynamic_batch=dynamic_batch, batch=batch,
+                              max_batch=max_batch, chunk_max=chunk_max)
+    with torch.no_grad(), flat_linear():
+        return torch.export.export(graph.module, args, dynamic_shapes=dynamic_shapes(graph, dims),
+                                   strict=False)
+
+
+def example_args(graph: StreamingGraph, *, dynamic_batch: bool = True, batch: int = 1,
+                 max_batch: int = 64, chunk_max: int | None = None
+                 ) -> tuple[dict[str, Any], tuple]:
+    """The named dynamic dims (``Dim`` or None) and example arguments to trace the graph with."""
     has_chunk = any("chunk" in s.shape for s in [*graph.inputs, *graph.state])
     dims: dict[str, Any] = {"batch": Dim("batch", min=1, max=max_batch) if dynamic_batch else None}
     example = {**graph.example_dims, "batch": 2 if dynamic_batch else batch, "chunk": 5}
@@ -65,10 +76,7 @@ def export_graph(graph: StreamingGraph, *, dynamic_batch: bool = True, batch: in
         else:
             dims["chunk"] = None
             example["chunk"] = 1
-    args = graph.example_inputs(example, vocab_size=_vocab(graph))
-    with torch.no_grad(), flat_linear():
-        return torch.export.export(graph.module, args, dynamic_shapes=dynamic_shapes(graph, dims),
-                                   strict=False)
+    return dims, graph.example_inputs(example, vocab_size=_vocab(graph))
 
 
 def _vocab(graph: StreamingGraph) -> int:

@@ -40,7 +40,7 @@ def _check_quant(quant: str, formats: tuple[str, ...], dtype: str, family: str,
     """Refuse a scheme/format combination that does not exist; return the patterns of the
     weights kept in float (the user's ``--keep``) and of the family's sensitive ones."""
     from edgeseq.quant.executorch import SCHEMES as ET_SCHEMES
-    from edgeseq.quant.onnx import SCHEMES as ORT_SCHEMES, sensitive_patterns
+    from edgeseq.quant.onnx import SCHEMES as ORT_SCHEMES, sensitive_floor, sensitive_patterns
 
     ORT_SCHEMES = (*ORT_SCHEMES, "int8-static")
     if quant not in ORT_SCHEMES:
@@ -59,7 +59,10 @@ def _check_quant(quant: str, formats: tuple[str, ...], dtype: str, family: str,
                           f"{', '.join(ET_SCHEMES)}); use --format onnx")
     if dtype != "fp32":
         raise BundleError(f"--quant {quant} starts from fp32 graphs: drop --dtype fp16")
-    return list(keep or []), ([] if quantize_all else sensitive_patterns(family))
+    sensitive = [] if quantize_all else sensitive_patterns(family)
+    if sensitive_floor(family) == "float":
+        return list(keep or []) + sensitive, []
+    return list(keep or []), sensitive
 
 
 def _gate_summary(g: dict[str, Any]) -> str:
@@ -205,9 +208,12 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
             for fmt, rec in q_formats.items():
                 before = rec["weight_bytes_fp32"]
                 after = sum(rec["weight_bytes"].values()) if "weight_bytes" in rec else rec["file_bytes"]
-                say(f"      quantized {fmt} ({quant}): weights {before / 1e6:.2f} MB -> "
-                    f"{after / 1e6:.2f} MB{' (whole .pte file)' if fmt == 'pte' else ''} "
-                    f"({before / max(1, after):.2f}x smaller)")
+                if fmt == "pte":  # the program file holds more than weights: no ratio
+                    say(f"      quantized pte ({quant}): program file {after / 1e6:.2f} MB "
+                        f"(fp32 weights {before / 1e6:.2f} MB)")
+                else:
+                    say(f"      quantized {fmt} ({quant}): weights {before / 1e6:.2f} MB -> "
+                        f"{after / 1e6:.2f} MB ({before / max(1, after):.2f}x smaller)")
             floats = keep + (sensitive if quant != "int4" else [])
             if quant == "int8-static":
                 q_formats["onnx"]["calibration"] = str(calibration)

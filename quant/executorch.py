@@ -75,6 +75,7 @@ def quantize_graphs(graphs: dict[str, StreamingGraph], scheme: str, keep: list[s
     memo: dict[int, Any] = {}
     copies = {name: dataclasses.replace(g, module=copy.deepcopy(g.module, memo).eval())
               for name, g in graphs.items()}
+    looked_up = _tables_looked_up(copies)
     done: dict[int, str] = {}  # id(module) -> what it became, for modules graphs share
     reports: dict[str, Any] = {}
     for name, g in copies.items():
@@ -90,6 +91,9 @@ def quantize_graphs(graphs: dict[str, StreamingGraph], scheme: str, keep: list[s
                                        for p in pats)
             k = m.weight.shape[-1]
             fits = scheme != "int4" or k % group_size == 0
+            # a table whose weight is sliced or added directly (Whisper's positions), not looked
+            # up, has no quantized kernel: it stays float
+            fits = fits and (isinstance(m, nn.Linear) or id(m) in looked_up)
             if matches(keep) or not fits:
                 done[id(m)] = "float"
                 kept.append(pname)
@@ -99,6 +103,10 @@ def quantize_graphs(graphs: dict[str, StreamingGraph], scheme: str, keep: list[s
                 done[id(m)] = "int8"
                 promoted.append(pname)
                 continue
+            if isinstance(m, nn.Embedding):
+                # padding_idx only shapes gradients; in the traced lookup it would stop
+                # ExecuTorch's fusion into its quantized embedding kernel
+                m.padding_idx = None
             cfg = table_cfg if isinstance(m, nn.Embedding) else linear_cfg
             # quantize_ on the module itself: its filter sees the root with an empty name.
             quantize_(m, cfg, filter_fn=lambda mod, _fqn, target=m: mod is target)
@@ -110,6 +118,29 @@ def quantize_graphs(graphs: dict[str, StreamingGraph], scheme: str, keep: list[s
         if promoted:
             reports[name]["int8_sensitive"] = sorted(promoted)
     return copies, reports
+
+
+def _tables_looked_up(graphs: dict[str, StreamingGraph]) -> set[int]:
+    """ids of the ``nn.Embedding`` modules whose forward (a row lookup) the graphs call."""
+    from edgeseq.convert.export import example_args
+    from edgeseq.convert.patch import flat_linear
+
+    called: set[int] = set()
+    hooks = []
+    for g in graphs.values():
+        for m in g.module.modules():
+            if isinstance(m, nn.Embedding):
+                hooks.append(m.register_forward_hook(
+                    lambda mod, _i, _o: called.add(id(mod))))
+    try:
+        with torch.no_grad(), flat_linear():
+            for g in graphs.values():
+                _, args = example_args(g, dynamic_batch=False, batch=1, chunk_max=g.max_chunk)
+                g.module(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    return called
 
 
 def float_weight_bytes(graphs: dict[str, StreamingGraph]) -> int:
