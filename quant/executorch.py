@@ -87,18 +87,16 @@ def quantize_graphs(graphs: dict[str, StreamingGraph], scheme: str, keep: list[s
             if id(m) in done:
                 {"float": kept, "int8": promoted}.get(done[id(m)], quantized).append(pname)
                 continue
-            matches = lambda pats: any(fnmatch.fnmatch(pname, p) or fnmatch.fnmatch(fqn, p)
-                                       for p in pats)
             k = m.weight.shape[-1]
             fits = scheme != "int4" or k % group_size == 0
             # a table whose weight is sliced or added directly (Whisper's positions), not looked
             # up, has no quantized kernel: it stays float
             fits = fits and (isinstance(m, nn.Linear) or id(m) in looked_up)
-            if matches(keep) or not fits:
+            if _matches((pname, fqn), keep) or not fits:
                 done[id(m)] = "float"
                 kept.append(pname)
                 continue
-            if matches(sensitive) and isinstance(m, nn.Linear):
+            if _matches((pname, fqn), sensitive) and isinstance(m, nn.Linear):
                 quantize_(m, int8_linear, filter_fn=lambda mod, _fqn, target=m: mod is target)
                 done[id(m)] = "int8"
                 promoted.append(pname)
@@ -118,6 +116,10 @@ def quantize_graphs(graphs: dict[str, StreamingGraph], scheme: str, keep: list[s
         if promoted:
             reports[name]["int8_sensitive"] = sorted(promoted)
     return copies, reports
+
+
+def _matches(names: tuple[str, ...], patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatch(n, p) for n in names for p in patterns)
 
 
 def _tables_looked_up(graphs: dict[str, StreamingGraph]) -> set[int]:
