@@ -92,14 +92,15 @@ def quantize_graphs(graphs: dict[str, StreamingGraph], scheme: str, keep: list[s
             # a table whose weight is sliced or added directly (Whisper's positions), not looked
             # up, has no quantized kernel: it stays float
             fits = fits and (isinstance(m, nn.Linear) or id(m) in looked_up)
-            if _matches((pname, fqn), keep) or not fits:
-                done[id(m)] = "float"
-                kept.append(pname)
-                continue
-            if _matches((pname, fqn), sensitive) and isinstance(m, nn.Linear):
+            if (_matches((pname, fqn), sensitive) and isinstance(m, nn.Linear)
+                    and not _matches((pname, fqn), keep)):  # per channel: any K fits
                 quantize_(m, int8_linear, filter_fn=lambda mod, _fqn, target=m: mod is target)
                 done[id(m)] = "int8"
                 promoted.append(pname)
+                continue
+            if _matches((pname, fqn), keep) or not fits:
+                done[id(m)] = "float"
+                kept.append(pname)
                 continue
             if isinstance(m, nn.Embedding):
                 # padding_idx only shapes gradients; in the traced lookup it would stop
