@@ -148,7 +148,7 @@ def _cer(hyps: list[Any], refs: list[Any]) -> float:
     return sum(edit_distance(h, r) for h, r in zip(hyps, refs)) / max(1, sum(len(r) for r in refs))
 
 
-def _seq2seq_sources(family: Any, model: Any, sess: Any, eval_file: Path | None
+def seq2seq_sources(family: Any, model: Any, sess: Any, eval_file: Path | None
                      ) -> tuple[list[Any], list[str | None], str]:
     """Held-out sources (ids or log-mel features) and their references (or None)."""
     if eval_file is None:
@@ -189,7 +189,7 @@ def seq2seq_gate(family: Any, model: Any, bundle: Path, backend: str,
     from edgeseq.runtime.session import load
 
     sess = load(bundle, backend=backend)
-    sources, refs, data = _seq2seq_sources(family, model, sess, eval_file)
+    sources, refs, data = seq2seq_sources(family, model, sess, eval_file)
     n_new = max(1, min(max_new_tokens, sess.max_new_tokens_cap()))
     ref_toks, got_toks = [], []
     for src in sources:

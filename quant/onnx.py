@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -367,6 +367,14 @@ def quantize_bundle_graphs(folder: Path, files: dict[str, str], scheme: str, kee
                            group_size: int = DEFAULT_GROUP, sensitive: list[str] | None = None
                            ) -> dict[str, Any]:
     """Quantize every ``<graph>.onnx`` of a bundle folder in place (weights re-shared once)."""
+    return rewrite_bundle_graphs(
+        folder, files, lambda name, model: quantize_model(model, scheme, keep, group_size, sensitive))
+
+
+def rewrite_bundle_graphs(folder: Path, files: dict[str, str],
+                          rewrite: Callable[[str, Any], tuple[Any, Any]]) -> dict[str, Any]:
+    """Load every graph of a bundle folder, ``rewrite(name, model) -> (model, report)`` it, and
+    save them back with their weights shared once; returns the reports by graph."""
     import onnx
 
     from edgeseq.runtime.backends.onnxruntime import WEIGHTS_FILE, _share_weights
@@ -374,7 +382,7 @@ def quantize_bundle_graphs(folder: Path, files: dict[str, str], scheme: str, kee
     models, reports = {}, {}
     for name, f in files.items():
         model = onnx.load(str(folder / f), load_external_data=True)
-        models[name], reports[name] = quantize_model(model, scheme, keep, group_size, sensitive)
+        models[name], reports[name] = rewrite(name, model)
     (folder / WEIGHTS_FILE).unlink(missing_ok=True)
     _share_weights(models, folder / WEIGHTS_FILE)
     for name, model in models.items():

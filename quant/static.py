@@ -69,7 +69,7 @@ def calibration_feeds(family: Any, model: Any, bundle: Path, task: str, calib: P
             sess.push(x[:, i:i + 1])
         sess.finish()
     elif task in ("seq2seq", "speech_seq2seq"):
-        sources, _, _ = gates._seq2seq_sources(family, model, sess, calib)
+        sources, _, _ = gates.seq2seq_sources(family, model, sess, calib)
         for src in sources:
             sess.generate(np.asarray(src), 32, num_beams=1)
     else:
@@ -134,16 +134,7 @@ def quantize_static_bundle(folder: Path, files: dict[str, str],
                            feeds: dict[str, list[dict[str, np.ndarray]]], keep: list[str]
                            ) -> dict[str, Any]:
     """Quantize every ``<graph>.onnx`` of a bundle folder in place with its recorded feeds."""
-    import onnx
+    from edgeseq.quant.onnx import rewrite_bundle_graphs
 
-    from edgeseq.runtime.backends.onnxruntime import WEIGHTS_FILE, _share_weights
-
-    models, reports = {}, {}
-    for name, f in files.items():
-        model = onnx.load(str(folder / f), load_external_data=True)
-        models[name], reports[name] = quantize_static_model(model, feeds.get(name, []), keep)
-    (folder / WEIGHTS_FILE).unlink(missing_ok=True)
-    _share_weights(models, folder / WEIGHTS_FILE)
-    for name, model in models.items():
-        onnx.save_model(model, str(folder / files[name]))
-    return reports
+    return rewrite_bundle_graphs(
+        folder, files, lambda name, model: quantize_static_model(model, feeds.get(name, []), keep))

@@ -27,7 +27,7 @@ repeatable. As in ``train_mamba_bytes.py``: one intra-op thread (``--threads``) 
 denormals were fastest on the 2-core shared CPU this was trained on.
 
 Evaluation: 200 held-out sentences with typos (fixed noise seed), greedy ``generate`` with
-``max_new_tokens = len + 8``; character error rate (Levenshtein distance / clean length) of the
+``max_new_tokens = len + 8``; character error rate (Levenshtein distance, `edgeseq.quant.gates.edit_distance`, / clean length) of the
 noisy input and of the model's output against the clean text, exact-match rate, and examples.
 All of it, with the step/loss log and hyperparameters, goes to ``train_log.txt``.
 
@@ -55,6 +55,8 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration
 from transformers.utils import logging as hf_logging
+
+from edgeseq.quant.gates import edit_distance
 
 EXCLUDE = {"test", "tests", "idle_test", "site-packages", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
 OFFSET, PAD, EOS = 3, 0, 1  # ByT5 byte vocabulary: id = byte + 3; pad 0, eos 1, unk 2
@@ -199,16 +201,6 @@ def epoch_batches(sentences: list[str], batch: int, rng: random.Random, pool: in
     return out
 
 
-def levenshtein(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
-
-
 @torch.no_grad()
 def correct(model: T5ForConditionalGeneration, texts: list[str], batch: int = 50) -> list[str]:
     """Greedy generate() in batches (inputs as edgeseq's ByteTokenizer encodes them: no EOS)."""
@@ -349,8 +341,8 @@ def main() -> None:
 
     outputs = correct(model, [x for x, _ in eval_pairs])
     n_chars = sum(len(y) for _, y in eval_pairs)
-    cer_in = sum(levenshtein(x, y) for x, y in eval_pairs) / n_chars
-    cer_out = sum(levenshtein(o, y) for o, (_, y) in zip(outputs, eval_pairs)) / n_chars
+    cer_in = sum(edit_distance(x, y) for x, y in eval_pairs) / n_chars
+    cer_out = sum(edit_distance(o, y) for o, (_, y) in zip(outputs, eval_pairs)) / n_chars
     exact_in = sum(x == y for x, y in eval_pairs) / len(eval_pairs)
     exact_out = sum(o == y for o, (_, y) in zip(outputs, eval_pairs)) / len(eval_pairs)
     out = Path(args.out)
