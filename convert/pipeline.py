@@ -99,7 +99,8 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
             max_target_len: int | None = None, quant: str | None = None, group_size: int = 32,
             keep: list[str] | None = None, quantize_all: bool = False,
             eval_file: str | Path | None = None, max_drop: float | None = None,
-            calibration: str | Path | None = None, progress: Progress | None = None) -> Path:
+            calibration: str | Path | None = None, early_exit: int | None = None,
+            progress: Progress | None = None) -> Path:
     """Convert a checkpoint folder (or ``zoo:NAME``) into a bundle at ``out``.
 
     Args:
@@ -115,6 +116,8 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
             checked per format by an accuracy gate (``edgeseq.quant.gates``) instead of exact
             parity; ``keep`` globs weights to leave in float (default: the
             family's sensitive layers, none with ``quantize_all``).
+        early_exit: generating families: also write ``exit_step``, the first ``early_exit``
+            layers plus the head, for self-speculative drafting (``--speculate early-exit:N``).
     Returns:
         The bundle folder.
     Raises:
@@ -148,6 +151,11 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
                                        calibration)
     model = family.load(src)
     graphs = family.graphs(model, **opts)
+    if early_exit is not None:
+        if not hasattr(family, "exit_graph"):
+            raise BundleError(f"{src_label}: --early-exit applies to generating models; "
+                              f"{family.name} ({family.task}) does not generate")
+        graphs["exit_step"] = family.exit_graph(model, early_exit, **opts)
     tok_spec = tokenize.detect(src)
     tokenizer = tokenize.load(src, tok_spec)
 
@@ -228,6 +236,8 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
         manifest = _manifest(family, model, graphs, files, src_label, src, weights, tok_spec,
                              dtype, target, opts,
                              quant_record or (FP16_NOTE if dtype == "fp16" else None))
+        if early_exit is not None:
+            manifest.config["early_exit_layers"] = int(early_exit)
         write_json(tmp / "manifest.json", manifest.to_json())
         say("[3/5] manifest written")
 

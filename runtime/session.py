@@ -178,17 +178,27 @@ def _as_batch(input_ids: Sequence[int] | np.ndarray) -> np.ndarray:
     return ids
 
 
-def load(path: str | Path, backend: str = "ort", threads: int | None = None) -> Any:
+# Graphs only speculative decoding calls: a plain session leaves them unloaded (memory).
+SPECULATIVE_GRAPHS = ("verify", "decoder_chunk", "exit_step")
+
+
+def load(path: str | Path, backend: str = "ort", threads: int | None = None,
+         graphs: set[str] | None = None) -> Any:
     """Open a bundle written by ``edgeseq convert`` on one backend (``ort``, ``executorch``,
-    ``torch``)."""
+    ``torch``). ``graphs``: which graphs to load (default: all but the speculative ones;
+    ``edgeseq.runtime.speculative.load`` asks for those its memory plan affords)."""
     root = Path(path)
     manifest = read_manifest(root)
     be = get_backend(backend)
     why = be.available()
     if why:
         raise BundleError(f"backend {be.name} is unavailable: {why}")
+    if graphs is None:
+        graphs = {g for g in manifest.graphs if g not in SPECULATIVE_GRAPHS}
     entries = {}
     for name, g in manifest.graphs.items():
+        if name not in graphs:
+            continue
         if be.format not in g.files:
             have = ", ".join(sorted(g.files)) or "none"
             raise BundleError(f"{root}: graph {name} was not lowered for {be.name} "

@@ -84,6 +84,23 @@ class BartLikeStep(DecoderStep):
             logits = logits + self.logits_bias
         return logits
 
+    def embed_chunk(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)                                # (b, c, d)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
+        x = x + self.embed_positions.weight[positions + self.pos_offset][None]
+        if self.layernorm_embedding is not None:
+            x = self.layernorm_embedding(x)
+        return x
+
+    def head_chunk(self, x: torch.Tensor) -> torch.Tensor:
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        logits = self.lm_head(x)
+        if self.logits_bias is not None:
+            logits = logits + self.logits_bias
+        return logits
+
 
 class TextEncoder(nn.Module):
     """The library's encoder, then every decoder layer's cross K/V projections."""

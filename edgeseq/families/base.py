@@ -10,6 +10,13 @@ Causal-LM graph contract (state-space families):
   ``logits`` (batch, chunk, vocab) float32 + ``state_out.*``
 - ``step``:    ``input_ids`` (batch,) int64 + ``state_in.*`` ->
   ``logits`` (batch, vocab) float32 + ``state_out.*``
+- ``verify`` (optional; speculative decoding): as ``prefill`` over a short chunk, plus
+  ``trace.<state name>`` (batch, chunk, *state dims): the state after every position, so a
+  verifier rolls back to any accepted prefix without replaying it. Families without it verify
+  with ``prefill`` and replay from a snapshot.
+- ``exit_step`` (optional, ``edgeseq convert --early-exit N``): ``step`` through the first N
+  layers and the head, over the first N layers' state (a prefix of the state list): the
+  self-speculative drafter (Kangaroo).
 """
 from __future__ import annotations
 
@@ -83,6 +90,28 @@ def lm_graph_specs(vocab_size: int, state: list[StateSpec]) -> tuple[
     step_in = [TensorSpec("input_ids", ("batch",), "int64")]
     step_out = [TensorSpec("logits", ("batch", vocab_size), "float32")]
     return prefill_in, prefill_out, step_in, step_out
+
+
+def trace_specs(state: list[StateSpec]) -> list[TensorSpec]:
+    """The ``verify`` graph's per-position state outputs: ``trace.<name>`` (batch, chunk, ...)."""
+    return [TensorSpec(f"trace.{s.name}", ("batch", "chunk", *s.shape[1:]), s.dtype)
+            for s in state]
+
+
+def exit_graph_from_step(step: Any, state: list[StateSpec], vocab_size: int, layers: int
+                         ) -> StreamingGraph:
+    """``exit_step`` of a causal LM: its step module cut after ``layers`` layers (the module's
+    ``layers`` list; the final norm and head stay), over the first layers' state. Kangaroo
+    (Liu et al., 2024) drafts with such a shallow sub-network of the target itself: no second
+    model in memory, and the drafter's state is a prefix of the target's."""
+    n = len(step.layers)
+    if not 1 <= layers < n:
+        raise BundleError(f"--early-exit {layers}: the model has {n} layers; give 1 to {n - 1}")
+    per_layer = len(state) // n
+    step.layers = step.layers[:layers]
+    st = state[:per_layer * layers]
+    _, _, s_in, s_out = lm_graph_specs(vocab_size, st)
+    return StreamingGraph("exit_step", step, s_in, s_out, st)
 
 
 def detect_family(config: dict[str, Any], path: Path) -> Any:

@@ -24,12 +24,15 @@ from torch import nn
 
 from edgeseq.bundle import StateSpec, StreamingGraph
 from edgeseq.checkpoint import load_into, load_state_dict, read_config
-from edgeseq.families.base import TransformersCausalLM, lm_graph_specs
+from edgeseq.families.base import TransformersCausalLM, lm_graph_specs, trace_specs, exit_graph_from_step
 from edgeseq.registry import register_family
 
 # Longest prefill chunk: the scan's depth is fixed at export (log2 of this), and ExecuTorch plans
 # memory for it. Longer prompts are fed in several chunks.
 MAX_CHUNK = 128
+# Longest chunk of the ``verify`` graph (speculative decoding: the last token plus a draft). A
+# shorter bound means fewer scan rounds: 4 instead of 7 roughly halves the call's cost at k ~ 8.
+VERIFY_CHUNK = 16
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -93,13 +96,18 @@ class MambaPrefill(_MambaGraph):
     only ever multiplies decays <= 1, so it is stable for any dt.
     """
 
-    def __init__(self, model: nn.Module, max_chunk: int):
+    def __init__(self, model: nn.Module, max_chunk: int, trace: bool = False):
         super().__init__(model)
         self.rounds = max(1, math.ceil(math.log2(max(2, max_chunk))))
+        # With ``trace`` the graph also returns the state after *every* position (the ``verify``
+        # graph): a speculative verifier then rolls back to any accepted prefix by slicing,
+        # with no replay (STree keeps one state per path for the same reason).
+        self.trace = trace
 
     def forward(self, input_ids: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         h = self.embeddings(input_ids)  # (b, l, d)
         new_state: list[torch.Tensor] = []
+        traces: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
             conv_state, ssm_state = state[2 * i], state[2 * i + 1]
             mix = layer.mixer
@@ -119,7 +127,12 @@ class MambaPrefill(_MambaGraph):
             y = (hs * C.unsqueeze(2)).sum(-1) + mix.D * x  # (b, l, e)
             h = h + mix.out_proj(y * F.silu(z))
             new_state += [window[:, :, window.shape[-1] - (k - 1):], hs[:, -1]]
-        return (self._head(h), *new_state)
+            if self.trace:
+                # the window after position t is window[..., t+1 : t+k]
+                l = x.shape[1]
+                idx = (torch.arange(l).unsqueeze(1) + torch.arange(1, k).unsqueeze(0))
+                traces += [window[:, :, idx].permute(0, 2, 1, 3), hs]  # (b, l, e, k-1), (b, l, e, n)
+        return (self._head(h), *traces, *new_state)
 
     def _scan(self, a: torch.Tensor, u: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
         """All prefixes of h_t = a_t h_{t-1} + u_t from h_{-1} = h0. a, u: (b, l, e, n)."""
@@ -177,7 +190,14 @@ class MambaFamily(TransformersCausalLM):
             "prefill": StreamingGraph("prefill", MambaPrefill(model, MAX_CHUNK).eval(), p_in,
                                       p_out, state, max_chunk=MAX_CHUNK),
             "step": StreamingGraph("step", MambaStep(model).eval(), s_in, s_out, state),
+            "verify": StreamingGraph("verify", MambaPrefill(model, VERIFY_CHUNK, trace=True).eval(),
+                                     p_in, p_out + trace_specs(state), state,
+                                     max_chunk=VERIFY_CHUNK),
         }
+
+    def exit_graph(self, model: nn.Module, layers: int, **_: Any) -> StreamingGraph:
+        return exit_graph_from_step(MambaStep(model).eval(), self.state_specs(model),
+                                    model.config.vocab_size, layers)
 
     def make_test_checkpoint(self, folder: Path, seed: int = 0, **overrides: Any) -> Path:
         from transformers import MambaConfig, MambaForCausalLM

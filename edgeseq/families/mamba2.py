@@ -30,7 +30,7 @@ from torch import nn
 
 from edgeseq.bundle import StateSpec, StreamingGraph
 from edgeseq.checkpoint import load_into, load_state_dict, read_config
-from edgeseq.families.base import TransformersCausalLM, lm_graph_specs
+from edgeseq.families.base import TransformersCausalLM, lm_graph_specs, exit_graph_from_step
 from edgeseq.families.mamba import rms_norm, widen_init
 from edgeseq.registry import register_family
 
@@ -213,6 +213,10 @@ class Mamba2Family(TransformersCausalLM):
                                       max_chunk=max_chunk),
             "step": StreamingGraph("step", Mamba2Step(model).eval(), s_in, s_out, state),
         }
+
+    def exit_graph(self, model: nn.Module, layers: int, **_: Any) -> StreamingGraph:
+        return exit_graph_from_step(Mamba2Step(model).eval(), self.state_specs(model),
+                                    model.config.vocab_size, layers)
 
     def make_test_checkpoint(self, folder: Path, seed: int = 0, **overrides: Any) -> Path:
         from transformers import Mamba2Config, Mamba2ForCausalLM

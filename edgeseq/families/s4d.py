@@ -30,7 +30,7 @@ from torch import nn
 
 from edgeseq.bundle import BundleError, StateSpec, StreamingGraph
 from edgeseq.checkpoint import load_into, load_state_dict, read_config
-from edgeseq.families.base import Family, config_from_dict, lm_graph_specs
+from edgeseq.families.base import Family, config_from_dict, lm_graph_specs, exit_graph_from_step
 from edgeseq.registry import register_family
 
 # Prefill materialises a (b, l, l, h) Toeplitz product per layer; the runtime keeps chunks under
@@ -303,6 +303,10 @@ class S4DFamily(Family):
             nxt = model(ids)[:, -1].argmax(-1, keepdim=True)  # (b, 1)
             ids = torch.cat([ids, nxt], dim=1)
         return ids[:, input_ids.shape[1]:]
+
+    def exit_graph(self, model: nn.Module, layers: int, **_: Any) -> StreamingGraph:
+        return exit_graph_from_step(S4DStep(model).eval(), self.state_specs(model),
+                                    model.config.vocab_size, layers)
 
     def make_test_checkpoint(self, folder: Path, seed: int = 0, **overrides: Any) -> Path:
         torch.manual_seed(seed)

@@ -7,6 +7,9 @@ Two graphs carry a model:
 - ``encoder``: the source (token ids + mask, or log-mel features) -> the cross-attention K/V of
   every decoder layer, ``cross.{i}.key`` / ``cross.{i}.value`` (b, h, s, k). They are computed
   once per input, never per token.
+- ``decoder_chunk``: the same over c tokens (a speculative draft, chain or tree; see
+  ``DecoderChunk``) -> ``logits`` (b, c, v) and the caches with c more positions.
+- ``exit_step`` (``--early-exit N``): ``decoder_step`` through the first N layers only.
 - ``decoder_step``: ``input_ids`` (b,), ``cache_position`` (1,), [``encoder_attention_mask``
   (b, s)], the cross K/V, and the self-attention cache ``state_in.self.{i}.key|value`` ->
   ``logits`` (b, v) and ``state_out.self.{i}.key|value``.
@@ -45,6 +48,9 @@ LAYOUTS = ("dynamic", "fixed")
 # Longest source the exported text encoder is planned for when the architecture has no limit of
 # its own (T5's relative positions have none); ExecuTorch plans memory for it.
 DEFAULT_MAX_SOURCE = 512
+# Most tokens the ``decoder_chunk`` graph verifies in one call (a draft chain or tree, plus the
+# last decided token); ExecuTorch plans memory for it.
+VERIFY_CHUNK = 32
 # Generation-config fields the runtime honours (the same names as transformers' GenerationConfig).
 GENERATION_FIELDS = ("decoder_start_token_id", "eos_token_id", "pad_token_id", "bos_token_id",
                      "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens",
@@ -114,6 +120,20 @@ class DecoderStep(nn.Module):
         """(b, 1, d) -> (b, v) logits."""
         raise NotImplementedError
 
+    # -- the same, for a chunk of c tokens (the ``decoder_chunk`` graph) ---------------------
+    def embed_chunk(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(b, c) ids at logical ``positions`` (c,) -> (b, c, d)."""
+        raise NotImplementedError
+
+    def chunk_bias(self, positions: torch.Tensor, key_positions: torch.Tensor
+                   ) -> torch.Tensor | None:
+        """Position bias (1, h, c, t) of c queries over t keys at these logical positions."""
+        return None
+
+    def head_chunk(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, c, d) -> (b, c, v) logits."""
+        raise NotImplementedError
+
     # -- the step itself -----------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor, *rest: torch.Tensor
                 ) -> tuple[torch.Tensor, ...]:
@@ -154,6 +174,80 @@ class DecoderStep(nn.Module):
 
             x = self.layer(i, x, self_attn, cross_attn)
         return (self.head(x), *new_cache)
+
+
+class DecoderChunk(nn.Module):
+    """Verification of c draft tokens in one call: a chain, or a tree flattened in topological order.
+
+    ``forward(input_ids (b, c), cache_position (1,), positions (c,), tree_mask (c, c),
+    [encoder_attention_mask (b, s)], *cross, *cache) -> (logits (b, c, v), *cache')``.
+    ``positions`` are the nodes' logical positions (the cache position plus depth - 1 in a tree),
+    ``tree_mask[i, j] = 1`` where node j is node i or one of its ancestors (SpecInfer / Medusa
+    tree attention). Node i's K/V go to slot ``cache_position + i``: appended to a dynamic cache,
+    written in place in a fixed one. The verifier then keeps the accepted path's slots (a crop
+    for a chain). The per-architecture maths is the step module's (``embed_chunk``,
+    ``chunk_bias``, ``layer``, ``head_chunk``); its weights are shared, not copied.
+    """
+
+    def __init__(self, step: DecoderStep):
+        super().__init__()
+        self.step = step
+
+    def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor,
+                positions: torch.Tensor, tree_mask: torch.Tensor, *rest: torch.Tensor
+                ) -> tuple[torch.Tensor, ...]:
+        st = self.step
+        n = st.n_layers
+        enc_bias = None
+        if st.has_mask:
+            enc_bias = mask_bias(rest[0], torch.float32)
+            rest = rest[1:]
+        cross, cache = rest[:2 * n], rest[2 * n:]
+        c = input_ids.shape[1]
+        neg = torch.finfo(torch.float32).min
+        tree = torch.where(tree_mask > 0, 0.0, neg)                       # (c, c)
+        x = st.embed_chunk(input_ids, positions)                          # (b, c, d)
+        write = idx = None
+        if st.layout == "dynamic":
+            past = cache[0].shape[2]
+            key_pos = torch.cat([torch.arange(past, device=x.device), positions])
+            bias = torch.cat([torch.zeros(c, past, device=x.device), tree], dim=1)  # (c, t)
+        else:
+            slots = torch.arange(cache[0].shape[2], device=x.device)
+            rel = slots - cache_position                                  # (t,)
+            inside = (rel >= 0) & (rel < c)
+            idx = rel.clamp(0, c - 1)
+            key_pos = torch.where(inside, positions[idx], slots)
+            before = torch.where(rel < 0, 0.0, neg)                       # (t,) the past
+            bias = torch.where(inside.unsqueeze(0), tree[:, idx], before.unsqueeze(0))
+            write = inside.view(1, 1, -1, 1)
+        bias = bias[None, None]                                           # (1, 1, c, t)
+        pos_bias = st.chunk_bias(positions, key_pos)
+        if pos_bias is not None:
+            bias = bias + pos_bias
+        new_cache: list[torch.Tensor] = []
+        for i in range(n):
+            k_past, v_past = cache[2 * i], cache[2 * i + 1]
+            k_x, v_x = cross[2 * i], cross[2 * i + 1]
+
+            def self_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                          k_past: torch.Tensor = k_past, v_past: torch.Tensor = v_past
+                          ) -> torch.Tensor:
+                if write is None:
+                    k_all = torch.cat([k_past, k], dim=2)
+                    v_all = torch.cat([v_past, v], dim=2)
+                else:
+                    k_all = torch.where(write, k[:, :, idx], k_past)
+                    v_all = torch.where(write, v[:, :, idx], v_past)
+                new_cache.extend([k_all, v_all])
+                return attend(q, k_all, v_all, scale, bias)
+
+            def cross_attn(q: torch.Tensor, scale: float, k_x: torch.Tensor = k_x,
+                           v_x: torch.Tensor = v_x) -> torch.Tensor:
+                return attend(q, k_x, v_x, scale, enc_bias)
+
+            x = st.layer(i, x, self_attn, cross_attn)
+        return (st.head_chunk(x), *new_cache)
 
 
 class CrossKV(nn.Module):
@@ -273,15 +367,64 @@ class Seq2SeqFamily(Family):
             out += [0.1 * torch.randn(b, h, t, k, generator=g) for _ in range(2 * n)]
             return out
 
+        chunk_in = [step_in[0].__class__("input_ids", ("batch", "chunk"), "int64"), step_in[1],
+                    TensorSpec("positions", ("chunk",), "int64"),
+                    TensorSpec("tree_mask", ("chunk", "chunk"), "int64"), *step_in[2:]]
+
+        def chunk_example(dims: dict[str, int], seed: int) -> list[torch.Tensor]:
+            base = step_example(dims, seed)
+            c = dims["chunk"]
+            t = dims["past"] if layout == "dynamic" else max_target_len
+            start = 0 if layout == "dynamic" else min(3, t - c)
+            ids = torch.randint(0, v, (dims["batch"], c), generator=torch.Generator().manual_seed(seed))
+            # a small tree: node 2 branches off node 0
+            parents = [-1] + [max(0, j - 1) if j != 2 else 0 for j in range(1, c)]
+            mask = torch.eye(c, dtype=torch.int64)
+            depth = [1] * c
+            for j in range(1, c):
+                mask[j] |= mask[parents[j]]
+                depth[j] = depth[parents[j]] + 1
+            pos = torch.tensor(depth) - 1 + (t if layout == "dynamic" else start)
+            return [ids, torch.tensor([start if layout == "fixed" else t]), pos, mask, *base[2:]]
+
+        step = self.step_module(model, layout).eval()
         return {
             "encoder": StreamingGraph("encoder", self.encoder_module(model).eval(), enc_in, cross,
                                       [], example_dims=ex, dim_bounds=enc_bounds,
                                       make_example=enc_example),
             "decoder_step": StreamingGraph(
-                "decoder_step", self.step_module(model, layout).eval(), step_in,
+                "decoder_step", step, step_in,
                 [TensorSpec("logits", ("batch", v))], state, example_dims=ex,
                 dim_bounds=step_bounds, make_example=step_example),
+            "decoder_chunk": StreamingGraph(
+                "decoder_chunk", DecoderChunk(step).eval(), chunk_in,
+                [TensorSpec("logits", ("batch", "chunk", v))], state, example_dims=ex,
+                max_chunk=VERIFY_CHUNK, dim_bounds=step_bounds, make_example=chunk_example),
         }
+
+    def exit_graph(self, model: Any, layers: int, max_target_len: int | None = None,
+                   **_: Any) -> StreamingGraph:
+        """``exit_step``: the decoder step through the first ``layers`` layers, then the head
+        (Kangaroo's shallow sub-network as a self-speculative drafter)."""
+        full = self.graphs(model, max_target_len)["decoder_step"]
+        n = self.dims(model)["n_layers"]
+        if not 1 <= layers < n:
+            raise BundleError(f"--early-exit {layers}: the decoder has {n} layers; "
+                              f"give 1 to {n - 1}")
+        step = self.step_module(model, "fixed" if max_target_len else "dynamic").eval()
+        step.n_layers = layers
+        keep = {f"cross.{i}.{kv}" for i in range(layers) for kv in ("key", "value")}
+        inputs = [s for s in full.inputs if not s.name.startswith("cross.") or s.name in keep]
+        n_fixed = len(full.inputs) - 2 * n  # ids, position, [mask]
+
+        def example(dims: dict[str, int], seed: int) -> list[torch.Tensor]:
+            ex = full.make_example(dims, seed)
+            return [*ex[:n_fixed], *ex[n_fixed:n_fixed + 2 * layers],
+                    *ex[n_fixed + 2 * n:n_fixed + 2 * n + 2 * layers]]
+
+        return StreamingGraph("exit_step", step, inputs, full.outputs, full.state[:2 * layers],
+                              example_dims=full.example_dims, dim_bounds=full.dim_bounds,
+                              make_example=example)
 
     # -- what the runtime needs --------------------------------------------------------------
     def model_config(self, model: Any, max_target_len: int | None = None, **_: Any

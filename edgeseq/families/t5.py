@@ -62,6 +62,23 @@ class T5Step(DecoderStep):
             x = x * self.out_scale
         return self.lm_head(x)
 
+    def embed_chunk(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)                              # (b, c, d)
+
+    def chunk_bias(self, positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+        from transformers.models.t5.modeling_t5 import T5Attention
+
+        rel = key_positions.unsqueeze(0) - positions.unsqueeze(1)        # (c, t) key - query
+        buckets = T5Attention._relative_position_bucket(
+            rel, bidirectional=False, num_buckets=self.num_buckets, max_distance=self.max_distance)
+        return self.rel_bias(buckets).permute(2, 0, 1).unsqueeze(0)      # (1, h, c, t)
+
+    def head_chunk(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.final_layer_norm(x)
+        if self.out_scale != 1.0:
+            x = x * self.out_scale
+        return self.lm_head(x)
+
 
 @register_family("t5")
 class T5Family(Seq2SeqFamily):

@@ -44,15 +44,17 @@ class Backend:
 def shared_state_specs(entries: dict[str, GraphEntry]) -> list[StateSpec]:
     """The state list every stateful graph of a bundle shares (same names, same order).
 
-    Stateless graphs (an encoder) are skipped."""
+    Stateless graphs (an encoder) are skipped. A graph may carry a prefix of the list (an
+    early-exit drafter runs the first layers only); the longest list is the bundle's."""
     stateful = [e for e in entries.values() if e.state]
     if not stateful:
         return []
-    first = stateful[0]
+    full = max(stateful, key=lambda e: len(e.state))
+    names = [s.name for s in full.state]
     for e in stateful:
-        if [s.name for s in e.state] != [s.name for s in first.state]:
-            raise ValueError(f"graph {e.name}: state differs from graph {first.name}'s")
-    return list(first.state)
+        if [s.name for s in e.state] != names[:len(e.state)]:
+            raise ValueError(f"graph {e.name}: state is not a prefix of graph {full.name}'s")
+    return list(full.state)
 
 
 class LoadedModel:

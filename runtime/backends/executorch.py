@@ -8,6 +8,7 @@ is bounded by the graph's ``max_chunk``.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from edgeseq.registry import register_backend
 from edgeseq.runtime.backends.base import Backend, LoadedModel, shared_state_specs
 
 PTE_FILE = "model.pte"
+PLANNED_FILE = "pte_planned_memory.json"
 
 
 @register_backend("executorch")
@@ -52,7 +54,14 @@ class ExecuTorchBackend(Backend):
                     for name, g in graphs.items()}
         et = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()])
         config = ExecutorchBackendConfig(do_quant_fusion_and_const_prop=quantized)
-        (out / PTE_FILE).write_bytes(et.to_executorch(config).buffer)
+        prog = et.to_executorch(config)
+        (out / PTE_FILE).write_bytes(prog.buffer)
+        # Planned activation memory per method (allocated when a method loads): the runtime's
+        # pybindings do not expose it, and speculative decoding's memory plan needs it before
+        # loading anything.
+        planned = {plan.name: int(sum(plan.non_const_buffer_sizes))
+                   for plan in prog.executorch_program.execution_plan}
+        (out / PLANNED_FILE).write_text(json.dumps(planned, indent=1))
         return {name: PTE_FILE for name in graphs}
 
     def load(self, root: Path, entries: dict[str, GraphEntry], threads: int | None = None

@@ -156,8 +156,10 @@ class _OrtRunner:
             io.bind_ortvalue_input(spec.input_name, v)
         for s in self.entry.outputs:
             io.bind_output(s.name, "cpu")
+        grow = next((inputs[s.name].shape[s.shape.index("chunk")] for s in self.entry.inputs
+                     if "chunk" in s.shape), 1)
         for j, (spec, v) in enumerate(zip(self.entry.state, dst)):
-            want = _grown(spec, src[j].shape())
+            want = _grown(spec, src[j].shape(), grow)
             if v.shape() != want:  # a growing KV cache: the spare buffer gets the new size
                 import onnxruntime as ort
 
@@ -170,9 +172,10 @@ class _OrtRunner:
         return result, state
 
 
-def _grown(spec: Any, shape: list[int]) -> list[int]:
-    """The output shape of a state: one position more along a ``past`` dim, else unchanged."""
-    return [n + 1 if d == "past" else n for d, n in zip(spec.shape, shape)]
+def _grown(spec: Any, shape: list[int], grow: int = 1) -> list[int]:
+    """The output shape of a state: ``grow`` positions (the tokens fed) more along a ``past``
+    dim, else unchanged."""
+    return [n + grow if d == "past" else n for d, n in zip(spec.shape, shape)]
 
 
 class _OrtModel(LoadedModel):

@@ -1,0 +1,383 @@
+"""Model-free draft sources for speculative decoding.
+
+A draft source guesses the next few tokens cheaply; the target model then checks all of them in one
+forward pass and keeps the longest prefix (or tree path) it agrees with. Three sources that need no
+draft model:
+
+* ``PromptLookup`` ("ngram"): prompt lookup decoding (Saxena 2023) -- copy what followed the latest
+  earlier occurrence of the last n tokens.
+* ``InputGuided`` ("input"): input-guided aggressive decoding (Sun et al. 2021, Ge et al. 2022) --
+  for outputs that mostly copy their input, follow an alignment pointer into the input.
+* ``TokenRecycling`` ("recycle"): Token Recycling (Luo et al. 2024) -- keep the target's top
+  candidates after each token in a small adjacency matrix and draft a tree from it.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(eq=False)
+class Draft:
+    """Draft tokens as a tree: node i has token tokens[i] and parent parents[i] (-1 = child of the
+    last context token). Nodes are in topological order (parent index < own index). A chain has
+    parents == [-1, 0, 1, ..., n-2]."""
+    tokens: np.ndarray   # (n,) int64
+    parents: np.ndarray  # (n,) int64
+
+    def __post_init__(self) -> None:
+        self.tokens = np.asarray(self.tokens, dtype=np.int64).reshape(-1)
+        self.parents = np.asarray(self.parents, dtype=np.int64).reshape(-1)
+        if self.tokens.shape != self.parents.shape:
+            raise ValueError(f"{len(self.tokens)} tokens but {len(self.parents)} parents")
+        idx = np.arange(len(self.parents))
+        if ((self.parents < -1) | (self.parents >= idx)).any():
+            raise ValueError(f"parents must satisfy -1 <= parents[i] < i, got {self.parents}")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def is_chain(self) -> bool:
+        return bool(np.array_equal(self.parents, np.arange(len(self)) - 1))
+
+    @classmethod
+    def chain(cls, tokens) -> Draft:
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        return cls(tokens, np.arange(len(tokens), dtype=np.int64) - 1)
+
+    @classmethod
+    def empty(cls) -> Draft:
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+    def depth(self) -> np.ndarray:
+        """(n,) depth of each node, 1 for children of the root."""
+        d = np.zeros(len(self), np.int64)
+        for i, p in enumerate(self.parents):
+            d[i] = 1 if p < 0 else d[p] + 1
+        return d
+
+    def paths(self) -> list[list[int]]:
+        """Root-to-leaf node-index paths, one per leaf, longest first (ties: leaf order)."""
+        has_child = np.zeros(len(self), bool)
+        has_child[self.parents[self.parents >= 0]] = True
+        out = []
+        for leaf in np.flatnonzero(~has_child):
+            path, i = [], int(leaf)
+            while i >= 0:
+                path.append(i)
+                i = int(self.parents[i])
+            out.append(path[::-1])
+        return sorted(out, key=len, reverse=True)  # sorted() is stable
+
+    def ancestors_mask(self) -> np.ndarray:
+        """(n, n) bool: [i, j] = j is i or an ancestor of i (the tree-attention mask)."""
+        m = np.zeros((len(self), len(self)), bool)
+        for i, p in enumerate(self.parents):
+            if p >= 0:
+                m[i] = m[p]
+            m[i, i] = True
+        return m
+
+    def truncate(self, max_nodes: int, max_depth: int, max_width: int) -> Draft:
+        """Keep the first nodes in topological order with depth <= max_depth, at most max_width
+        leaves and at most max_nodes nodes; a node whose parent was dropped is dropped too, so the
+        result stays a valid tree."""
+        new_index = np.full(len(self), -1, np.int64)
+        has_kept_child = np.zeros(len(self), bool)
+        depth = self.depth()
+        kept: list[int] = []
+        leaves = 0
+        for i, p in enumerate(self.parents):
+            if len(kept) >= max_nodes:
+                break
+            if depth[i] > max_depth or (p >= 0 and new_index[p] < 0):
+                continue
+            # a first child replaces its parent as a leaf; any other node adds a leaf
+            adds_leaf = p < 0 or has_kept_child[p]
+            if adds_leaf and leaves >= max_width:
+                continue
+            leaves += int(adds_leaf)
+            if p >= 0:
+                has_kept_child[p] = True
+            new_index[i] = len(kept)
+            kept.append(i)
+        idx = np.asarray(kept, np.int64)
+        parents = self.parents[idx]
+        parents = np.where(parents >= 0, new_index[np.maximum(parents, 0)], -1)
+        return Draft(self.tokens[idx], parents)
+
+
+class DraftSource:
+    """Base: propose drafts from the context; learn from what the target accepted."""
+    name: str = "?"
+    tree: bool = False      # True if propose may return a tree (else always a chain)
+
+    def start(self, context: Sequence[int], source: Sequence[int] | None = None) -> None:
+        """A new generation: context = tokens so far (a causal LM's prompt, or an
+        encoder-decoder's decoder prompt); source = the encoder input ids of an encoder-decoder
+        (None for a causal LM: then the prompt is the input)."""
+
+    def propose(self, context: Sequence[int], k: int, width: int = 1) -> Draft:
+        """Up to k tokens (depth) continuing context (the full token list so far, whose last
+        token is already decided). width > 1 allows a tree with up to width leaves."""
+        raise NotImplementedError
+
+    def feedback(self, context: Sequence[int], draft: Draft, accepted: int,
+                 tokens: np.ndarray, logits: np.ndarray | None) -> None:
+        """After verification. accepted = number of draft tokens the target accepted (along the
+        accepted path). tokens (m,) = the tokens the target consumed in that verification (the
+        last context token first, then the draft nodes in node order) and logits (m, v) = the
+        target's next-token logits after each of them (None if unavailable)."""
+
+    def reset(self) -> None:
+        """Forget everything learned (a no-op for sources whose state lives in one generation)."""
+
+
+def _ids(seq: Sequence[int] | None) -> np.ndarray:
+    return np.asarray([] if seq is None else seq, dtype=np.int64).reshape(-1)
+
+
+def _occurrences(hay: np.ndarray, needle: np.ndarray, end: int) -> np.ndarray:
+    """Start positions s (ascending) with hay[s:s+n] == needle and s + n <= end."""
+    n = len(needle)
+    count = min(end, len(hay)) - n + 1
+    if n == 0 or count <= 0:
+        return np.zeros(0, np.int64)
+    hit = hay[:count] == needle[0]
+    for j in range(1, n):
+        hit &= hay[j:j + count] == needle[j]
+    return np.flatnonzero(hit)
+
+
+class PromptLookup(DraftSource):
+    """Prompt lookup decoding (Saxena 2023; transformers' ``prompt_lookup_num_tokens``): find the
+    latest earlier occurrence of the context's last n tokens (n = ngram_max .. ngram_min; for each
+    n the context first, then an encoder-decoder's source) and propose what followed it."""
+    name = "ngram"
+
+    def __init__(self, ngram_max: int = 3, ngram_min: int = 1):
+        if not 1 <= ngram_min <= ngram_max:
+            raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {ngram_min}, {ngram_max}")
+        self.ngram_max, self.ngram_min = ngram_max, ngram_min
+        self._source = _ids(None)
+
+    def start(self, context: Sequence[int], source: Sequence[int] | None = None) -> None:
+        self._source = _ids(source)
+
+    def propose(self, context: Sequence[int], k: int, width: int = 1) -> Draft:
+        ctx = _ids(context)
+        L = len(ctx)
+        if k <= 0:
+            return Draft.empty()
+        for n in range(min(self.ngram_max, L), self.ngram_min - 1, -1):
+            tail = ctx[L - n:]
+            hits = _occurrences(ctx, tail, L - 1)  # end L-1: at least one token follows
+            if len(hits):
+                cont = list(ctx[hits[-1] + n:][:k])
+                # The copy ran into the context's end: the match says "the text repeats with
+                # period p", so keep repeating (degenerate loops draft k tokens, not < p).
+                p = len(cont)
+                while len(cont) < k:
+                    cont.append(cont[len(cont) - p])
+                return Draft.chain(cont)
+            hits = _occurrences(self._source, tail, len(self._source) - 1)
+            if len(hits):
+                return Draft.chain(self._source[hits[-1] + n:][:k])
+        return Draft.empty()
+
+
+class InputGuided(DraftSource):
+    """Input-guided aggressive decoding (IAD; Sun et al. 2021, Ge et al. 2022): for outputs that
+    largely copy their input (typo or grammar correction), draft the continuation of the input
+    span aligned with the output so far, and re-align on a mismatch by finding the last generated
+    tokens (``ngram``, ..., 1 of them) in the input nearest to where the pointer was."""
+    name = "input"
+
+    def __init__(self, ngram: int = 3):
+        if ngram < 1:
+            raise ValueError(f"ngram must be >= 1, got {ngram}")
+        self.ngram = ngram
+        self._input = _ids(None)
+        self._ptr: int | None = None  # input index of the next expected output token
+        self._at = 0                  # context length at which _ptr is valid
+        # Where the output was in the input when alignment was lost (input index, context
+        # length): re-alignment looks nearest to it, moved on by the tokens generated since.
+        self._anchor = (0, 0)
+        self._cands: list[int] = []  # start indices of the alignments the last tree drafted
+        self.tree = True
+
+    def start(self, context: Sequence[int], source: Sequence[int] | None = None) -> None:
+        self._at, self._anchor, self._cands = len(context), (0, len(context)), []
+        if source is not None:
+            self._input, self._ptr = _ids(source), 0
+        else:
+            # a causal LM's prompt ends with the instruction, not the text to copy: align from the
+            # context's last tokens instead (an earlier occurrence in the prompt)
+            self._input, self._ptr = _ids(context), None
+
+    @property
+    def pointer(self) -> int | None:
+        """Input index of the next expected output token (None while unaligned)."""
+        return self._ptr
+
+    def _realign(self, ctx: np.ndarray) -> int | None:
+        target = self._anchor[0] + len(ctx) - self._anchor[1]
+        for m in range(min(self.ngram, len(ctx)), 0, -1):
+            # end = len - 1: the aligned span must have something left to draft
+            hits = _occurrences(self._input, ctx[len(ctx) - m:], len(self._input) - 1) + m
+            if len(hits):
+                d = np.abs(hits - target)
+                # ties go forward, as the output advances through the input
+                return int(hits[d == d.min()].max())
+        return None
+
+    def propose(self, context: Sequence[int], k: int, width: int = 1) -> Draft:
+        ctx = _ids(context)
+        if self._ptr is not None and len(ctx) < self._at:  # the caller rewound the context
+            self._anchor, self._ptr = (self._ptr, self._at), None
+        if self._cands and len(ctx) >= self._at:
+            # the last draft was a tree of alignments: keep the one the output followed
+            new = ctx[self._at:]
+            for c in self._cands:
+                if np.array_equal(self._input[c:c + len(new)], new):
+                    self._ptr = c + len(new)
+                    self._at = len(ctx)
+                    break
+            else:
+                self._anchor = (self._cands[0], self._at)
+        self._cands = []
+        if self._ptr is not None:
+            # Check the tokens decided since the pointer was last valid (the target's bonus or
+            # correction token; everything when feedback was not called) against the input.
+            new = ctx[self._at:]
+            ahead = self._input[self._ptr:self._ptr + len(new)]
+            eq = np.append(ahead == new[:len(ahead)], False)
+            j = int(np.argmin(eq))  # length of the common prefix
+            if j == len(new):
+                self._ptr += j
+            else:
+                self._anchor, self._ptr = (self._ptr + j, self._at + j), None
+        lost = self._ptr is None
+        if lost:
+            self._ptr = self._realign(ctx)
+        self._at = len(ctx)
+        if k <= 0:
+            return Draft.empty()
+        if lost and width > 1:
+            return self._alignments(ctx, k, width)
+        if self._ptr is None:
+            return Draft.empty()
+        return Draft.chain(self._input[self._ptr:self._ptr + k])
+
+    def _alignments(self, ctx: np.ndarray, k: int, width: int) -> Draft:
+        """After a correction the alignment is uncertain: draft a tree of the likely ones — the
+        n-gram re-alignment, then the expected position if the correction replaced, inserted or
+        dropped an input token — merged where they share a prefix."""
+        expect = self._anchor[0] + len(ctx) - self._anchor[1]
+        cands = [] if self._ptr is None else [self._ptr]
+        for c in (expect, expect + 1, expect - 1, expect + 2):
+            if 0 <= c < len(self._input) and c not in cands:
+                cands.append(c)
+        cands = cands[:width]
+        if not cands:
+            return Draft.empty()
+        depth = max(2, k // len(cands))
+        tokens: list[int] = []
+        parents: list[int] = []
+        kids: dict[tuple[int, int], int] = {}
+        for c in cands:
+            node = -1
+            for tok in self._input[c:c + depth]:
+                key = (node, int(tok))
+                if key not in kids:
+                    kids[key] = len(tokens)
+                    tokens.append(int(tok))
+                    parents.append(node)
+                node = kids[key]
+        self._cands, self._ptr = cands, None
+        return Draft(np.array(tokens, dtype=np.int64), np.array(parents, dtype=np.int64))
+
+    def feedback(self, context: Sequence[int], draft: Draft, accepted: int,
+                 tokens: np.ndarray, logits: np.ndarray | None) -> None:
+        # the accepted tokens were drafted from the input, so the alignment holds through them;
+        # a rejection shows up as a mismatching correction token in the next propose
+        if self._ptr is not None and 0 < accepted <= len(draft) and draft.is_chain:
+            self._ptr += accepted
+            self._at += accepted
+
+
+class TokenRecycling(DraftSource):
+    """Token Recycling (Luo et al. 2024): the target's top candidates after each token, which
+    verification computes anyway, are kept in an adjacency matrix M (vocab, top) and reused as
+    drafts -- a static-shape tree by BFS from the last token. M survives ``start`` (recycling
+    across generations is the point); only ``reset`` clears it."""
+    name = "recycle"
+    tree = True
+
+    def __init__(self, vocab_size: int, top: int = 8, max_bytes: int = 2 * 1024 * 1024):
+        if vocab_size < 1 or top < 1:
+            raise ValueError(f"need vocab_size >= 1 and top >= 1, got {vocab_size}, {top}")
+        # int16 holds ids < 32768 and the -1 "unknown" marker
+        dtype = np.int16 if vocab_size <= 2 ** 15 else np.int32
+        column = vocab_size * np.dtype(dtype).itemsize
+        fits = max_bytes // column
+        if fits < 1:
+            raise ValueError(f"vocab_size {vocab_size} needs {column} bytes per candidate column, "
+                             f"more than max_bytes={max_bytes}")
+        self.vocab_size = vocab_size
+        self.top = int(min(top, fits, vocab_size))
+        self.M = np.full((vocab_size, self.top), -1, dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.M.nbytes)
+
+    def reset(self) -> None:
+        self.M.fill(-1)
+
+    def propose(self, context: Sequence[int], k: int, width: int = 1) -> Draft:
+        if k <= 0 or width <= 0 or len(context) == 0:
+            return Draft.empty()
+        row = self.M[int(context[-1])]
+        firsts = row[row >= 0][:width]
+        tokens, parents = [int(t) for t in firsts], [-1] * len(firsts)
+        frontier = list(range(len(tokens)))   # the end node of each still-growing path
+        for _ in range(k - 1):
+            grown = []
+            for node in frontier:
+                nxt = int(self.M[tokens[node], 0])
+                if nxt >= 0:
+                    grown.append(len(tokens))
+                    tokens.append(nxt)
+                    parents.append(node)
+            frontier = grown
+        return Draft(np.asarray(tokens, np.int64), np.asarray(parents, np.int64))
+
+    def feedback(self, context: Sequence[int], draft: Draft, accepted: int,
+                 tokens: np.ndarray, logits: np.ndarray | None) -> None:
+        if logits is None:
+            return
+        logits = np.asarray(logits)
+        tokens = _ids(tokens)
+        if logits.ndim != 2 or len(logits) != len(tokens) or logits.shape[1] > self.vocab_size:
+            raise ValueError(f"logits {logits.shape} do not fit {len(tokens)} tokens and "
+                             f"vocab_size {self.vocab_size}")
+        top = min(self.top, logits.shape[1])
+        ids = np.argpartition(-logits, top - 1, axis=1)[:, :top]
+        order = np.argsort(-np.take_along_axis(logits, ids, axis=1), axis=1, kind="stable")
+        rows = np.full((len(tokens), self.top), -1, self.M.dtype)
+        rows[:, :top] = np.take_along_axis(ids, order, axis=1)
+        self.M[tokens] = rows  # a token consumed twice: the later (deeper) logits win
+
+
+_SOURCES = {"ngram": PromptLookup, "input": InputGuided, "recycle": TokenRecycling}
+
+
+def make_source(spec: str, vocab_size: int) -> DraftSource:
+    """A draft source by name: "ngram", "input" or "recycle", with default settings."""
+    if spec not in _SOURCES:
+        raise ValueError(f"unknown draft source {spec!r}; known: {', '.join(_SOURCES)}")
+    return TokenRecycling(vocab_size) if spec == "recycle" else _SOURCES[spec]()

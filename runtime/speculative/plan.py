@@ -1,0 +1,344 @@
+"""The memory plan of a (speculative) generating session, made before anything is loaded.
+
+SpecMemo (2025) showed that modelling what speculation costs in memory lets a runtime keep most
+of its speedup in a fraction of its footprint. The model here counts, in bytes above the
+process's footprint before loading (what ``edgeseq profile`` calls the baseline):
+
+- ``weights``: graph files as the backend holds them (ORT: the shared weights file and the
+  protos of the graphs loaded; ExecuTorch: the program and XNNPACK's packed copy of it);
+- ``runtime``: a backend's fixed cost plus a per-graph cost (sessions, kernels, thread pools);
+- ``activations``: ExecuTorch's planned memory of every loaded method (recorded at conversion);
+  for ONNX Runtime the sum of every intermediate tensor of the largest call (shape inference at
+  the planned sizes), since freed buffers stay in the allocator;
+- ``state``: recurrent state or KV cache at the planned length, twice (a graph's input and
+  output buffers);
+- ``speculation``: draft/verify buffers (chunk x width logits), rollback (per-position traces,
+  a snapshot, or the cache copies of a commit), tree copies of the state, and the drafter (a
+  recycling matrix, the early-exit graph, or a whole draft model).
+
+The constants were measured on the zoo bundles (``tests/speculative/test_memory.py`` checks the
+plan against the process's peak RSS over random budgets); they err on the safe side.
+
+Given a budget the plan tries, in order, the requested source with the largest draft, a
+smaller draft (down to 2), a chain instead of a tree, replay instead of traces, and finally no
+speculation (plain decoding with a smaller prefill chunk). A budget below the plain footprint at
+the smallest prefill chunk is refused: ``BundleError`` before loading.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeseq.bundle import BundleError, Manifest, read_manifest
+
+MB = 1 << 20
+SOURCES = ("auto", "off", "input", "ngram", "recycle", "draft", "early-exit")
+# Fixed and per-graph runtime costs, measured on this project's bundles (RSS above baseline after
+# load, minus weights and planned memory), rounded up.
+RUNTIME_BASE = {"ort": 8 * MB, "executorch": 10 * MB, "torch": 32 * MB}
+RUNTIME_PER_GRAPH = {"ort": 3 * MB, "executorch": 3 * MB, "torch": 8 * MB}
+# Freed intermediate buffers are kept by the allocator and fragment: the sum of a call's
+# intermediates, times this, bounds what it leaves behind.
+ACTIVATION_FACTOR = {"ort": 1.5, "executorch": 1.0, "torch": 2.0}
+PREFILL_CHUNKS = (128, 64, 32, 16, 8, 4, 1)
+RECYCLE_BYTES = 2 * MB
+
+
+def parse_speculate(spec: str) -> tuple[str, str | None]:
+    """``auto|off|input|ngram|recycle|draft:PATH|early-exit:N`` -> (kind, argument)."""
+    kind, _, arg = str(spec).partition(":")
+    if kind not in SOURCES:
+        raise BundleError(f"--speculate {spec!r}: unknown; give one of auto, off, input, ngram, "
+                          f"recycle, draft:PATH, early-exit:N")
+    if kind == "draft" and not arg:
+        raise BundleError("--speculate draft:PATH needs the draft bundle's folder")
+    if kind == "early-exit" and arg and not arg.isdigit():
+        raise BundleError(f"--speculate {spec!r}: N must be a number of layers")
+    return kind, (arg or None)
+
+
+@dataclass
+class MemoryPlan:
+    mode: str                        # off | input | ngram | recycle | draft | early-exit
+    requested: str
+    backend: str
+    budget: int | None
+    k: int = 4                       # starting draft length
+    k_max: int = 8                   # bound on the adaptive draft length
+    width: int = 1                   # tree width (leaves)
+    rollback: str = "none"           # trace | replay | crop | none
+    adaptive: bool = True
+    exit_threshold: float = 0.3
+    prefill_chunk: int | None = None
+    graphs: set[str] = field(default_factory=set)
+    draft_graphs: set[str] | None = None
+    footprint: dict[str, int] = field(default_factory=dict)
+    plain_bytes: int = 0
+    reason: str = ""
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.footprint.values()))
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["graphs"] = sorted(self.graphs)
+        d["draft_graphs"] = sorted(self.draft_graphs) if self.draft_graphs else None
+        d["total_bytes"] = self.total
+        return d
+
+
+# -- what the pieces cost ------------------------------------------------------------------------
+def _file(root: Path, name: str) -> int:
+    p = root / name
+    return p.stat().st_size if p.is_file() else 0
+
+
+def _fmt(backend: str) -> str:
+    return {"ort": "onnx", "executorch": "pte", "torch": "pt2"}.get(backend, backend)
+
+
+def weights_bytes(root: Path, man: Manifest, backend: str, graphs: set[str]) -> int:
+    fmt = _fmt(backend)
+    files = {man.graphs[g].files[fmt] for g in graphs if fmt in man.graphs[g].files}
+    total = sum(_file(root, f) for f in files)
+    if fmt == "onnx":
+        total += sum(p.stat().st_size for p in root.glob("*.onnx.data"))
+    if fmt == "pte":
+        total *= 2          # the program buffer and XNNPACK's packed weights
+    return total
+
+
+@functools.lru_cache(maxsize=256)
+def _onnx_intermediates(path: str, dims_key: tuple) -> int:
+    """Bytes of every tensor a call produces, from shape inference at concrete sizes."""
+    import onnx
+
+    from edgeseq.runtime.profile import _concrete
+
+    dims = dict(dims_key)
+    model = _concrete(onnx.load(path, load_external_data=False), dims)
+    try:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001 - best effort; unresolved tensors count by the fallback
+        pass
+    total, unresolved = 0, 0
+    g = model.graph
+    for vi in [*g.value_info, *g.output]:
+        tt = vi.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if any(s is None for s in shape):
+            unresolved += 1
+            continue
+        size = {1: 4, 7: 8, 10: 2, 9: 1, 6: 4, 2: 1, 3: 1}.get(tt.elem_type, 4)
+        total += int(np.prod(shape)) * size
+    # a tensor whose shape stays unknown counts as the largest known one
+    return total + unresolved * (total // max(1, len(g.value_info)))
+
+
+def activation_bytes(root: Path, man: Manifest, backend: str, graph: str,
+                     dims: dict[str, int]) -> int:
+    fmt = _fmt(backend)
+    if fmt == "pte":
+        planned = root / "pte_planned_memory.json"
+        if planned.is_file():
+            return int(json.loads(planned.read_text()).get(graph, 0))
+        return 8 * _file(root, man.graphs[graph].files["pte"])   # older bundle: a safe guess
+    if fmt == "onnx":
+        entry = man.graphs[graph]
+        return int(ACTIVATION_FACTOR["ort"] * _onnx_intermediates(
+            str(root / entry.files["onnx"]), tuple(sorted(dims.items()))))
+    return 4 * weights_bytes(root, man, backend, {graph})
+
+
+def state_bytes(man: Manifest, dims: dict[str, int], prefix: int | None = None) -> int:
+    specs = None
+    for g in man.graphs.values():
+        if g.state and (specs is None or len(g.state) > len(specs)):
+            specs = g.state
+    specs = (specs or [])[:prefix] if prefix is not None else (specs or [])
+    return int(sum(s.nbytes(dims) for s in specs))
+
+
+def _planned_len(man: Manifest) -> int:
+    cfg = man.config
+    caps = [int(c) for c in (cfg.get("max_target_len"), cfg.get("max_target_positions")) if c]
+    return min(caps) if caps else 1024
+
+
+def _cross_bytes(man: Manifest) -> int:
+    enc = man.graphs.get("encoder")
+    if enc is None:
+        return 0
+    src = int(man.config.get("max_source_positions") or 512)
+    return int(sum(np.prod(s.concrete_shape({"batch": 1, "source": src})) * 4
+                   for s in enc.outputs)) * 2
+
+
+class _Costs:
+    """The footprint pieces of one bundle on one backend."""
+
+    def __init__(self, root: Path, man: Manifest, backend: str):
+        self.root, self.man, self.backend = root, man, backend
+        self.task = man.task
+        self.vocab = int(man.config["vocab_size"])
+        self.length = _planned_len(man) if self.task != "causal_lm" else 0
+
+    def dims(self, chunk: int = 1) -> dict[str, int]:
+        return {"batch": 1, "chunk": chunk, "past": self.length,
+                "source": int(self.man.config.get("max_source_positions") or 512),
+                "frames": 2 * int(self.man.config.get("max_source_positions") or 1500)}
+
+    def base_graphs(self) -> set[str]:
+        return ({"prefill", "step"} if self.task == "causal_lm"
+                else {"encoder", "decoder_step"})
+
+    def plain(self, prefill_chunk: int | None) -> dict[str, int]:
+        graphs = self.base_graphs()
+        be = self.backend
+        acts = []
+        for g in graphs:
+            chunk = prefill_chunk if g == "prefill" else 1
+            acts.append(activation_bytes(self.root, self.man, be, g, self.dims(chunk or 1)))
+        act = sum(acts) if be == "executorch" else max(acts)
+        st = state_bytes(self.man, self.dims())
+        return {"weights": weights_bytes(self.root, self.man, be, graphs),
+                "runtime": RUNTIME_BASE.get(be, 16 * MB) + RUNTIME_PER_GRAPH.get(be, 4 * MB)
+                * len(graphs),
+                "activations": act,
+                "state": 2 * st + _cross_bytes(self.man)}
+
+    def extra_graph(self, graph: str, chunk: int) -> dict[str, int]:
+        be = self.backend
+        w = weights_bytes(self.root, self.man, be, {graph}) if be == "ort" else 0
+        if be == "ort":  # the shared weights file is counted once, with the base graphs
+            w = _file(self.root, self.man.graphs[graph].files["onnx"])
+        return {"runtime": RUNTIME_PER_GRAPH.get(be, 4 * MB) + w,
+                "activations": activation_bytes(self.root, self.man, be, graph,
+                                                self.dims(chunk))}
+
+
+# -- the plan ------------------------------------------------------------------------------------
+def make_plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None,
+              draft_root: Path | None = None, draft_manifest: Manifest | None = None,
+              k: int | None = None, width: int | None = None) -> MemoryPlan:
+    """The largest speculation of ``kind`` that fits ``budget`` (bytes), else plain decoding.
+
+    Raises:
+        BundleError: the budget cannot hold plain decoding at the smallest prefill chunk.
+    """
+    costs = _Costs(root, man, backend)
+    seq2seq = man.task != "causal_lm"
+    chunk_graph = "decoder_chunk" if seq2seq else ("verify" if "verify" in man.graphs
+                                                  else "prefill")
+    max_chunk = int(man.graphs[chunk_graph].max_chunk or 16) if chunk_graph in man.graphs else 1
+    base_chunk = None if seq2seq else int(man.graphs["prefill"].max_chunk or 64)
+    requested = kind
+    if kind == "auto":
+        kind = "input" if (seq2seq and man.task != "speech_seq2seq") else "ngram"
+    fits = lambda fp: budget is None or sum(fp.values()) <= budget  # noqa: E731
+
+    # plain decoding at the largest prefill chunk that fits
+    plain = None
+    chunks = [c for c in PREFILL_CHUNKS if base_chunk is None or c <= base_chunk] or [1]
+    if seq2seq:
+        chunks = [None]
+    for c in chunks:
+        fp = costs.plain(c)
+        if fits(fp):
+            plain = (c, fp)
+            break
+    if plain is None:
+        need = sum(costs.plain(chunks[-1]).values())
+        raise BundleError(f"{root}: memory budget of {_mb(budget)} cannot hold this model on "
+                          f"{backend} (it needs about {_mb(need)}: weights, runtime, state and "
+                          f"one call's activations); nothing was loaded")
+    p_chunk, p_fp = plain
+    off = MemoryPlan("off", requested, backend, budget, k=0, k_max=0, rollback="none",
+                     prefill_chunk=p_chunk, graphs=costs.base_graphs(), footprint=p_fp,
+                     plain_bytes=sum(p_fp.values()))
+    if kind == "off":
+        off.reason = "speculation off"
+        return off
+    if chunk_graph not in man.graphs:
+        off.reason = f"the bundle has no {chunk_graph} graph"
+        return off
+
+    # trees: Token Recycling's candidates; input-guided alignments after a correction
+    widths = [width] if width else {"recycle": [4, 2, 1], "input": [3, 1]}.get(kind, [1])
+    # Model-free drafts cost nothing to propose: let them use the whole verify chunk (Aggressive
+    # Decoding drafts the rest of the input at once). Model drafts cost a step per token.
+    free = kind in ("input", "ngram", "recycle")
+    k_top = max(2, min(max_chunk - 1, k or (max_chunk - 1 if free and kind != "recycle" else 8)))
+    ks = sorted({kk for kk in (k_top, 24, 16, 12, 8, 6, 4, 3, 2) if kk <= k_top}, reverse=True)
+    rollbacks = ["crop"] if seq2seq else (["trace", "replay"] if chunk_graph == "verify"
+                                         else ["replay"])
+    # the plain plan's prefill chunk is kept when it fits; else smaller ones are tried
+    for c in chunks:
+        if c is not None and p_chunk is not None and c > p_chunk:
+            continue
+        base = costs.plain(c)
+        for w in widths:
+            for kk in ks:
+                if w * (kk + 1) > max(max_chunk, 1) * w:
+                    continue
+                for rb in rollbacks:
+                    fp = dict(base)
+                    graphs = set(costs.base_graphs()) | {chunk_graph}
+                    draft_graphs = None
+                    chunk = kk + 1
+                    if chunk_graph != "prefill":
+                        ex = costs.extra_graph(chunk_graph, chunk if backend == "ort" else max_chunk)
+                        fp["runtime"] += ex["runtime"]
+                        fp["activations"] = (fp["activations"] + ex["activations"]
+                                             if backend == "executorch"
+                                             else max(fp["activations"], ex["activations"] * w))
+                    st = state_bytes(man, costs.dims())
+                    spec = 2 * w * chunk * costs.vocab * 4              # logits in and out
+                    if rb == "trace":
+                        spec += 3 * w * chunk * st                      # traces, sliced copy
+                    elif rb == "replay":
+                        spec += 2 * st
+                    elif rb == "crop":
+                        spec += 3 * st
+                    if w > 1:
+                        spec += 2 * w * st
+                    if kind == "recycle":
+                        spec += RECYCLE_BYTES
+                    elif kind == "early-exit":
+                        graphs.add("exit_step")
+                        ex = costs.extra_graph("exit_step", 1)
+                        fp["runtime"] += ex["runtime"]
+                        fp["activations"] += ex["activations"] if backend == "executorch" else 0
+                        spec += 2 * st
+                    elif kind == "draft":
+                        dman = draft_manifest or read_manifest(draft_root)
+                        dcosts = _Costs(draft_root, dman, backend)
+                        dfp = dcosts.plain(min(16, int(dman.graphs["prefill"].max_chunk or 16))
+                                           if "prefill" in dman.graphs else None)
+                        dfp["runtime"] -= RUNTIME_BASE.get(backend, 0) // 2   # shared libraries
+                        spec += sum(dfp.values()) + (kk + 1) * state_bytes(dman, dcosts.dims())
+                        draft_graphs = dcosts.base_graphs()
+                    fp["speculation"] = spec
+                    if fits(fp):
+                        # free drafts start (and stay) at the bound: a long wrong draft
+                        # costs little more verify time; model drafts adapt from 4
+                        start = kk if (k or free) else min(kk, 4)
+                        return MemoryPlan(kind, requested, backend, budget, k=start, k_max=kk,
+                                          adaptive=not free, width=w, rollback=rb,
+                                          prefill_chunk=c, graphs=graphs,
+                                          draft_graphs=draft_graphs, footprint=fp,
+                                          plain_bytes=off.plain_bytes,
+                                          reason="fits" if budget else "no budget")
+    off.reason = (f"the budget of {_mb(budget)} holds plain decoding "
+                  f"({_mb(off.plain_bytes)}) but not {kind} speculation")
+    return off
+
+
+def _mb(n: int | None) -> str:
+    return "unlimited" if n is None else f"{n / MB:.1f} MiB"

@@ -1,0 +1,161 @@
+"""``edgeseq.runtime.speculative.load``: a bundle opened for speculative generation under a
+memory budget.
+
+The memory plan (``plan.py``) is made from the manifest and file sizes *before* anything is
+loaded: it decides which graphs to load (a plain session never loads ``verify`` /
+``decoder_chunk`` / ``exit_step``), the draft source, draft length, tree width and rollback. A
+budget that cannot hold the model at all fails here, before allocating.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from edgeseq.bundle import BundleError, read_manifest
+from edgeseq.runtime.decoding import SamplingConfig
+from edgeseq.runtime.speculative.drafts import DraftSource, make_source
+from edgeseq.runtime.speculative.engine import (DraftModelSource, EarlyExitSource,
+                                                SpeculativeDecoder, SpecStats)
+from edgeseq.runtime.speculative.plan import MemoryPlan, make_plan, parse_speculate
+from edgeseq.runtime.speculative.targets import CausalTarget, Seq2SeqTarget
+
+GENERATING = ("causal_lm", "seq2seq", "speech_seq2seq")
+
+
+class SpeculativeSession:
+    """A generating bundle plus, when the plan affords it, a draft source and a verifier."""
+
+    def __init__(self, session: Any, plan: MemoryPlan, draft_session: Any = None):
+        self.session = session
+        self.plan = plan
+        self.task = session.manifest.task
+        self.stats = SpecStats()
+        self.decoder: SpeculativeDecoder | None = None
+        if plan.prefill_chunk and hasattr(session, "max_chunk"):
+            session.max_chunk = plan.prefill_chunk
+        if plan.mode == "off":
+            return
+        if self.task == "causal_lm":
+            target: Any = CausalTarget(session, plan.rollback)
+        else:
+            target = Seq2SeqTarget(session)
+        self.target = target
+        vocab = target.vocab
+        kind = plan.mode
+        source: DraftSource
+        if kind == "draft":
+            source = DraftModelSource(draft_session)
+        elif kind == "early-exit":
+            source = EarlyExitSource(target, plan.exit_threshold)
+        else:
+            source = make_source(kind, vocab)
+        self.source = source
+        self.decoder = SpeculativeDecoder(target, source, k=plan.k, k_max=plan.k_max,
+                                          width=plan.width, adaptive=plan.adaptive)
+        self.decoder.stats = self.stats
+
+    # -- generation ----------------------------------------------------------------------------
+    def generate(self, inputs: Sequence[int] | np.ndarray, max_new_tokens: int = 32,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
+                 ignore_eos: bool = False) -> list[int]:
+        """New tokens for a prompt (causal LM) or a source (encoder-decoders: token ids, or
+        log-mel features for speech) — the same tokens the plain session returns when greedy."""
+        cfg = SamplingConfig(do_sample, temperature, top_k, top_p)
+        if self.decoder is None:
+            return self._plain(inputs, max_new_tokens, cfg, seed, stop_at_eos, ignore_eos)
+        rng = np.random.default_rng(seed)
+        s = self.session
+        if self.task == "causal_lm":
+            ids = [int(t) for t in np.asarray(inputs).reshape(-1)]
+            if not ids:
+                raise ValueError("input_ids is empty: give at least one token")
+            eos_id = s.manifest.config.get("eos_token_id")
+            eos = {int(eos_id)} if (stop_at_eos and eos_id is not None) else set()
+            return list(self.decoder.stream(ids, max_new_tokens, cfg, rng, eos))
+        max_new = min(max_new_tokens, s.max_new_tokens_cap())
+        procs = s._processors(max_new, ignore_eos)
+        src_tokens = None if s.speech else [int(t) for t in np.asarray(inputs).reshape(-1)]
+        return list(self.decoder.stream(s.decoder_prompt, max_new, cfg, rng, set(procs.eos),
+                                        source=inputs, source_tokens=src_tokens,
+                                        processors=procs))
+
+    def _plain(self, inputs: Any, max_new: int, cfg: SamplingConfig, seed: int | None,
+               stop_at_eos: bool, ignore_eos: bool) -> list[int]:
+        s = self.session
+        kw = dict(do_sample=cfg.do_sample, temperature=cfg.temperature, top_k=cfg.top_k,
+                  top_p=cfg.top_p, seed=seed)
+        if self.task == "causal_lm":
+            toks = list(s.stream(np.asarray(inputs).reshape(-1), max_new, stop_at_eos=stop_at_eos,
+                                 **kw))
+            self.stats.emitted += len(toks)
+            self.stats.rounds += len(toks)
+            return [int(t[0]) for t in toks]
+        toks = list(s.stream(inputs, max_new, ignore_eos=ignore_eos, **kw))
+        self.stats.emitted += len(toks)
+        self.stats.rounds += len(toks)
+        return [int(t) for t in toks]
+
+    def report(self) -> dict[str, Any]:
+        """``acceptance_rate``, ``tokens_per_verify`` and ``memory_plan`` (for ``--json``)."""
+        st = self.stats.to_json()
+        return {"speculate": self.plan.mode, "acceptance_rate": st["acceptance_rate"],
+                "tokens_per_verify": st["tokens_per_verify"], "speculation": st,
+                "memory_plan": self.plan.to_json()}
+
+
+def load(path: str | Path, backend: str = "ort", speculate: str = "auto",
+         memory_budget: int | None = None, threads: int | None = None,
+         k: int | None = None, width: int | None = None) -> SpeculativeSession:
+    """Open a bundle for speculative generation.
+
+    Args:
+        speculate: ``auto`` (the plan picks a model-free source that fits), ``off``, ``input``,
+            ``ngram``, ``recycle``, ``draft:PATH`` (another bundle, same tokenizer) or
+            ``early-exit:N`` (needs ``edgeseq convert --early-exit N``).
+        memory_budget: bytes the process may grow by (weights, state, buffers, drafter);
+            None = unconstrained.
+        k, width: force the starting draft length / tree width (the plan still bounds them).
+    Raises:
+        BundleError: the bundle is not a generating model, the speculation asks for a graph the
+            bundle lacks, or the budget cannot hold the model at all (before loading anything).
+    """
+    from edgeseq.runtime.session import load as load_session
+
+    root = Path(path)
+    man = read_manifest(root)
+    if man.task not in GENERATING:
+        raise BundleError(f"{root}: task {man.task!r} does not generate; speculation applies to "
+                          f"{', '.join(GENERATING)}")
+    kind, arg = parse_speculate(speculate)
+    draft_man = None
+    if kind == "draft":
+        draft_man = read_manifest(Path(arg))
+        _check_draft(root, man, Path(arg), draft_man)
+    if kind == "early-exit":
+        have = man.config.get("early_exit_layers")
+        if "exit_step" not in man.graphs or (arg is not None and int(arg) != have):
+            hint = f" (it has early-exit:{have})" if have else ""
+            raise BundleError(f"{root}: no exit_step graph for early-exit:{arg}{hint}; convert "
+                              f"with --early-exit {arg or 'N'}")
+    plan = make_plan(root, man, backend, kind, memory_budget, draft_root=Path(arg) if
+                     kind == "draft" else None, draft_manifest=draft_man, k=k, width=width)
+    session = load_session(root, backend=backend, threads=threads, graphs=plan.graphs)
+    draft_session = None
+    if plan.mode == "draft":
+        draft_session = load_session(Path(arg), backend=backend, threads=threads,
+                                     graphs=plan.draft_graphs)
+    return SpeculativeSession(session, plan, draft_session)
+
+
+def _check_draft(root: Path, man: Any, draft_root: Path, dman: Any) -> None:
+    if dman.task != man.task:
+        raise BundleError(f"{draft_root}: a {dman.task} draft cannot serve a {man.task} target")
+    if int(dman.config["vocab_size"]) != int(man.config["vocab_size"]):
+        raise BundleError(f"{draft_root}: vocabulary of {dman.config['vocab_size']} tokens; the "
+                          f"target {root} has {man.config['vocab_size']} (a draft must share "
+                          f"the tokenizer)")
+    if (man.tokenizer or {}) != (dman.tokenizer or {}):
+        raise BundleError(f"{draft_root}: its tokenizer differs from {root}'s")
