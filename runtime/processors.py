@@ -55,6 +55,17 @@ class Processors:
                    begin_suppress=list(gen.get("begin_suppress_tokens") or []),
                    begin_index=begin)
 
+    def passthrough(self, cur: int, n: int) -> bool:
+        """True if no rule changes the scores of sequences ``cur`` to ``cur + n - 1`` long (a
+        speculative verifier then takes the argmax of all its rows at once)."""
+        last = cur + n - 1
+        return (self.repetition_penalty == 1.0 and not self.no_repeat_ngram_size
+                and not self.bad_tokens and not self.suppress
+                and not (self.eos and cur < self.min_length)
+                and not (self.forced_bos is not None and cur <= 1 <= last)
+                and not (self.forced_eos is not None and cur <= self.max_length - 1 <= last)
+                and not (self.begin_suppress and cur <= self.begin_index <= last))
+
     def __call__(self, seqs: np.ndarray, scores: np.ndarray) -> np.ndarray:
         s = scores.copy()
         cur = seqs.shape[1]

@@ -78,6 +78,11 @@ class LoadedModel:
     def to_numpy(self, state: Any) -> list[np.ndarray]:
         raise NotImplementedError
 
+    def view_numpy(self, state: Any) -> list[np.ndarray]:
+        """The state as arrays that may share the backend's memory: read them, or copy them
+        (``from_numpy`` does) before the next call."""
+        return self.to_numpy(state)
+
     def run(self, graph: str, inputs: dict[str, np.ndarray], state: Any
             ) -> tuple[dict[str, np.ndarray], Any]:
         return self.runners[graph].run(inputs, state)

@@ -119,7 +119,8 @@ class _EtRunner:
         n = len(self.entry.outputs)
         # Outputs point into the method's planned memory, which the next call overwrites: copy.
         result = {s.name: o.numpy().copy() for s, o in zip(self.entry.outputs, out[:n])}
-        return result, [o.clone() for o in out[n:]]
+        # numpy copies: ExecuTorch checks the strides of size-1 dims, which a clone may keep odd
+        return result, [_tensor(o.numpy()) for o in out[n:]]
 
 
     def _run_rows(self, args: list, batched: list[bool], state: list, rows: int
@@ -147,6 +148,9 @@ class _EtModel(LoadedModel):
     def to_numpy(self, state: list) -> list[np.ndarray]:
         return [t.numpy().copy() for t in state]
 
+    def view_numpy(self, state: list) -> list[np.ndarray]:
+        return [t.numpy() for t in state]
+
 
 def _tensor(a: np.ndarray) -> Any:
     """A tensor copy of ``a``. An empty array gets the strides ExecuTorch computes for its shape
@@ -154,7 +158,7 @@ def _tensor(a: np.ndarray) -> Any:
     import torch
 
     if a.size:
-        return torch.from_numpy(np.array(a, copy=True))
+        return torch.from_numpy(np.array(a, copy=True, order="C"))
     strides, acc = [], 1
     for n in reversed(a.shape):
         strides.append(acc)

@@ -182,12 +182,15 @@ class _OrtModel(LoadedModel):
     def from_numpy(self, arrays: list[np.ndarray]) -> _OrtState:
         import onnxruntime as ort
 
-        live = [ort.OrtValue.ortvalue_from_numpy(np.array(a, copy=True)) for a in arrays]
+        live = [ort.OrtValue.ortvalue_from_numpy(np.array(a, copy=True, order="C")) for a in arrays]
         spare = [ort.OrtValue.ortvalue_from_numpy(np.empty_like(a)) for a in arrays]
         return _OrtState([live, spare])
 
     def to_numpy(self, state: _OrtState) -> list[np.ndarray]:
         return [v.numpy().copy() for v in state.live]
+
+    def view_numpy(self, state: _OrtState) -> list[np.ndarray]:
+        return [v.numpy() for v in state.live]
 
 
 def weights_to_fp16(model: Any) -> Any:

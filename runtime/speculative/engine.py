@@ -212,6 +212,13 @@ class SpeculativeDecoder:
     def _accept(self, seq: list[int], draft: Draft, logits: np.ndarray, cfg: SamplingConfig,
                 rng: np.random.Generator, processors: Any) -> tuple[list[int], int]:
         """Walk the tree from the root; return the accepted node path and the next token."""
+        if not cfg.do_sample and draft.is_chain and (
+                processors is None or processors.passthrough(len(seq), len(draft) + 1)):
+            # a chain under greedy decoding with nothing to process: all rows at once
+            best = logits.argmax(-1)
+            hit = best[:-1] == draft.tokens
+            m = int(np.argmin(np.append(hit, False)))
+            return list(range(m)), int(best[m])
         children: dict[int, list[int]] = {}
         for i, p in enumerate(draft.parents):
             children.setdefault(int(p), []).append(i)

@@ -208,8 +208,12 @@ class Seq2SeqTarget:
         prefix = keep == list(range(len(keep)))
         if prefix and self.fixed:
             pass                                     # later slots are masked, then overwritten
+        elif prefix:
+            # a chain: drop the rejected tail of the grown cache
+            self.s._state = self.model.from_numpy(
+                [a[:, :, :pos + len(keep)] for a in self.model.view_numpy(self.s._state)])
         else:
-            arrays = self.model.to_numpy(self.s._state)
+            arrays = self.model.view_numpy(self.s._state)
             new = []
             for a in arrays:
                 kept = a[:, :, [pos + j for j in keep]]
