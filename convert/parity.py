@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from edgeseq.bundle import read_manifest
+
 PROMPT_TEXT = "def stream(self, chunk):\n    return "
 # Max abs logit error. fp32: 1e-4, or NOISE_FACTOR x the reference's own sensitivity to one-ulp
 # rounding (see fp32_noise) when that is larger, as in deep models where fp32 alone drifts by more.
@@ -75,8 +77,10 @@ def check_bundle(root: Path, backend: str, ref: ParityInputs, dtype: str) -> dic
     """Run the bundle on one backend against the reference; return the parity record."""
     from edgeseq.runtime.session import load
 
-    sess = load(root, backend=backend)
+    sess = load(root, backend=backend, graphs=set(read_manifest(root).graphs))
     p = len(ref.prompt)
+    verify_err = _verify_err(sess, ref) if "verify" in sess.model.runners else 0.0
+    sess.reset()
     prefill = sess.prefill(np.array([ref.prompt], dtype=np.int64))[0]
     prefill_err = float(np.abs(prefill - ref.reference_logits[:p]).max())
     step_err, last_err = 0.0, prefill_err
@@ -91,9 +95,10 @@ def check_bundle(root: Path, backend: str, ref: ParityInputs, dtype: str) -> dic
     else:
         tol = TOLERANCE["fp16"] * float(np.abs(ref.reference_logits).max())
     identical = mismatch is None and len(got) == len(ref.reference_tokens)
-    passed = max(prefill_err, step_err) <= tol and (identical or dtype != "fp32")
+    passed = max(prefill_err, step_err, verify_err) <= tol and (identical or dtype != "fp32")
     return {
         "backend": backend,
+        "verify_logits_max_abs_err": verify_err,
         "prompt_tokens": p,
         "tokens_compared": len(ref.reference_tokens),
         "tokens_identical": identical,
@@ -105,6 +110,59 @@ def check_bundle(root: Path, backend: str, ref: ParityInputs, dtype: str) -> dic
         "reference_fp32_noise": ref.fp32_noise,
         "passed": bool(passed),
     }
+
+
+def _verify_err(sess: Any, ref: ParityInputs) -> float:
+    """The ``verify`` graph (speculative decoding) over the reference continuation in chunks
+    from the prompt's state, each chunk started from the previous chunk's *traced* state, so the
+    per-position states are checked along with the logits."""
+    p = len(ref.prompt)
+    sess.prefill(np.array([ref.prompt], dtype=np.int64))
+    chunk = int(sess.manifest.graphs["verify"].max_chunk or 8)
+    toks = ref.reference_tokens[:-1]
+    err = 0.0
+    for i in range(0, len(toks), chunk):
+        ids = np.array([toks[i:i + chunk]], dtype=np.int64)
+        out, _ = sess.model.run("verify", {"input_ids": ids}, sess._state)
+        err = max(err, float(np.abs(out["logits"][0] - ref.reference_logits[p + i:p + i + ids.shape[1]]).max()))
+        # go on from the traced state before the chunk's last token, then step that token:
+        # the next chunk's logits are wrong unless the traces are right
+        m = ids.shape[1] - 1
+        if m:
+            sess._state = sess.model.from_numpy([out[f"trace.{s.name}"][:, m - 1]
+                                                 for s in sess.model.specs])
+            sess.step(ids[:, -1])
+        else:
+            sess._state = sess.model.from_numpy([out[f"trace.{s.name}"][:, 0]
+                                                 for s in sess.model.specs])
+    return err
+
+
+def check_graph_module(root: Path, backend: str, graph: Any, seeds: int = 3) -> dict[str, Any]:
+    """A graph with no reference in the source library (``exit_step``: a truncated model)
+    against its own PyTorch module, on random inputs at batch 1."""
+    import torch
+
+    from edgeseq.runtime.session import load
+
+    sess = load(root, backend=backend, graphs={graph.name} | {
+        g for g in read_manifest(root).graphs if g in ("prefill", "step", "encoder",
+                                                        "decoder_step")})
+    vocab = int(read_manifest(root).config["vocab_size"])
+    err, scale = 0.0, 1.0
+    for seed in range(seeds):
+        ex = graph.example_inputs({"batch": 1}, seed=seed, vocab_size=vocab)
+        n_in = len(graph.inputs)
+        with torch.no_grad():
+            want = graph.module(*ex)[0].numpy()
+        inputs = {s.name: t.numpy() for s, t in zip(graph.inputs, ex[:n_in])}
+        state = sess.model.from_numpy([t.numpy() for t in ex[n_in:]])
+        out, _ = sess.model.run(graph.name, inputs, state)
+        err = max(err, float(np.abs(out["logits"] - want).max()))
+        scale = max(scale, float(np.abs(want).max()))
+    tol = TOLERANCE["fp32"] * scale
+    return {"backend": backend, "graph": graph.name, "logits_max_abs_err": err,
+            "tolerance": tol, "passed": bool(err <= tol)}
 
 
 # -- encoder-decoder models -----------------------------------------------------------------
@@ -147,7 +205,7 @@ def check_seq2seq_bundle(root: Path, backend: str, ref: Seq2SeqParityInputs, dty
     """Decoder-step logits along the reference path, greedy tokens, and 4-beam tokens."""
     from edgeseq.runtime.session import load
 
-    sess = load(root, backend=backend)
+    sess = load(root, backend=backend, graphs=set(read_manifest(root).graphs))
     source = np.asarray(ref.source, dtype=np.float32 if sess.speech else np.int64)
     sess.encode(source)
     sess.start(1)
@@ -156,6 +214,8 @@ def check_seq2seq_bundle(root: Path, backend: str, ref: Seq2SeqParityInputs, dty
     for i, tok in enumerate(path):
         logits = sess.step(np.array([tok], dtype=np.int64))[0]
         step_err = max(step_err, float(np.abs(logits - ref.reference_logits[i]).max()))
+    chunk_err = _chunk_err(sess, path, ref) if "decoder_chunk" in sess.model.runners else 0.0
+    step_err = max(step_err, chunk_err)
     got = sess.generate(source, len(ref.reference_tokens), num_beams=1, ignore_eos=True)
     beams = sess.generate(source, len(ref.reference_tokens), num_beams=SEQ2SEQ_BEAMS)
     mismatch = next((i for i, (a, b) in enumerate(zip(got, ref.reference_tokens)) if a != b), None)
@@ -181,6 +241,28 @@ def check_seq2seq_bundle(root: Path, backend: str, ref: Seq2SeqParityInputs, dty
         "reference_fp32_noise": ref.fp32_noise,
         "passed": bool(passed),
     }
+
+
+def _chunk_err(sess: Any, path: list[int], ref: Seq2SeqParityInputs) -> float:
+    """``decoder_chunk`` (speculative verification) along the reference path in chunks of up to
+    8 tokens, each a chain; the caches carry over from chunk to chunk."""
+    sess.start(1)
+    err = 0.0
+    cap = sess.capacity
+    for i in range(0, len(path), 8):
+        ids = path[i:i + 8]
+        if sess.position + len(ids) > cap:
+            break
+        c = len(ids)
+        inputs = dict(sess._feeds)
+        inputs.update(input_ids=np.array([ids], dtype=np.int64),
+                      cache_position=np.array([sess.position], dtype=np.int64),
+                      positions=np.arange(sess.position, sess.position + c, dtype=np.int64),
+                      tree_mask=np.tril(np.ones((c, c), dtype=np.int64)))
+        out, sess._state = sess.model.run("decoder_chunk", inputs, sess._state)
+        sess.position += c
+        err = max(err, float(np.abs(out["logits"][0] - ref.reference_logits[i:i + c]).max()))
+    return err
 
 
 def _strip_eos(toks: list[int], eos: Any) -> list[int]:

@@ -317,6 +317,16 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
                     f"{rec['prefill_logits_max_abs_err']:.2e} step "
                     f"{rec['step_logits_max_abs_err']:.2e} -> {'ok' if rec['passed'] else 'FAILED'}")
             parity["passed"] = all(c["passed"] for c in parity["checks"])
+        if "exit_step" in graphs and not skip_parity and quant is None:
+            from edgeseq.convert.parity import check_graph_module
+
+            for fmt in formats:
+                rec = check_graph_module(tmp, FORMATS[fmt], graphs["exit_step"])
+                parity["checks"].append({"format": fmt, **rec})
+                say(f"      {fmt:5s} exit_step (first {early_exit} layers) against its PyTorch "
+                    f"module: max |dlogits| {rec['logits_max_abs_err']:.2e} -> "
+                    f"{'ok' if rec['passed'] else 'FAILED'}")
+            parity["passed"] = all(c["passed"] for c in parity["checks"])
         write_json(tmp / "parity.json", parity)
         if not skip_parity and not parity["passed"] and not force:
             if quant is not None:

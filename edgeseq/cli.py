@@ -126,6 +126,18 @@ def convert(checkpoint: str, output: str, fmt: str | None, dtype: str, parity_to
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--threads", type=int, default=None, help="Intra-op threads (default: cores).")
+@click.option("--speculate", default=None, metavar="SOURCE",
+              help="Speculative decoding (greedy output unchanged): auto, off, input (copy the "
+                   "input: Aggressive Decoding), ngram (prompt lookup), recycle (Token "
+                   "Recycling), draft:PATH (a smaller bundle, same tokenizer), early-exit:N "
+                   "(the first N layers; convert with --early-exit N).")
+@click.option("--memory-budget", default=None, metavar="SIZE",
+              help="Bytes the process may grow by (512M, 2G): the memory plan picks draft "
+                   "length, tree width and rollback, or plain decoding, to fit; a model that "
+                   "cannot fit fails before loading.")
+@click.option("--device", "device_id", default=None, metavar="ID|FILE",
+              help="With --speculate: take the memory budget from this device profile's app "
+                   "memory (edgeseq devices).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def run(bundle: str, prompt: str | None, prompt_ids: str | None, audio: str | None,
         input_npy: str | None, early_exit: float | None,
@@ -133,6 +145,7 @@ def run(bundle: str, prompt: str | None, prompt_ids: str | None, audio: str | No
         num_beams: int | None, num_beam_groups: int | None, diversity_penalty: float | None,
         length_penalty: float | None, max_new_tokens: int, backend: str, do_sample: bool,
         temperature: float, top_k: int, top_p: float, seed: int | None, threads: int | None,
+        speculate: str | None, memory_budget: str | None, device_id: str | None,
         as_json: bool) -> None:
     """Stream a completion from BUNDLE (causal LM), translate/correct text (encoder-decoder) or
     transcribe a WAV file (speech)."""
@@ -142,6 +155,16 @@ def run(bundle: str, prompt: str | None, prompt_ids: str | None, audio: str | No
     given = [x for x in (prompt, prompt_ids, audio, input_npy) if x is not None]
     if len(given) != 1:
         _fail("give exactly one of --prompt/--text, --prompt-ids, --audio or --input")
+    if speculate is not None or memory_budget is not None or device_id is not None:
+        if audio is not None or input_npy is not None:
+            _fail("--speculate/--memory-budget apply to text generation (--prompt, --text, "
+                  "--prompt-ids); use the library for speech (edgeseq.runtime.speculative)")
+        if num_beams is not None and num_beams > 1:
+            _fail("--speculate decodes greedily or samples; it does not combine with --num-beams")
+        _run_speculative(bundle, backend, threads, speculate or "auto", memory_budget, device_id,
+                         prompt, prompt_ids, max_new_tokens, do_sample, temperature, top_k,
+                         top_p, seed, as_json)
+        return
     try:
         sess = edgeseq.load(bundle, backend=backend, threads=threads)
         if hasattr(sess, "classify") or input_npy is not None:
@@ -198,6 +221,81 @@ def run(bundle: str, prompt: str | None, prompt_ids: str | None, audio: str | No
         click.echo(f"-- {len(res.tokens)} tokens on {sess.backend}: first token "
                    f"{res.first_token_ms:.1f} ms (prompt {len(ids)} tokens), "
                    f"{res.tokens_per_s:.1f} tokens/s", err=True)
+
+
+def _run_speculative(bundle: str, backend: str, threads: int | None, speculate: str,
+                     budget_text: str | None, device_id: str | None, text: str | None,
+                     ids_text: str | None, max_new_tokens: int, do_sample: bool,
+                     temperature: float, top_k: int, top_p: float, seed: int | None,
+                     as_json: bool) -> None:
+    import time
+
+    from edgeseq.runtime.profile import parse_size
+    from edgeseq.runtime.speculative import session as spec
+
+    budget = None
+    try:
+        if budget_text is not None:
+            budget = parse_size(budget_text)
+        elif device_id is not None:
+            from edgeseq.devices.profile import DeviceError, get_profile
+
+            try:
+                budget = get_profile(device_id).app_memory
+            except DeviceError as e:
+                _fail(str(e))
+    except ValueError as e:
+        _fail(f"--memory-budget: {e}")
+    from edgeseq import tokenize
+    from edgeseq.bundle import read_manifest
+
+    try:
+        # the source is known before loading: the plan is made for its length
+        man = read_manifest(Path(bundle))
+        seq2seq = man.task != "causal_lm"
+        if man.task == "speech_seq2seq":
+            _fail("--speculate with a speech bundle: use the library (edgeseq.runtime.speculative)")
+        if ids_text is not None:
+            ids = _parse_ids(ids_text, man.config.get("vocab_size"))
+        else:
+            tok = tokenize.load(Path(bundle), man.tokenizer)
+            if tok is None:
+                _fail(f"{bundle}: bundle has no tokenizer; pass --prompt-ids")
+            ids = tok.encode(text or "")
+            eos = man.config.get("eos_token_id")
+            if seq2seq and man.config.get("append_eos_to_source", True) and eos is not None:
+                ids = ids + [int(eos)]
+        if not ids or (text is not None and not text.strip()):
+            _fail("the prompt is empty")
+        ss = spec.load(bundle, backend=backend, speculate=speculate, memory_budget=budget,
+                       threads=threads, max_source=len(ids) if seq2seq else None,
+                       max_length=(len(man.config.get("decoder_prompt") or [0]) + max_new_tokens)
+                       if seq2seq else None)
+        s = ss.session
+        t0 = time.perf_counter()
+        toks = ss.generate(ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
+                           top_k=top_k, top_p=top_p, seed=seed)
+        total = time.perf_counter() - t0
+    except (BundleError, ValueError) as e:
+        _fail(str(e))
+    rep = ss.report()
+    rate = len(toks) / total if total > 0 else 0.0
+    out_text = s.decode(toks)
+    if as_json:
+        click.echo(json.dumps({"tokens": [int(t) for t in toks], "text": out_text,
+                               "prompt_tokens": len(ids), "backend": s.backend,
+                               "tokens_per_s": round(rate, 3), "total_ms": round(total * 1e3, 3),
+                               **rep}))
+        return
+    click.echo(out_text if seq2seq else (text or "") + out_text)
+    plan = ss.plan
+    how = ("plain decoding (" + plan.reason + ")" if plan.mode == "off" else
+           f"{plan.mode}, k<={plan.k_max}, width {plan.width}, rollback {plan.rollback}")
+    click.echo(f"-- {len(toks)} tokens on {s.backend} in {total * 1e3:.0f} ms ({rate:.1f} "
+               f"tokens/s); speculation: {how}; acceptance {rep['acceptance_rate']:.2f}, "
+               f"{rep['tokens_per_verify']:.2f} tokens per verification; planned footprint "
+               f"{plan.total / 2**20:.1f} MiB"
+               + (f" of {budget / 2**20:.1f} MiB" if budget else ""), err=True)
 
 
 def _parse_ids(text: str, vocab: int | None) -> list[int]:

@@ -49,7 +49,8 @@ _BUNDLES: dict[tuple, Path] = {}
 @pytest.fixture(scope="session")
 def bundle_of(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
     """Convert (once per session) a family's tiny checkpoint, parity included: every format, or
-    for an encoder-decoder with a fixed-capacity cache (``max_target_len``) ONNX and ExecuTorch."""
+    for an encoder-decoder with a fixed-capacity cache (``max_target_len``) ONNX and ExecuTorch.
+    Generating families carry ``exit_step`` (``early_exit=1``) for the speculative tests."""
     from edgeseq.convert.pipeline import convert
 
     def get(family: str, max_target_len: int | None = None) -> Path:
@@ -57,8 +58,10 @@ def bundle_of(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFac
         if key not in _BUNDLES:
             out = tmp_path_factory.mktemp("bundle") / f"{family}-{max_target_len or 'dyn'}"
             formats = ("onnx", "pte", "pt2") if max_target_len is None else ("onnx", "pte")
+            # generating families also get the self-speculative drafter (the first layer)
+            early = 1 if families()[family].task != "classification" else None
             _BUNDLES[key] = convert(checkpoints[family], out, formats=formats, parity_tokens=64,
-                                    max_target_len=max_target_len)
+                                    max_target_len=max_target_len, early_exit=early)
         return _BUNDLES[key]
     return get
 

@@ -163,7 +163,10 @@ class SpeculativeDecoder:
         t = self.target
         seq = [int(x) for x in context]
         root = t.start(seq, source)
-        self.source.start(seq, source_tokens)
+        # a draft model encodes the input itself (speech features included); model-free
+        # sources read token ids only
+        self.source.start(seq, source if isinstance(self.source, DraftModelSource)
+                          else source_tokens)
         k = min(self.k0, self.k_max)
         made = 0
         st = self.stats

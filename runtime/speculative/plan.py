@@ -75,8 +75,11 @@ class MemoryPlan:
     adaptive: bool = True
     exit_threshold: float = 0.3
     prefill_chunk: int | None = None
+    max_source: int | None = None    # encoder-decoders: the planned source and cache lengths
+    max_length: int | None = None
     graphs: set[str] = field(default_factory=set)
     draft_graphs: set[str] | None = None
+    draft_backend: str | None = None
     footprint: dict[str, int] = field(default_factory=dict)
     plain_bytes: int = 0
     reason: str = ""
@@ -171,11 +174,10 @@ def _planned_len(man: Manifest) -> int:
     return min(caps) if caps else 1024
 
 
-def _cross_bytes(man: Manifest) -> int:
+def _cross_bytes(man: Manifest, src: int) -> int:
     enc = man.graphs.get("encoder")
     if enc is None:
         return 0
-    src = int(man.config.get("max_source_positions") or 512)
     return int(sum(np.prod(s.concrete_shape({"batch": 1, "source": src})) * 4
                    for s in enc.outputs)) * 2
 
@@ -183,16 +185,19 @@ def _cross_bytes(man: Manifest) -> int:
 class _Costs:
     """The footprint pieces of one bundle on one backend."""
 
-    def __init__(self, root: Path, man: Manifest, backend: str):
+    def __init__(self, root: Path, man: Manifest, backend: str, max_source: int | None = None,
+                 max_length: int | None = None):
         self.root, self.man, self.backend = root, man, backend
         self.task = man.task
         self.vocab = int(man.config["vocab_size"])
-        self.length = _planned_len(man) if self.task != "causal_lm" else 0
+        cap = _planned_len(man)
+        self.length = min(cap, max_length or cap) if self.task != "causal_lm" else 0
+        table = int(man.config.get("max_source_positions") or 512)
+        self.source = min(table, max_source or table)
 
     def dims(self, chunk: int = 1) -> dict[str, int]:
-        return {"batch": 1, "chunk": chunk, "past": self.length,
-                "source": int(self.man.config.get("max_source_positions") or 512),
-                "frames": 2 * int(self.man.config.get("max_source_positions") or 1500)}
+        return {"batch": 1, "chunk": chunk, "past": self.length, "source": self.source,
+                "frames": 2 * self.source}
 
     def base_graphs(self) -> set[str]:
         return ({"prefill", "step"} if self.task == "causal_lm"
@@ -211,7 +216,7 @@ class _Costs:
                 "runtime": RUNTIME_BASE.get(be, 16 * MB) + RUNTIME_PER_GRAPH.get(be, 4 * MB)
                 * len(graphs),
                 "activations": act,
-                "state": 2 * st + _cross_bytes(self.man)}
+                "state": 2 * st + _cross_bytes(self.man, self.source)}
 
     def extra_graph(self, graph: str, chunk: int) -> dict[str, int]:
         be = self.backend
@@ -225,14 +230,29 @@ class _Costs:
 
 # -- the plan ------------------------------------------------------------------------------------
 def make_plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None,
+              **kw: Any) -> MemoryPlan:
+    """``_plan``, with the planned encoder-decoder lengths recorded on the plan."""
+    plan = _plan(root, man, backend, kind, budget, **kw)
+    if man.task != "causal_lm":
+        costs = _Costs(root, man, backend, kw.get("max_source"), kw.get("max_length"))
+        plan.max_source, plan.max_length = costs.source, costs.length
+    return plan
+
+
+def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None,
               draft_root: Path | None = None, draft_manifest: Manifest | None = None,
-              k: int | None = None, width: int | None = None) -> MemoryPlan:
+              k: int | None = None, width: int | None = None, max_source: int | None = None,
+              max_length: int | None = None, draft_backend: str | None = None) -> MemoryPlan:
     """The largest speculation of ``kind`` that fits ``budget`` (bytes), else plain decoding.
+
+    Encoder-decoders are planned for sources of ``max_source`` tokens (speech: encoder
+    positions) and caches of ``max_length`` positions (default: the model's limits); the
+    session refuses longer ones.
 
     Raises:
         BundleError: the budget cannot hold plain decoding at the smallest prefill chunk.
     """
-    costs = _Costs(root, man, backend)
+    costs = _Costs(root, man, backend, max_source, max_length)
     seq2seq = man.task != "causal_lm"
     chunk_graph = "decoder_chunk" if seq2seq else ("verify" if "verify" in man.graphs
                                                   else "prefill")
@@ -318,7 +338,7 @@ def make_plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | 
                         spec += 2 * st
                     elif kind == "draft":
                         dman = draft_manifest or read_manifest(draft_root)
-                        dcosts = _Costs(draft_root, dman, backend)
+                        dcosts = _Costs(draft_root, dman, draft_backend or backend)
                         dfp = dcosts.plain(min(16, int(dman.graphs["prefill"].max_chunk or 16))
                                            if "prefill" in dman.graphs else None)
                         dfp["runtime"] -= RUNTIME_BASE.get(backend, 0) // 2   # shared libraries
@@ -333,6 +353,8 @@ def make_plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | 
                                           adaptive=not free, width=w, rollback=rb,
                                           prefill_chunk=c, graphs=graphs,
                                           draft_graphs=draft_graphs, footprint=fp,
+                                          draft_backend=draft_backend if kind == "draft"
+                                          else None,
                                           plain_bytes=off.plain_bytes,
                                           reason="fits" if budget else "no budget")
     off.reason = (f"the budget of {_mb(budget)} holds plain decoding "

@@ -76,11 +76,25 @@ class SpeculativeSession:
             eos = {int(eos_id)} if (stop_at_eos and eos_id is not None) else set()
             return list(self.decoder.stream(ids, max_new_tokens, cfg, rng, eos))
         max_new = min(max_new_tokens, s.max_new_tokens_cap())
+        self._check_planned(inputs, max_new)
         procs = s._processors(max_new, ignore_eos)
         src_tokens = None if s.speech else [int(t) for t in np.asarray(inputs).reshape(-1)]
         return list(self.decoder.stream(s.decoder_prompt, max_new, cfg, rng, set(procs.eos),
                                         source=inputs, source_tokens=src_tokens,
                                         processors=procs))
+
+    def _check_planned(self, inputs: Any, max_new: int) -> None:
+        plan = self.plan
+        n = np.asarray(inputs).shape[-1]
+        if self.session.speech:
+            n = (n + 1) // 2                      # encoder positions: the frames halved
+        if plan.max_source is not None and n > plan.max_source:
+            raise ValueError(f"the source is {n} long; memory was planned for "
+                             f"{plan.max_source} (load with a larger max_source)")
+        length = len(self.session.decoder_prompt) + max_new
+        if plan.max_length is not None and length > plan.max_length:
+            raise ValueError(f"{length} decoder positions (prompt + max_new_tokens); memory was "
+                             f"planned for {plan.max_length} (load with a larger max_length)")
 
     def _plain(self, inputs: Any, max_new: int, cfg: SamplingConfig, seed: int | None,
                stop_at_eos: bool, ignore_eos: bool) -> list[int]:
@@ -93,6 +107,7 @@ class SpeculativeSession:
             self.stats.emitted += len(toks)
             self.stats.rounds += len(toks)
             return [int(t[0]) for t in toks]
+        self._check_planned(inputs, min(max_new, s.max_new_tokens_cap()))
         toks = list(s.stream(inputs, max_new, ignore_eos=ignore_eos, **kw))
         self.stats.emitted += len(toks)
         self.stats.rounds += len(toks)
@@ -108,7 +123,8 @@ class SpeculativeSession:
 
 def load(path: str | Path, backend: str = "ort", speculate: str = "auto",
          memory_budget: int | None = None, threads: int | None = None,
-         k: int | None = None, width: int | None = None) -> SpeculativeSession:
+         k: int | None = None, width: int | None = None, max_source: int | None = None,
+         max_length: int | None = None, exit_threshold: float = 0.3) -> SpeculativeSession:
     """Open a bundle for speculative generation.
 
     Args:
@@ -118,6 +134,11 @@ def load(path: str | Path, backend: str = "ort", speculate: str = "auto",
         memory_budget: bytes the process may grow by (weights, state, buffers, drafter);
             None = unconstrained.
         k, width: force the starting draft length / tree width (the plan still bounds them).
+        exit_threshold: early-exit drafting stops at a token the shallow head gives less
+            probability than this (Kangaroo's early stop; 0 drafts the full k).
+        max_source, max_length: encoder-decoders: the longest source (tokens; speech: encoder
+            positions, half the mel frames) and decoder length (prompt + new tokens) to plan
+            memory for; default the model's limits. Longer ones are refused at ``generate``.
     Raises:
         BundleError: the bundle is not a generating model, the speculation asks for a graph the
             bundle lacks, or the budget cannot hold the model at all (before loading anything).
@@ -131,9 +152,11 @@ def load(path: str | Path, backend: str = "ort", speculate: str = "auto",
                           f"{', '.join(GENERATING)}")
     kind, arg = parse_speculate(speculate)
     draft_man = None
+    draft_backend = None
     if kind == "draft":
         draft_man = read_manifest(Path(arg))
         _check_draft(root, man, Path(arg), draft_man)
+        draft_backend = _draft_backend(Path(arg), draft_man, backend)
     if kind == "early-exit":
         have = man.config.get("early_exit_layers")
         if "exit_step" not in man.graphs or (arg is not None and int(arg) != have):
@@ -141,13 +164,31 @@ def load(path: str | Path, backend: str = "ort", speculate: str = "auto",
             raise BundleError(f"{root}: no exit_step graph for early-exit:{arg}{hint}; convert "
                               f"with --early-exit {arg or 'N'}")
     plan = make_plan(root, man, backend, kind, memory_budget, draft_root=Path(arg) if
-                     kind == "draft" else None, draft_manifest=draft_man, k=k, width=width)
+                     kind == "draft" else None, draft_manifest=draft_man, k=k, width=width,
+                     max_source=max_source, max_length=max_length,
+                     draft_backend=draft_backend)
+    plan.exit_threshold = float(exit_threshold)
     session = load_session(root, backend=backend, threads=threads, graphs=plan.graphs)
     draft_session = None
     if plan.mode == "draft":
-        draft_session = load_session(Path(arg), backend=backend, threads=threads,
+        draft_session = load_session(Path(arg), backend=plan.draft_backend, threads=threads,
                                      graphs=plan.draft_graphs)
     return SpeculativeSession(session, plan, draft_session)
+
+
+def _draft_backend(draft_root: Path, dman: Any, backend: str) -> str:
+    """The target's backend if the draft was lowered for it, else one it was lowered for (a
+    draft may run elsewhere than its target, e.g. on another accelerator)."""
+    from edgeseq.registry import get_backend
+
+    have = set.intersection(*(set(g.files) for g in dman.graphs.values()))
+    if get_backend(backend).format in have:
+        return backend
+    for name in ("ort", "executorch", "torch"):
+        if get_backend(name).format in have and not get_backend(name).available():
+            return name
+    raise BundleError(f"{draft_root}: the draft has no graphs any available backend runs "
+                      f"(formats: {', '.join(sorted(have)) or 'none'})")
 
 
 def _check_draft(root: Path, man: Any, draft_root: Path, dman: Any) -> None:
