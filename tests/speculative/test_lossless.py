@@ -78,5 +78,9 @@ def test_greedy_output_is_unchanged(family: str, backend: str, bundle_of,
         assert not bad, (f"{family}/{backend}/{spec}: prompt {bad[0]}: plain {want[bad[0]]}, "
                          f"speculative {got[bad[0]]}")
         st = ss.stats
-        # the draft was actually used (a source that never drafts would pass trivially)
-        assert st.drafted > 0 and st.rounds < st.emitted, (spec, ss.report())
+        # the draft was actually used (a source that never drafts would pass trivially), and
+        # some of it accepted: except input-guided drafts for speech, which have no input
+        # tokens to copy and fall back to the decoder's own context
+        assert st.drafted > 0, (spec, ss.report())
+        if not (task == "speech_seq2seq" and spec == "input"):
+            assert st.rounds < st.emitted, (spec, ss.report())
