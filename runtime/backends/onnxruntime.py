@@ -12,6 +12,8 @@ and writes the other through IO binding (ping-pong), so steps never copy state t
 """
 from __future__ import annotations
 
+import json
+
 import os
 from pathlib import Path
 from typing import Any
@@ -58,11 +60,19 @@ class OrtBackend(Backend):
                                      optimize=True)
             model = _name_dynamic_dims(prog.model_proto, g)
             models[name] = weights_to_fp16(model) if dtype == "fp16" else model
+        from edgeseq.runtime.speculative.plan import ACTIVATION_TABLE, activation_table
+
         _share_weights(models, out / WEIGHTS_FILE)
         files = {}
         for name, model in models.items():
             onnx.save_model(model, str(out / f"{name}.onnx"))
             files[name] = f"{name}.onnx"
+        del models
+        # What each call allocates, for memory plans made without onnx at run time. Read back
+        # from the files: shape inference on the in-memory protos resolves nothing.
+        tables = {name: activation_table(onnx.load(str(out / f), load_external_data=False),
+                                         graphs[name]) for name, f in files.items()}
+        (out / ACTIVATION_TABLE).write_text(json.dumps(tables))
         return files
 
     def load(self, root: Path, entries: dict[str, GraphEntry], threads: int | None = None

@@ -117,15 +117,19 @@ def weights_bytes(root: Path, man: Manifest, backend: str, graphs: set[str]) -> 
     return total
 
 
-@functools.lru_cache(maxsize=256)
-def _onnx_intermediates(path: str, dims_key: tuple) -> int:
-    """Bytes of every tensor a call produces, from shape inference at concrete sizes."""
+ACTIVATION_TABLE = "onnx_activation_table.json"
+SECONDARY = ("past", "source", "frames")
+
+
+def _intermediates(proto: Any, dims: dict[str, int]) -> int:
+    """Bytes of every tensor one call produces, by ONNX shape inference at concrete sizes."""
     import onnx
 
     from edgeseq.runtime.profile import _concrete
 
-    dims = dict(dims_key)
-    model = _concrete(onnx.load(path, load_external_data=False), dims)
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    model = _concrete(model, dims)
     try:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # noqa: BLE001 - best effort; unresolved tensors count by the fallback
@@ -140,8 +144,70 @@ def _onnx_intermediates(path: str, dims_key: tuple) -> int:
             continue
         size = {1: 4, 7: 8, 10: 2, 9: 1, 6: 4, 2: 1, 3: 1}.get(tt.elem_type, 4)
         total += int(np.prod(shape)) * size
-    # a tensor whose shape stays unknown counts as the largest known one
+    # a tensor whose shape stays unknown counts as an average known one
     return total + unresolved * (total // max(1, len(g.value_info)))
+
+
+def _powers(lo: int, hi: int) -> list[int]:
+    out, v = [], 1
+    while v < hi:
+        if v >= lo:
+            out.append(v)
+        v *= 2
+    return out + [hi]
+
+
+def activation_table(proto: Any, graph: Any) -> dict[str, Any]:
+    """What one call of an ONNX graph allocates, as a function of its dynamic sizes, computed at
+    conversion so the runtime plans without the ``onnx`` package (or its memory).
+
+    The main dim (``chunk``, else ``source``/``frames``) is sampled at powers of two up to its
+    bound; at each, the cost is linear in the other dims (``past``, ``source``: every tensor
+    of one batch row grows linearly in each), so two more samples give the slopes. The runtime
+    reads the sample at or above the size it plans for, so the table never undercounts.
+    """
+    names = {d for s in [*graph.inputs, *graph.state] for d in s.shape if isinstance(d, str)}
+    names.discard("batch")
+    bounds = {k: (int(v[0]), int(v[1])) for k, v in graph.dim_bounds.items()}
+    if "chunk" in names:
+        bounds["chunk"] = (1, int(graph.max_chunk or 512))
+    main = next((d for d in ("chunk", "source", "frames") if d in names), None)
+    second = [d for d in SECONDARY if d in names and d != main and d in bounds]
+    base = {"batch": 1, **{d: max(bounds[d][0], 2 if d == "frames" else 1) for d in names
+                           if d in bounds}}
+    points = []
+    for v in (_powers(bounds[main][0], bounds[main][1]) if main else [None]):
+        at = dict(base)
+        if main:
+            at[main] = max(v, 4) if main == "frames" else v
+        a = _intermediates(proto, at)
+        slopes = {}
+        for d in second:
+            hi = dict(at)
+            hi[d] = bounds[d][1]
+            span = max(1, bounds[d][1] - at[d])
+            slopes[d] = max(0.0, (_intermediates(proto, hi) - a) / span)
+        points.append({"at": v, "base": a, "from": {d: at[d] for d in second},
+                       "slope": slopes})
+    return {"main": main, "points": points}
+
+
+def _from_table(table: dict[str, Any], dims: dict[str, int]) -> int:
+    main, pts = table["main"], table["points"]
+    pt = pts[-1]
+    if main:
+        want = dims.get(main, 1)
+        pt = next((p for p in pts if p["at"] >= want), None)
+        if pt is None:     # beyond the graph's bound: scale the last sample (not reached: the
+            pt = pts[-1]   # runtime never feeds more than the bound)
+    extra = sum(sl * max(0, dims.get(d, 0) - pt["from"][d]) for d, sl in pt["slope"].items())
+    return int(pt["base"] + extra)
+
+
+@functools.lru_cache(maxsize=64)
+def _tables(path: str) -> dict[str, Any]:
+    p = Path(path)
+    return json.loads(p.read_text()) if p.is_file() else {}
 
 
 def activation_bytes(root: Path, man: Manifest, backend: str, graph: str,
@@ -153,9 +219,10 @@ def activation_bytes(root: Path, man: Manifest, backend: str, graph: str,
             return int(json.loads(planned.read_text()).get(graph, 0))
         return 8 * _file(root, man.graphs[graph].files["pte"])   # older bundle: a safe guess
     if fmt == "onnx":
-        entry = man.graphs[graph]
-        return int(ACTIVATION_FACTOR["ort"] * _onnx_intermediates(
-            str(root / entry.files["onnx"]), tuple(sorted(dims.items()))))
+        tables = _tables(str(root / ACTIVATION_TABLE))
+        if graph in tables:
+            return int(ACTIVATION_FACTOR["ort"] * _from_table(tables[graph], dims))
+        return 16 * _file(root, man.graphs[graph].files["onnx"]) + 16 * MB   # older bundle
     return 4 * weights_bytes(root, man, backend, {graph})
 
 

@@ -146,6 +146,8 @@ def load(path: str | Path, backend: str = "ort", speculate: str = "auto",
     from edgeseq.runtime.session import load as load_session
 
     root = Path(path)
+    if memory_budget is not None:
+        bound_allocator()
     man = read_manifest(root)
     if man.task not in GENERATING:
         raise BundleError(f"{root}: task {man.task!r} does not generate; speculation applies to "
@@ -174,6 +176,26 @@ def load(path: str | Path, backend: str = "ort", speculate: str = "auto",
         draft_session = load_session(Path(arg), backend=plan.draft_backend, threads=threads,
                                      graphs=plan.draft_graphs)
     return SpeculativeSession(session, plan, draft_session)
+
+
+def bound_allocator() -> bool:
+    """Make freed buffers go back to the OS (glibc): a fixed mmap threshold of 64 KiB and a trim
+    threshold of 128 KiB. glibc's default raises the mmap threshold after each large free, so
+    later tensors come from the heap and fragment it; the process then keeps growing with the
+    variety of shapes it has seen (measured: +40% over 10 generations of a small model), which
+    no plan of live tensors can bound. Returns False where there is no glibc ``mallopt``."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim, m_mmap = -1, -3
+        return bool(libc.mallopt(m_mmap, 64 << 10)) and bool(libc.mallopt(m_trim, 128 << 10))
+    except (OSError, AttributeError):
+        return False
 
 
 def _draft_backend(draft_root: Path, dman: Any, backend: str) -> str:

@@ -1,0 +1,249 @@
+"""Speculative decoding: speedup over plain edgeseq decoding on the same backend, acceptance, and
+what a memory budget of 40% of the unconstrained speculative footprint keeps.
+
+Every number comes from a fresh child process (1 thread) that loads the bundle, decodes one
+warm-up item, then times the workload; its peak RSS above the pre-load baseline is the measured
+footprint. Plain decoding is ``edgeseq.runtime.session.load(...).generate`` (greedy; beams off
+for the encoder-decoder), speculative decoding is ``edgeseq.runtime.speculative.load``; their
+outputs are compared token for token in the same run.
+
+Workloads:
+
+- ``typo``: the embedded typo fixer (``t5-typo-bytes``) on 60 held-out sentences of its own
+  evaluation split with its training noise (keyboard typos in 20% of the words): input-guided
+  drafts (target >= 3x) and prompt lookup (a copying workload: target >= 1.5x).
+- ``code``: the embedded byte-level Mamba (``mamba-bytes``) continuing 24 stretches of the
+  standard library's sources (128 new bytes each): a distilled one-layer draft model
+  (``mamba-bytes-draft``; target >= 1.3x), prompt lookup and early exit at layer 2.
+- ``copy``: ``mamba-bytes`` asked to continue a prompt that repeats its first half (prompt
+  lookup on the language model).
+
+The 40% column: the budget is 40% of the footprint measured for unconstrained speculation; the
+plan then picks what fits (draft length, tree width, rollback, prefill chunk, or plain
+decoding), or refuses to load.
+
+    ./dev bench speculative               # both backends (~15 min on 2 cores, conversions included)
+    ./dev bench speculative --backend ort --quick
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "out" / "bench-speculative"
+
+
+# -- workloads (the child builds them: same seeds, same items) ---------------------------------
+def workload(name: str, quick: bool) -> tuple[list[Any], int]:
+    if name == "typo":
+        from edgeseq.zoo.train_typo_fixer import add_typos, load_sentences
+
+        _, evals, *_ = load_sentences()
+        rng = random.Random(1)
+        n = 20 if quick else 60
+        return [add_typos(s, rng, 0.2, 0.2) for s in evals[:n]], 256
+    import inspect
+    import textwrap
+    import zipfile  # noqa: F401  (a module whose source we read)
+
+    import numpy as np
+
+    src = inspect.getsource(textwrap) + inspect.getsource(zipfile)
+    rng = np.random.default_rng(3)
+    n = 8 if quick else 24
+    items = []
+    for _ in range(n):
+        st = int(rng.integers(0, len(src) - 800))
+        if name == "code":
+            items.append(src[st:st + 160])
+        else:  # copy: a passage, a blank line, then its first half again
+            chunk = src[st:st + 240]
+            items.append(chunk + "\n\n" + chunk[:120])
+    return items, 128
+
+
+def child(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from edgeseq.quiet import quiet_third_party
+
+    quiet_third_party()
+    from edgeseq.bundle import BundleError, read_manifest
+    from edgeseq.runtime.profile import _import_backend, _rss
+    from edgeseq.runtime.session import load as load_plain
+    from edgeseq.runtime.speculative import load as load_spec
+    import edgeseq.runtime.seq2seq  # noqa: F401
+
+    _import_backend(args.backend)
+    items, new = workload(args.workload, args.quick)
+    man = read_manifest(args.bundle)
+    seq2seq = man.task != "causal_lm"
+    np.zeros(1).sum()
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _rss()
+    t = time.perf_counter()
+    res: dict[str, Any] = {}
+    try:
+        if args.speculate == "plain":
+            s = load_plain(args.bundle, backend=args.backend, threads=1)
+        else:
+            budget = int(args.budget) if args.budget else None
+            ss = load_spec(args.bundle, backend=args.backend, speculate=args.speculate,
+                           memory_budget=budget, threads=1,
+                           max_source=300 if seq2seq else None,
+                           max_length=new + 1 if seq2seq else None)
+            s = ss.session
+            res["plan"] = {k: ss.plan.to_json()[k] for k in ("mode", "k_max", "width",
+                                                            "rollback", "prefill_chunk",
+                                                            "total_bytes", "reason")}
+    except BundleError as e:
+        print(json.dumps({"refused": str(e), "peak": _rss("VmHWM") - base}))
+        return
+    res["load_s"] = time.perf_counter() - t
+    encode = s.encode_text if seq2seq else s.encode
+    inputs = [encode(x) for x in items]
+
+    def run(ids: list[int]) -> list[int]:
+        if args.speculate == "plain":
+            if seq2seq:
+                return [int(x) for x in s.generate(ids, new, num_beams=1)]
+            return s.generate(ids, new, stop_at_eos=False).tolist()
+        if seq2seq:
+            return ss.generate(ids, new)
+        return ss.generate(ids, new, stop_at_eos=False)
+
+    run(inputs[0])  # warm-up
+    if args.speculate != "plain":
+        from edgeseq.runtime.speculative.engine import SpecStats
+
+        ss.stats = SpecStats()
+        if ss.decoder is not None:
+            ss.decoder.stats = ss.stats
+    outs, t = [], time.perf_counter()
+    for ids in inputs:
+        outs.append(run(ids))
+    res["seconds"] = time.perf_counter() - t
+    res["tokens"] = sum(len(o) for o in outs)
+    res["outputs"] = outs
+    res["peak"] = _rss("VmHWM") - base
+    if args.speculate != "plain":
+        rep = ss.report()
+        res["acceptance"] = rep["acceptance_rate"]
+        res["tokens_per_verify"] = rep["tokens_per_verify"]
+    print(json.dumps(res))
+
+
+# -- the parent ---------------------------------------------------------------------------------
+def measure(bundle: Path, backend: str, wl: str, spec: str, quick: bool,
+            budget: int | None = None) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", "--bundle", str(bundle), "--backend", backend,
+           "--workload", wl, "--speculate", spec]
+    if budget:
+        cmd += ["--budget", str(budget)]
+    if quick:
+        cmd.append("--quick")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode:
+        raise RuntimeError(f"{wl}/{backend}/{spec}: {r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def bundles(backends: list[str]) -> dict[str, Path]:
+    from edgeseq.convert.pipeline import convert
+
+    fmts = tuple({"ort": "onnx", "executorch": "pte"}[b] for b in backends)
+    want = {"t5-typo-bytes": ("zoo:t5-typo-bytes", {"early_exit": 1}),
+            "mamba-bytes": ("zoo:mamba-bytes", {"early_exit": 2}),
+            "mamba-bytes-draft": ("zoo:mamba-bytes-draft", {})}
+    out = {}
+    for name, (src, kw) in want.items():
+        path = OUT / "-".join([name, *fmts])
+        if not (path / "manifest.json").is_file():
+            print(f"converting {src} -> {path} ...", file=sys.stderr, flush=True)
+            convert(src, path, formats=fmts, overwrite=True, **kw)
+        out[name] = path
+    return out
+
+
+ROWS = [  # workload, bundle, speculate, target speedup (None: reported, no target)
+    ("typo", "t5-typo-bytes", "input", 3.0),
+    ("typo", "t5-typo-bytes", "ngram", 1.5),
+    ("typo", "t5-typo-bytes", "early-exit:1", None),
+    ("code", "mamba-bytes", "draft:{mamba-bytes-draft}", 1.3),
+    ("code", "mamba-bytes", "early-exit:2", None),
+    ("copy", "mamba-bytes", "ngram", None),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", action="append", choices=["ort", "executorch"])
+    ap.add_argument("--quick", action="store_true", help="fewer items per workload")
+    ap.add_argument("--json", type=Path, help="also write the raw results here")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--bundle", help=argparse.SUPPRESS)
+    ap.add_argument("--workload", help=argparse.SUPPRESS)
+    ap.add_argument("--speculate", help=argparse.SUPPRESS)
+    ap.add_argument("--budget", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        args.backend = args.backend[0]
+        child(args)
+        return
+    backends = args.backend or ["ort", "executorch"]
+    paths = bundles(backends)
+    results = []
+    print("| workload | backend | speculate | plain tok/s | spec tok/s | speedup | target | "
+          "acceptance | tokens/verify | identical | peak MiB (plain / spec) | "
+          "40% budget: plan | speedup | peak/budget MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    plain_cache: dict[tuple, dict] = {}
+    for wl, name, spec, target in ROWS:
+        spec = spec.format(**{k: str(v) for k, v in paths.items()})
+        for be in backends:
+            key = (wl, name, be)
+            if key not in plain_cache:
+                plain_cache[key] = measure(paths[name], be, wl, "plain", args.quick)
+            p = plain_cache[key]
+            s = measure(paths[name], be, wl, spec, args.quick)
+            budget = int(0.4 * s["peak"])
+            c = measure(paths[name], be, wl, spec, args.quick, budget)
+            p_rate = p["tokens"] / p["seconds"]
+            s_rate = s["tokens"] / s["seconds"]
+            same = p["outputs"] == s["outputs"]
+            if "refused" in c:
+                tight = "refused: " + c["refused"].split("(it needs")[-1].split(";")[0].strip(" )")
+                c_speed, c_peak = "-", f"{c['peak'] / 2**20:.1f} / {budget / 2**20:.1f}"
+            else:
+                pl = c["plan"]
+                tight = (f"{pl['mode']} k<={pl['k_max']} w{pl['width']} {pl['rollback']} "
+                         f"prefill {pl['prefill_chunk']}" if pl["mode"] != "off" else "plain")
+                c_speed = f"{(c['tokens'] / c['seconds']) / p_rate:.2f}x"
+                c_peak = f"{c['peak'] / 2**20:.1f} / {budget / 2**20:.1f}"
+            label = spec if not spec.startswith("draft:") else "draft:mamba-bytes-draft"
+            tgt = f">= {target}x" if target else "-"
+            print(f"| {wl} | {be} | {label} | {p_rate:.0f} | {s_rate:.0f} | "
+                  f"**{s_rate / p_rate:.2f}x** | {tgt} | {s.get('acceptance', 0):.2f} | "
+                  f"{s.get('tokens_per_verify', 0):.2f} | {same} | "
+                  f"{p['peak'] / 2**20:.1f} / {s['peak'] / 2**20:.1f} | {tight} | {c_speed} | "
+                  f"{c_peak} |", flush=True)
+            for r in (p, s, c):
+                r.pop("outputs", None)
+            results.append({"workload": wl, "backend": be, "speculate": label, "plain": p,
+                            "speculative": s, "budget_40": c, "budget": budget})
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
