@@ -7,12 +7,15 @@ Two graphs carry a model:
 - ``encoder``: the source (token ids + mask, or log-mel features) -> the cross-attention K/V of
   every decoder layer, ``cross.{i}.key`` / ``cross.{i}.value`` (b, h, s, k). They are computed
   once per input, never per token.
-- ``decoder_chunk``: the same over c tokens (a speculative draft, chain or tree; see
-  ``DecoderChunk``) -> ``logits`` (b, c, v) and the caches with c more positions.
-- ``exit_step`` (``--early-exit N``): ``decoder_step`` through the first N layers only.
 - ``decoder_step``: ``input_ids`` (b,), ``cache_position`` (1,), [``encoder_attention_mask``
   (b, s)], the cross K/V, and the self-attention cache ``state_in.self.{i}.key|value`` ->
   ``logits`` (b, v) and ``state_out.self.{i}.key|value``.
+
+Two more serve speculative decoding (``edgeseq.runtime.speculative``):
+
+- ``decoder_chunk``: ``decoder_step`` over c tokens (a draft, chain or tree; see
+  ``DecoderChunk``) -> ``logits`` (b, c, v) and the caches with c more positions.
+- ``exit_step`` (``--early-exit N``): ``decoder_step`` through the first N layers only.
 
 Two cache layouts (``StateSpec.kind == "kv"``):
 

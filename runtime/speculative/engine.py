@@ -96,8 +96,6 @@ class DraftModelSource(DraftSource):
         self.snaps: dict[int, tuple[list[np.ndarray], int]] = {}
 
     def _run(self, tok: int) -> np.ndarray:
-        if self.seq2seq:
-            return self.s.step(np.array([tok]))[0]
         return self.s.step(np.array([tok]))[0]
 
     def _restore(self, n: int) -> None:
@@ -144,7 +142,7 @@ class SpeculativeDecoder:
     ``targets.Seq2SeqTarget``) with one draft source, under a memory plan's bounds."""
 
     def __init__(self, target: Any, source: DraftSource, k: int = 4, k_max: int = 8,
-                 width: int = 1, adaptive: bool = True, processors: Any = None):
+                 width: int = 1, adaptive: bool = True):
         self.target = target
         self.source = source
         self.k0 = max(1, k)

@@ -363,8 +363,10 @@ def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None
     free = kind in ("input", "ngram", "recycle")
     k_top = max(2, min(max_chunk - 1, k or (max_chunk - 1 if free and kind != "recycle" else 8)))
     ks = sorted({kk for kk in (k_top, 24, 16, 12, 8, 6, 4, 3, 2) if kk <= k_top}, reverse=True)
-    rollbacks = ["crop"] if seq2seq else (["trace", "replay"] if chunk_graph == "verify"
-                                         else ["replay"])
+    static = chunk_graph in man.graphs and isinstance(man.graphs[chunk_graph].inputs[0].shape[1],
+                                                      int) if not seq2seq else False
+    rollbacks = ["crop"] if seq2seq else (["trace"] if static else ["trace", "replay"]
+                                         if chunk_graph == "verify" else ["replay"])
     # the plain plan's prefill chunk is kept when it fits; else smaller ones are tried
     for c in chunks:
         if c is not None and p_chunk is not None and c > p_chunk:
@@ -372,8 +374,6 @@ def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None
         base = costs.plain(c)
         for w in widths:
             for kk in ks:
-                if w * (kk + 1) > max(max_chunk, 1) * w:
-                    continue
                 for rb in rollbacks:
                     fp = dict(base)
                     graphs = set(costs.base_graphs()) | {chunk_graph}

@@ -54,6 +54,12 @@ class CausalTarget:
             rollback = "replay"   # this family's bundle has no per-position states
         self.rollback = rollback
         self.max_chunk = int(graphs[self.graph].max_chunk or 16)
+        # a verify graph with a fixed chunk (Mamba's unrolled scan): short drafts are padded
+        dim = graphs[self.graph].inputs[0].shape[1]
+        self.static = dim if isinstance(dim, int) else None
+        if self.static:
+            self.max_chunk = self.static
+            self.rollback = "trace"
         self.exit_layers = session.manifest.config.get("early_exit_layers")
         self.seq2seq = False
 
@@ -83,7 +89,7 @@ class CausalTarget:
         paths = [draft.paths()[0]] if draft.is_chain else draft.paths()
         self._paths = paths
         width = len(paths)
-        length = 1 + max(len(p) for p in paths)
+        length = self.static or 1 + max(len(p) for p in paths)
         ids = np.zeros((width, length), dtype=np.int64)
         ids[:, 0] = root
         for r, p in enumerate(paths):
@@ -204,7 +210,6 @@ class Seq2SeqTarget:
             return                                   # step() already advanced the position
         pos = self.s.position
         keep = [0] + [1 + i for i in path]
-        c = len(draft) + 1
         prefix = keep == list(range(len(keep)))
         if prefix and self.fixed:
             pass                                     # later slots are masked, then overwritten
@@ -224,7 +229,6 @@ class Seq2SeqTarget:
                 else:
                     new.append(np.concatenate([a[:, :, :pos], kept], axis=2))
             self.s._state = self.model.from_numpy(new)
-        assert c >= len(keep)
         self.s.position = pos + len(keep)
 
     def exit_draft(self, root: int, k: int, threshold: float) -> Draft:
