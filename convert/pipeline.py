@@ -320,13 +320,14 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
         if "exit_step" in graphs and not skip_parity and quant is None:
             from edgeseq.convert.parity import check_graph_module
 
+            parity["graph_checks"] = []
             for fmt in formats:
                 rec = check_graph_module(tmp, FORMATS[fmt], graphs["exit_step"])
-                parity["checks"].append({"format": fmt, **rec})
+                parity["graph_checks"].append({"format": fmt, **rec})
                 say(f"      {fmt:5s} exit_step (first {early_exit} layers) against its PyTorch "
                     f"module: max |dlogits| {rec['logits_max_abs_err']:.2e} -> "
                     f"{'ok' if rec['passed'] else 'FAILED'}")
-            parity["passed"] = all(c["passed"] for c in parity["checks"])
+            parity["passed"] = all(c["passed"] for c in parity["checks"] + parity["graph_checks"])
         write_json(tmp / "parity.json", parity)
         if not skip_parity and not parity["passed"] and not force:
             if quant is not None:
@@ -336,7 +337,9 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
                                 if not g["passed"])
                     + "; keep more layers in float (--keep), use a milder scheme, raise "
                       "--max-drop, or --force to write it anyway")
-            failed = [c["format"] for c in parity["checks"] if not c["passed"]]
+            failed = [c["format"] + (f" ({c['graph']})" if "graph" in c else "")
+                      for c in parity["checks"] + parity.get("graph_checks", [])
+                      if not c["passed"]]
             raise ConversionError(f"{src_label}: parity failed on {', '.join(failed)} (see the "
                                   f"errors above; --force writes the bundle anyway)")
         say(f"[5/5] wrote {out} in {time.perf_counter() - t0:.1f}s")

@@ -500,8 +500,9 @@ def inspect(bundle: str, as_json: bool) -> None:
                        + f" on {g.get('data')}")
     else:
         click.echo(f"  parity: {'skipped' if p.get('skipped') else ('passed' if p.get('passed') else 'FAILED')}"
-                   + "".join(f"; {c['format']} ok" if c.get("passed") else f"; {c['format']} FAILED"
-                             for c in p.get("checks", [])))
+                   + "".join(f"; {c['format']}{' ' + c['graph'] if 'graph' in c else ''} "
+                             f"{'ok' if c.get('passed') else 'FAILED'}"
+                             for c in p.get("checks", []) + p.get("graph_checks", [])))
 
 
 def _inspect(root: Path, man: Any) -> dict[str, Any]:

@@ -134,7 +134,16 @@ def quantize_static_bundle(folder: Path, files: dict[str, str],
                            feeds: dict[str, list[dict[str, np.ndarray]]], keep: list[str]
                            ) -> dict[str, Any]:
     """Quantize every ``<graph>.onnx`` of a bundle folder in place with its recorded feeds."""
-    from edgeseq.quant.onnx import rewrite_bundle_graphs
+    from edgeseq.quant.onnx import quantize_model, rewrite_bundle_graphs
 
-    return rewrite_bundle_graphs(
-        folder, files, lambda name, model: quantize_static_model(model, feeds.get(name, []), keep))
+    def rewrite(name: str, model: Any) -> tuple[Any, dict[str, Any]]:
+        if feeds.get(name):
+            return quantize_static_model(model, feeds[name], keep)
+        # Graphs plain streaming never calls (speculative decoding's verify, decoder_chunk,
+        # exit_step) see no calibration data: their weights get int8 with dynamic activations.
+        model, report = quantize_model(model, "int8", keep)
+        report["how"] = ("int8 with dynamic activations: no calibration feeds (a graph only "
+                         "speculative decoding calls)")
+        return model, report
+
+    return rewrite_bundle_graphs(folder, files, rewrite)

@@ -404,9 +404,9 @@ def _ort_threads(threads: int | None) -> int | None:
     if threads:
         return threads
     try:
-        from edgeseq.runtime.backends.onnxruntime import _physical_cores
+        from edgeseq.runtime.backends.onnxruntime import _default_threads
 
-        return _physical_cores()
+        return _default_threads()
     except ImportError:
         return None
 

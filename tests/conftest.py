@@ -67,4 +67,12 @@ def bundle_of(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFac
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # parallel workers share the cores: one thread each, or the thread pools spin on
+        # each other (ONNX Runtime's most of all)
+        os.environ["OMP_NUM_THREADS"] = "1"
+        os.environ["EDGESEQ_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "2")

@@ -80,7 +80,7 @@ class OrtBackend(Backend):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or _physical_cores()
+        opts.intra_op_num_threads = threads or _default_threads()
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
@@ -121,6 +121,13 @@ def _quantized(root: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(q, dict) and str(q.get("scheme", "")).startswith("int")
+
+
+def _default_threads() -> int:
+    """``EDGESEQ_THREADS`` if set (several processes sharing the cores, e.g. parallel tests),
+    else the physical cores."""
+    env = os.environ.get("EDGESEQ_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else _physical_cores()
 
 
 def _physical_cores() -> int:

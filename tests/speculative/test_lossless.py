@@ -1,9 +1,11 @@
 """Speculative decoding never changes greedy output: every draft source, on every generating
 family, on ONNX Runtime and ExecuTorch, over 50 prompts each, against plain decoding.
 
-The draft model is a second tiny checkpoint of the same family (another seed, so it disagrees
-with the target often), converted to ONNX only: on the ExecuTorch target it runs on ONNX Runtime,
-which is how a draft that was lowered elsewhere is used.
+The draft model is another tiny checkpoint (another seed, so it disagrees with the target
+often), converted to ONNX only: on the ExecuTorch target it runs on ONNX Runtime, which is how a
+draft lowered elsewhere is used. One draft serves every family that shares its vocabulary and
+task (a Mamba drafts for Mamba-2 and S4D, a T5 for BART and Marian): a draft needs the target's
+tokenizer, not its architecture.
 """
 from __future__ import annotations
 
@@ -23,9 +25,14 @@ SOURCES = ("input", "ngram", "recycle", "early-exit:1", "draft")
 _DRAFTS: dict[str, Path] = {}
 
 
+DRAFT_OF = {"mamba": "mamba", "mamba2": "mamba", "s4d": "mamba", "t5": "t5", "bart": "t5",
+            "marian": "t5", "whisper": "whisper"}
+
+
 def _draft_bundle(family: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from edgeseq.convert.pipeline import convert
 
+    family = DRAFT_OF[family]
     if family not in _DRAFTS:
         root = tmp_path_factory.mktemp("draft")
         ckpt = families()[family]().make_test_checkpoint(root / "ckpt", seed=1)

@@ -11,7 +11,7 @@ import pytest
 
 from edgeseq.runtime.decoding import SamplingConfig, probabilities
 
-N = 2000
+N = 1500
 PROMPT = [5, 9, 5, 9, 5]
 
 
