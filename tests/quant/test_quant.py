@@ -163,7 +163,11 @@ def test_int8_static_calibrates_on_user_data(tmp_path):
     cli("convert", "zoo:mamba-bytes", "-o", b, "--quant", "int8-static", "--calibration", calib)
     man = json.loads((b / "manifest.json").read_text())
     rec = man["quantization"]["formats"]["onnx"]
-    assert rec["calibration"] == str(calib) and set(rec["graphs"]) == {"prefill", "step"}
+    assert rec["calibration"] == str(calib)
+    assert set(rec["graphs"]) == {"prefill", "step", "verify"}
+    assert rec["graphs"]["step"]["scheme"] == "int8-static"
+    # the verify graph (speculative decoding only) sees no calibration data: dynamic int8
+    assert "no calibration feeds" in rec["graphs"]["verify"]["how"]
     ops = {n.op_type for n in onnx.load(str(b / "step.onnx"), load_external_data=False).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ, as NPU providers take it
     gate = json.loads((b / "parity.json").read_text())["gates"]["onnx"]
