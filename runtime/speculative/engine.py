@@ -173,9 +173,13 @@ class SpeculativeDecoder:
             t0 = time.perf_counter()
             draft = self.source.propose(seq, room, self.width) if room > 0 else Draft.empty()
             width = self.width if not cfg.do_sample else 1
-            draft = draft.truncate(t.max_nodes(room, width), max(0, room), width)
-            if cfg.do_sample and not draft.is_chain and len(draft):
-                draft = draft.truncate(len(draft), room, 1)
+            chain = draft.is_chain
+            if chain:       # the common case, without truncate's walk over the nodes
+                if len(draft) > room:
+                    draft = Draft.chain(draft.tokens[:max(0, room)])
+            else:
+                draft = draft.truncate(t.max_nodes(room, width), max(0, room), width)
+                chain = draft.is_chain
             t1 = time.perf_counter()
             logits = t.verify(root, draft)                       # (n+1, v)
             path, nxt = self._accept(seq, draft, logits, cfg, rng, processors)
@@ -191,7 +195,7 @@ class SpeculativeDecoder:
             self.source.feedback(seq, draft, len(path), consumed, logits)
             new = [int(draft.tokens[i]) for i in path] + [nxt]
             if len(draft):
-                full = len(path) == len(draft.paths()[0])
+                full = len(path) == (len(draft) if chain else len(draft.paths()[0]))
                 if self.adaptive:       # model drafts: each token costs a drafter step
                     k = min(self.k_max, k + 2) if full else max(1, k - 1)
                 else:                   # free drafts: only the verify chunk's length costs

@@ -191,11 +191,15 @@ class Seq2SeqTarget:
         if len(draft) == 0:
             return self.s.step(np.array([root]))
         c = len(draft) + 1
-        parents = np.concatenate([[-1], draft.parents + 1])
-        mask = np.eye(c, dtype=np.int64)
-        for i in range(1, c):
-            mask[i] |= mask[parents[i]]
-        depth = mask.sum(1) - 1
+        if draft.is_chain:
+            mask = np.tril(np.ones((c, c), dtype=np.int64))
+            depth = np.arange(c)
+        else:
+            parents = np.concatenate([[-1], draft.parents + 1])
+            mask = np.eye(c, dtype=np.int64)
+            for i in range(1, c):
+                mask[i] |= mask[parents[i]]
+            depth = mask.sum(1) - 1
         inputs = dict(self.s._feeds)
         inputs["input_ids"] = np.array([[root, *draft.tokens]], dtype=np.int64)
         inputs["cache_position"] = np.array([self.s.position], dtype=np.int64)
