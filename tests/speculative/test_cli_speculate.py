@@ -1,0 +1,40 @@
+"""`edgeseq run --speculate`, as a user runs it: same text as plain decoding, the --json fields,
+and one-line errors for a bad source, a missing graph, a wrong draft and a budget too small."""
+from __future__ import annotations
+
+import json
+
+from tests.cli.test_cli import edgeseq
+
+
+def test_run_speculate_json_and_errors(bundle_of) -> None:
+    t5, mamba = bundle_of("t5"), bundle_of("mamba")
+    ids = "10,11,12,13,10,11,12,1"
+    plain = json.loads(edgeseq("run", t5, "--prompt-ids", ids, "--num-beams", "1", "--json",
+                               "-n", "12").stdout)
+    spec = json.loads(edgeseq("run", t5, "--prompt-ids", ids, "--speculate", "input", "--json",
+                              "-n", "12").stdout)
+    assert spec["tokens"] == plain["tokens"]
+    plan = spec["memory_plan"]
+    assert spec["speculate"] == plan["mode"] == "input" and plan["total_bytes"] > 0
+    assert {"acceptance_rate", "tokens_per_verify"} <= set(spec)
+    assert spec["speculation"]["emitted"] == len(spec["tokens"])
+    # a budget that holds plain decoding only: same tokens, plan says why
+    tight = json.loads(edgeseq("run", mamba, "--prompt-ids", "3,4,5,3,4", "--speculate", "ngram",
+                               "--memory-budget", str(plan_floor(mamba) + 1), "--json").stdout)
+    assert tight["memory_plan"]["mode"] == "off" and "not ngram" in tight["memory_plan"]["reason"]
+    for args, msg in [
+            (("--speculate", "bogus"), "unknown; give one of auto"),
+            (("--speculate", "early-exit:5"), "convert with --early-exit 5"),
+            (("--speculate", f"draft:{t5}"), "cannot serve a causal_lm target"),
+            (("--speculate", "ngram", "--memory-budget", "1M"), "cannot hold this model"),
+            (("--speculate", "ngram", "--memory-budget", "lots"), "not a size")]:
+        p = edgeseq("run", mamba, "--prompt-ids", "3,4", *args, check=False)
+        assert p.returncode != 0 and msg in p.stderr, (args, p.stderr[-500:])
+
+
+def plan_floor(bundle) -> int:
+    from edgeseq.bundle import read_manifest
+    from edgeseq.runtime.speculative.plan import plain_minimum
+
+    return plain_minimum(bundle, read_manifest(bundle), "ort")
