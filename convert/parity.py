@@ -118,18 +118,14 @@ def _verify_err(sess: Any, ref: ParityInputs) -> float:
     per-position states are checked along with the logits."""
     p = len(ref.prompt)
     sess.prefill(np.array([ref.prompt], dtype=np.int64))
-    entry = sess.manifest.graphs["verify"]
-    chunk = int(entry.max_chunk or 8)
-    static = isinstance(entry.inputs[0].shape[1], int)   # a fixed chunk: pad the last one
+    chunk = int(sess.manifest.graphs["verify"].max_chunk or 8)
     toks = ref.reference_tokens[:-1]
     err = 0.0
     for i in range(0, len(toks), chunk):
-        real = toks[i:i + chunk]
-        ids = np.array([real + [0] * (chunk - len(real) if static else 0)], dtype=np.int64)
+        ids = np.array([toks[i:i + chunk]], dtype=np.int64)
         out, _ = sess.model.run("verify", {"input_ids": ids}, sess._state)
-        err = max(err, float(np.abs(out["logits"][0, :len(real)]
-                                    - ref.reference_logits[p + i:p + i + len(real)]).max()))
-        ids = ids[:, :len(real)]
+        err = max(err, float(np.abs(out["logits"][0]
+                                    - ref.reference_logits[p + i:p + i + ids.shape[1]]).max()))
         # go on from the traced state before the chunk's last token, then step that token:
         # the next chunk's logits are wrong unless the traces are right
         m = ids.shape[1] - 1

@@ -92,9 +92,9 @@ def lm_graph_specs(vocab_size: int, state: list[StateSpec]) -> tuple[
     return prefill_in, prefill_out, step_in, step_out
 
 
-def trace_specs(state: list[StateSpec], chunk: int | str = "chunk") -> list[TensorSpec]:
+def trace_specs(state: list[StateSpec]) -> list[TensorSpec]:
     """The ``verify`` graph's per-position state outputs: ``trace.<name>`` (batch, chunk, ...)."""
-    return [TensorSpec(f"trace.{s.name}", ("batch", chunk, *s.shape[1:]), s.dtype)
+    return [TensorSpec(f"trace.{s.name}", ("batch", "chunk", *s.shape[1:]), s.dtype)
             for s in state]
 
 

@@ -119,7 +119,7 @@ class _EtRunner:
         n = len(self.entry.outputs)
         # Outputs point into the method's planned memory, which the next call overwrites: copy.
         result = {s.name: o.numpy().copy() for s, o in zip(self.entry.outputs, out[:n])}
-        # numpy copies: ExecuTorch checks the strides of size-1 dims, which a clone may keep odd
+        # copies in C order, which ExecuTorch's contiguity check on inputs always accepts
         return result, [_tensor(o.numpy()) for o in out[n:]]
 
 

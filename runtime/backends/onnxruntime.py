@@ -156,6 +156,9 @@ class _OrtRunner:
         self.entry = entry
         self.sess = sess
         self.io = sess.io_binding()
+        # (input, axis) whose length is the number of tokens fed: a growing cache grows by it
+        self.fed = next(((s.name, s.shape.index("chunk")) for s in entry.inputs
+                         if "chunk" in s.shape), None)
 
     def run(self, inputs: dict[str, np.ndarray], state: _OrtState
             ) -> tuple[dict[str, np.ndarray], _OrtState]:
@@ -173,8 +176,7 @@ class _OrtRunner:
             io.bind_ortvalue_input(spec.input_name, v)
         for s in self.entry.outputs:
             io.bind_output(s.name, "cpu")
-        grow = next((inputs[s.name].shape[s.shape.index("chunk")] for s in self.entry.inputs
-                     if "chunk" in s.shape), 1)
+        grow = inputs[self.fed[0]].shape[self.fed[1]] if self.fed else 1
         for j, (spec, v) in enumerate(zip(self.entry.state, dst)):
             want = _grown(spec, src[j].shape(), grow)
             if v.shape() != want:  # a growing KV cache: the spare buffer gets the new size

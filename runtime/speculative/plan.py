@@ -287,9 +287,8 @@ class _Costs:
 
     def extra_graph(self, graph: str, chunk: int) -> dict[str, int]:
         be = self.backend
-        w = weights_bytes(self.root, self.man, be, {graph}) if be == "ort" else 0
-        if be == "ort":  # the shared weights file is counted once, with the base graphs
-            w = _file(self.root, self.man.graphs[graph].files["onnx"])
+        # ORT: the graph's proto only (the shared weights file is counted with the base graphs)
+        w = _file(self.root, self.man.graphs[graph].files["onnx"]) if be == "ort" else 0
         return {"runtime": RUNTIME_PER_GRAPH.get(be, 4 * MB) + w,
                 "activations": activation_bytes(self.root, self.man, be, graph,
                                                 self.dims(chunk))}
@@ -363,10 +362,8 @@ def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None
     free = kind in ("input", "ngram", "recycle")
     k_top = max(2, min(max_chunk - 1, k or (max_chunk - 1 if free and kind != "recycle" else 8)))
     ks = sorted({kk for kk in (k_top, 24, 16, 12, 8, 6, 4, 3, 2) if kk <= k_top}, reverse=True)
-    static = chunk_graph in man.graphs and isinstance(man.graphs[chunk_graph].inputs[0].shape[1],
-                                                      int) if not seq2seq else False
-    rollbacks = ["crop"] if seq2seq else (["trace"] if static else ["trace", "replay"]
-                                         if chunk_graph == "verify" else ["replay"])
+    rollbacks = ["crop"] if seq2seq else (["trace", "replay"] if chunk_graph == "verify"
+                                         else ["replay"])
     # the plain plan's prefill chunk is kept when it fits; else smaller ones are tried
     for c in chunks:
         if c is not None and p_chunk is not None and c > p_chunk:

@@ -32,6 +32,24 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
+def _shallow_chain(model: Any, state: Any, inputs: Any, root: int, k: int, threshold: float
+                   ) -> Draft:
+    """Draft greedily with ``exit_step`` from the first layers' part of the target's ``state``
+    (a prefix of its list), stopping at a token the shallow head gives less than ``threshold``.
+    ``inputs(token, i)`` builds the i-th call's feeds."""
+    n = len(model.runners["exit_step"].entry.state)
+    h = model.from_numpy(model.to_numpy(state)[:n])
+    tok, out = root, []
+    for i in range(k):
+        res, h = model.run("exit_step", inputs(tok, i), h)
+        p = _softmax(res["logits"][0].astype(np.float64))
+        tok = int(p.argmax())
+        if p[tok] < threshold:
+            break
+        out.append(tok)
+    return Draft.chain(out)
+
+
 def _row_of_nodes(draft: Draft, paths: list[list[int]]) -> list[tuple[int, int]]:
     """(path row, position in the row) of every node: position 0 is the root."""
     where: dict[int, tuple[int, int]] = {}
@@ -54,12 +72,6 @@ class CausalTarget:
             rollback = "replay"   # this family's bundle has no per-position states
         self.rollback = rollback
         self.max_chunk = int(graphs[self.graph].max_chunk or 16)
-        # a verify graph with a fixed chunk (Mamba's unrolled scan): short drafts are padded
-        dim = graphs[self.graph].inputs[0].shape[1]
-        self.static = dim if isinstance(dim, int) else None
-        if self.static:
-            self.max_chunk = self.static
-            self.rollback = "trace"
         self.exit_layers = session.manifest.config.get("early_exit_layers")
         self.seq2seq = False
 
@@ -89,7 +101,7 @@ class CausalTarget:
         paths = [draft.paths()[0]] if draft.is_chain else draft.paths()
         self._paths = paths
         width = len(paths)
-        length = self.static or 1 + max(len(p) for p in paths)
+        length = 1 + max(len(p) for p in paths)
         ids = np.zeros((width, length), dtype=np.int64)
         ids[:, 0] = root
         for r, p in enumerate(paths):
@@ -137,17 +149,8 @@ class CausalTarget:
     def exit_draft(self, root: int, k: int, threshold: float) -> Draft:
         """Kangaroo: draft with the first layers (``exit_step``) from the target's own state,
         stopping when the shallow head's confidence falls below ``threshold``."""
-        n = len(self.model.runners["exit_step"].entry.state)
-        h = self.model.from_numpy(self.model.to_numpy(self.s._state)[:n])
-        tok, out_toks = root, []
-        for _ in range(k):
-            out, h = self.model.run("exit_step", {"input_ids": np.array([tok])}, h)
-            p = _softmax(out["logits"][0].astype(np.float64))
-            tok = int(p.argmax())
-            if p[tok] < threshold:
-                break
-            out_toks.append(tok)
-        return Draft.chain(out_toks)
+        return _shallow_chain(self.model, self.s._state, lambda tok, pos: {
+            "input_ids": np.array([tok])}, root, k, threshold)
 
 
 class Seq2SeqTarget:
@@ -237,21 +240,13 @@ class Seq2SeqTarget:
 
     def exit_draft(self, root: int, k: int, threshold: float) -> Draft:
         """Kangaroo's shallow drafter over the first layers' cache (a prefix of the state)."""
-        runner = self.model.runners["exit_step"]
-        n = len(runner.entry.state)
-        h = self.model.from_numpy(self.model.to_numpy(self.s._state)[:n])
-        names = {s.name for s in runner.entry.inputs}
+        names = {s.name for s in self.model.runners["exit_step"].entry.inputs}
         feeds = {k2: v for k2, v in self.s._feeds.items() if k2 in names}
-        tok, out_toks, pos = root, [], self.s.position
-        for _ in range(min(k, self.capacity_left() - 1)):
-            inputs = dict(feeds)
-            inputs["input_ids"] = np.array([tok], dtype=np.int64)
-            inputs["cache_position"] = np.array([pos], dtype=np.int64)
-            out, h = self.model.run("exit_step", inputs, h)
-            pos += 1
-            p = _softmax(out["logits"][0].astype(np.float64))
-            tok = int(p.argmax())
-            if p[tok] < threshold:
-                break
-            out_toks.append(tok)
-        return Draft.chain(out_toks)
+        start = self.s.position
+
+        def inputs(tok: int, i: int) -> dict[str, np.ndarray]:
+            return {**feeds, "input_ids": np.array([tok], dtype=np.int64),
+                    "cache_position": np.array([start + i], dtype=np.int64)}
+
+        return _shallow_chain(self.model, self.s._state, inputs, root,
+                              min(k, self.capacity_left() - 1), threshold)

@@ -38,3 +38,23 @@ def plan_floor(bundle) -> int:
     from edgeseq.runtime.speculative.plan import plain_minimum
 
     return plain_minimum(bundle, read_manifest(bundle), "ort")
+
+
+def test_convert_early_exit_and_run_device(bundle_of, checkpoints, tmp_path) -> None:
+    from edgeseq.devices.profile import get_profile
+
+    # --early-exit must leave at least one layer out: refused before anything is written
+    out = tmp_path / "b"
+    p = edgeseq("convert", checkpoints["mamba"], "-o", out, "--early-exit", "2", "--format",
+                "onnx", check=False)
+    assert p.returncode != 0 and "the model has 2 layers; give 1 to 1" in p.stderr
+    assert not out.exists()
+    # --device takes the budget from the profile's app memory
+    mamba = bundle_of("mamba")
+    rep = json.loads(edgeseq("run", mamba, "--prompt-ids", "3,4,5", "--speculate",
+                             "early-exit:1", "--device", "rpi5-8gb", "--json").stdout)
+    assert rep["memory_plan"]["budget"] == get_profile("rpi5-8gb").app_memory
+    assert rep["memory_plan"]["mode"] == "early-exit"
+    p = edgeseq("run", mamba, "--prompt-ids", "3", "--speculate", "ngram", "--device",
+                "no-such-device", check=False)
+    assert p.returncode != 0 and "no-such-device" in p.stderr
