@@ -69,6 +69,7 @@ class ExecuTorchBackend(Backend):
         from executorch.runtime import Runtime
 
         _register_quantized_kernels()
+        _set_threads(threads)
         files = {e.files[self.format] for e in entries.values()}
         programs = {f: Runtime.get().load_program(root / f) for f in files}
         with _captured_stderr():  # XNNPACK's cpuinfo probe logs to fd 2 on first use
@@ -78,6 +79,21 @@ class ExecuTorchBackend(Backend):
         # A method reads its program's memory: the program must live as long as the methods.
         model.programs = programs
         return model
+
+
+def _set_threads(threads: int | None) -> None:
+    """XNNPACK's thread pool is one per process, sized to the cores at first use: resize it when
+    the caller asks for a number (``threads`` or ``EDGESEQ_THREADS``), as ORT's sessions are."""
+    threads = threads or int(os.environ.get("EDGESEQ_THREADS") or 0) or None
+    if not threads:
+        return
+    try:
+        from executorch.extension.pybindings import portable_lib as pl
+
+        if pl._threadpool_get_thread_count() != threads:
+            pl._unsafe_reset_threadpool(threads)
+    except (ImportError, AttributeError, RuntimeError):
+        pass    # an older runtime without the call keeps its pool
 
 
 def _register_quantized_kernels() -> None:

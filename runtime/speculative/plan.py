@@ -39,8 +39,11 @@ from edgeseq.bundle import BundleError, Manifest, read_manifest
 MB = 1 << 20
 SOURCES = ("auto", "off", "input", "ngram", "recycle", "draft", "early-exit")
 # Fixed and per-graph runtime costs, measured on this project's bundles (RSS above baseline after
-# load, minus weights and planned memory), rounded up.
-RUNTIME_BASE = {"ort": 12 * MB, "executorch": 10 * MB, "torch": 32 * MB}
+# load, minus weights and planned memory), rounded up. About half of the fixed cost is library
+# code paged in on first use (RssFile: 6 MiB for ExecuTorch, 10 MiB for ORT on our machine), and
+# how much of it one touch maps depends on the host's page cache: CI's host measured 14 MiB more
+# than ours on the same ExecuTorch bundle, so the fixed costs carry that margin.
+RUNTIME_BASE = {"ort": 20 * MB, "executorch": 24 * MB, "torch": 40 * MB}
 RUNTIME_PER_GRAPH = {"ort": 4 * MB, "executorch": 3 * MB, "torch": 8 * MB}
 # Freed intermediate buffers are kept by the allocator and fragment: the sum of a call's
 # intermediates, times this, bounds what it leaves behind.

@@ -12,6 +12,14 @@ import sys
 from pathlib import Path
 
 
+def _host() -> dict:
+    """What of the host can change a process's footprint."""
+    import os
+
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    return {"cpus": os.cpu_count(), "thp": thp.read_text().strip() if thp.is_file() else None}
+
+
 def main(argv: list[str]) -> int:
     bundle, backend, speculate, budget_s, runs_s, seed_s = argv
     import numpy as np
@@ -36,6 +44,10 @@ def main(argv: list[str]) -> int:
     hwm = Path("/proc/self/clear_refs")
     hwm.write_text("5")
     base = _rss()
+    # the split of the growth (anonymous vs file-backed pages, e.g. library code touched for the
+    # first time) goes into the report, to tell a plan's miss from a host's paging
+    parts = ("RssAnon", "RssFile")
+    base_parts = {k: _rss(k) for k in parts}
     budget = int(budget_s)
     out = {"budget": budget}
     try:
@@ -56,7 +68,8 @@ def main(argv: list[str]) -> int:
             ids = rng.integers(1, vocab, int(rng.integers(1, 200)))
         ss.generate(ids, int(rng.integers(1, max_new)),
                     do_sample=bool(rng.integers(0, 2)), seed=int(rng.integers(0, 1 << 30)))
-    out.update(peak=_rss("VmHWM") - base, stats=ss.report()["speculation"])
+    out.update(peak=_rss("VmHWM") - base, stats=ss.report()["speculation"],
+               end={k: _rss(k) - v for k, v in base_parts.items()}, host=_host())
     print(json.dumps(out))
     return 0
 

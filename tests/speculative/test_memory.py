@@ -56,7 +56,9 @@ def test_peak_rss_never_exceeds_the_budget(bundle_of) -> None:
             assert res["peak"] <= budget, (
                 f"{fam}/{backend}/{spec}: peak {res['peak'] / 2**20:.1f} MiB above baseline "
                 f"exceeds the budget of {budget / 2**20:.1f} MiB (plan {res['mode']}, "
-                f"{res['planned'] / 2**20:.1f} MiB planned)")
+                f"{res['planned'] / 2**20:.1f} MiB planned; growth at the end "
+                f"{ {k: round(v / 2**20, 1) for k, v in res['end'].items()} } MiB, "
+                f"host {res['host']})")
     modes = {r[3].get("mode") for r in results}
     # the random budgets reached all three outcomes
     assert any(r[3]["refused"] for r in results), "no budget was refused"
