@@ -27,14 +27,17 @@ from edgeseq.checkpoint import load_into, load_state_dict, read_config
 from edgeseq.families.base import TransformersCausalLM, lm_graph_specs, trace_specs, exit_graph_from_step
 from edgeseq.registry import register_family
 
-# Longest prefill chunk: the scan's depth is fixed at export (log2 of this), and ExecuTorch plans
-# memory for it. Longer prompts are fed in several chunks.
-MAX_CHUNK = 128
+# Longest prefill chunk. The scan runs over this static length (a chunk is padded to it), so
+# a longer bound costs every call more: measured on mamba-bytes (ORT, 1 thread), 32 takes 5.9 ms
+# a chunk (0.18 ms a token, against 0.42 for a step) and 2.7 ms for one token, where the dynamic
+# log-depth scan this replaced took 15.6 ms at 32 and 90 ms at 128. ExecuTorch plans memory for it.
+MAX_CHUNK = 32
 # Longest chunk of the ``verify`` graph (speculative decoding: the last token plus a draft of
-# up to 7). A shorter bound means fewer scan rounds: 3 instead of the prefill's 7. Measured on
-# mamba-bytes (ORT, 1 thread): an unrolled sequential scan over a fixed 8 and a static-shape
-# log scan both cost more than this dynamic one, whose cost follows the draft's length.
+# up to 7): one block, so its scan is a plain sequential one (1.69 ms at 8 tokens, against
+# 2.17 ms for the log-depth scan).
 VERIFY_CHUNK = 8
+# The block of the chunked scan: sequential inside (cheap small ops), log-depth across blocks.
+SCAN_BLOCK = 8
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -89,24 +92,38 @@ class MambaStep(_MambaGraph):
 
 
 class MambaPrefill(_MambaGraph):
-    """A chunk of l <= ``max_chunk`` tokens from a given state, without a sequential loop.
+    """A chunk of l <= ``max_chunk`` tokens from a given state, without a loop in the graph.
 
-    The selective scan h_t = a_t h_{t-1} + b_t (a_t = exp(dt_t A), b_t = dt_t B_t x_t) is
-    associative in (a, b); a Hillis-Steele scan computes every prefix in ceil(log2 max_chunk)
-    rounds of O(l e n) work. Unlike the quadratic "segsum" form (an (l, l, e, n) decay tensor,
-    which Mamba-2 can afford because its A is one scalar per head), this stays linear in l, and it
-    only ever multiplies decays <= 1, so it is stable for any dt.
+    The selective scan h_t = a_t h_{t-1} + u_t (a_t = exp(dt_t A), u_t = dt_t B_t x_t) is
+    associative in (a, u). It runs chunked, as Mamba-2's SSD splits a sequence into chunks and
+    Blelloch's scans split an array into blocks: the chunk is padded with identity elements
+    (a=1, u=0) to the static ``max_chunk`` and cut into blocks of ``SCAN_BLOCK``; inside a block
+    the scan is sequential (a few small ops per position), across blocks the carried states go
+    through a Hillis-Steele scan (log2 of the block count), and each block then adds its incoming
+    state times its running decay. Only decays <= 1 are multiplied, so it is stable for any dt,
+    and no (l, l, e, n) decay tensor is formed (Mamba-1's A differs per state channel, so the
+    quadratic "segsum" form that Mamba-2 affords would be 8x the memory of this one).
+
+    Static lengths also keep export free of guards on the dynamic l (a pad to a multiple of the
+    block would need l % block, which export specialises).
     """
 
     def __init__(self, model: nn.Module, max_chunk: int, trace: bool = False):
         super().__init__(model)
-        self.rounds = max(1, math.ceil(math.log2(max(2, max_chunk))))
+        self.length = max_chunk
+        self.block = min(SCAN_BLOCK, max_chunk)
+        if max_chunk % self.block:
+            raise ValueError(f"max_chunk {max_chunk} is not a multiple of {self.block}")
+        blocks = max_chunk // self.block
+        self.rounds = math.ceil(math.log2(blocks)) if blocks > 1 else 0
         # With ``trace`` the graph also returns the state after *every* position (the ``verify``
         # graph): a speculative verifier then rolls back to any accepted prefix by slicing,
         # with no replay (STree keeps one state per path for the same reason).
         self.trace = trace
 
     def forward(self, input_ids: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if isinstance(input_ids.shape[1], int) and input_ids.shape[1] > self.length:
+            return self._in_chunks(input_ids, state)
         h = self.embeddings(input_ids)  # (b, l, d)
         new_state: list[torch.Tensor] = []
         traces: list[torch.Tensor] = []
@@ -136,19 +153,53 @@ class MambaPrefill(_MambaGraph):
                 traces += [window[:, :, idx].permute(0, 2, 1, 3), hs]  # (b, l, e, k-1), (b, l, e, n)
         return (self._head(h), *traces, *new_state)
 
+    def _in_chunks(self, input_ids: torch.Tensor, state: tuple[torch.Tensor, ...]
+                   ) -> tuple[torch.Tensor, ...]:
+        """Eager calls longer than the static length (a reference over a whole sequence): in
+        chunks. An exported graph never gets here: its chunk dim is bounded by ``max_chunk``."""
+        n_trace = 2 * self.n_layers if self.trace else 0
+        parts = []
+        for i in range(0, input_ids.shape[1], self.length):
+            out = self.forward(input_ids[:, i:i + self.length], *state)
+            state = out[1 + n_trace:]
+            parts.append(out[:1 + n_trace])
+        return (*(torch.cat(p, 1) for p in zip(*parts)), *state)
+
     def _scan(self, a: torch.Tensor, u: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
         """All prefixes of h_t = a_t h_{t-1} + u_t from h_{-1} = h0. a, u: (b, l, e, n)."""
-        l = a.shape[1]
-        for r in range(self.rounds):
-            s = 1 << r
-            # the element s steps back, or the identity (a=1, u=0) before the chunk start;
-            # padding at the front keeps this shape-generic for a dynamic l
-            a_prev = F.pad(a, (0, 0, 0, 0, s, 0), value=1.0)[:, :l]
-            u_prev = F.pad(u, (0, 0, 0, 0, s, 0))[:, :l]
-            u = a * u_prev + u
-            a = a * a_prev
-        # now a_t = prod_{s<=t} a_s, the decay of the incoming state up to t
-        return u + a * h0.unsqueeze(1)
+        b, l, e, n = a.shape
+        L, nb = self.length, self.length // self.block
+        a = F.pad(a, (0, 0, 0, 0, 0, L - l), value=1.0)
+        u = F.pad(u, (0, 0, 0, 0, 0, L - l))
+        if nb == 1:
+            # one block: sequential from the incoming state. split() keeps the position axis,
+            # so no squeeze/unsqueeze pair per position (each a node of its own in the graph)
+            h, hs = h0.unsqueeze(1), []
+            for at, ut in zip(a.split(1, 1), u.split(1, 1)):
+                h = at * h + ut
+                hs.append(h)
+            out = torch.cat(hs, 1)
+        else:
+            a = a.reshape(b, nb, self.block, e, n)
+            u = u.reshape(b, nb, self.block, e, n)
+            hs, ps = [], []  # each block's states from a zero state, and its running decay
+            for at, ut in zip(a.split(1, 2), u.split(1, 2)):
+                hs.append(ut if not hs else at * hs[-1] + ut)
+                ps.append(at if not ps else ps[-1] * at)
+            # the state leaving block j is c_j = ca_j c_{j-1} + cu_j, from c_{-1} = h0
+            ca, cu = ps[-1][:, :, 0], hs[-1][:, :, 0]  # (b, nb, e, n)
+            for r in range(self.rounds):
+                s = 1 << r
+                a_prev = F.pad(ca, (0, 0, 0, 0, s, 0), value=1.0)[:, :nb]
+                u_prev = F.pad(cu, (0, 0, 0, 0, s, 0))[:, :nb]
+                cu = ca * u_prev + cu
+                ca = ca * a_prev
+            ends = cu + ca * h0.unsqueeze(1)
+            entering = torch.cat([h0.unsqueeze(1), ends[:, :-1]], 1)  # (b, nb, e, n)
+            out = torch.cat(hs, 2) + torch.cat(ps, 2) * entering.unsqueeze(2)
+            out = out.reshape(b, L, e, n)
+        # a gather, not a slice: slicing [:l] off the static length makes export guard on l == L
+        return out.index_select(1, torch.arange(l, device=a.device))
 
 
 @register_family("mamba")
