@@ -18,9 +18,19 @@ Workloads:
 - ``copy``: ``mamba-bytes`` asked to continue a prompt that repeats its first half (prompt
   lookup on the language model).
 
-The 40% column: the budget is 40% of the footprint measured for unconstrained speculation; the
-plan then picks what fits (draft length, tree width, rollback, prefill chunk, or plain
-decoding), or refuses to load.
+Two budgets per row, each run in its own child:
+
+- 40% of the footprint measured for unconstrained speculation (the issue's wording). On these
+  small models plain decoding alone measures more than that, so no runtime could decode there;
+  the plan refuses before loading.
+- SpecMemo's reading: plain decoding plus 40% of what speculation adds to it (the plan's own
+  accounting of the unconstrained configuration). The plan then picks what fits (draft length,
+  tree width, rollback, prefill chunk, or plain decoding).
+
+"decoding speedup" leaves out the prompt: each child also times every item for one new token
+(the prompt consumed, one step), and the rates compare the time after it.
+
+    ./dev bench speculative --reuse-bundles   # skip the conversions of an earlier run
 
     ./dev bench speculative               # both backends (~15 min on 2 cores, conversions included)
     ./dev bench speculative --backend ort --quick
@@ -110,13 +120,14 @@ def child(args: argparse.Namespace) -> None:
             s = ss.session
             res["plan"] = {k: ss.plan.to_json()[k] for k in ("mode", "k_max", "width",
                                                             "rollback", "prefill_chunk",
-                                                            "total_bytes", "reason")}
+                                                            "total_bytes", "plain_bytes",
+                                                            "reason")}
     except BundleError as e:
         print(json.dumps({"refused": str(e), "peak": _rss("VmHWM") - base}))
         return
     res["load_s"] = time.perf_counter() - t
 
-    def run(ids: list[int]) -> list[int]:
+    def run(ids: list[int], new: int = new) -> list[int]:
         if args.speculate == "plain":
             if seq2seq:
                 return [int(x) for x in s.generate(ids, new, num_beams=1)]
@@ -143,6 +154,15 @@ def child(args: argparse.Namespace) -> None:
         rep = ss.report()
         res["acceptance"] = rep["acceptance_rate"]
         res["tokens_per_verify"] = rep["tokens_per_verify"]
+    # the prompt's share: the same items for one new token (the prompt or source consumed, one
+    # step; no draft), timed apart so the table can give the decoding phase on its own
+    t = time.perf_counter()
+    for ids in inputs:
+        run(ids, 1)
+    res["first_token_seconds"] = time.perf_counter() - t
+    if args.speculate != "plain":
+        res["acceptance"] = rep["acceptance_rate"]
+        res["tokens_per_verify"] = rep["tokens_per_verify"]
     print(json.dumps(res))
 
 
@@ -162,17 +182,19 @@ def measure(bundle: Path, backend: str, wl: str, spec: str, quick: bool,
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def bundles(backends: list[str]) -> dict[str, Path]:
+def bundles(backends: list[str], reuse: bool = False) -> dict[str, Path]:
     from edgeseq.convert.pipeline import convert
 
     fmts = tuple({"ort": "onnx", "executorch": "pte"}[b] for b in backends)
     want = {"t5-typo-bytes": ("zoo:t5-typo-bytes", {"early_exit": 1}),
             "mamba-bytes": ("zoo:mamba-bytes", {"early_exit": 2}),
-            "mamba-bytes-draft": ("zoo:mamba-bytes-draft", {})}
+            "mamba-bytes-draft": ("zoo:mamba-bytes-draft", {"draft_loop": 7})}
     out = {}
     for name, (src, kw) in want.items():
         path = OUT / "-".join([name, *fmts])
-        if not (path / "manifest.json").is_file():
+        # converted by this edgeseq: graphs change between versions, so a bundle left by an
+        # earlier run is reused only when asked (--reuse-bundles)
+        if not reuse or not (path / "manifest.json").is_file():
             print(f"converting {src} -> {path} ...", file=sys.stderr, flush=True)
             convert(src, path, formats=fmts, overwrite=True, **kw)
         out[name] = path
@@ -189,6 +211,18 @@ ROWS = [  # workload, bundle, speculate, target speedup (None: reported, no targ
 ]
 
 
+def _budget_cells(c: dict[str, Any], budget: int, plain_rate: float) -> str:
+    """plan | speedup | peak / budget, for a run under a budget."""
+    if "refused" in c:
+        why = "refused: " + c["refused"].split("(it needs")[-1].split(";")[0].strip(" )")
+        return f"{why} | - | {c['peak'] / 2**20:.1f} / {budget / 2**20:.1f}"
+    pl = c["plan"]
+    what = (f"{pl['mode']} k<={pl['k_max']} w{pl['width']} {pl['rollback']} "
+            f"prefill {pl['prefill_chunk']}" if pl["mode"] != "off" else "plain")
+    speed = (c["tokens"] / c["seconds"]) / plain_rate
+    return f"{what} | {speed:.2f}x | {c['peak'] / 2**20:.1f} / {budget / 2**20:.1f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", action="append", choices=["ort", "executorch"])
@@ -196,6 +230,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--workloads", default="typo,code,copy",
                     help="comma-separated subset of: typo, code, copy")
+    ap.add_argument("--reuse-bundles", action="store_true",
+                    help="reuse the bundles an earlier run converted (default: convert again)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--bundle", help=argparse.SUPPRESS)
     ap.add_argument("--workload", help=argparse.SUPPRESS)
@@ -207,12 +243,13 @@ def main() -> None:
         child(args)
         return
     backends = args.backend or ["ort", "executorch"]
-    paths = bundles(backends)
+    paths = bundles(backends, args.reuse_bundles)
     results = []
-    print("| workload | backend | speculate | plain tok/s | spec tok/s | speedup | target | "
-          "acceptance | tokens/verify | identical | peak MiB (plain / spec) | "
-          "40% budget: plan | speedup | peak/budget MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| workload | backend | speculate | plain tok/s | spec tok/s | speedup | "
+          "decoding speedup | target | acceptance | tokens/verify | identical | "
+          "peak MiB (plain / spec) | 40% of footprint: plan | speedup | peak/budget MiB | "
+          "plain + 40% of speculation's: plan | speedup | peak/budget MiB |")
+    print("|" + "---|" * 18)
     plain_cache: dict[tuple, dict] = {}
     for wl, name, spec, target in ROWS:
         if wl not in args.workloads.split(","):
@@ -224,31 +261,33 @@ def main() -> None:
                 plain_cache[key] = measure(paths[name], be, wl, "plain", args.quick)
             p = plain_cache[key]
             s = measure(paths[name], be, wl, spec, args.quick)
+            # 40% of the whole measured footprint; and SpecMemo's reading, 40% of what
+            # speculation itself adds (the plan's own accounting) on top of plain decoding
             budget = int(0.4 * s["peak"])
             c = measure(paths[name], be, wl, spec, args.quick, budget)
+            pl = s["plan"]
+            budget_sm = int(pl["plain_bytes"] + 0.4 * (pl["total_bytes"] - pl["plain_bytes"]))
+            c_sm = measure(paths[name], be, wl, spec, args.quick, budget_sm)
             p_rate = p["tokens"] / p["seconds"]
             s_rate = s["tokens"] / s["seconds"]
+            # decoding alone: the time after the first token, for the tokens after it
+            decode = lambda r: ((r["tokens"] - len(r["outputs"])) /  # noqa: E731
+                                max(1e-9, r["seconds"] - r["first_token_seconds"]))
             same = p["outputs"] == s["outputs"]
-            if "refused" in c:
-                tight = "refused: " + c["refused"].split("(it needs")[-1].split(";")[0].strip(" )")
-                c_speed, c_peak = "-", f"{c['peak'] / 2**20:.1f} / {budget / 2**20:.1f}"
-            else:
-                pl = c["plan"]
-                tight = (f"{pl['mode']} k<={pl['k_max']} w{pl['width']} {pl['rollback']} "
-                         f"prefill {pl['prefill_chunk']}" if pl["mode"] != "off" else "plain")
-                c_speed = f"{(c['tokens'] / c['seconds']) / p_rate:.2f}x"
-                c_peak = f"{c['peak'] / 2**20:.1f} / {budget / 2**20:.1f}"
             label = spec if not spec.startswith("draft:") else "draft:mamba-bytes-draft"
             tgt = f">= {target}x" if target else "-"
             print(f"| {wl} | {be} | {label} | {p_rate:.0f} | {s_rate:.0f} | "
-                  f"**{s_rate / p_rate:.2f}x** | {tgt} | {s.get('acceptance', 0):.2f} | "
+                  f"**{s_rate / p_rate:.2f}x** | {decode(s) / decode(p):.2f}x | {tgt} | "
+                  f"{s.get('acceptance', 0):.2f} | "
                   f"{s.get('tokens_per_verify', 0):.2f} | {same} | "
-                  f"{p['peak'] / 2**20:.1f} / {s['peak'] / 2**20:.1f} | {tight} | {c_speed} | "
-                  f"{c_peak} |", flush=True)
+                  f"{p['peak'] / 2**20:.1f} / {s['peak'] / 2**20:.1f} | "
+                  f"{_budget_cells(c, budget, p_rate)} | {_budget_cells(c_sm, budget_sm, p_rate)} |",
+                  flush=True)
             strip = lambda r: {k: v for k, v in r.items() if k != "outputs"}  # noqa: E731
             results.append({"workload": wl, "backend": be, "speculate": label,
                             "plain": strip(p), "speculative": strip(s), "budget_40": strip(c),
-                            "budget": budget, "identical": same})
+                            "budget": budget, "budget_40_of_speculation": strip(c_sm),
+                            "budget_specmemo": budget_sm, "identical": same})
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -166,6 +166,37 @@ def check_graph_module(root: Path, backend: str, graph: Any, seeds: int = 3) -> 
             "tolerance": tol, "passed": bool(err <= tol)}
 
 
+def check_draft_loop(root: Path, backend: str, ref: ParityInputs) -> dict[str, Any]:
+    """``draft_loop`` from the state after the prompt: its k tokens must be the reference's
+    greedy continuation, and its state after each token the one the ``step`` graph reaches."""
+    from edgeseq.runtime.session import load
+
+    sess = load(root, backend=backend, graphs={"prefill", "step", "draft_loop"})
+    k = int(sess.manifest.graphs["draft_loop"].outputs[0].shape[1])
+    sess.reset(1)
+    if len(ref.prompt) > 1:
+        sess.prefill(np.asarray([ref.prompt[:-1]], dtype=np.int64))
+    start = sess.model.to_numpy(sess._state)
+    out, _ = sess.model.run("draft_loop", {"input_ids": np.array([ref.prompt[-1]])},
+                            sess.model.from_numpy(start))
+    toks = [int(t) for t in out["tokens"][0]]
+    want = ref.reference_tokens[:k]
+    # the step graph along the reference's tokens gives the states the traces must hold
+    sess._state = sess.model.from_numpy(start)
+    err, scale = 0.0, 1.0
+    specs = sess.manifest.graphs["draft_loop"].state
+    for i, tok in enumerate([ref.prompt[-1], *want[:-1]][:k]):
+        sess.step(np.array([tok]))
+        for spec, a in zip(specs, sess.model.to_numpy(sess._state)):
+            got = out[f"trace.{spec.name}"][0, i]
+            err = max(err, float(np.abs(got - a[0]).max()))
+            scale = max(scale, float(np.abs(a).max()))
+    tol = TOLERANCE["fp32"] * scale
+    same = toks[:len(want)] == want
+    return {"backend": backend, "graph": "draft_loop", "tokens": k, "tokens_identical": same,
+            "state_max_abs_err": err, "tolerance": tol, "passed": bool(same and err <= tol)}
+
+
 # -- encoder-decoder models -----------------------------------------------------------------
 SEQ2SEQ_BEAMS = 4
 

@@ -100,7 +100,7 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
             keep: list[str] | None = None, quantize_all: bool = False,
             eval_file: str | Path | None = None, max_drop: float | None = None,
             calibration: str | Path | None = None, early_exit: int | None = None,
-            progress: Progress | None = None) -> Path:
+            draft_loop: int | None = None, progress: Progress | None = None) -> Path:
     """Convert a checkpoint folder (or ``zoo:NAME``) into a bundle at ``out``.
 
     Args:
@@ -118,6 +118,8 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
             family's sensitive layers, none with ``quantize_all``).
         early_exit: generating families: also write ``exit_step``, the first ``early_exit``
             layers plus the head, for self-speculative drafting (``--speculate early-exit:N``).
+        draft_loop: causal LMs: also write ``draft_loop``, that many greedy steps in one call,
+            for a bundle that serves as another model's draft (``--speculate draft:PATH``).
     Returns:
         The bundle folder.
     Raises:
@@ -156,6 +158,13 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
             raise BundleError(f"{src_label}: --early-exit applies to generating models; "
                               f"{family.name} ({family.task}) does not generate")
         graphs["exit_step"] = family.exit_graph(model, early_exit, **opts)
+    if draft_loop is not None:
+        if family.task != "causal_lm":
+            raise BundleError(f"{src_label}: --draft-loop applies to causal language models; "
+                              f"{family.name} is {family.task}")
+        from edgeseq.families.base import draft_loop_from_step
+
+        graphs["draft_loop"] = draft_loop_from_step(graphs["step"], draft_loop)
     tok_spec = tokenize.detect(src)
     tokenizer = tokenize.load(src, tok_spec)
 
@@ -238,6 +247,8 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
                              quant_record or (FP16_NOTE if dtype == "fp16" else None))
         if early_exit is not None:
             manifest.config["early_exit_layers"] = int(early_exit)
+        if draft_loop is not None:
+            manifest.config["draft_loop_tokens"] = int(draft_loop)
         write_json(tmp / "manifest.json", manifest.to_json())
         say("[3/5] manifest written")
 
@@ -327,6 +338,17 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
                 say(f"      {fmt:5s} exit_step (first {early_exit} layers) against its PyTorch "
                     f"module: max |dlogits| {rec['logits_max_abs_err']:.2e} -> "
                     f"{'ok' if rec['passed'] else 'FAILED'}")
+            parity["passed"] = all(c["passed"] for c in parity["checks"] + parity["graph_checks"])
+        if "draft_loop" in graphs and not skip_parity and quant is None:
+            from edgeseq.convert.parity import check_draft_loop
+
+            parity.setdefault("graph_checks", [])
+            for fmt in formats:
+                rec = check_draft_loop(tmp, FORMATS[fmt], ref)
+                parity["graph_checks"].append({"format": fmt, **rec})
+                say(f"      {fmt:5s} draft_loop ({draft_loop} tokens in one call): tokens "
+                    f"identical to the reference: {rec['tokens_identical']}, max |dstate| "
+                    f"{rec['state_max_abs_err']:.2e} -> {'ok' if rec['passed'] else 'FAILED'}")
             parity["passed"] = all(c["passed"] for c in parity["checks"] + parity["graph_checks"])
         write_json(tmp / "parity.json", parity)
         if not skip_parity and not parity["passed"] and not force:

@@ -67,12 +67,15 @@ def main() -> None:
 @click.option("--early-exit", type=click.IntRange(1), default=None, metavar="N",
               help="Generating models: also write exit_step (the first N layers plus the head) "
                    "for self-speculative drafting: edgeseq run --speculate early-exit:N.")
+@click.option("--draft-loop", type=click.IntRange(1, 32), default=None, metavar="K",
+              help="Causal LMs used as draft models: also write draft_loop (K greedy steps in "
+                   "one call), which --speculate draft:PATH then drafts with.")
 @click.option("-q", "--quiet", is_flag=True)
 def convert(checkpoint: str, output: str, fmt: str | None, dtype: str, parity_tokens: int,
             skip_parity: bool, force: bool, overwrite: bool, max_target_len: int | None,
             quant: str | None, group_size: int, keep: tuple[str, ...], quantize_all: bool,
             eval_file: str | None, max_drop: float | None, calibration: str | None,
-            early_exit: int | None, quiet: bool) -> None:
+            early_exit: int | None, draft_loop: int | None, quiet: bool) -> None:
     """Convert CHECKPOINT (a folder, or zoo:NAME) into a bundle."""
     from edgeseq.convert.pipeline import ALL_FORMATS, convert as _convert
 
@@ -87,7 +90,8 @@ def convert(checkpoint: str, output: str, fmt: str | None, dtype: str, parity_to
                  max_target_len=max_target_len, quant=quant, group_size=group_size,
                  keep=list(keep), quantize_all=quantize_all,
                  eval_file=eval_file, max_drop=max_drop, calibration=calibration,
-                 early_exit=early_exit, progress=None if quiet else (lambda m: click.echo(m, err=True)))
+                 early_exit=early_exit, draft_loop=draft_loop,
+                 progress=None if quiet else (lambda m: click.echo(m, err=True)))
     except BundleError as e:
         _fail(str(e))
 

@@ -183,7 +183,7 @@ def _as_batch(input_ids: Sequence[int] | np.ndarray) -> np.ndarray:
 
 
 # Graphs only speculative decoding calls: a plain session leaves them unloaded (memory).
-SPECULATIVE_GRAPHS = ("verify", "decoder_chunk", "exit_step")
+SPECULATIVE_GRAPHS = ("verify", "decoder_chunk", "exit_step", "draft_loop")
 
 
 def load(path: str | Path, backend: str = "ort", threads: int | None = None,

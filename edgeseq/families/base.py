@@ -114,6 +114,47 @@ def exit_graph_from_step(step: Any, state: list[StateSpec], vocab_size: int, lay
     return StreamingGraph("exit_step", step, s_in, s_out, st)
 
 
+DRAFT_LOOP_MAX = 32
+
+
+def draft_loop_from_step(step: StreamingGraph, k: int) -> StreamingGraph:
+    """``draft_loop`` of a causal LM: ``k`` greedy steps of its ``step`` graph in one call,
+    returning the k tokens and the state after each (``trace.<name>``, (batch, k, ...)).
+
+    A small draft model's step is cheap; what a speculative round pays per drafted token is
+    the call around it (binding, dispatch, a snapshot for rollback). One call drafts the whole
+    chain, and the per-step states it returns are the rollback points (as the target's
+    ``verify`` traces are). The argmax runs inside the graph, so the tokens never leave it
+    between steps.
+    """
+    import torch
+    from torch import nn
+
+    if not 1 <= k <= DRAFT_LOOP_MAX:
+        raise BundleError(f"--draft-loop {k}: give 1 to {DRAFT_LOOP_MAX} tokens")
+
+    class _Loop(nn.Module):
+        def __init__(self, inner: nn.Module, k: int):
+            super().__init__()
+            self.inner, self.k = inner, k
+
+        def forward(self, input_ids: torch.Tensor, *state: torch.Tensor) -> tuple:
+            tok, toks, traces = input_ids, [], [[] for _ in state]
+            for _ in range(self.k):
+                out = self.inner(tok, *state)
+                state = out[1:]
+                tok = out[0].argmax(-1)
+                toks.append(tok)
+                for t, s in zip(traces, state):
+                    t.append(s)
+            return (torch.stack(toks, 1), *(torch.stack(t, 1) for t in traces), *state)
+
+    outs = [TensorSpec("tokens", ("batch", k), "int64")] + [
+        TensorSpec(f"trace.{s.name}", ("batch", k, *s.shape[1:]), s.dtype) for s in step.state]
+    return StreamingGraph("draft_loop", _Loop(step.module, k).eval(), list(step.inputs), outs,
+                          list(step.state))
+
+
 def detect_family(config: dict[str, Any], path: Path) -> Any:
     """The registered family that loads this config, or a clear error listing what is supported."""
     from edgeseq.registry import families

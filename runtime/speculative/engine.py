@@ -73,6 +73,11 @@ class EarlyExitSource(DraftSource):
         return self.target.exit_draft(int(context[-1]), k, self.threshold)
 
 
+# Tokens a draft model catches up on with its prefill graph rather than step by step (a chunk
+# call costs a few steps: below this, stepping is cheaper)
+PREFILL_CATCH_UP = 8
+
+
 class DraftModelSource(DraftSource):
     """A smaller model from another bundle sharing the tokenizer (Leviathan et al.; Big Little
     Decoder's small model). Its own state follows the context: snapshots taken while drafting
@@ -85,6 +90,13 @@ class DraftModelSource(DraftSource):
 
         self.s = session
         self.seq2seq = isinstance(session, Seq2SeqSession)
+        # ``draft_loop`` (``convert --draft-loop K``): K greedy steps in one call, with the state
+        # after each as rollback points; else a step call (and a snapshot) per drafted token
+        self.loop = "draft_loop" in session.model.runners
+        if self.loop:
+            entry = session.model.runners["draft_loop"].entry
+            self.loop_k = int(entry.outputs[0].shape[1])
+            self.loop_names = [f"trace.{st.name}" for st in entry.state]
 
     def start(self, context: Sequence[int], source: Any = None) -> None:
         if self.seq2seq:
@@ -94,12 +106,23 @@ class DraftModelSource(DraftSource):
             self.s.reset(1)
         self.fed: list[int] = []
         self.snaps: dict[int, tuple[list[np.ndarray], int]] = {}
+        self.traced: tuple[int, int, dict[str, np.ndarray]] | None = None
 
     def _run(self, tok: int) -> np.ndarray:
         return self.s.step(np.array([tok]))[0]
 
+    def _can_restore(self, n: int) -> bool:
+        if n in self.snaps:
+            return True
+        return self.traced is not None and 0 < n - self.traced[0] <= self.traced[1]
+
     def _restore(self, n: int) -> None:
-        arrays, pos = self.snaps[n]
+        if n in self.snaps:
+            arrays, pos = self.snaps[n]
+        else:                         # a draft_loop trace: the state after fed[:n]
+            n0, _, traces = self.traced
+            arrays = [traces[name][:, n - n0 - 1] for name in self.loop_names]
+            pos = self.s.position - (len(self.fed) - n)
         self.s._state = self.s.model.from_numpy(arrays)
         self.s.position = pos
         self.fed = self.fed[:n]
@@ -112,13 +135,19 @@ class DraftModelSource(DraftSource):
                 break
             common += 1
         if common < len(self.fed):
-            if common in self.snaps:
+            if self._can_restore(common):
                 self._restore(common)
             else:                      # nothing to roll back to: start over
                 self.s.reset(1) if not self.seq2seq else self.s.start(1)
                 self.fed = []
         logits = None
-        for tok in consumed[len(self.fed):]:
+        todo = consumed[len(self.fed):]
+        if len(todo) >= PREFILL_CATCH_UP and not self.seq2seq:
+            # a prompt, or a long accepted run: one chunked call instead of a step per token
+            logits = self.s.prefill(np.asarray([todo], dtype=np.int64))[0, -1]
+            self.fed.extend(todo)
+            return logits
+        for tok in todo:
             logits = self._run(tok)
             self.fed.append(tok)
         return logits
@@ -126,7 +155,19 @@ class DraftModelSource(DraftSource):
     def propose(self, context: Sequence[int], k: int, width: int = 1) -> Draft:
         ctx = [int(t) for t in context]
         self._sync(ctx[:-1])
-        self.snaps = {}
+        self.snaps, self.traced = {}, None
+        if self.loop and not self.seq2seq and k > 1:
+            # one call drafts loop_k tokens (k of them are offered); it consumed the root and
+            # the first loop_k - 1 drafted tokens, and its traces are the states after each
+            n0 = len(self.fed)
+            self.snaps[n0] = (self.s.model.to_numpy(self.s._state), self.s.position)
+            out, self.s._state = self.s.model.run(
+                "draft_loop", {"input_ids": np.array([ctx[-1]])}, self.s._state)
+            toks = [int(t) for t in out["tokens"][0]]
+            self.fed += [ctx[-1], *toks[:-1]]
+            self.s.position += self.loop_k
+            self.traced = (n0, self.loop_k, {n: out[n] for n in self.loop_names})
+            return Draft.chain(toks[:k])
         tok, out = ctx[-1], []
         for _ in range(k):
             self.snaps[len(self.fed)] = (self.s.model.to_numpy(self.s._state), self.s.position)

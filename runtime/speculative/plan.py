@@ -364,6 +364,13 @@ def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None
     # Decoding drafts the rest of the input at once). Model drafts cost a step per token.
     free = kind in ("input", "ngram", "recycle")
     k_top = max(2, min(max_chunk - 1, k or (max_chunk - 1 if free and kind != "recycle" else 8)))
+    if kind == "draft":
+        dman = draft_manifest or read_manifest(draft_root)
+        if "draft_loop" in dman.graphs:
+            # a draft_loop drafts its K tokens in one call, whatever k: like a free draft, it
+            # starts (and stays) at the bound, which is K at most
+            free = True
+            k_top = max(2, min(k_top, int(dman.config.get("draft_loop_tokens") or k_top)))
     ks = sorted({kk for kk in (k_top, 24, 16, 12, 8, 6, 4, 3, 2) if kk <= k_top}, reverse=True)
     rollbacks = ["crop"] if seq2seq else (["trace", "replay"] if chunk_graph == "verify"
                                          else ["replay"])
@@ -404,13 +411,19 @@ def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None
                         fp["activations"] += ex["activations"] if backend == "executorch" else 0
                         spec += 2 * st
                     elif kind == "draft":
-                        dman = draft_manifest or read_manifest(draft_root)
                         dcosts = _Costs(draft_root, dman, draft_backend or backend)
                         dfp = dcosts.plain(min(16, int(dman.graphs["prefill"].max_chunk or 16))
                                            if "prefill" in dman.graphs else None)
                         dfp["runtime"] -= RUNTIME_BASE.get(backend, 0) // 2   # shared libraries
-                        spec += sum(dfp.values()) + (kk + 1) * state_bytes(dman, dcosts.dims())
                         draft_graphs = dcosts.base_graphs()
+                        snaps = kk + 1
+                        if "draft_loop" in dman.graphs:     # one call; traces as snapshots
+                            draft_graphs = draft_graphs | {"draft_loop"}
+                            ex = dcosts.extra_graph("draft_loop", 1)
+                            dfp["runtime"] += ex["runtime"]
+                            dfp["activations"] += ex["activations"]
+                            snaps = 2 * int(dman.config.get("draft_loop_tokens") or kk) + 1
+                        spec += sum(dfp.values()) + snaps * state_bytes(dman, dcosts.dims())
                     fp["speculation"] = spec
                     if fits(fp):
                         # free drafts start (and stay) at the bound: a long wrong draft
