@@ -130,11 +130,11 @@ def _verify_err(sess: Any, ref: ParityInputs) -> float:
         # the next chunk's logits are wrong unless the traces are right
         m = ids.shape[1] - 1
         if m:
-            sess._state = sess.model.from_numpy([out[f"trace.{s.name}"][:, m - 1]
+            sess._state = sess.model.from_numpy([s.from_trace(out[f"trace.{s.name}"], m - 1)
                                                  for s in sess.model.specs])
             sess.step(ids[:, -1])
         else:
-            sess._state = sess.model.from_numpy([out[f"trace.{s.name}"][:, 0]
+            sess._state = sess.model.from_numpy([s.from_trace(out[f"trace.{s.name}"], 0)
                                                  for s in sess.model.specs])
     return err
 

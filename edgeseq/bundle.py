@@ -85,6 +85,14 @@ class StateSpec(TensorSpec):
     def nbytes(self, dims: dict[str, int]) -> int:
         return int(np.prod(self.concrete_shape(dims))) * np.dtype(DTYPES[self.dtype]).itemsize
 
+    def from_trace(self, trace: np.ndarray, t: int) -> np.ndarray:
+        """This state after position ``t`` of a ``verify`` call, from its ``trace.<name>``
+        output: (batch, chunk, ...) indexed at t; a ``window`` state is traced as the whole
+        window (batch, ..., k-1 + chunk), whose slice [t+1, t+k) is the state after t."""
+        if self.kind == "window":
+            return trace[..., t + 1:t + 1 + int(self.shape[-1])]
+        return trace[:, t]
+
     def allocate(self, dims: dict[str, int]) -> np.ndarray:
         if self.init != "zeros":
             raise BundleError(f"state {self.name}: unknown init {self.init!r}")

@@ -11,8 +11,9 @@ Causal-LM graph contract (state-space families):
 - ``step``:    ``input_ids`` (batch,) int64 + ``state_in.*`` ->
   ``logits`` (batch, vocab) float32 + ``state_out.*``
 - ``verify`` (optional; speculative decoding): as ``prefill`` over a short chunk, plus
-  ``trace.<state name>`` (batch, chunk, *state dims): the state after every position, so a
-  verifier rolls back to any accepted prefix without replaying it. Families without it verify
+  ``trace.<state name>`` (batch, chunk, *state dims): the state after every position (for a
+  convolution window, the whole window: ``StateSpec.from_trace``), so a verifier rolls back to
+  any accepted prefix without replaying it. Families without it verify
   with ``prefill`` and replay from a snapshot.
 - ``exit_step`` (optional, ``edgeseq convert --early-exit N``): ``step`` through the first N
   layers and the head, over the first N layers' state (a prefix of the state list): the
@@ -93,8 +94,12 @@ def lm_graph_specs(vocab_size: int, state: list[StateSpec]) -> tuple[
 
 
 def trace_specs(state: list[StateSpec]) -> list[TensorSpec]:
-    """The ``verify`` graph's per-position state outputs: ``trace.<name>`` (batch, chunk, ...)."""
-    return [TensorSpec(f"trace.{s.name}", ("batch", "chunk", *s.shape[1:]), s.dtype)
+    """The ``verify`` graph's per-position state outputs: ``trace.<name>`` (batch, chunk, ...),
+    or for a ``window`` state the whole window, (batch, ..., ``window`` = k-1 + chunk): every
+    position's window is a slice of it (``StateSpec.from_trace``), and one output of the window
+    the graph has anyway costs no gather and no transpose."""
+    return [TensorSpec(f"trace.{s.name}", ("batch", *s.shape[1:-1], "window")
+                       if s.kind == "window" else ("batch", "chunk", *s.shape[1:]), s.dtype)
             for s in state]
 
 

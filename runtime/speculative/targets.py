@@ -131,7 +131,8 @@ class CausalTarget:
             row = next(r for r, p in enumerate(self._paths) if p[:m] == path)
         if self.rollback == "trace":
             self.s._state = self.model.from_numpy(
-                [self._out[f"trace.{s.name}"][row:row + 1, m] for s in self.model.specs])
+                [s.from_trace(self._out[f"trace.{s.name}"][row:row + 1], m)
+                 for s in self.model.specs])
             return
         full = len(self._paths) == 1 and m == len(self._paths[0])
         if full:
