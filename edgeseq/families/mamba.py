@@ -247,6 +247,11 @@ class MambaFamily(TransformersCausalLM):
     task = "causal_lm"
     model_types = ("mamba",)
 
+    def model_config(self, model: Any) -> dict[str, Any]:
+        # the prefill scan runs over its static bound whatever the chunk: a shorter chunk
+        # saves no memory and costs a full call (the memory plan keeps the bound)
+        return {**super().model_config(model), "prefill_static_chunk": True}
+
     def load(self, path: Path) -> nn.Module:
         from transformers import MambaConfig, MambaForCausalLM
 

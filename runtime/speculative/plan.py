@@ -337,6 +337,8 @@ def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None
     chunks = [c for c in PREFILL_CHUNKS if base_chunk is None or c <= base_chunk] or [1]
     if seq2seq:
         chunks = [None]
+    elif man.config.get("prefill_static_chunk"):
+        chunks = [base_chunk]     # a static-length scan: a shorter chunk saves nothing
     for c in chunks:
         fp = costs.plain(c)
         if fits(fp):
@@ -446,7 +448,11 @@ def plain_minimum(root: Path, man: Manifest, backend: str, max_source: int | Non
                   max_length: int | None = None) -> int:
     """The smallest budget that loads the model at all (plain decoding, smallest prefill)."""
     costs = _Costs(root, man, backend, max_source, max_length)
-    return int(sum(costs.plain(None if man.task != "causal_lm" else 1).values()))
+    if man.task != "causal_lm":
+        return int(sum(costs.plain(None).values()))
+    chunk = int(man.graphs["prefill"].max_chunk or 1) if man.config.get(
+        "prefill_static_chunk") else 1
+    return int(sum(costs.plain(chunk).values()))
 
 
 def _mb(n: int | None) -> str:

@@ -78,13 +78,25 @@ def test_a_budget_without_room_for_speculation_decodes_plainly(bundle_of) -> Non
     ss = load(bundle, speculate="ngram", memory_budget=floor + 1)
     assert ss.plan.mode == "off" and "not ngram" in ss.plan.reason, ss.plan
     assert "verify" not in ss.session.model.runners      # not even loaded
-    assert ss.plan.prefill_chunk == 1 and ss.session.max_chunk == 1
+    # Mamba's prefill scans its static bound whatever the chunk: the plan keeps the bound
+    bound = man.graphs["prefill"].max_chunk
+    assert man.config["prefill_static_chunk"]
+    assert ss.plan.prefill_chunk == bound and ss.session.max_chunk == bound
     ids = [3, 4, 5, 3, 4]
     assert ss.generate(ids, 8) == load_plain(bundle).generate(ids, 8).tolist()
     assert ss.plan.total <= floor + 1
-    # with more room the plan speculates, with a smaller prefill chunk before giving up on it
-    roomy = load(bundle, speculate="ngram", memory_budget=make_plan(
-        bundle, man, "ort", "off", None).total + 1)
-    assert roomy.plan.mode == "ngram" and roomy.plan.prefill_chunk < 128, roomy.plan
     with pytest.raises(BundleError, match="cannot hold this model.*nothing was loaded"):
         load(bundle, speculate="ngram", memory_budget=floor - 1)
+
+
+def test_a_dynamic_prefill_gives_up_chunk_length_before_speculation(bundle_of) -> None:
+    """Mamba-2's prefill grows with its chunk: with room for plain decoding at the full chunk
+    and a little more, the plan speculates with a shorter prefill chunk."""
+    from edgeseq.runtime.speculative.plan import make_plan
+
+    bundle = bundle_of("mamba2")
+    man = read_manifest(bundle)
+    assert not man.config.get("prefill_static_chunk")
+    full = make_plan(bundle, man, "ort", "off", None)
+    roomy = make_plan(bundle, man, "ort", "ngram", full.total + 1)
+    assert roomy.mode == "ngram" and roomy.prefill_chunk < full.prefill_chunk, roomy
