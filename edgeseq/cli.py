@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from edgeseq.bundle import BundleError
+from edgeseq.families.base import DRAFT_LOOP_MAX
 from edgeseq.quiet import quiet_third_party
 
 quiet_third_party()
@@ -67,7 +68,7 @@ def main() -> None:
 @click.option("--early-exit", type=click.IntRange(1), default=None, metavar="N",
               help="Generating models: also write exit_step (the first N layers plus the head) "
                    "for self-speculative drafting: edgeseq run --speculate early-exit:N.")
-@click.option("--draft-loop", type=click.IntRange(1, 32), default=None, metavar="K",
+@click.option("--draft-loop", type=click.IntRange(1, DRAFT_LOOP_MAX), default=None, metavar="K",
               help="Causal LMs used as draft models: also write draft_loop (K greedy steps in "
                    "one call), which --speculate draft:PATH then drafts with.")
 @click.option("-q", "--quiet", is_flag=True)

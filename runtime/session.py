@@ -32,9 +32,6 @@ class Session:
         self.model = model
         self.tokenizer = tokenize.load(root, manifest.tokenizer)
         self.max_chunk = manifest.graphs["prefill"].max_chunk or 64
-        # a graph's bound on its chunk dim (exported graphs with a static scan length may not
-        # take more): ``max_chunk`` may be lowered, never raised past it
-        self._chunk_bound = manifest.graphs["prefill"].max_chunk or None
         self.reset()
 
     # -- stream state ---------------------------------------------------------------------
@@ -89,7 +86,9 @@ class Session:
     def prefill(self, input_ids: np.ndarray) -> np.ndarray:
         """Feed (b, l) tokens in chunks of at most ``max_chunk``; return (b, l, v) logits."""
         logits = []
-        c = min(self.max_chunk, self._chunk_bound or self.max_chunk)
+        # ``max_chunk`` may be lowered, never raised past the graph's bound (a static-length
+        # scan cannot take more)
+        c = min(self.max_chunk, self.manifest.graphs["prefill"].max_chunk or self.max_chunk)
         for i in range(0, input_ids.shape[1], c):
             out, self._state = self.model.run("prefill", {"input_ids": input_ids[:, i:i + c]},
                                               self._state)

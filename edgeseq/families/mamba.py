@@ -206,36 +206,28 @@ class MambaPrefill(_MambaGraph):
         return torch.cat(hs, 1).index_select(1, torch.arange(l, device=dt.device))
 
     def _scan(self, a: torch.Tensor, u: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-        """All prefixes of h_t = a_t h_{t-1} + u_t from h_{-1} = h0. a, u: (b, l, e, n)."""
+        """All prefixes of h_t = a_t h_{t-1} + u_t from h_{-1} = h0, over several blocks (one
+        block goes to ``_scan_sequential``). a, u: (b, l, e, n)."""
         b, l, e, n = a.shape
         L, nb = self.length, self.length // self.block
-        a = F.pad(a, (0, 0, 0, 0, 0, L - l), value=1.0)
-        u = F.pad(u, (0, 0, 0, 0, 0, L - l))
-        if nb == 1:
-            h, hs = h0.unsqueeze(1), []
-            for at, ut in zip(a.split(1, 1), u.split(1, 1)):
-                h = at * h + ut
-                hs.append(h)
-            out = torch.cat(hs, 1)
-        else:
-            a = a.reshape(b, nb, self.block, e, n)
-            u = u.reshape(b, nb, self.block, e, n)
-            hs, ps = [], []  # each block's states from a zero state, and its running decay
-            for at, ut in zip(a.split(1, 2), u.split(1, 2)):
-                hs.append(ut if not hs else at * hs[-1] + ut)
-                ps.append(at if not ps else ps[-1] * at)
-            # the state leaving block j is c_j = ca_j c_{j-1} + cu_j, from c_{-1} = h0
-            ca, cu = ps[-1][:, :, 0], hs[-1][:, :, 0]  # (b, nb, e, n)
-            for r in range(self.rounds):
-                s = 1 << r
-                a_prev = F.pad(ca, (0, 0, 0, 0, s, 0), value=1.0)[:, :nb]
-                u_prev = F.pad(cu, (0, 0, 0, 0, s, 0))[:, :nb]
-                cu = ca * u_prev + cu
-                ca = ca * a_prev
-            ends = cu + ca * h0.unsqueeze(1)
-            entering = torch.cat([h0.unsqueeze(1), ends[:, :-1]], 1)  # (b, nb, e, n)
-            out = torch.cat(hs, 2) + torch.cat(ps, 2) * entering.unsqueeze(2)
-            out = out.reshape(b, L, e, n)
+        a = F.pad(a, (0, 0, 0, 0, 0, L - l), value=1.0).reshape(b, nb, self.block, e, n)
+        u = F.pad(u, (0, 0, 0, 0, 0, L - l)).reshape(b, nb, self.block, e, n)
+        hs, ps = [], []  # each block's states from a zero state, and its running decay
+        for at, ut in zip(a.split(1, 2), u.split(1, 2)):
+            hs.append(ut if not hs else at * hs[-1] + ut)
+            ps.append(at if not ps else ps[-1] * at)
+        # the state leaving block j is c_j = ca_j c_{j-1} + cu_j, from c_{-1} = h0
+        ca, cu = ps[-1][:, :, 0], hs[-1][:, :, 0]  # (b, nb, e, n)
+        for r in range(self.rounds):
+            s = 1 << r
+            a_prev = F.pad(ca, (0, 0, 0, 0, s, 0), value=1.0)[:, :nb]
+            u_prev = F.pad(cu, (0, 0, 0, 0, s, 0))[:, :nb]
+            cu = ca * u_prev + cu
+            ca = ca * a_prev
+        ends = cu + ca * h0.unsqueeze(1)
+        entering = torch.cat([h0.unsqueeze(1), ends[:, :-1]], 1)  # (b, nb, e, n)
+        out = torch.cat(hs, 2) + torch.cat(ps, 2) * entering.unsqueeze(2)
+        out = out.reshape(b, L, e, n)
         # a gather, not a slice: slicing [:l] off the static length makes export guard on l == L
         return out.index_select(1, torch.arange(l, device=a.device))
 

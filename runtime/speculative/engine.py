@@ -106,7 +106,7 @@ class DraftModelSource(DraftSource):
             self.s.reset(1)
         self.fed: list[int] = []
         self.snaps: dict[int, tuple[list[np.ndarray], int]] = {}
-        self.traced: tuple[int, int, dict[str, np.ndarray]] | None = None
+        self.traced: tuple[int, dict[str, np.ndarray]] | None = None  # (len(fed) before, traces)
 
     def _run(self, tok: int) -> np.ndarray:
         return self.s.step(np.array([tok]))[0]
@@ -114,13 +114,13 @@ class DraftModelSource(DraftSource):
     def _can_restore(self, n: int) -> bool:
         if n in self.snaps:
             return True
-        return self.traced is not None and 0 < n - self.traced[0] <= self.traced[1]
+        return self.traced is not None and 0 < n - self.traced[0] <= self.loop_k
 
     def _restore(self, n: int) -> None:
         if n in self.snaps:
             arrays, pos = self.snaps[n]
         else:                         # a draft_loop trace: the state after fed[:n]
-            n0, _, traces = self.traced
+            n0, traces = self.traced
             arrays = [traces[name][:, n - n0 - 1] for name in self.loop_names]
             pos = self.s.position - (len(self.fed) - n)
         self.s._state = self.s.model.from_numpy(arrays)
@@ -166,7 +166,7 @@ class DraftModelSource(DraftSource):
             toks = [int(t) for t in out["tokens"][0]]
             self.fed += [ctx[-1], *toks[:-1]]
             self.s.position += self.loop_k
-            self.traced = (n0, self.loop_k, {n: out[n] for n in self.loop_names})
+            self.traced = (n0, {n: out[n] for n in self.loop_names})
             return Draft.chain(toks[:k])
         tok, out = ctx[-1], []
         for _ in range(k):

@@ -326,7 +326,6 @@ def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None
     chunk_graph = "decoder_chunk" if seq2seq else ("verify" if "verify" in man.graphs
                                                   else "prefill")
     max_chunk = int(man.graphs[chunk_graph].max_chunk or 16) if chunk_graph in man.graphs else 1
-    base_chunk = None if seq2seq else int(man.graphs["prefill"].max_chunk or 64)
     requested = kind
     if kind == "auto":
         kind = "input" if (seq2seq and man.task != "speech_seq2seq") else "ngram"
@@ -334,11 +333,7 @@ def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None
 
     # plain decoding at the largest prefill chunk that fits
     plain = None
-    chunks = [c for c in PREFILL_CHUNKS if base_chunk is None or c <= base_chunk] or [1]
-    if seq2seq:
-        chunks = [None]
-    elif man.config.get("prefill_static_chunk"):
-        chunks = [base_chunk]     # a static-length scan: a shorter chunk saves nothing
+    chunks = _prefill_chunks(man)
     for c in chunks:
         fp = costs.plain(c)
         if fits(fp):
@@ -448,11 +443,17 @@ def plain_minimum(root: Path, man: Manifest, backend: str, max_source: int | Non
                   max_length: int | None = None) -> int:
     """The smallest budget that loads the model at all (plain decoding, smallest prefill)."""
     costs = _Costs(root, man, backend, max_source, max_length)
+    return int(sum(costs.plain(_prefill_chunks(man)[-1]).values()))
+
+
+def _prefill_chunks(man: Manifest) -> list[int | None]:
+    """The prefill chunks a plan may use, largest first (None: an encoder-decoder has none)."""
     if man.task != "causal_lm":
-        return int(sum(costs.plain(None).values()))
-    chunk = int(man.graphs["prefill"].max_chunk or 1) if man.config.get(
-        "prefill_static_chunk") else 1
-    return int(sum(costs.plain(chunk).values()))
+        return [None]
+    bound = int(man.graphs["prefill"].max_chunk or 64)
+    if man.config.get("prefill_static_chunk"):
+        return [bound]            # a static-length scan: a shorter chunk saves nothing
+    return [c for c in PREFILL_CHUNKS if c <= bound] or [1]
 
 
 def _mb(n: int | None) -> str:

@@ -180,8 +180,8 @@ def load(path: str | Path, backend: str = "ort", speculate: str = "auto",
 
 def bound_allocator() -> bool:
     """Make freed buffers go back to the OS (glibc): a fixed mmap threshold of 64 KiB, a trim
-    threshold of 128 KiB and a single arena. glibc's default raises the mmap threshold after each large free, so
-    later tensors come from the heap and fragment it; the process then keeps growing with the
+    threshold of 128 KiB and a single arena. glibc's default raises the mmap threshold after
+    each large free, so later tensors come from the heap and fragment it; the process then keeps growing with the
     variety of shapes it has seen (measured: +40% over 10 generations of a small model), which
     no plan of live tensors can bound. Returns False where there is no glibc ``mallopt``."""
     import ctypes
