@@ -58,3 +58,27 @@ def test_convert_early_exit_and_run_device(bundle_of, checkpoints, tmp_path) -> 
     p = edgeseq("run", mamba, "--prompt-ids", "3", "--speculate", "ngram", "--device",
                 "no-such-device", check=False)
     assert p.returncode != 0 and "no-such-device" in p.stderr
+
+
+def test_convert_draft_loop_and_run_with_it(bundle_of, checkpoints, tmp_path) -> None:
+    """`edgeseq convert --draft-loop K` as a user runs it: the bundle drafts for `run
+    --speculate draft:PATH` with the same tokens as plain decoding; bad K and an encoder-decoder
+    are refused with one line, nothing written."""
+    draft = tmp_path / "draft"
+    edgeseq("convert", checkpoints["mamba"], "-o", draft, "--draft-loop", "3", "--format", "onnx",
+            "--parity-tokens", "8")
+    assert "draft_loop ok" in edgeseq("inspect", draft).stdout
+    mamba = bundle_of("mamba")
+    ids = "3,4,5,3,4,5,3"
+    plain = json.loads(edgeseq("run", mamba, "--prompt-ids", ids, "--json", "-n", "10").stdout)
+    spec = json.loads(edgeseq("run", mamba, "--prompt-ids", ids, "--speculate", f"draft:{draft}",
+                              "--json", "-n", "10").stdout)
+    assert spec["tokens"] == plain["tokens"]
+    assert "draft_loop" in spec["memory_plan"]["draft_graphs"]
+    for args, src, msg in [(("--draft-loop", "0"), checkpoints["mamba"], "'--draft-loop'"),
+                           (("--draft-loop", "4"), checkpoints["t5"],
+                            "--draft-loop applies to causal language models")]:
+        out = tmp_path / "bad"
+        p = edgeseq("convert", src, "-o", out, *args, "--format", "onnx", check=False)
+        assert p.returncode != 0 and msg in p.stderr, p.stderr[-500:]
+        assert not out.exists()
