@@ -188,7 +188,7 @@ def bundles(backends: list[str], reuse: bool = False) -> dict[str, Path]:
     fmts = tuple({"ort": "onnx", "executorch": "pte"}[b] for b in backends)
     want = {"t5-typo-bytes": ("zoo:t5-typo-bytes", {"early_exit": 1}),
             "mamba-bytes": ("zoo:mamba-bytes", {"early_exit": 2}),
-            "mamba-bytes-draft": ("zoo:mamba-bytes-draft", {"draft_loop": 7})}
+            "mamba-bytes-draft": ("zoo:mamba-bytes-draft", {"draft_loop": 16})}
     out = {}
     for name, (src, kw) in want.items():
         path = OUT / "-".join([name, *fmts])

@@ -27,17 +27,16 @@ from edgeseq.checkpoint import load_into, load_state_dict, read_config
 from edgeseq.families.base import TransformersCausalLM, lm_graph_specs, trace_specs, exit_graph_from_step
 from edgeseq.registry import register_family
 
-# Longest prefill chunk. The scan runs over this static length (a chunk is padded to it), so
-# a longer bound costs every call more: measured on mamba-bytes (ORT, 1 thread), 32 takes 5.9 ms
-# a chunk (0.18 ms a token, against 0.42 for a step) and 2.7 ms for one token, where the dynamic
-# log-depth scan this replaced took 15.6 ms at 32 and 90 ms at 128. ExecuTorch plans memory for it.
+# Longest prefill chunk. The scan runs over this static length (a chunk is padded to it), so a
+# longer bound costs every call more. Measured on mamba-bytes (ORT, 1 thread): 32 tokens take
+# 2.6 ms (0.08 ms a token, against 0.37 for a step) and one token 1.6 ms; a bound of 64 took
+# 5.7 ms (no cheaper a token). ExecuTorch plans memory for it.
 MAX_CHUNK = 32
-# Longest chunk of the ``verify`` graph (speculative decoding: the last token plus a draft of
-# up to 7): one block, so its scan is a plain sequential one (1.69 ms at 8 tokens, against
-# 2.17 ms for the log-depth scan).
-VERIFY_CHUNK = 8
-# The block of the chunked scan: sequential inside (cheap small ops), log-depth across blocks.
-SCAN_BLOCK = 8
+# Longest chunk of the ``verify`` graph (speculative decoding: the last token plus a draft of up
+# to 15). A ``draft_loop`` drafter's acceptance comes in long runs (the zoo drafter accepted all
+# 7 of 7 tokens in 97 of 159 rounds): 16 kept 10.7 tokens a round at 1.5 ms, against 6.4 at
+# 1.0 ms for 8; 12, 20, 24 and 32 were slower end to end (benchmarks/speculative.py, code).
+VERIFY_CHUNK = 16
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -110,28 +109,22 @@ class MambaStep(_MambaGraph):
 class MambaPrefill(_MambaGraph):
     """A chunk of l <= ``max_chunk`` tokens from a given state, without a loop in the graph.
 
-    The selective scan h_t = a_t h_{t-1} + u_t (a_t = exp(dt_t A), u_t = dt_t B_t x_t) is
-    associative in (a, u). It runs chunked, as Mamba-2's SSD splits a sequence into chunks and
-    Blelloch's scans split an array into blocks: the chunk is padded with identity elements
-    (a=1, u=0) to the static ``max_chunk`` and cut into blocks of ``SCAN_BLOCK``; inside a block
-    the scan is sequential (a few small ops per position), across blocks the carried states go
-    through a Hillis-Steele scan (log2 of the block count), and each block then adds its incoming
-    state times its running decay. Only decays <= 1 are multiplied, so it is stable for any dt,
-    and no (l, l, e, n) decay tensor is formed (Mamba-1's A differs per state channel, so the
-    quadratic "segsum" form that Mamba-2 affords would be 8x the memory of this one).
+    The selective scan h_t = a_t h_{t-1} + u_t (a_t = exp(dt_t A), u_t = dt_t B_t x_t) runs
+    sequentially over the static length ``max_chunk``, the chunk padded with dt = 0 (decay 1,
+    input 0), each position's decay and input formed on the spot from its (b, 1, e) and
+    (b, 1, n) slices. On a CPU this small-op form beat the parallel forms it replaced: a
+    chunked scan (sequential in 8-token blocks, Hillis-Steele across them, as Mamba-2's SSD
+    chunks a sequence) took 4.3 ms for 32 tokens where this takes 2.6 ms, and a log-depth scan
+    over the whole chunk 15.6 ms. Their full (l, n, e) passes go through memory; these ops
+    touch one (n, e) state at a time, which stays in cache. Only decays <= 1 are multiplied,
+    so it is stable for any dt.
 
-    Static lengths also keep export free of guards on the dynamic l (a pad to a multiple of the
-    block would need l % block, which export specialises).
+    Static lengths also keep export free of guards on the dynamic l.
     """
 
     def __init__(self, model: nn.Module, max_chunk: int, trace: bool = False):
         super().__init__(model)
         self.length = max_chunk
-        self.block = min(SCAN_BLOCK, max_chunk)
-        if max_chunk % self.block:
-            raise ValueError(f"max_chunk {max_chunk} is not a multiple of {self.block}")
-        blocks = max_chunk // self.block
-        self.rounds = math.ceil(math.log2(blocks)) if blocks > 1 else 0
         # With ``trace`` the graph also returns the state after *every* position (the ``verify``
         # graph): a speculative verifier then rolls back to any accepted prefix by slicing,
         # with no replay (STree keeps one state per path for the same reason).
@@ -155,12 +148,7 @@ class MambaPrefill(_MambaGraph):
                                                    mix.ssm_state_size], dim=-1)
             dt = softplus(mix.dt_proj(dt))  # (b, l, e)
             A = _a_t(mix)  # (n, e)
-            if self.length == self.block:
-                hs = self._scan_sequential(dt, dt * x, B, A, ssm_state)  # (b, l, n, e)
-            else:
-                a = torch.exp(dt.unsqueeze(2) * A)  # (b, l, n, e)
-                u = B.unsqueeze(-1) * (dt * x).unsqueeze(2)  # (b, l, n, e)
-                hs = self._scan(a, u, ssm_state)  # (b, l, n, e)
+            hs = self._scan(dt, dt * x, B, A, ssm_state)  # (b, l, n, e)
             # C_t . h_t as one batched matmul: (b, l, 1, n) @ (b, l, n, e)
             y = torch.matmul(C.unsqueeze(2), hs).squeeze(2) + mix.D * x  # (b, l, e)
             h = h + mix.out_proj(y * F.silu(z))
@@ -196,52 +184,22 @@ class MambaPrefill(_MambaGraph):
             parts.append(out[:1 + n_trace])
         return (*(torch.cat(p, 1) for p in zip(*parts)), *state)
 
-    def _scan_sequential(self, dt: torch.Tensor, dtx: torch.Tensor, B: torch.Tensor,
-                         A: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-        """One block (``verify``): sequential from the incoming state, each position's decay
-        and input formed on the spot from (b, 1, e) and (b, 1, n) slices, so the (b, l, n, e)
-        decay and input tensors are never built. Padding is dt = 0: decay 1, input 0.
-        split() keeps the position axis: no squeeze/unsqueeze pair per position (each a node
-        of its own in the graph)."""
+    def _scan(self, dt: torch.Tensor, dtx: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
+              h0: torch.Tensor) -> torch.Tensor:
+        """Every position's state, (b, l, n, e), from h0 (b, n, e). split() keeps the position
+        axis: no squeeze/unsqueeze pair per position (each a node of its own in the graph)."""
         l = dt.shape[1]
         pad = (0, 0, 0, self.length - l)
+        # to rank 4 before splitting, so the pieces broadcast as they are
         dt = F.pad(dt, pad).unsqueeze(2)  # (b, L, 1, e)
         dtx = F.pad(dtx, pad).unsqueeze(2)  # (b, L, 1, e)
         B = F.pad(B, pad).unsqueeze(-1)  # (b, L, n, 1)
-        a = torch.exp(dt * A)  # (b, L, n, e)
-        u = B * dtx  # (b, L, n, e)
         h, hs = h0.unsqueeze(1), []  # (b, 1, n, e)
-        for a_t, u_t in zip(a.split(1, 1), u.split(1, 1)):
-            h = a_t * h + u_t
+        for dt_t, u_t, b_t in zip(dt.split(1, 1), dtx.split(1, 1), B.split(1, 1)):
+            h = torch.exp(dt_t * A) * h + b_t * u_t
             hs.append(h)
         # a gather, not a slice: slicing [:l] off the static length makes export guard on l == L
         return torch.cat(hs, 1).index_select(1, torch.arange(l, device=dt.device))
-
-    def _scan(self, a: torch.Tensor, u: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-        """All prefixes of h_t = a_t h_{t-1} + u_t from h_{-1} = h0, over several blocks (one
-        block goes to ``_scan_sequential``). a, u: (b, l, n, e)."""
-        b, l, n, e = a.shape
-        L, nb = self.length, self.length // self.block
-        a = F.pad(a, (0, 0, 0, 0, 0, L - l), value=1.0).reshape(b, nb, self.block, n, e)
-        u = F.pad(u, (0, 0, 0, 0, 0, L - l)).reshape(b, nb, self.block, n, e)
-        hs, ps = [], []  # each block's states from a zero state, and its running decay
-        for at, ut in zip(a.split(1, 2), u.split(1, 2)):
-            hs.append(ut if not hs else at * hs[-1] + ut)
-            ps.append(at if not ps else ps[-1] * at)
-        # the state leaving block j is c_j = ca_j c_{j-1} + cu_j, from c_{-1} = h0
-        ca, cu = ps[-1][:, :, 0], hs[-1][:, :, 0]  # (b, nb, n, e)
-        for r in range(self.rounds):
-            s = 1 << r
-            a_prev = F.pad(ca, (0, 0, 0, 0, s, 0), value=1.0)[:, :nb]
-            u_prev = F.pad(cu, (0, 0, 0, 0, s, 0))[:, :nb]
-            cu = ca * u_prev + cu
-            ca = ca * a_prev
-        ends = cu + ca * h0.unsqueeze(1)
-        entering = torch.cat([h0.unsqueeze(1), ends[:, :-1]], 1)  # (b, nb, n, e)
-        out = torch.cat(hs, 2) + torch.cat(ps, 2) * entering.unsqueeze(2)
-        out = out.reshape(b, L, n, e)
-        # a gather, not a slice: slicing [:l] off the static length makes export guard on l == L
-        return out.index_select(1, torch.arange(l, device=a.device))
 
 
 @register_family("mamba")

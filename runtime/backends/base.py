@@ -78,6 +78,11 @@ class LoadedModel:
     def to_numpy(self, state: Any) -> list[np.ndarray]:
         raise NotImplementedError
 
+    def assign(self, state: Any, arrays: list[np.ndarray]) -> Any:
+        """``arrays`` as the state, written into ``state``'s own buffers where a backend can
+        (a rollback every speculative round: no allocation); returns the state to use."""
+        return self.from_numpy(arrays)
+
     def view_numpy(self, state: Any) -> list[np.ndarray]:
         """The state as arrays that may share the backend's memory: read them, or copy them
         (``from_numpy`` does) before the next call."""

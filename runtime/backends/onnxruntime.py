@@ -58,7 +58,7 @@ class OrtBackend(Backend):
             prog = torch.onnx.export(ep, input_names=names_in, output_names=names_out,
                                      opset_version=OPSET, dynamo=True, verbose=False,
                                      optimize=True)
-            model = _name_dynamic_dims(prog.model_proto, g)
+            model = _strip_node_metadata(_name_dynamic_dims(prog.model_proto, g))
             models[name] = weights_to_fp16(model) if dtype == "fp16" else model
         from edgeseq.runtime.speculative.plan import ACTIVATION_TABLE, activation_table
 
@@ -208,6 +208,15 @@ class _OrtModel(LoadedModel):
     def to_numpy(self, state: _OrtState) -> list[np.ndarray]:
         return [v.numpy().copy() for v in state.live]
 
+    def assign(self, state: _OrtState, arrays: list[np.ndarray]) -> _OrtState:
+        live = state.live
+        if len(live) != len(arrays) or any(
+                v.shape() != list(a.shape) or a.dtype != np.float32 for v, a in zip(live, arrays)):
+            return self.from_numpy(arrays)        # a KV cache changed length: new buffers
+        for v, a in zip(live, arrays):            # 5 us for Mamba's 8 states, against 35 us
+            v.update_inplace(np.ascontiguousarray(a))   # for new buffers
+        return state
+
     def view_numpy(self, state: _OrtState) -> list[np.ndarray]:
         return [v.numpy() for v in state.live]
 
@@ -238,6 +247,15 @@ def weights_to_fp16(model: Any) -> Any:
     nodes = list(g.node)
     del g.node[:]
     g.node.extend(casts + nodes)
+    return model
+
+
+def _strip_node_metadata(model: Any) -> Any:
+    """Drop the exporter's per-node metadata (the FX node, its Python stack trace with the
+    converting machine's paths, name scopes): three quarters of a Mamba prefill graph's bytes
+    (479 of 659 kB), read by nothing at run time."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
     return model
 
 

@@ -123,7 +123,7 @@ class DraftModelSource(DraftSource):
             n0, traces = self.traced
             arrays = [traces[name][:, n - n0 - 1] for name in self.loop_names]
             pos = self.s.position - (len(self.fed) - n)
-        self.s._state = self.s.model.from_numpy(arrays)
+        self.s._state = self.s.model.assign(self.s._state, arrays)
         self.s.position = pos
         self.fed = self.fed[:n]
 

@@ -367,7 +367,8 @@ def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None
             # a draft_loop drafts its K tokens in one call, whatever k: like a free draft, it
             # starts (and stays) at the bound, which is K at most
             free = True
-            k_top = max(2, min(k_top, int(dman.config.get("draft_loop_tokens") or k_top)))
+            loop_k = int(dman.config.get("draft_loop_tokens") or k_top)
+            k_top = max(2, min(max_chunk - 1, k or loop_k, loop_k))
     ks = sorted({kk for kk in (k_top, 24, 16, 12, 8, 6, 4, 3, 2) if kk <= k_top}, reverse=True)
     rollbacks = ["crop"] if seq2seq else (["trace", "replay"] if chunk_graph == "verify"
                                          else ["replay"])

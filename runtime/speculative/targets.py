@@ -117,6 +117,8 @@ class CausalTarget:
             self.s._state = state
         self._out = out
         logits = out["logits"]                                   # (w, length, v)
+        if draft.is_chain:
+            return logits[0]                 # node i sits at position i + 1 of the one row
         rows = [logits[0, 0]] + [logits[r, pos] for r, pos in _row_of_nodes(draft, paths)]
         return np.stack(rows)
 
@@ -130,9 +132,11 @@ class CausalTarget:
         if path:
             row = next(r for r, p in enumerate(self._paths) if p[:m] == path)
         if self.rollback == "trace":
-            self.s._state = self.model.from_numpy(
-                [s.from_trace(self._out[f"trace.{s.name}"][row:row + 1], m)
-                 for s in self.model.specs])
+            if len(self._paths) == 1 and m == len(self._paths[0]):
+                return      # all accepted: the state the call left is the one after the chunk
+            self.s._state = self.model.assign(self.s._state, [
+                s.from_trace(self._out[f"trace.{s.name}"][row:row + 1], m)
+                for s in self.model.specs])
             return
         full = len(self._paths) == 1 and m == len(self._paths[0])
         if full:
