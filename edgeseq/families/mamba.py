@@ -42,7 +42,7 @@ VERIFY_CHUNK = 16
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' MambaRMSNorm, in float32 as it computes it."""
     var = x.pow(2).mean(-1, keepdim=True)
-    return weight * (x * torch.rsqrt(var + eps))
+    return (x / torch.sqrt(var + eps)) * weight
 
 
 def softplus(x: torch.Tensor) -> torch.Tensor:
@@ -148,11 +148,9 @@ class MambaPrefill(_MambaGraph):
                                                    mix.ssm_state_size], dim=-1)
             dt = softplus(mix.dt_proj(dt))  # (b, l, e)
             A = _a_t(mix)  # (n, e)
-            hs = self._scan(dt, dt * x, B, A, ssm_state)  # (b, l, n, e)
-            # C_t . h_t as one batched matmul: (b, l, 1, n) @ (b, l, n, e)
-            y = torch.matmul(C.unsqueeze(2), hs).squeeze(2) + mix.D * x  # (b, l, e)
-            h = h + mix.out_proj(y * F.silu(z))
-            new_state += [window[:, :, window.shape[-1] - (k - 1):], hs[:, -1]]
+            y, hs, last = self._scan(dt, dt * x, B, C, A, ssm_state)
+            h = h + mix.out_proj((y + mix.D * x) * F.silu(z))
+            new_state += [window[:, :, window.shape[-1] - (k - 1):], last]
             if self.trace:
                 # the window after position t is window[..., t+1 : t+k] (StateSpec.from_trace)
                 traces += [window, hs]  # (b, e, k-1+l), (b, l, n, e)
@@ -184,22 +182,36 @@ class MambaPrefill(_MambaGraph):
             parts.append(out[:1 + n_trace])
         return (*(torch.cat(p, 1) for p in zip(*parts)), *state)
 
-    def _scan(self, dt: torch.Tensor, dtx: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
-              h0: torch.Tensor) -> torch.Tensor:
-        """Every position's state, (b, l, n, e), from h0 (b, n, e). split() keeps the position
-        axis: no squeeze/unsqueeze pair per position (each a node of its own in the graph)."""
+    def _scan(self, dt: torch.Tensor, dtx: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+              A: torch.Tensor, h0: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(y (b, l, e) = C_t . h_t, every position's state (b, l, n, e) with ``trace`` else
+        None, the last state (b, n, e)) from h0 (b, n, e). split() keeps the position axis: no
+        squeeze/unsqueeze pair per position (each a node of its own in the graph)."""
         l = dt.shape[1]
         pad = (0, 0, 0, self.length - l)
         # to rank 4 before splitting, so the pieces broadcast as they are
         dt = F.pad(dt, pad).unsqueeze(2)  # (b, L, 1, e)
         dtx = F.pad(dtx, pad).unsqueeze(2)  # (b, L, 1, e)
-        B = F.pad(B, pad).unsqueeze(-1)  # (b, L, n, 1)
-        h, hs = h0.unsqueeze(1), []  # (b, 1, n, e)
-        for dt_t, u_t, b_t in zip(dt.split(1, 1), dtx.split(1, 1), B.split(1, 1)):
+        Bp = F.pad(B, pad).unsqueeze(-1)  # (b, L, n, 1)
+        Cp = F.pad(C, pad).unsqueeze(2)  # (b, L, 1, n)
+        h, hs, ys = h0.unsqueeze(1), [], []  # (b, 1, n, e)
+        for dt_t, u_t, b_t, c_t in zip(dt.split(1, 1), dtx.split(1, 1), Bp.split(1, 1),
+                                       Cp.split(1, 1)):
             h = torch.exp(dt_t * A) * h + b_t * u_t
-            hs.append(h)
-        # a gather, not a slice: slicing [:l] off the static length makes export guard on l == L
-        return torch.cat(hs, 1).index_select(1, torch.arange(l, device=dt.device))
+            if self.trace:
+                hs.append(h)
+            else:
+                # y per position from the state at hand: no (b, L, n, e) tensor of all states
+                # (a concat and a gather of 786 kB each per layer at 32 tokens)
+                ys.append(torch.matmul(c_t, h))  # (b, 1, 1, e)
+        # padded positions (dt = 0) leave the state as it was: h is the state after l tokens.
+        # A gather, not a slice: slicing [:l] off the static length makes export guard on l == L
+        keep = torch.arange(l, device=dt.device)
+        if self.trace:
+            states = torch.cat(hs, 1).index_select(1, keep)  # (b, l, n, e)
+            return torch.matmul(C.unsqueeze(2), states).squeeze(2), states, h[:, 0]
+        return torch.cat(ys, 1).squeeze(2).index_select(1, keep), None, h[:, 0]
 
 
 @register_family("mamba")

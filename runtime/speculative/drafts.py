@@ -35,13 +35,15 @@ class Draft:
         idx = np.arange(len(self.parents))
         if ((self.parents < -1) | (self.parents >= idx)).any():
             raise ValueError(f"parents must satisfy -1 <= parents[i] < i, got {self.parents}")
+        # asked several times a round; parents are not changed after construction
+        self._chain = bool(np.array_equal(self.parents, idx - 1))
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     @property
     def is_chain(self) -> bool:
-        return bool(np.array_equal(self.parents, np.arange(len(self)) - 1))
+        return self._chain
 
     @classmethod
     def chain(cls, tokens) -> Draft:

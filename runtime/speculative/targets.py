@@ -227,8 +227,8 @@ class Seq2SeqTarget:
             pass                                     # later slots are masked, then overwritten
         elif prefix:
             # a chain: drop the rejected tail of the grown cache
-            self.s._state = self.model.from_numpy(
-                [a[:, :, :pos + len(keep)] for a in self.model.view_numpy(self.s._state)])
+            self.s._state = self.model.assign(self.s._state, [
+                a[:, :, :pos + len(keep)] for a in self.model.view_numpy(self.s._state)])
         else:
             arrays = self.model.view_numpy(self.s._state)
             new = []
