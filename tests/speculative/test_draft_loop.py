@@ -73,6 +73,29 @@ def test_same_drafts_and_rollbacks_as_the_step_loop(draft: Path) -> None:
         ctx += a[:m] + [int(rng.integers(1, 50))]
 
 
+def test_a_window_drafts_from_the_prompt_tail(draft: Path) -> None:
+    """``window`` W: the drafter reads the prompt's last W tokens only, exactly as if they were
+    its whole prompt, and then follows the context as usual."""
+    from edgeseq.runtime.session import load
+    from edgeseq.runtime.speculative.engine import DraftModelSource
+
+    rng = np.random.default_rng(2)
+    ctx = [int(t) for t in rng.integers(1, 50, 40)]
+    tail = DraftModelSource(load(draft), window=8)
+    ref = DraftModelSource(load(draft), window=0)
+    whole = DraftModelSource(load(draft))
+    assert whole.window == read_manifest(draft).graphs["prefill"].max_chunk  # the default
+    skip = len(ctx) - 1 - 8
+    tail.start(ctx)
+    ref.start(ctx[skip:])
+    for _ in range(6):
+        a = tail.propose(ctx, K).tokens.tolist()
+        assert a == ref.propose(ctx[skip:], K).tokens.tolist()
+        assert len(tail.fed) < len(ctx)
+        m = int(rng.integers(0, K + 1))
+        ctx += a[:m] + [int(rng.integers(1, 50))]
+
+
 def test_greedy_output_unchanged_through_the_loop(bundle_of, draft: Path) -> None:
     from edgeseq.runtime.session import load as load_plain
     from edgeseq.runtime.speculative import load
