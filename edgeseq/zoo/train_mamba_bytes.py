@@ -88,10 +88,15 @@ def train_forward(self: torch.nn.Module, x: torch.Tensor, cache_params: object =
     return self.out_proj((y + hs * self.D) * self.act(gate.transpose(1, 2)))
 
 
+def stdlib_files() -> tuple[Path, list[Path]]:
+    """The stdlib root and its sorted .py files; every 50th (index % 50 == 0) is held out."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return root, sorted(p for p in root.rglob("*.py") if not EXCLUDE & set(p.relative_to(root).parts))
+
+
 def load_stdlib() -> tuple[torch.Tensor, torch.Tensor, int]:
     """Deterministic byte corpus: sorted stdlib .py files, NUL between files, every 50th held out."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if not EXCLUDE & set(p.relative_to(root).parts))
+    _, files = stdlib_files()
     train, val = bytearray(), bytearray()
     for i, p in enumerate(files):
         (val if i % 50 == 0 else train).extend(p.read_bytes().replace(b"\0", b"") + b"\0")

@@ -60,7 +60,8 @@ import torch.nn.functional as F
 from transformers import MambaConfig, MambaForCausalLM
 from transformers.utils import logging as hf_logging
 
-from edgeseq.zoo.train_mamba_bytes import EXCLUDE, complete, load_stdlib, lr_factor, train_forward
+from edgeseq.zoo.train_mamba_bytes import (complete, load_stdlib, lr_factor, stdlib_files,
+                                           train_forward)
 
 TEACHER = Path(__file__).parent / "mamba-bytes"
 COPIED = ("edgeseq_tokenizer.json", "generation_config.json")  # shared tokenizer / special ids
@@ -189,10 +190,7 @@ def acceptance(draft: MambaForCausalLM, target: MambaForCausalLM, val: torch.Ten
 def pool_files() -> list[bytes]:
     """The training split's files (``load_stdlib``'s order and split), less the modules the
     speculative benchmark reads."""
-    import sysconfig
-
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if not EXCLUDE & set(p.relative_to(root).parts))
+    root, files = stdlib_files()
     return [p.read_bytes().replace(b"\0", b"") for i, p in enumerate(files)
             if i % 50 and not any(m in p.relative_to(root).parts[0] for m in HELD_OUT_MODULES)]
 
