@@ -86,11 +86,13 @@ class Session:
     def prefill(self, input_ids: np.ndarray) -> np.ndarray:
         """Feed (b, l) tokens in chunks of at most ``max_chunk``; return (b, l, v) logits."""
         logits = []
+        # a speculative plan short of memory may load ``verify`` alone: it takes prompts too
+        graph = "prefill" if "prefill" in self.model.runners else "verify"
         # ``max_chunk`` may be lowered, never raised past the graph's bound (a static-length
         # scan cannot take more)
-        c = min(self.max_chunk, self.manifest.graphs["prefill"].max_chunk or self.max_chunk)
+        c = min(self.max_chunk, self.manifest.graphs[graph].max_chunk or self.max_chunk)
         for i in range(0, input_ids.shape[1], c):
-            out, self._state = self.model.run("prefill", {"input_ids": input_ids[:, i:i + c]},
+            out, self._state = self.model.run(graph, {"input_ids": input_ids[:, i:i + c]},
                                               self._state)
             logits.append(out["logits"])
         self.position += input_ids.shape[1]

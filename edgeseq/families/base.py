@@ -93,13 +93,16 @@ def lm_graph_specs(vocab_size: int, state: list[StateSpec]) -> tuple[
     return prefill_in, prefill_out, step_in, step_out
 
 
-def trace_specs(state: list[StateSpec]) -> list[TensorSpec]:
+def trace_specs(state: list[StateSpec], length: int | None = None) -> list[TensorSpec]:
     """The ``verify`` graph's per-position state outputs: ``trace.<name>`` (batch, chunk, ...),
     or for a ``window`` state the whole window, (batch, ..., ``window`` = k-1 + chunk): every
     position's window is a slice of it (``StateSpec.from_trace``), and one output of the window
-    the graph has anyway costs no gather and no transpose."""
+    the graph has anyway costs no gather and no transpose. ``length``: a graph whose scan runs
+    over a static length returns all of its positions (those past the chunk repeat the last
+    state), so the trace is its concat itself and no gather copies it to the chunk's length."""
+    pos: int | str = length if length else "chunk"
     return [TensorSpec(f"trace.{s.name}", ("batch", *s.shape[1:-1], "window")
-                       if s.kind == "window" else ("batch", "chunk", *s.shape[1:]), s.dtype)
+                       if s.kind == "window" else ("batch", pos, *s.shape[1:]), s.dtype)
             for s in state]
 
 

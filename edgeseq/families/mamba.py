@@ -177,9 +177,12 @@ class MambaPrefill(_MambaGraph):
         n_trace = 2 * self.n_layers if self.trace else 0
         parts = []
         for i in range(0, input_ids.shape[1], self.length):
-            out = self.forward(input_ids[:, i:i + self.length], *state)
+            ids = input_ids[:, i:i + self.length]
+            out = self.forward(ids, *state)
             state = out[1 + n_trace:]
-            parts.append(out[:1 + n_trace])
+            # a part's SSM traces (every other trace) hold the static length: cut to the part
+            parts.append([o[:, :ids.shape[1]] if j > 0 and j % 2 == 0 else o
+                          for j, o in enumerate(out[:1 + n_trace])])
         return (*(torch.cat(p, 1) for p in zip(*parts)), *state)
 
     def _scan(self, dt: torch.Tensor, dtx: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -209,8 +212,12 @@ class MambaPrefill(_MambaGraph):
         # A gather, not a slice: slicing [:l] off the static length makes export guard on l == L
         keep = torch.arange(l, device=dt.device)
         if self.trace:
-            states = torch.cat(hs, 1).index_select(1, keep)  # (b, l, n, e)
-            return torch.matmul(C.unsqueeze(2), states).squeeze(2), states, h[:, 0]
+            # the trace keeps all L positions (those past l repeat the last state): the concat
+            # is the graph's output itself, which a runtime writes into a buffer it keeps, where
+            # a gather to l would copy it out of a fresh (b, L, n, e) buffer on every call
+            states = torch.cat(hs, 1)
+            y = torch.matmul(Cp, states).squeeze(2).index_select(1, keep)  # one batched C.h
+            return y, states, h[:, 0]
         return torch.cat(ys, 1).squeeze(2).index_select(1, keep), None, h[:, 0]
 
 
@@ -262,7 +269,7 @@ class MambaFamily(TransformersCausalLM):
                                       p_out, state, max_chunk=MAX_CHUNK),
             "step": StreamingGraph("step", MambaStep(model).eval(), s_in, s_out, state),
             "verify": StreamingGraph("verify", MambaPrefill(model, VERIFY_CHUNK, trace=True).eval(),
-                                     p_in, p_out + trace_specs(state), state,
+                                     p_in, p_out + trace_specs(state, VERIFY_CHUNK), state,
                                      max_chunk=VERIFY_CHUNK),
         }
 

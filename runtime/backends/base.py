@@ -14,6 +14,11 @@ import numpy as np
 from edgeseq.bundle import GraphEntry, StateSpec, StreamingGraph
 
 
+#: set by ``edgeseq.runtime.speculative.session.bound_allocator``: glibc maps every buffer of
+#: 64 KiB or more afresh, so backends avoid allocating such buffers on every call
+ALLOCATOR_BOUNDED = False
+
+
 class Runner(Protocol):
     entry: GraphEntry
 

@@ -122,6 +122,10 @@ class _EtRunner:
         self.entry = entry
         self.method = method
         self.max_chunk = entry.max_chunk
+        # trace.* outputs (per-position states, the largest a verify or draft_loop call makes)
+        # are copied into buffers kept across calls rather than fresh arrays: see the ORT runner
+        self.kept = {s.name for s in entry.outputs if s.name.startswith("trace.")}
+        self._kept: dict[str, np.ndarray] = {}
 
     def run(self, inputs: dict[str, np.ndarray], state: list) -> tuple[dict[str, np.ndarray], list]:
         import torch
@@ -134,10 +138,19 @@ class _EtRunner:
         out = self.method.execute([*args, *state])
         n = len(self.entry.outputs)
         # Outputs point into the method's planned memory, which the next call overwrites: copy.
-        result = {s.name: o.numpy().copy() for s, o in zip(self.entry.outputs, out[:n])}
+        result = {s.name: self._keep(s.name, o.numpy()) if s.name in self.kept
+                  else o.numpy().copy() for s, o in zip(self.entry.outputs, out[:n])}
         # copies in C order, which ExecuTorch's contiguity check on inputs always accepts
         return result, [_tensor(o.numpy()) for o in out[n:]]
 
+
+    def _keep(self, name: str, a: np.ndarray) -> np.ndarray:
+        flat = self._kept.get(name)
+        if flat is None or flat.size < a.size:
+            flat = self._kept[name] = np.empty(a.size, dtype=a.dtype)
+        view = flat[:a.size].reshape(a.shape)
+        np.copyto(view, a)
+        return view
 
     def _run_rows(self, args: list, batched: list[bool], state: list, rows: int
                   ) -> tuple[dict[str, np.ndarray], list]:
@@ -149,7 +162,7 @@ class _EtRunner:
             row_args = [a[r:r + 1] if b else a for a, b in zip(args, batched)]
             o, s = self.run({spec.name: a.numpy() for spec, a in zip(self.entry.inputs, row_args)},
                             [t[r:r + 1] for t in state])
-            outs.append(o)
+            outs.append({k: v.copy() if k in self.kept else v for k, v in o.items()})
             states.append(s)
         result = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
         return result, [torch.cat(parts) for parts in zip(*states)] if states[0] else []

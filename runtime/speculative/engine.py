@@ -106,6 +106,8 @@ class DraftModelSource(DraftSource):
             entry = session.model.runners["draft_loop"].entry
             self.loop_k = int(entry.outputs[0].shape[1])
             self.loop_names = [f"trace.{st.name}" for st in entry.state]
+        # a plan short of memory loads no step graph: single tokens go through prefill
+        self.has_step = "step" in runners or self.seq2seq
 
     def start(self, context: Sequence[int], source: Any = None) -> None:
         if self.seq2seq:
@@ -120,6 +122,8 @@ class DraftModelSource(DraftSource):
         self.traced: tuple[int, dict[str, np.ndarray]] | None = None  # (len(fed) before, traces)
 
     def _run(self, tok: int) -> np.ndarray:
+        if not self.has_step:
+            return self.s.prefill(np.array([[tok]], dtype=np.int64))[0, -1]
         return self.s.step(np.array([tok]))[0]
 
     def _can_restore(self, n: int) -> bool:
@@ -153,7 +157,7 @@ class DraftModelSource(DraftSource):
                 self.fed = []
         logits = None
         todo = consumed[len(self.fed):]
-        if len(todo) >= PREFILL_CATCH_UP and not self.seq2seq:
+        if todo and (len(todo) >= PREFILL_CATCH_UP or not self.has_step) and not self.seq2seq:
             # a prompt, or a long accepted run: one chunked call instead of a step per token
             logits = self.s.prefill(np.asarray([todo], dtype=np.int64))[0, -1]
             self.fed.extend(todo)
@@ -167,7 +171,7 @@ class DraftModelSource(DraftSource):
         ctx = [int(t) for t in context[self.skip:]]
         self._sync(ctx[:-1])
         self.snaps, self.traced = {}, None
-        if self.loop and not self.seq2seq and k > 1:
+        if self.loop and not self.seq2seq and (k > 1 or not self.has_step):
             # one call drafts loop_k tokens (k of them are offered); it consumed the root and
             # the first loop_k - 1 drafted tokens, and its traces are the states after each
             n0 = len(self.fed)

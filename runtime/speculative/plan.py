@@ -269,20 +269,27 @@ class _Costs:
         return {"batch": 1, "chunk": chunk, "past": self.length, "source": self.source,
                 "frames": 2 * self.source}
 
-    def base_graphs(self) -> set[str]:
-        return ({"prefill", "step"} if self.task == "causal_lm"
-                else {"encoder", "decoder_step"})
+    def base_graphs(self, lean: int = 0) -> set[str]:
+        """The graphs plain decoding loads. ``lean`` (speculation, which loads a chunk graph as
+        well): 1, without the one-token step graph (single tokens go through the chunk graph);
+        2, a causal LM without prefill either (prompts go through ``verify``)."""
+        if self.task == "causal_lm":
+            return [{"prefill", "step"}, {"prefill"}, set()][lean]
+        return {"encoder"} if lean else {"encoder", "decoder_step"}
 
-    def plain(self, prefill_chunk: int | None) -> dict[str, int]:
-        graphs = self.base_graphs()
+    def plain(self, prefill_chunk: int | None, lean: int = 0, also: frozenset[str] = frozenset()
+              ) -> dict[str, int]:
+        """Plain decoding's footprint; ``also``: graphs loaded besides (a speculative chunk graph,
+        a draft loop), whose weights count here when the base graphs alone load none (lean 2)."""
+        graphs = self.base_graphs(lean)
         be = self.backend
-        acts = []
+        acts = [0]
         for g in graphs:
             chunk = prefill_chunk if g == "prefill" else 1
             acts.append(activation_bytes(self.root, self.man, be, g, self.dims(chunk or 1)))
         act = sum(acts) if be == "executorch" else max(acts)
         st = state_bytes(self.man, self.dims())
-        return {"weights": weights_bytes(self.root, self.man, be, graphs),
+        return {"weights": weights_bytes(self.root, self.man, be, graphs or set(also)),
                 "runtime": RUNTIME_BASE.get(be, 16 * MB) + RUNTIME_PER_GRAPH.get(be, 4 * MB)
                 * len(graphs),
                 "activations": act,
@@ -370,71 +377,93 @@ def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None
             loop_k = int(dman.config.get("draft_loop_tokens") or k_top)
             k_top = max(2, min(max_chunk - 1, k or loop_k, loop_k))
     ks = sorted({kk for kk in (k_top, 24, 16, 12, 8, 6, 4, 3, 2) if kk <= k_top}, reverse=True)
+    # One decoder graph instead of two: single tokens go through the chunk graph, and a draft
+    # model with a draft_loop loads no step graph either. That saves a graph's session and
+    # activations (measured on the zoo's typo fixer: 1.2 MiB on ORT, 2.8 on ExecuTorch) at no
+    # cost where a chunk of one costs a step: an encoder-decoder's dynamic decoder_chunk, or a
+    # causal target whose drafts are never empty (a draft model). A state-space verify graph is
+    # static in length, so a one-token call costs a whole chunk: sources that often draft
+    # nothing (n-grams, recycling, early exit) keep the step graph.
+    leans = [0, 1] if (seq2seq or kind == "draft") else [0]
+    if kind == "draft" and chunk_graph == "verify":
+        leans.append(2)     # and prompts through verify: one target graph in all
     rollbacks = ["crop"] if seq2seq else (["trace", "replay"] if chunk_graph == "verify"
                                          else ["replay"])
     # the plain plan's prefill chunk is kept when it fits; else smaller ones are tried
     for c in chunks:
         if c is not None and p_chunk is not None and c > p_chunk:
             continue
-        base = costs.plain(c)
         for w in widths:
-            for kk in ks:
-                for rb in rollbacks:
-                    fp = dict(base)
-                    graphs = set(costs.base_graphs()) | {chunk_graph}
-                    draft_graphs = None
-                    chunk = kk + 1
-                    if chunk_graph != "prefill":
-                        ex = costs.extra_graph(chunk_graph, chunk if backend == "ort" else max_chunk)
-                        fp["runtime"] += ex["runtime"]
-                        fp["activations"] = (fp["activations"] + ex["activations"]
-                                             if backend == "executorch"
-                                             else max(fp["activations"], ex["activations"] * w))
-                    st = state_bytes(man, costs.dims())
-                    spec = 2 * w * chunk * costs.vocab * 4              # logits in and out
-                    if rb == "trace":
-                        spec += 3 * w * chunk * st                      # traces, sliced copy
-                    elif rb == "replay":
-                        spec += 2 * st
-                    elif rb == "crop":
-                        spec += 3 * st
-                    if w > 1:
-                        spec += 2 * w * st
-                    if kind == "recycle":
-                        spec += RECYCLE_BYTES
-                    elif kind == "early-exit":
-                        graphs.add("exit_step")
-                        ex = costs.extra_graph("exit_step", 1)
-                        fp["runtime"] += ex["runtime"]
-                        fp["activations"] += ex["activations"] if backend == "executorch" else 0
-                        spec += 2 * st
-                    elif kind == "draft":
-                        dcosts = _Costs(draft_root, dman, draft_backend or backend)
-                        dfp = dcosts.plain(min(16, int(dman.graphs["prefill"].max_chunk or 16))
-                                           if "prefill" in dman.graphs else None)
-                        dfp["runtime"] -= RUNTIME_BASE.get(backend, 0) // 2   # shared libraries
-                        draft_graphs = dcosts.base_graphs()
-                        snaps = kk + 1
-                        if "draft_loop" in dman.graphs:     # one call; traces as snapshots
-                            draft_graphs = draft_graphs | {"draft_loop"}
-                            ex = dcosts.extra_graph("draft_loop", 1)
-                            dfp["runtime"] += ex["runtime"]
-                            dfp["activations"] += ex["activations"]
-                            snaps = 2 * int(dman.config.get("draft_loop_tokens") or kk) + 1
-                        spec += sum(dfp.values()) + snaps * state_bytes(dman, dcosts.dims())
-                    fp["speculation"] = spec
-                    if fits(fp):
-                        # free drafts start (and stay) at the bound: a long wrong draft
-                        # costs little more verify time; model drafts adapt from 4
-                        start = kk if (k or free) else min(kk, 4)
-                        return MemoryPlan(kind, requested, backend, budget, k=start, k_max=kk,
-                                          adaptive=not free, width=w, rollback=rb,
-                                          prefill_chunk=c, graphs=graphs,
-                                          draft_graphs=draft_graphs, footprint=fp,
-                                          draft_backend=draft_backend if kind == "draft"
-                                          else None,
-                                          plain_bytes=off.plain_bytes,
-                                          reason="fits" if budget else "no budget")
+            for kk, lean, rb in ((kk, lean, rb) for kk in ks for lean in leans
+                                 for rb in rollbacks):
+                fp = costs.plain(c, lean, frozenset({chunk_graph}))
+                graphs = set(costs.base_graphs(lean)) | {chunk_graph}
+                draft_graphs = None
+                chunk = kk + 1
+                if chunk_graph != "prefill":
+                    ex = costs.extra_graph(chunk_graph, chunk if backend == "ort" else max_chunk)
+                    fp["runtime"] += ex["runtime"]
+                    fp["activations"] = (fp["activations"] + ex["activations"]
+                                         if backend == "executorch"
+                                         else max(fp["activations"], ex["activations"] * w))
+                st = state_bytes(man, costs.dims())
+                spec = 2 * w * chunk * costs.vocab * 4              # logits in and out
+                if rb == "trace":
+                    # a commit copies one position's state out of the traces; ORT writes them
+                    # straight into buffers the runner keeps, which its activation table counts
+                    # as the call's outputs; ExecuTorch's runner copies them out of the planned
+                    # memory into such buffers (sized for the graph's bound)
+                    spec += st + (w * max_chunk * st if backend == "executorch" else 0)
+                elif rb == "replay":
+                    spec += 2 * st
+                elif rb == "crop":
+                    spec += 3 * st
+                if w > 1:
+                    spec += 2 * w * st
+                if kind == "recycle":
+                    spec += RECYCLE_BYTES
+                elif kind == "early-exit":
+                    graphs.add("exit_step")
+                    ex = costs.extra_graph("exit_step", 1)
+                    fp["runtime"] += ex["runtime"]
+                    fp["activations"] += ex["activations"] if backend == "executorch" else 0
+                    spec += 2 * st
+                elif kind == "draft":
+                    dcosts = _Costs(draft_root, dman, draft_backend or backend)
+                    dlean = min(lean, 1) if "draft_loop" in dman.graphs else 0
+                    dfp = dcosts.plain(min(16, int(dman.graphs["prefill"].max_chunk or 16))
+                                       if "prefill" in dman.graphs else None, dlean)
+                    if (draft_backend or backend) == backend:
+                        # the target's runtime is loaded: a drafter on it adds its own graphs
+                        # (per-graph costs, weights, activations), not a second runtime
+                        # (measured on mamba-bytes-draft after the target: 1.6-3.5 MiB for
+                        # its prefill and draft_loop, ORT and ExecuTorch)
+                        dfp["runtime"] -= RUNTIME_BASE.get(backend, 0)
+                    draft_graphs = dcosts.base_graphs(dlean)
+                    snaps = kk + 1
+                    if "draft_loop" in dman.graphs:     # one call; traces as snapshots
+                        draft_graphs = draft_graphs | {"draft_loop"}
+                        ex = dcosts.extra_graph("draft_loop", 1)
+                        dfp["runtime"] += ex["runtime"]
+                        dfp["activations"] += ex["activations"]
+                        snaps = 2 * int(dman.config.get("draft_loop_tokens") or kk) + 1
+                    spec += sum(dfp.values()) + snaps * state_bytes(dman, dcosts.dims())
+                fp["speculation"] = spec
+                if fits(fp):
+                    # free drafts start (and stay) at the bound: a long wrong draft
+                    # costs little more verify time; model drafts adapt from 4
+                    start = kk if (k or free) else min(kk, 4)
+                    return MemoryPlan(kind, requested, backend, budget, k=start, k_max=kk,
+                                      adaptive=not free, width=w, rollback=rb,
+                                      prefill_chunk=c, graphs=graphs,
+                                      draft_graphs=draft_graphs, footprint=fp,
+                                      draft_backend=draft_backend if kind == "draft"
+                                      else None,
+                                      plain_bytes=off.plain_bytes,
+                                      reason=("fits" if budget else "no budget") + (
+                                          "", f", no step graph ({chunk_graph} takes single "
+                                          f"tokens)", f", {chunk_graph} only (it takes the "
+                                          f"prompt and single tokens)")[lean])
     off.reason = (f"the budget of {_mb(budget)} holds plain decoding "
                   f"({_mb(off.plain_bytes)}) but not {kind} speculation")
     return off

@@ -196,8 +196,13 @@ def bound_allocator() -> bool:
         # one arena: a worker thread's freed buffers are reused by every thread, instead of a
         # per-thread heap whose size depends on which thread the scheduler ran (seen: ~10 MiB
         # between runs of one small model with 2 threads)
-        return (bool(libc.mallopt(m_mmap, 64 << 10)) and bool(libc.mallopt(m_trim, 128 << 10))
-                and bool(libc.mallopt(m_arena_max, 1)))
+        ok = (bool(libc.mallopt(m_mmap, 64 << 10)) and bool(libc.mallopt(m_trim, 128 << 10))
+              and bool(libc.mallopt(m_arena_max, 1)))
+        if ok:
+            from edgeseq.runtime.backends import base
+
+            base.ALLOCATOR_BOUNDED = True
+        return ok
     except (OSError, AttributeError):
         return False
 

@@ -74,6 +74,8 @@ class CausalTarget:
         self.max_chunk = int(graphs[self.graph].max_chunk or 16)
         self.exit_layers = session.manifest.config.get("early_exit_layers")
         self.seq2seq = False
+        # a plan short of memory loads no step graph: single tokens go through the chunk graph
+        self.has_step = "step" in self.model.runners
 
     # -- a generation ------------------------------------------------------------------------
     def start(self, context: Sequence[int], source: Any = None) -> int:
@@ -95,6 +97,10 @@ class CausalTarget:
     def verify(self, root: int, draft: Draft) -> np.ndarray:
         self._draft, self._out, self._snap, self._root = draft, None, None, root
         if len(draft) == 0:
+            if not self.has_step:
+                out, self.s._state = self.model.run(self.graph, {"input_ids": np.array([[root]])},
+                                                    self.s._state)
+                return out["logits"][0]
             out, self.s._state = self.model.run("step", {"input_ids": np.array([root])},
                                                 self.s._state)
             return out["logits"]
@@ -145,7 +151,7 @@ class CausalTarget:
         self._feed(np.array([[self._root, *draft.tokens[path]]], dtype=np.int64))
 
     def _feed(self, ids: np.ndarray) -> None:
-        if ids.shape[1] == 1:
+        if ids.shape[1] == 1 and self.has_step:
             _, self.s._state = self.model.run("step", {"input_ids": ids[:, 0]}, self.s._state)
         else:
             _, self.s._state = self.model.run(self.graph, {"input_ids": ids}, self.s._state)
