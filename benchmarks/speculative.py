@@ -25,7 +25,8 @@ Two budgets per row, each run in its own child:
   the plan refuses before loading.
 - SpecMemo's reading: plain decoding plus 40% of what speculation adds to it (the plan's own
   accounting of the unconstrained configuration). The plan then picks what fits (draft length,
-  tree width, rollback, prefill chunk, or plain decoding).
+  tree width, one decoder graph instead of two or three, rollback, prefill chunk, or plain
+  decoding). Its column shows the graphs it loaded when it dropped some.
 
 "decoding speedup" leaves out the prompt: each child also times every item for one new token
 (the prompt consumed, one step), and the rates compare the time after it.

@@ -19,6 +19,21 @@ from edgeseq.bundle import GraphEntry, StateSpec, StreamingGraph
 ALLOCATOR_BOUNDED = False
 
 
+def static_traces(entry: GraphEntry) -> set[str]:
+    """``trace.*`` outputs of a graph that returns every position of a static length (Mamba's
+    ``verify``): runners hand back the first ``chunk`` positions, the ones fed."""
+    if not any("chunk" in s.shape for s in entry.inputs):
+        return set()
+    return {s.name for s in entry.outputs if s.name.startswith("trace.") and len(s.shape) > 1
+            and "window" not in s.shape and s.shape[1] == entry.max_chunk}
+
+
+def fed_length(entry: GraphEntry, inputs: dict[str, np.ndarray]) -> int:
+    """The number of tokens (positions) a call feeds: the length of its ``chunk`` input, else 1."""
+    spec = next((s for s in entry.inputs if "chunk" in s.shape), None)
+    return int(inputs[spec.name].shape[spec.shape.index("chunk")]) if spec else 1
+
+
 class Runner(Protocol):
     entry: GraphEntry
 

@@ -20,7 +20,8 @@ import numpy as np
 
 from edgeseq.bundle import GraphEntry, StreamingGraph
 from edgeseq.registry import register_backend
-from edgeseq.runtime.backends.base import Backend, LoadedModel, shared_state_specs
+from edgeseq.runtime.backends.base import (Backend, LoadedModel, fed_length, shared_state_specs,
+                                           static_traces)
 
 PTE_FILE = "model.pte"
 PLANNED_FILE = "pte_planned_memory.json"
@@ -126,6 +127,7 @@ class _EtRunner:
         # are copied into buffers kept across calls rather than fresh arrays: see the ORT runner
         self.kept = {s.name for s in entry.outputs if s.name.startswith("trace.")}
         self._kept: dict[str, np.ndarray] = {}
+        self.static = static_traces(entry)
 
     def run(self, inputs: dict[str, np.ndarray], state: list) -> tuple[dict[str, np.ndarray], list]:
         import torch
@@ -138,7 +140,9 @@ class _EtRunner:
         out = self.method.execute([*args, *state])
         n = len(self.entry.outputs)
         # Outputs point into the method's planned memory, which the next call overwrites: copy.
-        result = {s.name: self._keep(s.name, o.numpy()) if s.name in self.kept
+        fed = fed_length(self.entry, inputs) if self.static else 0
+        result = {s.name: self._keep(s.name, o.numpy()[:, :fed] if s.name in self.static
+                                     else o.numpy()) if s.name in self.kept
                   else o.numpy().copy() for s, o in zip(self.entry.outputs, out[:n])}
         # copies in C order, which ExecuTorch's contiguity check on inputs always accepts
         return result, [_tensor(o.numpy()) for o in out[n:]]

@@ -23,7 +23,7 @@ import numpy as np
 from edgeseq.bundle import GraphEntry, StreamingGraph
 from edgeseq.registry import register_backend
 from edgeseq.runtime.backends import base as backend_base
-from edgeseq.runtime.backends.base import Backend, LoadedModel, shared_state_specs
+from edgeseq.runtime.backends.base import Backend, LoadedModel, shared_state_specs, static_traces
 
 OPSET = 18
 WEIGHTS_FILE = "weights.onnx.data"
@@ -177,6 +177,7 @@ class _OrtRunner:
         self.kept = [s for s in entry.outputs if s.name.startswith("trace.")
                      and all(not isinstance(d, str) or d in ("batch", "chunk") for d in s.shape)]
         self._kept: dict[str, np.ndarray] = {}
+        self.static = static_traces(entry)
 
     def run(self, inputs: dict[str, np.ndarray], state: _OrtState
             ) -> tuple[dict[str, np.ndarray], _OrtState]:
@@ -219,8 +220,8 @@ class _OrtRunner:
             io.bind_ortvalue_output(spec.output_name, v)
         self.sess.run_with_iobinding(io)
         outs = io.get_outputs()
-        result = {s.name: kept[s.name] if s.name in kept else outs[i].numpy()
-                  for i, s in enumerate(self.entry.outputs)}
+        result = {s.name: (kept[s.name][:, :grow] if s.name in self.static else kept[s.name])
+                  if s.name in kept else outs[i].numpy() for i, s in enumerate(self.entry.outputs)}
         state.cur = 1 - state.cur
         return result, state
 
