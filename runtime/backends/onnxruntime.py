@@ -214,8 +214,6 @@ class _OrtRunner:
         for j, (spec, v) in enumerate(zip(self.entry.state, dst)):
             want = _grown(spec, src[j].shape(), grow)
             if v.shape() != want:  # a growing KV cache: the spare buffer gets the new size
-                import onnxruntime as ort
-
                 v = dst[j] = ort.OrtValue.ortvalue_from_shape_and_type(want, np.float32)
             io.bind_ortvalue_output(spec.output_name, v)
         self.sess.run_with_iobinding(io)
