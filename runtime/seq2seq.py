@@ -92,19 +92,30 @@ class Seq2SeqSession:
         """Feed one token per row at the current position; return logits (rows, v)."""
         if self.position >= self.capacity:
             raise ValueError(f"the decoder cache is full ({self.capacity} positions)")
-        inputs = dict(self._feeds)
-        inputs["cache_position"] = np.array([self.position], dtype=np.int64)
         if "decoder_step" not in self.model.runners and "decoder_chunk" in self.model.runners:
             # a speculative plan short of memory loads one decoder graph: a chunk of one token
-            inputs["input_ids"] = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
-            inputs["positions"] = np.array([self.position], dtype=np.int64)
-            inputs["tree_mask"] = np.ones((1, 1), dtype=np.int64)
-            out, self._state = self.model.run("decoder_chunk", inputs, self._state)
+            logits = self.run_chunk(np.asarray(tokens, dtype=np.int64).reshape(-1, 1),
+                                    np.zeros(1, dtype=np.int64), np.ones((1, 1), dtype=np.int64))
             self.position += 1
-            return out["logits"][:, 0]
+            return logits[:, 0]
+        inputs = dict(self._feeds)
+        inputs["cache_position"] = np.array([self.position], dtype=np.int64)
         inputs["input_ids"] = np.asarray(tokens, dtype=np.int64)
         out, self._state = self.model.run("decoder_step", inputs, self._state)
         self.position += 1
+        return out["logits"]
+
+    def run_chunk(self, ids: np.ndarray, depth: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Feed ``ids`` (rows, c) through ``decoder_chunk`` from the current position, node i at
+        position ``position + depth[i]`` attending to the nodes ``mask[i]`` marks (a chain's mask
+        is lower-triangular, a tree's marks each node's ancestors); return logits (rows, c, v).
+        The cache holds all c afterwards and ``position`` is not moved: the caller commits."""
+        inputs = dict(self._feeds)
+        inputs["input_ids"] = ids
+        inputs["cache_position"] = np.array([self.position], dtype=np.int64)
+        inputs["positions"] = (self.position + depth).astype(np.int64)
+        inputs["tree_mask"] = mask
+        out, self._state = self.model.run("decoder_chunk", inputs, self._state)
         return out["logits"]
 
     def reorder(self, index: np.ndarray) -> None:

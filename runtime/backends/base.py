@@ -34,6 +34,28 @@ def fed_length(entry: GraphEntry, inputs: dict[str, np.ndarray]) -> int:
     return int(inputs[spec.name].shape[spec.shape.index("chunk")]) if spec else 1
 
 
+class KeptBuffers:
+    """Output buffers kept across a runner's calls, one flat array per output name, grown only
+    when a call needs more: ``trace.*`` outputs (per-position states, the largest outputs of a
+    verify or draft_loop call) would otherwise be a fresh allocation per call, and under a memory
+    budget (glibc's 64 KiB mmap threshold) each is a new mapping whose pages fault in zeroed
+    (measured: a quarter of a speculative round on mamba-bytes). Their readers (a commit, a
+    drafter's rollback) are done with a view before the graph runs again."""
+
+    def __init__(self) -> None:
+        self._flat: dict[str, np.ndarray] = {}
+
+    def view(self, name: str, shape: tuple[int, ...] | list[int], dtype: Any, reserve: int = 0
+             ) -> np.ndarray:
+        """A C-ordered array of ``shape`` over the kept buffer for ``name``; a buffer grown here
+        is sized for at least ``reserve`` elements (the graph's longest chunk)."""
+        n = int(np.prod(shape))
+        flat = self._flat.get(name)
+        if flat is None or flat.size < n or flat.dtype != np.dtype(dtype):
+            flat = self._flat[name] = np.empty(max(n, reserve), dtype=dtype)
+        return flat[:n].reshape(shape)
+
+
 class Runner(Protocol):
     entry: GraphEntry
 

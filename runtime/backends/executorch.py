@@ -20,8 +20,8 @@ import numpy as np
 
 from edgeseq.bundle import GraphEntry, StreamingGraph
 from edgeseq.registry import register_backend
-from edgeseq.runtime.backends.base import (Backend, LoadedModel, fed_length, shared_state_specs,
-                                           static_traces)
+from edgeseq.runtime.backends.base import (Backend, KeptBuffers, LoadedModel, fed_length,
+                                           shared_state_specs, static_traces)
 
 PTE_FILE = "model.pte"
 PLANNED_FILE = "pte_planned_memory.json"
@@ -124,9 +124,9 @@ class _EtRunner:
         self.method = method
         self.max_chunk = entry.max_chunk
         # trace.* outputs (per-position states, the largest a verify or draft_loop call makes)
-        # are copied into buffers kept across calls rather than fresh arrays: see the ORT runner
+        # are copied into buffers kept across calls rather than fresh arrays (``KeptBuffers``)
         self.kept = {s.name for s in entry.outputs if s.name.startswith("trace.")}
-        self._kept: dict[str, np.ndarray] = {}
+        self._bufs = KeptBuffers()
         self.static = static_traces(entry)
 
     def run(self, inputs: dict[str, np.ndarray], state: list) -> tuple[dict[str, np.ndarray], list]:
@@ -149,10 +149,7 @@ class _EtRunner:
 
 
     def _keep(self, name: str, a: np.ndarray) -> np.ndarray:
-        flat = self._kept.get(name)
-        if flat is None or flat.size < a.size:
-            flat = self._kept[name] = np.empty(a.size, dtype=a.dtype)
-        view = flat[:a.size].reshape(a.shape)
+        view = self._bufs.view(name, a.shape, a.dtype)
         np.copyto(view, a)
         return view
 

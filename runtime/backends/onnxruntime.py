@@ -23,7 +23,8 @@ import numpy as np
 from edgeseq.bundle import GraphEntry, StreamingGraph
 from edgeseq.registry import register_backend
 from edgeseq.runtime.backends import base as backend_base
-from edgeseq.runtime.backends.base import Backend, LoadedModel, shared_state_specs, static_traces
+from edgeseq.runtime.backends.base import (Backend, KeptBuffers, LoadedModel, shared_state_specs,
+                                           static_traces)
 
 OPSET = 18
 WEIGHTS_FILE = "weights.onnx.data"
@@ -160,6 +161,9 @@ class _OrtState:
 
 class _OrtRunner:
     def __init__(self, entry: GraphEntry, sess: Any):
+        import onnxruntime
+
+        self.ort = onnxruntime
         self.entry = entry
         self.sess = sess
         self.io = sess.io_binding()
@@ -168,21 +172,16 @@ class _OrtRunner:
                          if "chunk" in s.shape), None)
         self.rows = next((s.name for s in entry.inputs if s.shape and s.shape[0] == "batch"),
                          None)
-        # Per-position states (``trace.*``: chunk x state, the largest outputs of a verify or
-        # draft_loop call) go into buffers kept across calls: ORT would otherwise allocate them on
-        # every call, and under a memory budget (glibc's 64 KiB mmap threshold) each is a fresh
-        # mapping whose pages fault in zeroed (measured: a quarter of a speculative round on
-        # mamba-bytes). Their readers (a commit, a drafter's rollback) are done with them before
-        # the graph runs again.
+        # Per-position states (``trace.*``) are bound as outputs into buffers kept across calls
+        # (``KeptBuffers`` says why); only those whose shape the call's batch and chunk fix.
         self.kept = [s for s in entry.outputs if s.name.startswith("trace.")
                      and all(not isinstance(d, str) or d in ("batch", "chunk") for d in s.shape)]
-        self._kept: dict[str, np.ndarray] = {}
+        self._bufs = KeptBuffers()
         self.static = static_traces(entry)
 
     def run(self, inputs: dict[str, np.ndarray], state: _OrtState
             ) -> tuple[dict[str, np.ndarray], _OrtState]:
-        import onnxruntime as ort
-
+        ort = self.ort
         io = self.io
         io.clear_binding_inputs()
         io.clear_binding_outputs()
@@ -203,13 +202,9 @@ class _OrtRunner:
             if s not in self.kept:
                 io.bind_output(s.name, "cpu")
                 continue
-            shape = s.concrete_shape(dims)
-            n = int(np.prod(shape))
-            flat = self._kept.get(s.name)
-            if flat is None or flat.size < n:     # sized for the graph's longest chunk
-                most = s.concrete_shape({**dims, "chunk": max(grow, self.entry.max_chunk or 1)})
-                flat = self._kept[s.name] = np.empty(max(n, int(np.prod(most))), dtype=s.dtype)
-            a = kept[s.name] = flat[:n].reshape(shape)
+            most = s.concrete_shape({**dims, "chunk": max(grow, self.entry.max_chunk or 1)})
+            a = kept[s.name] = self._bufs.view(s.name, s.concrete_shape(dims), s.dtype,
+                                               reserve=int(np.prod(most)))
             io.bind_ortvalue_output(s.name, ort.OrtValue.ortvalue_from_numpy(a))
         for j, (spec, v) in enumerate(zip(self.entry.state, dst)):
             want = _grown(spec, src[j].shape(), grow)

@@ -389,6 +389,45 @@ def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None
         leans.append(2)     # and prompts through verify: one target graph in all
     rollbacks = ["crop"] if seq2seq else (["trace", "replay"] if chunk_graph == "verify"
                                          else ["replay"])
+    st = state_bytes(man, costs.dims())
+    if kind == "draft":
+        dcosts = _Costs(draft_root, dman, draft_backend or backend)
+        d_st = state_bytes(dman, dcosts.dims())
+
+    @functools.lru_cache(maxsize=None)
+    def drafter(lean: int) -> tuple[int, set[str], bool]:
+        """The draft model's footprint, its graphs and whether it drafts in one call."""
+        dlean = min(lean, 1) if "draft_loop" in dman.graphs else 0
+        dfp = dcosts.plain(min(16, int(dman.graphs["prefill"].max_chunk or 16))
+                           if "prefill" in dman.graphs else None, dlean)
+        if (draft_backend or backend) == backend:
+            # the target's runtime is loaded: a drafter on it adds its own graphs (per-graph
+            # costs, weights, activations), not a second runtime (measured on
+            # mamba-bytes-draft after the target: 1.6-3.5 MiB for its prefill and draft_loop,
+            # ORT and ExecuTorch)
+            dfp["runtime"] -= RUNTIME_BASE.get(backend, 0)
+        graphs = dcosts.base_graphs(dlean)
+        loop = "draft_loop" in dman.graphs
+        if loop:                                    # one call; traces as snapshots
+            graphs = graphs | {"draft_loop"}
+            ex = dcosts.extra_graph("draft_loop", 1)
+            dfp["runtime"] += ex["runtime"]
+            dfp["activations"] += ex["activations"]
+        return sum(dfp.values()), graphs, loop
+
+    @functools.lru_cache(maxsize=None)
+    def target(c: int | None, lean: int, chunk: int, w: int) -> tuple[tuple[tuple[str, int], ...],
+                                                                      frozenset[str]]:
+        """The target's footprint without speculation's buffers, and its graphs."""
+        fp = costs.plain(c, lean, frozenset({chunk_graph}))
+        if chunk_graph != "prefill":
+            ex = costs.extra_graph(chunk_graph, chunk if backend == "ort" else max_chunk)
+            fp["runtime"] += ex["runtime"]
+            fp["activations"] = (fp["activations"] + ex["activations"]
+                                 if backend == "executorch"
+                                 else max(fp["activations"], ex["activations"] * w))
+        return tuple(fp.items()), frozenset(costs.base_graphs(lean) | {chunk_graph})
+
     # the plain plan's prefill chunk is kept when it fits; else smaller ones are tried
     for c in chunks:
         if c is not None and p_chunk is not None and c > p_chunk:
@@ -396,17 +435,10 @@ def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None
         for w in widths:
             for kk, lean, rb in ((kk, lean, rb) for kk in ks for lean in leans
                                  for rb in rollbacks):
-                fp = costs.plain(c, lean, frozenset({chunk_graph}))
-                graphs = set(costs.base_graphs(lean)) | {chunk_graph}
-                draft_graphs = None
                 chunk = kk + 1
-                if chunk_graph != "prefill":
-                    ex = costs.extra_graph(chunk_graph, chunk if backend == "ort" else max_chunk)
-                    fp["runtime"] += ex["runtime"]
-                    fp["activations"] = (fp["activations"] + ex["activations"]
-                                         if backend == "executorch"
-                                         else max(fp["activations"], ex["activations"] * w))
-                st = state_bytes(man, costs.dims())
+                items, tgraphs = target(c, lean, chunk, w)
+                fp, graphs = dict(items), set(tgraphs)
+                draft_graphs = None
                 spec = 2 * w * chunk * costs.vocab * 4              # logits in and out
                 if rb == "trace":
                     # a commit copies one position's state out of the traces; ORT writes them
@@ -429,25 +461,10 @@ def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None
                     fp["activations"] += ex["activations"] if backend == "executorch" else 0
                     spec += 2 * st
                 elif kind == "draft":
-                    dcosts = _Costs(draft_root, dman, draft_backend or backend)
-                    dlean = min(lean, 1) if "draft_loop" in dman.graphs else 0
-                    dfp = dcosts.plain(min(16, int(dman.graphs["prefill"].max_chunk or 16))
-                                       if "prefill" in dman.graphs else None, dlean)
-                    if (draft_backend or backend) == backend:
-                        # the target's runtime is loaded: a drafter on it adds its own graphs
-                        # (per-graph costs, weights, activations), not a second runtime
-                        # (measured on mamba-bytes-draft after the target: 1.6-3.5 MiB for
-                        # its prefill and draft_loop, ORT and ExecuTorch)
-                        dfp["runtime"] -= RUNTIME_BASE.get(backend, 0)
-                    draft_graphs = dcosts.base_graphs(dlean)
-                    snaps = kk + 1
-                    if "draft_loop" in dman.graphs:     # one call; traces as snapshots
-                        draft_graphs = draft_graphs | {"draft_loop"}
-                        ex = dcosts.extra_graph("draft_loop", 1)
-                        dfp["runtime"] += ex["runtime"]
-                        dfp["activations"] += ex["activations"]
-                        snaps = 2 * int(dman.config.get("draft_loop_tokens") or kk) + 1
-                    spec += sum(dfp.values()) + snaps * state_bytes(dman, dcosts.dims())
+                    d_bytes, draft_graphs, loop = drafter(lean)
+                    snaps = (2 * int(dman.config.get("draft_loop_tokens") or kk) + 1 if loop
+                             else kk + 1)
+                    spec += d_bytes + snaps * d_st
                 fp["speculation"] = spec
                 if fits(fp):
                     # free drafts start (and stay) at the bound: a long wrong draft

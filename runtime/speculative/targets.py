@@ -97,13 +97,7 @@ class CausalTarget:
     def verify(self, root: int, draft: Draft) -> np.ndarray:
         self._draft, self._out, self._snap, self._root = draft, None, None, root
         if len(draft) == 0:
-            if not self.has_step:
-                out, self.s._state = self.model.run(self.graph, {"input_ids": np.array([[root]])},
-                                                    self.s._state)
-                return out["logits"][0]
-            out, self.s._state = self.model.run("step", {"input_ids": np.array([root])},
-                                                self.s._state)
-            return out["logits"]
+            return self._feed(np.array([[root]], dtype=np.int64))
         paths = [draft.paths()[0]] if draft.is_chain else draft.paths()
         self._paths = paths
         width = len(paths)
@@ -150,11 +144,15 @@ class CausalTarget:
         self.s._state = self.model.from_numpy(self._snap)
         self._feed(np.array([[self._root, *draft.tokens[path]]], dtype=np.int64))
 
-    def _feed(self, ids: np.ndarray) -> None:
+    def _feed(self, ids: np.ndarray) -> np.ndarray:
+        """Advance the state over ``ids`` (1, n); return the logits of the last position (1, v).
+        A single token goes through ``step`` where it is loaded: a one-token call of the
+        static-length ``verify`` costs 3-4 steps."""
         if ids.shape[1] == 1 and self.has_step:
-            _, self.s._state = self.model.run("step", {"input_ids": ids[:, 0]}, self.s._state)
-        else:
-            _, self.s._state = self.model.run(self.graph, {"input_ids": ids}, self.s._state)
+            out, self.s._state = self.model.run("step", {"input_ids": ids[:, 0]}, self.s._state)
+            return out["logits"]
+        out, self.s._state = self.model.run(self.graph, {"input_ids": ids}, self.s._state)
+        return out["logits"][0, -1:]
 
     # -- self-speculation ------------------------------------------------------------------
     def exit_draft(self, root: int, k: int, threshold: float) -> Draft:
@@ -214,13 +212,7 @@ class Seq2SeqTarget:
             for i in range(1, c):
                 mask[i] |= mask[parents[i]]
             depth = mask.sum(1) - 1
-        inputs = dict(self.s._feeds)
-        inputs["input_ids"] = np.array([[root, *draft.tokens]], dtype=np.int64)
-        inputs["cache_position"] = np.array([self.s.position], dtype=np.int64)
-        inputs["positions"] = (self.s.position + depth).astype(np.int64)
-        inputs["tree_mask"] = mask
-        out, self.s._state = self.model.run("decoder_chunk", inputs, self.s._state)
-        return out["logits"][0]
+        return self.s.run_chunk(np.array([[root, *draft.tokens]], dtype=np.int64), depth, mask)[0]
 
     def commit(self, path: list[int]) -> None:
         draft = self._draft
