@@ -28,6 +28,9 @@ Two budgets per row, each run in its own child:
   tree width, one decoder graph instead of two or three, rollback, prefill chunk, or plain
   decoding). Its column shows the graphs it loaded when it dropped some.
 
+"plan speculates from": the smallest share of speculation's planned cost (plan only, by
+bisection) at which the plan still speculates; at or below 40% the SpecMemo budget holds it.
+
 "decoding speedup" leaves out the prompt: each child also times every item for one new token
 (the prompt consumed, one step), and the rates compare the time after it.
 
@@ -164,7 +167,35 @@ def child(args: argparse.Namespace) -> None:
     if args.speculate != "plain":
         res["acceptance"] = rep["acceptance_rate"]
         res["tokens_per_verify"] = rep["tokens_per_verify"]
+        if budget is None:      # after the peak was read: the plan's sweep allocates little
+            res["plan"]["share_needed"] = _share_needed(
+                Path(args.bundle), args.backend, args.speculate,
+                max_source=max(map(len, inputs)) if seq2seq else None,
+                max_length=new + 1 if seq2seq else None)
     print(json.dumps(res))
+
+
+def _share_needed(root: Path, backend: str, speculate: str, **kw: Any) -> float:
+    """The smallest fraction f such that the plan still speculates at a budget of plain
+    decoding plus f times what unconstrained speculation adds (its own accounting): SpecMemo's
+    reading asks for f = 0.4."""
+    from edgeseq.bundle import read_manifest
+    from edgeseq.runtime.speculative.plan import make_plan, parse_speculate
+
+    man = read_manifest(root)
+    kind, arg = parse_speculate(speculate)
+    if kind == "draft":
+        kw.update(draft_root=Path(arg), draft_backend=backend)
+    free = make_plan(root, man, backend, kind, None, **kw)
+    lo, hi = 0.0, 1.0
+    for _ in range(12):     # bisection to 1/4096 of the share
+        mid = (lo + hi) / 2
+        budget = int(free.plain_bytes + mid * (free.total - free.plain_bytes))
+        if make_plan(root, man, backend, kind, budget, **kw).mode == "off":
+            lo = mid
+        else:
+            hi = mid
+    return hi
 
 
 # -- the parent ---------------------------------------------------------------------------------
@@ -249,8 +280,9 @@ def main() -> None:
     print("| workload | backend | speculate | plain tok/s | spec tok/s | speedup | "
           "decoding speedup | target | acceptance | tokens/verify | identical | "
           "peak MiB (plain / spec) | 40% of footprint: plan | speedup | peak/budget MiB | "
-          "plain + 40% of speculation's: plan | speedup | peak/budget MiB |")
-    print("|" + "---|" * 18)
+          "plain + 40% of speculation's: plan | speedup | peak/budget MiB | "
+          "plan speculates from |")
+    print("|" + "---|" * 19)
     plain_cache: dict[tuple, dict] = {}
     for wl, name, spec, target in ROWS:
         if wl not in args.workloads.split(","):
@@ -282,7 +314,8 @@ def main() -> None:
                   f"{s.get('acceptance', 0):.2f} | "
                   f"{s.get('tokens_per_verify', 0):.2f} | {same} | "
                   f"{p['peak'] / 2**20:.1f} / {s['peak'] / 2**20:.1f} | "
-                  f"{_budget_cells(c, budget, p_rate)} | {_budget_cells(c_sm, budget_sm, p_rate)} |",
+                  f"{_budget_cells(c, budget, p_rate)} | {_budget_cells(c_sm, budget_sm, p_rate)} | "
+                  f"{pl.get('share_needed', 1):.1%} |",
                   flush=True)
             strip = lambda r: {k: v for k, v in r.items() if k != "outputs"}  # noqa: E731
             results.append({"workload": wl, "backend": be, "speculate": label,

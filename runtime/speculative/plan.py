@@ -462,8 +462,15 @@ def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None
                     spec += 2 * st
                 elif kind == "draft":
                     d_bytes, draft_graphs, loop = drafter(lean)
-                    snaps = (2 * int(dman.config.get("draft_loop_tokens") or kk) + 1 if loop
-                             else kk + 1)
+                    # a snapshot before each drafted token; with a draft_loop, one before the
+                    # call, and its traces (the state after each of its K steps) as the rest.
+                    # The runners keep the traces in buffers across calls: ORT binds them as
+                    # the call's outputs, which its activation table counts already;
+                    # ExecuTorch copies them out of the planned memory (counted there) into K
+                    # more.
+                    loop_k = int(dman.config.get("draft_loop_tokens") or kk)
+                    snaps = (1 + (loop_k if (draft_backend or backend) == "executorch" else 0)
+                             if loop else kk + 1)
                     spec += d_bytes + snaps * d_st
                 fp["speculation"] = spec
                 if fits(fp):
