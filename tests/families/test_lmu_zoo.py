@@ -48,12 +48,13 @@ def test_zoo_digits_stream_equals_pytorch(tmp_path, digits, name, min_acc):
         assert run.shape == ref.shape
         # the same prediction after every frame of every test sample
         assert np.array_equal(run.argmax(-1), ref.argmax(-1)), backend
-        # The same spikes: one flipped spike moves the logits by > 1e-3. ONNX Runtime reproduces
-        # every spike of every sample; XNNPACK's GEMMs round differently, and a membrane that
-        # sits within that rounding of its threshold can flip (measured: 1 sample of 360 for the
-        # spiking model, from frame 41 on). Allow at most 1% of the samples.
+        # The same spikes: one flipped spike moves the logits by > 1e-3. A backend's GEMMs round
+        # differently from PyTorch's, and a membrane that sits within that rounding of its
+        # threshold can flip (measured: 1 sample of 360 for the spiking model on XNNPACK, from
+        # frame 41 on; on ONNX Runtime none on AVX2 hosts, 1 on a Zen 5 host, whose AVX-512
+        # kernels ORT picks at run time). Allow at most 1% of the samples.
         flipped = int((np.abs(run - ref).max((1, 2)) > 1e-3).sum())
-        assert flipped == 0 if backend == "ort" else flipped <= len(x) // 100, (backend, flipped)
+        assert flipped <= len(x) // 100, (backend, flipped)
     # early exit at 0.9: the running prediction is stable well before the end
     from edgeseq.runtime.classify import Classification
 
