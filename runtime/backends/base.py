@@ -7,7 +7,7 @@ tensors); ``to_numpy``/``from_numpy`` convert it for snapshots, ``state_dict`` a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -45,14 +45,15 @@ class KeptBuffers:
     def __init__(self) -> None:
         self._flat: dict[str, np.ndarray] = {}
 
-    def view(self, name: str, shape: tuple[int, ...] | list[int], dtype: Any, reserve: int = 0
-             ) -> np.ndarray:
+    def view(self, name: str, shape: tuple[int, ...] | list[int], dtype: Any,
+             reserve: Callable[[], int] | None = None) -> np.ndarray:
         """A C-ordered array of ``shape`` over the kept buffer for ``name``; a buffer grown here
-        is sized for at least ``reserve`` elements (the graph's longest chunk)."""
+        is sized for at least ``reserve()`` elements (the graph's longest chunk), asked only
+        when it grows."""
         n = int(np.prod(shape))
         flat = self._flat.get(name)
-        if flat is None or flat.size < n or flat.dtype != np.dtype(dtype):
-            flat = self._flat[name] = np.empty(max(n, reserve), dtype=dtype)
+        if flat is None or flat.size < n or flat.dtype != dtype:
+            flat = self._flat[name] = np.empty(max(n, reserve() if reserve else 0), dtype=dtype)
         return flat[:n].reshape(shape)
 
 

@@ -102,12 +102,8 @@ def _share_packed_weights() -> bool:
     if os.environ.get("EDGESEQ_XNNPACK_WEIGHT_CACHE", "1") == "0":
         return False
     import ctypes
-    import importlib.util
 
-    spec = importlib.util.find_spec("executorch")
-    roots = list(spec.submodule_search_locations or []) if spec else []
-    lib_path = next((Path(r) / "lib" / "libexecutorch.so" for r in roots
-                     if (Path(r) / "lib" / "libexecutorch.so").is_file()), None)
+    lib_path = _executorch_lib("libexecutorch.so")
     if lib_path is None:
         return False
     try:
@@ -167,17 +163,23 @@ def _register_quantized_kernels() -> None:
     if _QUANTIZED_KERNELS is not None:
         return
     import ctypes
-    import importlib.util
 
-    spec = importlib.util.find_spec("executorch")
-    roots = list(spec.submodule_search_locations or []) if spec else []
-    libs = [Path(r) / "lib" / "libexecutorch_kernels_quantized.so" for r in roots]
-    lib = next((p for p in libs if p.is_file()), None)
+    lib = _executorch_lib("libexecutorch_kernels_quantized.so")
     # RTLD_GLOBAL: its static registrars add the kernels to the runtime's one registry.
     _QUANTIZED_KERNELS = ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL) if lib else False
 
 
 _QUANTIZED_KERNELS: Any = None
+
+
+def _executorch_lib(name: str) -> Path | None:
+    """A shared library shipped in the executorch package's ``lib`` folder, if present."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("executorch")
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    return next((Path(r) / "lib" / name for r in roots if (Path(r) / "lib" / name).is_file()),
+                None)
 
 
 class _EtRunner:

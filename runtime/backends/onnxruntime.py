@@ -202,9 +202,10 @@ class _OrtRunner:
             if s not in self.kept:
                 io.bind_output(s.name, "cpu")
                 continue
-            most = s.concrete_shape({**dims, "chunk": max(grow, self.entry.max_chunk or 1)})
-            a = kept[s.name] = self._bufs.view(s.name, s.concrete_shape(dims), s.dtype,
-                                               reserve=int(np.prod(most)))
+            a = kept[s.name] = self._bufs.view(
+                s.name, s.concrete_shape(dims), s.dtype,
+                reserve=lambda s=s: int(np.prod(s.concrete_shape(
+                    {**dims, "chunk": max(grow, self.entry.max_chunk or 1)}))))
             io.bind_ortvalue_output(s.name, ort.OrtValue.ortvalue_from_numpy(a))
         for j, (spec, v) in enumerate(zip(self.entry.state, dst)):
             want = _grown(spec, src[j].shape(), grow)
