@@ -73,7 +73,7 @@ def worker(engine: str, ckpt: Path, bundle: Path, prompt: list[int], n: int, thr
     timed_stream(sess, prompt, 4)  # warm-up
     res = timed_stream(sess, prompt, n, stop_at_eos=False)
     return {"tokens_per_s": res.tokens_per_s, "first_token_ms": res.first_token_ms,
-            "tokens": res.tokens, "peak_rss": peak_rss_bytes()}
+            "step_ms_p50": res.step_ms_p50, "tokens": res.tokens, "peak_rss": peak_rss_bytes()}
 
 
 def read_bandwidth(threads: int, gib: float = 1.0) -> float:

@@ -139,20 +139,36 @@ def synthetic_prompt(n: int, vocab: int | None, start: int = 1) -> list[int]:
 # Stage 1: measurement (runs in a child process)
 # =============================================================================================
 class _CallLog:
-    """Wraps ``LoadedModel.run`` to time every graph call and record the sizes it was fed."""
+    """Wraps ``LoadedModel.run`` to time every graph call and record the sizes it was fed.
+
+    The wrapper sits inside the loop it measures, so it does as little as it can per call: the
+    named dims of each graph's inputs are looked up once, and a call appends its time and those
+    sizes (a tuple) to lists that ``summary`` reduces afterwards."""
 
     def __init__(self, model: Any, manifest: Manifest):
         self.entries = manifest.graphs
+        # graph -> ((input name, axis, dim name), ...): the named dims to read off a call
+        self._named = {g: tuple((spec.name, ax, d) for spec in e.inputs
+                                for ax, d in enumerate(spec.shape) if isinstance(d, str))
+                       for g, e in manifest.graphs.items()}
+        self._cache_pos = {g: any(spec.name == "cache_position" for spec in e.inputs)
+                           for g, e in manifest.graphs.items()}
         self.sequence: list[str] = []  # every call since load, warm-up included, in order
         self.reset()
         orig = model.run
+        clock = time.perf_counter
 
         def run(graph: str, inputs: dict[str, np.ndarray], state: Any) -> Any:
-            t = time.perf_counter()
+            t = clock()
             out = orig(graph, inputs, state)
-            self.ms.setdefault(graph, []).append((time.perf_counter() - t) * 1e3)
+            dt = clock() - t
+            ms = self.ms.get(graph)
+            if ms is None:
+                ms = self.ms[graph] = []
+                self._shapes[graph] = []
+            ms.append(dt * 1e3)
             self.sequence.append(graph)
-            self._note_dims(graph, inputs)
+            self._shapes[graph].append(self._dims_of(graph, inputs))
             return out
 
         model.run = run  # the sessions call self.model.run
@@ -160,35 +176,40 @@ class _CallLog:
     def reset(self) -> None:
         """Forget the calls so far (the warm-up); ``sequence`` keeps them."""
         self.ms: dict[str, list[float]] = {}
-        self.dim_sums: dict[str, dict[str, float]] = {}
-        self.dim_max: dict[str, dict[str, int]] = {}
+        self._shapes: dict[str, list[tuple]] = {}
 
     def counts(self) -> dict[str, int]:
         return {g: len(v) for g, v in self.ms.items()}
 
-    def _note_dims(self, graph: str, inputs: Mapping[str, np.ndarray]) -> None:
-        dims: dict[str, int] = {}
-        for spec in self.entries[graph].inputs:
-            a = inputs.get(spec.name)
-            if a is None:
-                continue
-            for d, n in zip(spec.shape, np.shape(a)):
-                if isinstance(d, str):
-                    dims[d] = int(n)
-        if "cache_position" in inputs:  # the self-attention cache holds this many positions
-            dims["past"] = int(np.asarray(inputs["cache_position"]).reshape(-1)[0])
-        sums = self.dim_sums.setdefault(graph, {})
-        mx = self.dim_max.setdefault(graph, {})
-        for d, n in dims.items():
-            sums[d] = sums.get(d, 0) + n
-            mx[d] = max(mx.get(d, 0), n)
+    def _dims_of(self, graph: str, inputs: Mapping[str, np.ndarray]) -> tuple:
+        dims = []
+        for name, ax, d in self._named.get(graph, ()):
+            a = inputs.get(name)
+            if a is not None:
+                shape = np.shape(a)
+                if ax < len(shape):
+                    dims.append((d, int(shape[ax])))
+        if self._cache_pos.get(graph) and "cache_position" in inputs:
+            # the self-attention cache holds this many positions
+            dims.append(("past", int(np.asarray(inputs["cache_position"]).reshape(-1)[0])))
+        return tuple(dims)
+
+    def _dim_stats(self, graph: str) -> tuple[dict[str, float], dict[str, int]]:
+        sums: dict[str, float] = {}
+        mx: dict[str, int] = {}
+        for call in self._shapes.get(graph, ()):
+            for d, n in dict(call).items():  # a later entry of one name wins, as before
+                sums[d] = sums.get(d, 0) + n
+                mx[d] = max(mx.get(d, 0), n)
+        return sums, mx
 
     def summary(self) -> dict[str, Any]:
         out = {}
         for g, ms in self.ms.items():
             n = len(ms)
-            mean_dims = {d: max(0, int(round(s / n))) for d, s in self.dim_sums.get(g, {}).items()}
-            out[g] = {**_stats(ms), "dims": mean_dims, "max_dims": self.dim_max.get(g, {})}
+            sums, mx = self._dim_stats(g)
+            mean_dims = {d: max(0, int(round(s / n))) for d, s in sums.items()}
+            out[g] = {**_stats(ms), "dims": mean_dims, "max_dims": mx}
         return out
 
 

@@ -156,10 +156,12 @@ def test_peak_rss_agrees_with_usr_bin_time(bundle):
     assert abs(ours - kb * 1024) <= 0.10 * kb * 1024, (ours, kb * 1024)
 
 
-def test_tokens_per_s_agrees_with_the_family_benchmark(bundle):
+def test_step_rate_agrees_with_the_family_benchmark(bundle):
     """benchmarks/ssm_decode.py's own worker against the profiler, same bundle, prompt, token
-    count and threads. The host is shared, so each side keeps its best of up to 4 runs
-    (interference only slows a run down) and the test passes once the bests agree."""
+    count and threads: the rate of the median step (1 / p50). The suite shares the host's two
+    cores with another worker; a preempted run loses whole scheduler slices to a few steps, which
+    moves a mean rate by up to 2x either way (measured under a two-thread load) but hardly the
+    median. Each side keeps its best of up to 4 runs and the test passes once the bests agree."""
     n, threads, prompt = 256, 1, list(range(1, 17))
     args = json.dumps({"ckpt": "-", "bundle": str(bundle), "prompt": prompt, "n": n,
                        "threads": threads})
@@ -169,11 +171,13 @@ def test_tokens_per_s_agrees_with_the_family_benchmark(bundle):
                               "--worker", "ort", "--args", args], capture_output=True, text=True,
                              timeout=300)
         line = next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))
-        bench = max(bench, json.loads(line[7:])["tokens_per_s"])
+        bench = max(bench, 1e3 / json.loads(line[7:])["step_ms_p50"])
         res = _cli("profile", str(bundle), "--json", "-q", "--no-ops", "--tokens", str(n),
                    "--threads", str(threads), "--prompt-len", str(len(prompt)))
         assert res.returncode == 0, res.stderr
-        prof = max(prof, json.loads(res.stdout)["measured"]["tokens_per_s"])
+        m = json.loads(res.stdout)["measured"]
+        assert m["tokens_per_s"] > 0
+        prof = max(prof, 1e3 / m["step_ms_p50"])
         if abs(prof - bench) <= 0.10 * bench:
             break
     assert abs(prof - bench) <= 0.10 * bench, (prof, bench)
