@@ -5,8 +5,12 @@ their state (default-init tiny models repeat one token, which would hide a wrong
 """
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 
@@ -26,21 +30,57 @@ BACKENDS = sorted(backends())
 FIXED_LEN = 40
 
 
+def _shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder every xdist worker of this run sees: the parent of the workers' own base
+    temporary folders (pytest-N/popen-gwK), or the base folder itself without xdist."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def shared_build(root: Path, key: str, build: Callable[[Path], Path]) -> Path:
+    """``build(folder)`` once per test run, whichever worker asks first; the others wait for it
+    and reuse its result. Converting the same tiny checkpoint, or the same zoo model, in both
+    workers and in several modules was a third of the suite's time. What is built here is
+    read-only to the tests (a test that changes a bundle copies it first)."""
+    done = root / f"{key}.done"
+    with _exclusive(root / f"{key}.lock"):
+        if done.is_file():
+            return Path(json.loads(done.read_text())["path"])
+        path = Path(build(root / key))
+        done.write_text(json.dumps({"path": str(path), "worker":
+                                    os.environ.get("PYTEST_XDIST_WORKER", "main")}))
+        return path
+
+
 class _LazyCheckpoints(dict):
-    """Tiny checkpoints, built on first use (the encoder-decoder ones are briefly trained)."""
+    """Tiny checkpoints, built on first use (the encoder-decoder ones are briefly trained),
+    once per run for all workers."""
 
     def __init__(self, root: Path):
         super().__init__()
         self.root = root
 
     def __missing__(self, name: str) -> Path:
-        self[name] = families()[name]().make_test_checkpoint(self.root / name)
+        self[name] = shared_build(self.root, f"ckpt-{name}",
+                                  families()[name]().make_test_checkpoint)
         return self[name]
 
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return _LazyCheckpoints(tmp_path_factory.mktemp("ckpt"))
+    return _LazyCheckpoints(_shared_root(tmp_path_factory))
 
 
 _BUNDLES: dict[tuple, Path] = {}
@@ -53,17 +93,31 @@ def bundle_of(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFac
     Generating families carry ``exit_step`` (``early_exit=1``) for the speculative tests."""
     from edgeseq.convert.pipeline import convert
 
+    root = _shared_root(tmp_path_factory)
+
     def get(family: str, max_target_len: int | None = None) -> Path:
         key = (family, max_target_len)
         if key not in _BUNDLES:
-            out = tmp_path_factory.mktemp("bundle") / f"{family}-{max_target_len or 'dyn'}"
             formats = ("onnx", "pte", "pt2") if max_target_len is None else ("onnx", "pte")
             # generating families also get the self-speculative drafter (the first layer)
             early = 1 if families()[family].task != "classification" else None
-            _BUNDLES[key] = convert(checkpoints[family], out, formats=formats, parity_tokens=64,
-                                    max_target_len=max_target_len, early_exit=early)
+            ckpt = checkpoints[family]
+            _BUNDLES[key] = shared_build(
+                root, f"bundle-{family}-{max_target_len or 'dyn'}",
+                lambda out: convert(ckpt, out, formats=formats, parity_tokens=64,
+                                    max_target_len=max_target_len, early_exit=early))
         return _BUNDLES[key]
     return get
+
+
+@pytest.fixture(scope="session")
+def mamba_bytes_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """zoo:mamba-bytes converted once per run for every module that only reads it (the
+    profiler's tests, the quantization tests' fp32 baseline): ONNX and ExecuTorch, with parity."""
+    from edgeseq.convert.pipeline import convert
+
+    return shared_build(_shared_root(tmp_path_factory), "zoo-mamba-bytes",
+                        lambda out: convert("zoo:mamba-bytes", out, formats=("onnx", "pte")))
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -51,11 +51,24 @@ def host_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory, host_cache) -> Path:
-    from edgeseq.convert.pipeline import convert
+def bundle(mamba_bytes_bundle, host_cache) -> Path:
+    """zoo:mamba-bytes (ONNX and ExecuTorch), converted once for the whole run (conftest)."""
+    return mamba_bytes_bundle
 
-    out = tmp_path_factory.mktemp("profile") / "mb"
-    return Path(convert("zoo:mamba-bytes", out, formats=("onnx",), skip_parity=True))
+
+def _only(bundle: Path, dest: Path, fmt: str) -> Path:
+    """A copy of ``bundle`` with one format (``onnx`` or ``pte``), as ``--format FMT`` writes
+    it."""
+    import shutil
+
+    drop = {"onnx": ("*.pte",),
+            "pte": ("*.onnx", "*.onnx.data", "onnx_activation_table.json")}[fmt]
+    shutil.copytree(bundle, dest, ignore=shutil.ignore_patterns(*drop))
+    man = json.loads((dest / "manifest.json").read_text())
+    for g in man["graphs"].values():
+        g["files"] = {k: v for k, v in g["files"].items() if k == fmt}
+    (dest / "manifest.json").write_text(json.dumps(man))
+    return dest
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +268,8 @@ def test_bad_input_exits_2_with_a_clear_message(bundle, tmp_path):
     assert "did you mean 'rpi5-8gb'" in res.output
     res = r.invoke(main, ["profile", str(bundle), "--memory-budget", "lots"])
     assert res.exit_code == 2 and "--memory-budget" in res.output
-    res = r.invoke(main, ["profile", str(bundle), "--backend", "executorch"])
+    res = r.invoke(main, ["profile", str(_only(bundle, tmp_path / "onnx", "onnx")), "--backend",
+                          "executorch"])
     assert res.exit_code == 2 and "not lowered for executorch" in res.output
     res = r.invoke(main, ["profile", str(bundle), "--devices", str(tmp_path / "missing.toml")])
     assert res.exit_code == 2 and "missing.toml" in res.output
@@ -287,10 +301,8 @@ def test_other_zoo_bundles_profile_on_every_device(zoo, task, rate, tmp_path, ho
 
 
 @pytest.mark.slow
-def test_executorch_backend_with_etdump(tmp_path, host_cache):
-    from edgeseq.convert.pipeline import convert
-
-    b = convert("zoo:mamba-bytes", tmp_path / "mb", formats=("pte",), skip_parity=True)
+def test_executorch_backend_with_etdump(bundle, tmp_path):
+    b = _only(bundle, tmp_path / "pte", "pte")  # the roofline then reads the .pte, not ONNX
     res = _cli("profile", str(b), "--backend", "executorch", "--device", "rpi5-8gb", "--json",
                "--tokens", "32", time_v=Path("/usr/bin/time").is_file())
     assert res.returncode == 0, res.stderr

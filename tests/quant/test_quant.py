@@ -14,17 +14,15 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def lm_bundles(tmp_path_factory):
+def lm_bundles(tmp_path_factory, mamba_bytes_bundle):
     root = tmp_path_factory.mktemp("quant")
-    out = {}
-    for scheme in ("fp32", "int8", "int4"):
+    out = {"fp32": mamba_bytes_bundle}  # ONNX and ExecuTorch, converted once per run (conftest)
+    for scheme in ("int8", "int4"):
         # int4 on both backends (ExecuTorch 8da4w too) against an fp32 .pte of the same
         # program; int8 on ONNX Runtime only, for time
         fmt = "onnx" if scheme == "int8" else "onnx,pte"
         args = ["convert", "zoo:mamba-bytes", "-o", root / scheme, "--format", fmt]
-        if scheme != "fp32":
-            args += ["--quant", scheme]
-        cli(*args)
+        cli(*args, "--quant", scheme)
         out[scheme] = root / scheme
     return out
 
