@@ -146,29 +146,20 @@ class _CallLog:
     sizes (a tuple) to lists that ``summary`` reduces afterwards."""
 
     def __init__(self, model: Any, manifest: Manifest):
-        self.entries = manifest.graphs
         # graph -> ((input name, axis, dim name), ...): the named dims to read off a call
         self._named = {g: tuple((spec.name, ax, d) for spec in e.inputs
                                 for ax, d in enumerate(spec.shape) if isinstance(d, str))
                        for g, e in manifest.graphs.items()}
-        self._cache_pos = {g: any(spec.name == "cache_position" for spec in e.inputs)
-                           for g, e in manifest.graphs.items()}
         self.sequence: list[str] = []  # every call since load, warm-up included, in order
         self.reset()
         orig = model.run
-        clock = time.perf_counter
 
         def run(graph: str, inputs: dict[str, np.ndarray], state: Any) -> Any:
-            t = clock()
+            t = time.perf_counter()
             out = orig(graph, inputs, state)
-            dt = clock() - t
-            ms = self.ms.get(graph)
-            if ms is None:
-                ms = self.ms[graph] = []
-                self._shapes[graph] = []
-            ms.append(dt * 1e3)
+            self.ms.setdefault(graph, []).append((time.perf_counter() - t) * 1e3)
             self.sequence.append(graph)
-            self._shapes[graph].append(self._dims_of(graph, inputs))
+            self._shapes.setdefault(graph, []).append(self._dims_of(graph, inputs))
             return out
 
         model.run = run  # the sessions call self.model.run
@@ -189,7 +180,7 @@ class _CallLog:
                 shape = np.shape(a)
                 if ax < len(shape):
                     dims.append((d, int(shape[ax])))
-        if self._cache_pos.get(graph) and "cache_position" in inputs:
+        if "cache_position" in inputs:
             # the self-attention cache holds this many positions
             dims.append(("past", int(np.asarray(inputs["cache_position"]).reshape(-1)[0])))
         return tuple(dims)
