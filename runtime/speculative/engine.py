@@ -193,6 +193,11 @@ class DraftModelSource(DraftSource):
         return Draft.chain(out)
 
 
+def _depth(draft: Draft) -> int:
+    """Longest root-to-leaf path (a chain: its length)."""
+    return len(draft) if draft.is_chain else int(draft.depth().max(initial=0))
+
+
 class SpeculativeDecoder:
     """Greedy or sampled generation over a target (``targets.CausalTarget`` or
     ``targets.Seq2SeqTarget``) with one draft source, under a memory plan's bounds."""
@@ -273,13 +278,27 @@ class SpeculativeDecoder:
     def _accept(self, seq: list[int], draft: Draft, logits: np.ndarray, cfg: SamplingConfig,
                 rng: np.random.Generator, processors: Any) -> tuple[list[int], int]:
         """Walk the tree from the root; return the accepted node path and the next token."""
-        if not cfg.do_sample and draft.is_chain and (
-                processors is None or processors.passthrough(len(seq), len(draft) + 1)):
-            # a chain under greedy decoding with nothing to process: all rows at once
+        if not cfg.do_sample and (
+                processors is None or processors.passthrough(len(seq), _depth(draft) + 1)):
+            # greedy with nothing to process: the argmax of all rows at once
             best = logits.argmax(-1)
-            hit = best[:-1] == draft.tokens
-            m = int(np.argmin(np.append(hit, False)))
-            return list(range(m)), int(best[m])
+            if draft.is_chain:
+                hit = best[:-1] == draft.tokens
+                m = int(np.argmin(np.append(hit, False)))
+                return list(range(m)), int(best[m])
+            # a tree: follow the child whose token is its parent's argmax (Python ints: a
+            # tree has a few dozen nodes, where numpy's per-call cost dominates)
+            toks, want = draft.tokens.tolist(), best.tolist()
+            kids: dict[int, list[int]] = {}
+            for i, p in enumerate(draft.parents.tolist()):
+                kids.setdefault(p, []).append(i)
+            path, node = [], -1
+            while True:
+                tok = want[node + 1]
+                node = next((c for c in kids.get(node, ()) if toks[c] == tok), None)
+                if node is None:
+                    return path, tok
+                path.append(node)
         children: dict[int, list[int]] = {}
         for i, p in enumerate(draft.parents):
             children.setdefault(int(p), []).append(i)

@@ -19,6 +19,7 @@ How a state rolls back depends on its kind (``StateSpec.kind``) and on the memor
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import numpy as np
@@ -48,6 +49,13 @@ def _shallow_chain(model: Any, state: Any, inputs: Any, root: int, k: int, thres
             break
         out.append(tok)
     return Draft.chain(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _chain_mask(c: int) -> tuple[np.ndarray, np.ndarray]:
+    """A chain of c nodes: the causal mask and each node's depth (shared: not to be written;
+    left writeable because torch.from_numpy warns on read-only arrays)."""
+    return np.tril(np.ones((c, c), dtype=np.int64)), np.arange(c)
 
 
 def _row_of_nodes(draft: Draft, paths: list[list[int]]) -> list[tuple[int, int]]:
@@ -204,15 +212,17 @@ class Seq2SeqTarget:
             return self.s.step(np.array([root]))
         c = len(draft) + 1
         if draft.is_chain:
-            mask = np.tril(np.ones((c, c), dtype=np.int64))
-            depth = np.arange(c)
+            mask, depth = _chain_mask(c)
         else:
             parents = np.concatenate([[-1], draft.parents + 1])
             mask = np.eye(c, dtype=np.int64)
             for i in range(1, c):
                 mask[i] |= mask[parents[i]]
             depth = mask.sum(1) - 1
-        return self.s.run_chunk(np.array([[root, *draft.tokens]], dtype=np.int64), depth, mask)[0]
+        ids = np.empty((1, c), dtype=np.int64)
+        ids[0, 0] = root
+        ids[0, 1:] = draft.tokens
+        return self.s.run_chunk(ids, depth, mask)[0]
 
     def commit(self, path: list[int]) -> None:
         draft = self._draft

@@ -292,3 +292,33 @@ def test_input_guided_drafts_a_tree_of_alignments_after_a_correction():
     # the output continues with the substitution alignment: the pointer follows it
     follow = src.propose(ctx + [13, 14], 2)
     assert follow.tokens.tolist() == [15]
+
+
+# --- greedy acceptance ---------------------------------------------------------------------
+class _Rules:
+    """Logits processors that change nothing but say they might (forces the node-by-node walk)."""
+
+    def passthrough(self, cur: int, n: int) -> bool:
+        return False
+
+    def __call__(self, seqs: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        return scores
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_greedy_tree_acceptance_matches_the_node_by_node_walk(seed):
+    from edgeseq.runtime.decoding import SamplingConfig
+    from edgeseq.runtime.speculative.engine import SpeculativeDecoder
+
+    rng = np.random.default_rng(seed)
+    d = tree()
+    logits = rng.standard_normal((len(d) + 1, 40)).astype(np.float32)
+    # make some paths agree with the argmax: the root's row picks 10 or 11, and so on
+    for node, row in ((-1, 0), (0, 1), (1, 2), (2, 3)):
+        kids = [i for i, p in enumerate(d.parents) if p == node]
+        logits[row, d.tokens[kids[seed % len(kids)]]] += 10 * (seed % 3 > 0)
+    dec = SpeculativeDecoder(target=None, source=None)
+    cfg = SamplingConfig(False, 1.0, 0, 1.0)
+    fast = dec._accept([1, 2], d, logits, cfg, rng, None)
+    walk = dec._accept([1, 2], d, logits, cfg, rng, _Rules())
+    assert fast == walk
