@@ -47,30 +47,44 @@ class Draft:
 
     @classmethod
     def chain(cls, tokens) -> Draft:
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        return cls(tokens, np.arange(len(tokens), dtype=np.int64) - 1)
+        # valid by construction: no checks (a draft is made every round; they cost ~10 us)
+        d = cls.__new__(cls)
+        d.tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        d.parents = np.arange(len(d.tokens), dtype=np.int64) - 1
+        d._chain = True
+        return d
 
     @classmethod
     def empty(cls) -> Draft:
         return cls(np.zeros(0, np.int64), np.zeros(0, np.int64))
 
+    # The tree walks below run on Python lists: drafts have a few dozen nodes, where numpy's
+    # per-element access costs more than the work.
+    def _depths(self) -> list[int]:
+        d: list[int] = []
+        for p in self.parents.tolist():
+            d.append(1 if p < 0 else d[p] + 1)
+        return d
+
     def depth(self) -> np.ndarray:
         """(n,) depth of each node, 1 for children of the root."""
-        d = np.zeros(len(self), np.int64)
-        for i, p in enumerate(self.parents):
-            d[i] = 1 if p < 0 else d[p] + 1
-        return d
+        return np.array(self._depths(), dtype=np.int64)
 
     def paths(self) -> list[list[int]]:
         """Root-to-leaf node-index paths, one per leaf, longest first (ties: leaf order)."""
-        has_child = np.zeros(len(self), bool)
-        has_child[self.parents[self.parents >= 0]] = True
+        parents = self.parents.tolist()
+        has_child = [False] * len(parents)
+        for p in parents:
+            if p >= 0:
+                has_child[p] = True
         out = []
-        for leaf in np.flatnonzero(~has_child):
-            path, i = [], int(leaf)
+        for leaf, inner in enumerate(has_child):
+            if inner:
+                continue
+            path, i = [], leaf
             while i >= 0:
                 path.append(i)
-                i = int(self.parents[i])
+                i = parents[i]
             out.append(path[::-1])
         return sorted(out, key=len, reverse=True)  # sorted() is stable
 
@@ -87,12 +101,12 @@ class Draft:
         """Keep the first nodes in topological order with depth <= max_depth, at most max_width
         leaves and at most max_nodes nodes; a node whose parent was dropped is dropped too, so the
         result stays a valid tree."""
-        new_index = np.full(len(self), -1, np.int64)
-        has_kept_child = np.zeros(len(self), bool)
-        depth = self.depth()
+        new_index = [-1] * len(self)
+        has_kept_child = [False] * len(self)
+        depth = self._depths()
         kept: list[int] = []
         leaves = 0
-        for i, p in enumerate(self.parents):
+        for i, p in enumerate(self.parents.tolist()):
             if len(kept) >= max_nodes:
                 break
             if depth[i] > max_depth or (p >= 0 and new_index[p] < 0):
@@ -107,9 +121,8 @@ class Draft:
             new_index[i] = len(kept)
             kept.append(i)
         idx = np.asarray(kept, np.int64)
-        parents = self.parents[idx]
-        parents = np.where(parents >= 0, new_index[np.maximum(parents, 0)], -1)
-        return Draft(self.tokens[idx], parents)
+        parents = [new_index[p] if p >= 0 else -1 for p in self.parents[idx].tolist()]
+        return Draft(self.tokens[idx], np.asarray(parents, np.int64))
 
 
 class DraftSource:
@@ -203,6 +216,7 @@ class InputGuided(DraftSource):
             raise ValueError(f"ngram must be >= 1, got {ngram}")
         self.ngram = ngram
         self._input = _ids(None)
+        self._list: list[int] = []
         self._ptr: int | None = None  # input index of the next expected output token
         self._at = 0                  # context length at which _ptr is valid
         # Where the output was in the input when alignment was lost (input index, context
@@ -219,6 +233,8 @@ class InputGuided(DraftSource):
             # a causal LM's prompt ends with the instruction, not the text to copy: align from the
             # context's last tokens instead (an earlier occurrence in the prompt)
             self._input, self._ptr = _ids(context), None
+        # the pointer checks compare a token or two a round: Python ints beat numpy's call cost
+        self._list = self._input.tolist()
 
     @property
     def pointer(self) -> int | None:
@@ -237,16 +253,17 @@ class InputGuided(DraftSource):
         return None
 
     def propose(self, context: Sequence[int], k: int, width: int = 1) -> Draft:
-        ctx = _ids(context)
-        if self._ptr is not None and len(ctx) < self._at:  # the caller rewound the context
+        n_ctx = len(context)
+        inp = self._list
+        if self._ptr is not None and n_ctx < self._at:  # the caller rewound the context
             self._anchor, self._ptr = (self._ptr, self._at), None
-        if self._cands and len(ctx) >= self._at:
+        if self._cands and n_ctx >= self._at:
             # the last draft was a tree of alignments: keep the one the output followed
-            new = ctx[self._at:]
+            new = [int(t) for t in context[self._at:]]
             for c in self._cands:
-                if np.array_equal(self._input[c:c + len(new)], new):
+                if inp[c:c + len(new)] == new:
                     self._ptr = c + len(new)
-                    self._at = len(ctx)
+                    self._at = n_ctx
                     break
             else:
                 self._anchor = (self._cands[0], self._at)
@@ -254,18 +271,19 @@ class InputGuided(DraftSource):
         if self._ptr is not None:
             # Check the tokens decided since the pointer was last valid (the target's bonus or
             # correction token; everything when feedback was not called) against the input.
-            new = ctx[self._at:]
-            ahead = self._input[self._ptr:self._ptr + len(new)]
-            eq = np.append(ahead == new[:len(ahead)], False)
-            j = int(np.argmin(eq))  # length of the common prefix
+            new = [int(t) for t in context[self._at:]]
+            ptr, j = self._ptr, 0  # j: length of the common prefix
+            while j < len(new) and ptr + j < len(inp) and inp[ptr + j] == new[j]:
+                j += 1
             if j == len(new):
                 self._ptr += j
             else:
                 self._anchor, self._ptr = (self._ptr + j, self._at + j), None
         lost = self._ptr is None
+        ctx = _ids(context) if lost else None
         if lost:
             self._ptr = self._realign(ctx)
-        self._at = len(ctx)
+        self._at = n_ctx
         if k <= 0:
             return Draft.empty()
         if lost and width > 1:
@@ -292,7 +310,7 @@ class InputGuided(DraftSource):
         kids: dict[tuple[int, int], int] = {}
         for c in cands:
             node = -1
-            for tok in self._input[c:c + depth]:
+            for tok in self._list[c:c + depth]:
                 key = (node, int(tok))
                 if key not in kids:
                     kids[key] = len(tokens)

@@ -252,9 +252,9 @@ class SpeculativeDecoder:
             st.drafted += len(draft)
             st.accepted += len(path)
             st.k_history.append(len(draft))
-            consumed = np.array([root, *draft.tokens], dtype=np.int64)
+            consumed = np.concatenate([np.array([root], dtype=np.int64), draft.tokens])
             self.source.feedback(seq, draft, len(path), consumed, logits)
-            new = [int(draft.tokens[i]) for i in path] + [nxt]
+            new = draft.tokens[path].tolist() + [nxt]
             if len(draft):
                 full = len(path) == (len(draft) if chain else len(draft.paths()[0]))
                 if self.adaptive:       # model drafts: each token costs a drafter step

@@ -214,10 +214,12 @@ class Seq2SeqTarget:
         if draft.is_chain:
             mask, depth = _chain_mask(c)
         else:
-            parents = np.concatenate([[-1], draft.parents + 1])
-            mask = np.eye(c, dtype=np.int64)
-            for i in range(1, c):
-                mask[i] |= mask[parents[i]]
+            # each node's ancestors as the bits of a Python int (nodes are in topological
+            # order), unpacked once: no numpy call per node
+            bits = [1]
+            for i, p in enumerate(draft.parents.tolist(), start=1):
+                bits.append(bits[p + 1] | (1 << i))
+            mask = (np.array(bits, dtype=np.int64)[:, None] >> np.arange(c)) & 1
             depth = mask.sum(1) - 1
         ids = np.empty((1, c), dtype=np.int64)
         ids[0, 0] = root
@@ -231,8 +233,10 @@ class Seq2SeqTarget:
         pos = self.s.position
         keep = [0] + [1 + i for i in path]
         prefix = keep == list(range(len(keep)))
-        if prefix and self.fixed:
-            pass                                     # later slots are masked, then overwritten
+        if prefix and (self.fixed or len(keep) == len(draft) + 1):
+            # fixed: later slots are masked, then overwritten; all accepted: the grown cache
+            # holds just the kept positions
+            pass
         elif prefix:
             # a chain: drop the rejected tail of the grown cache
             self.s._state = self.model.assign(self.s._state, [
