@@ -90,12 +90,14 @@ class Draft:
 
     def ancestors_mask(self) -> np.ndarray:
         """(n, n) bool: [i, j] = j is i or an ancestor of i (the tree-attention mask)."""
-        m = np.zeros((len(self), len(self)), bool)
-        for i, p in enumerate(self.parents):
-            if p >= 0:
-                m[i] = m[p]
-            m[i, i] = True
-        return m
+        # each node's ancestors as the bits of a Python int (nodes are in topological order),
+        # unpacked once: no numpy call per node
+        bits: list[int] = []
+        for i, p in enumerate(self.parents.tolist()):
+            bits.append((bits[p] if p >= 0 else 0) | (1 << i))
+        n = len(bits)
+        return ((np.array(bits, dtype=np.int64)[:, None] >> np.arange(n)) & 1).astype(bool) \
+            if n else np.zeros((0, 0), bool)
 
     def truncate(self, max_nodes: int, max_depth: int, max_width: int) -> Draft:
         """Keep the first nodes in topological order with depth <= max_depth, at most max_width

@@ -278,30 +278,30 @@ class SpeculativeDecoder:
     def _accept(self, seq: list[int], draft: Draft, logits: np.ndarray, cfg: SamplingConfig,
                 rng: np.random.Generator, processors: Any) -> tuple[list[int], int]:
         """Walk the tree from the root; return the accepted node path and the next token."""
-        if not cfg.do_sample and (
-                processors is None or processors.passthrough(len(seq), _depth(draft) + 1)):
+        greedy_rows = not cfg.do_sample and (
+            processors is None or processors.passthrough(len(seq), _depth(draft) + 1))
+        if greedy_rows and draft.is_chain:
             # greedy with nothing to process: the argmax of all rows at once
             best = logits.argmax(-1)
-            if draft.is_chain:
-                hit = best[:-1] == draft.tokens
-                m = int(np.argmin(np.append(hit, False)))
-                return list(range(m)), int(best[m])
-            # a tree: follow the child whose token is its parent's argmax (Python ints: a
-            # tree has a few dozen nodes, where numpy's per-call cost dominates)
-            toks, want = draft.tokens.tolist(), best.tolist()
-            kids: dict[int, list[int]] = {}
-            for i, p in enumerate(draft.parents.tolist()):
-                kids.setdefault(p, []).append(i)
+            hit = best[:-1] == draft.tokens
+            m = int(np.argmin(np.append(hit, False)))
+            return list(range(m)), int(best[m])
+        # Python ints: a tree has a few dozen nodes, where numpy's per-call cost dominates
+        toks = draft.tokens.tolist()
+        children: dict[int, list[int]] = {}
+        for i, p in enumerate(draft.parents.tolist()):
+            children.setdefault(p, []).append(i)
+        if greedy_rows:
+            # a tree, greedy, nothing to process: follow the child whose token is its
+            # parent's argmax, every row's argmax taken at once
+            want = logits.argmax(-1).tolist()
             path, node = [], -1
             while True:
                 tok = want[node + 1]
-                node = next((c for c in kids.get(node, ()) if toks[c] == tok), None)
+                node = next((c for c in children.get(node, ()) if toks[c] == tok), None)
                 if node is None:
                     return path, tok
                 path.append(node)
-        children: dict[int, list[int]] = {}
-        for i, p in enumerate(draft.parents):
-            children.setdefault(int(p), []).append(i)
         path: list[int] = []
         node, prefix = -1, list(seq)
         while True:
@@ -309,7 +309,7 @@ class SpeculativeDecoder:
             kids = children.get(node, [])
             if not cfg.do_sample:
                 best = int(next_token(scores, cfg, rng)[0])
-                nxt = next((c for c in kids if int(draft.tokens[c]) == best), None)
+                nxt = next((c for c in kids if toks[c] == best), None)
                 if nxt is None:
                     return path, best
             else:

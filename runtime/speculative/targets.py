@@ -214,12 +214,10 @@ class Seq2SeqTarget:
         if draft.is_chain:
             mask, depth = _chain_mask(c)
         else:
-            # each node's ancestors as the bits of a Python int (nodes are in topological
-            # order), unpacked once: no numpy call per node
-            bits = [1]
-            for i, p in enumerate(draft.parents.tolist(), start=1):
-                bits.append(bits[p + 1] | (1 << i))
-            mask = (np.array(bits, dtype=np.int64)[:, None] >> np.arange(c)) & 1
+            # the root (position 0) is every node's ancestor
+            mask = np.zeros((c, c), dtype=np.int64)
+            mask[:, 0] = 1
+            mask[1:, 1:] = draft.ancestors_mask()
             depth = mask.sum(1) - 1
         ids = np.empty((1, c), dtype=np.int64)
         ids[0, 0] = root
