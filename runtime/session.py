@@ -188,10 +188,11 @@ SPECULATIVE_GRAPHS = ("verify", "decoder_chunk", "exit_step", "draft_loop")
 
 
 def load(path: str | Path, backend: str = "ort", threads: int | None = None,
-         graphs: set[str] | None = None) -> Any:
+         graphs: set[str] | None = None, prepack: frozenset[str] = frozenset()) -> Any:
     """Open a bundle written by ``edgeseq convert`` on one backend (``ort``, ``executorch``,
     ``torch``). ``graphs``: which graphs to load (default: all but the speculative ones;
-    ``edgeseq.runtime.speculative.load`` asks for those its memory plan affords)."""
+    ``edgeseq.runtime.speculative.load`` asks for those its memory plan affords). ``prepack``:
+    graphs whose weights the backend may repack at load (a private copy; the plan's call)."""
     root = Path(path)
     manifest = read_manifest(root)
     be = get_backend(backend)
@@ -209,14 +210,15 @@ def load(path: str | Path, backend: str = "ort", threads: int | None = None,
             raise BundleError(f"{root}: graph {name} was not lowered for {be.name} "
                               f"(format {be.format}; bundle has: {have})")
         entries[name] = g
+    if manifest.task not in ("seq2seq", "speech_seq2seq", "classification", "causal_lm"):
+        raise BundleError(f"{root}: task {manifest.task!r} has no session type in this edgeseq")
+    model = be.load(root, entries, threads, frozenset(prepack))
     if manifest.task in ("seq2seq", "speech_seq2seq"):
         from edgeseq.runtime.seq2seq import Seq2SeqSession
 
-        return Seq2SeqSession(root, manifest, be.name, be.load(root, entries, threads))
+        return Seq2SeqSession(root, manifest, be.name, model)
     if manifest.task == "classification":
         from edgeseq.runtime.classify import ClassifierSession
 
-        return ClassifierSession(root, manifest, be.name, be.load(root, entries, threads))
-    if manifest.task != "causal_lm":
-        raise BundleError(f"{root}: task {manifest.task!r} has no session type in this edgeseq")
-    return Session(root, manifest, be.name, be.load(root, entries, threads))
+        return ClassifierSession(root, manifest, be.name, model)
+    return Session(root, manifest, be.name, model)

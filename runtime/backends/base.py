@@ -79,8 +79,11 @@ class Backend:
         """Write the graphs under ``out``; return {graph name: file name relative to out}."""
         raise NotImplementedError
 
-    def load(self, root: Path, entries: dict[str, GraphEntry], threads: int | None = None
-             ) -> "LoadedModel":
+    def load(self, root: Path, entries: dict[str, GraphEntry], threads: int | None = None,
+             prepack: frozenset[str] = frozenset()) -> "LoadedModel":
+        """Open ``entries``. ``prepack``: graphs whose weights the runtime may repack into its
+        kernels' layout at load (a private copy; a memory plan decides, see
+        ``speculative/plan.py``). Backends that always pack (XNNPACK) or never do ignore it."""
         raise NotImplementedError
 
 

@@ -65,8 +65,8 @@ class ExecuTorchBackend(Backend):
         (out / PLANNED_FILE).write_text(json.dumps(planned, indent=1))
         return {name: PTE_FILE for name in graphs}
 
-    def load(self, root: Path, entries: dict[str, GraphEntry], threads: int | None = None
-             ) -> LoadedModel:
+    def load(self, root: Path, entries: dict[str, GraphEntry], threads: int | None = None,
+             prepack: frozenset[str] = frozenset()) -> LoadedModel:
         from executorch.runtime import Runtime
 
         _register_quantized_kernels()

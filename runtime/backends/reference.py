@@ -35,8 +35,8 @@ class TorchBackend(Backend):
             files[name] = fname
         return files
 
-    def load(self, root: Path, entries: dict[str, GraphEntry], threads: int | None = None
-             ) -> LoadedModel:
+    def load(self, root: Path, entries: dict[str, GraphEntry], threads: int | None = None,
+             prepack: frozenset[str] = frozenset()) -> LoadedModel:
         import torch
 
         if threads:

@@ -14,14 +14,19 @@ process's footprint before loading (what ``edgeseq profile`` calls the baseline)
   output buffers);
 - ``speculation``: draft/verify buffers (chunk x width logits), rollback (per-position traces,
   a snapshot, or the cache copies of a commit), tree copies of the state, and the drafter (a
-  recycling matrix, the early-exit graph, or a whole draft model).
+  recycling matrix, the early-exit graph, or a whole draft model);
+- ``prepacked`` (ONNX Runtime): the chunk graph's weights repacked into MLAS's GEMM layout, a
+  private copy the session makes at load when the plan affords it. Plain decoding's one-row
+  graphs gain nothing from packing and share the bundle's weights instead; a chunk of many
+  rows does (``decoder_chunk`` of the typo fixer at 16 tokens: 527 -> 479 us).
 
 The constants were measured on the zoo bundles (``tests/speculative/test_memory.py`` checks the
 plan against the process's peak RSS over random budgets); they err on the safe side.
 
 Given a budget the plan tries, in order, the requested source with the largest draft, a
 smaller draft (down to 2), a chain instead of a tree, replay instead of traces, and finally no
-speculation (plain decoding with a smaller prefill chunk). A budget below the plain footprint at
+speculation (plain decoding with a smaller prefill chunk); at each of these, the packed chunk
+graph first, then the unpacked one. A budget below the plain footprint at
 the smallest prefill chunk is refused: ``BundleError`` before loading.
 """
 from __future__ import annotations
@@ -49,6 +54,9 @@ RUNTIME_PER_GRAPH = {"ort": 4 * MB, "executorch": 3 * MB, "torch": 8 * MB}
 # intermediates, times this, bounds what it leaves behind.
 ACTIVATION_FACTOR = {"ort": 1.5, "executorch": 1.0, "torch": 2.0}
 PREFILL_CHUNKS = (128, 64, 32, 16, 8, 4, 1)
+# Measured packed copies exceeded the conversion's estimate (onnxruntime.prepacked_bytes) by up
+# to 7% (allocation headers, alignment); the plan counts this much more.
+PREPACK_MARGIN = 1.15
 RECYCLE_BYTES = 2 * MB
 
 
@@ -83,6 +91,7 @@ class MemoryPlan:
     graphs: set[str] = field(default_factory=set)
     draft_graphs: set[str] | None = None
     draft_backend: str | None = None
+    prepack: set[str] = field(default_factory=set)     # graphs whose weights the runtime packs
     footprint: dict[str, int] = field(default_factory=dict)
     plain_bytes: int = 0
     reason: str = ""
@@ -95,6 +104,7 @@ class MemoryPlan:
         d = asdict(self)
         d["graphs"] = sorted(self.graphs)
         d["draft_graphs"] = sorted(self.draft_graphs) if self.draft_graphs else None
+        d["prepack"] = sorted(self.prepack)
         d["total_bytes"] = self.total
         return d
 
@@ -227,6 +237,19 @@ def activation_bytes(root: Path, man: Manifest, backend: str, graph: str,
             return int(ACTIVATION_FACTOR["ort"] * _from_table(tables[graph], dims))
         return 16 * _file(root, man.graphs[graph].files["onnx"]) + 16 * MB   # older bundle
     return 4 * weights_bytes(root, man, backend, {graph})
+
+
+def prepack_bytes(root: Path, man: Manifest, backend: str, graph: str) -> int:
+    """What packing ``graph``'s weights at load adds (ONNX Runtime), margin included; 0 where
+    there is nothing to choose: another backend (XNNPACK always packs), a quantized bundle (ORT
+    packs its kernels' weights anyway) or a bundle converted before the table recorded it."""
+    if _fmt(backend) != "onnx":
+        return 0
+    q = man.quantization
+    if isinstance(q, dict) and str(q.get("scheme", "")).startswith("int"):
+        return 0
+    table = _tables(str(root / ACTIVATION_TABLE)).get(graph, {})
+    return int(PREPACK_MARGIN * int(table.get("prepack_bytes", 0)))
 
 
 def state_bytes(man: Manifest, dims: dict[str, int], prefix: int | None = None) -> int:
@@ -390,6 +413,8 @@ def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None
     rollbacks = ["crop"] if seq2seq else (["trace", "replay"] if chunk_graph == "verify"
                                          else ["replay"])
     st = state_bytes(man, costs.dims())
+    packed = prepack_bytes(root, man, backend, chunk_graph) if chunk_graph != "prefill" else 0
+    packs = [True, False] if packed else [False]
     if kind == "draft":
         dcosts = _Costs(draft_root, dman, draft_backend or backend)
         d_st = state_bytes(dman, dcosts.dims())
@@ -433,8 +458,8 @@ def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None
         if c is not None and p_chunk is not None and c > p_chunk:
             continue
         for w in widths:
-            for kk, lean, rb in ((kk, lean, rb) for kk in ks for lean in leans
-                                 for rb in rollbacks):
+            for kk, lean, rb, pack in ((kk, lean, rb, pack) for kk in ks for lean in leans
+                                       for rb in rollbacks for pack in packs):
                 chunk = kk + 1
                 items, tgraphs = target(c, lean, chunk, w)
                 fp, graphs = dict(items), set(tgraphs)
@@ -473,6 +498,7 @@ def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None
                              if loop else kk + 1)
                     spec += d_bytes + snaps * d_st
                 fp["speculation"] = spec
+                fp["prepacked"] = packed if pack else 0
                 if fits(fp):
                     # free drafts start (and stay) at the bound: a long wrong draft
                     # costs little more verify time; model drafts adapt from 4
@@ -481,6 +507,7 @@ def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None
                                       adaptive=not free, width=w, rollback=rb,
                                       prefill_chunk=c, graphs=graphs,
                                       draft_graphs=draft_graphs, footprint=fp,
+                                      prepack={chunk_graph} if pack else set(),
                                       draft_backend=draft_backend if kind == "draft"
                                       else None,
                                       plain_bytes=off.plain_bytes,

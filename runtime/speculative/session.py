@@ -170,7 +170,8 @@ def load(path: str | Path, backend: str = "ort", speculate: str = "auto",
                      max_source=max_source, max_length=max_length,
                      draft_backend=draft_backend)
     plan.exit_threshold = float(exit_threshold)
-    session = load_session(root, backend=backend, threads=threads, graphs=plan.graphs)
+    session = load_session(root, backend=backend, threads=threads, graphs=plan.graphs,
+                           prepack=frozenset(plan.prepack))
     draft_session = None
     if plan.mode == "draft":
         draft_session = load_session(Path(arg), backend=plan.draft_backend, threads=threads,

@@ -1,0 +1,127 @@
+"""The memory plan's packing switch (ONNX Runtime): the chunk graph's weights repacked at load
+when the budget affords the private copy, counted in the plan, dropped first when it does not."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeseq.bundle import read_manifest
+
+MB = 1 << 20
+
+
+def _gemm_model():
+    """MatMul on an initializer, Gemm with transB, MatMul on a transposed initializer, a MatMul
+    of two activations, and an int64 initializer: the packer takes the first three only."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    f32 = lambda *s: np.zeros(s, np.float32)  # noqa: E731
+    inits = [numpy_helper.from_array(f32(5, 20), "w1"), numpy_helper.from_array(f32(3, 7), "w2"),
+             numpy_helper.from_array(f32(17, 9), "w3"),
+             numpy_helper.from_array(np.zeros((4, 4), np.int64), "w4")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"]),                  # K 5, N 20 -> 32
+             helper.make_node("Gemm", ["y", "w2"], ["b"], transB=1),          # K 7, N 3 -> 16
+             helper.make_node("Transpose", ["w3"], ["w3t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["z", "w3t"], ["c"]),                 # K 9, N 17 -> 32
+             helper.make_node("MatMul", ["a", "d"], ["e"]),
+             helper.make_node("MatMul", ["i", "w4"], ["j"])]
+    io = lambda n, t=TensorProto.FLOAT: helper.make_tensor_value_info(n, t, None)  # noqa: E731
+    g = helper.make_graph(nodes, "g", [io("x"), io("y"), io("z"), io("d"),
+                                       io("i", TensorProto.INT64)],
+                          [io("b"), io("c"), io("e"), io("j", TensorProto.INT64)], inits)
+    return helper.make_model(g)
+
+
+def test_the_packed_size_counts_constant_float_gemm_operands_in_16_column_panels() -> None:
+    from edgeseq.runtime.backends.onnxruntime import prepacked_bytes
+
+    assert prepacked_bytes(_gemm_model()) == 4 * (32 * 5 + 16 * 7 + 32 * 9)
+
+
+def test_an_unconstrained_plan_packs_the_chunk_graph_and_a_tight_one_drops_only_that(
+        bundle_of) -> None:
+    from edgeseq.runtime.speculative.plan import make_plan, prepack_bytes
+
+    for family, graph, kind in (("t5", "decoder_chunk", "input"), ("mamba", "verify", "ngram")):
+        bundle = bundle_of(family)
+        man = read_manifest(bundle)
+        kw = {"max_source": 24, "max_length": 25} if family == "t5" else {}
+        packed = prepack_bytes(bundle, man, "ort", graph)
+        assert packed > 0
+        free = make_plan(bundle, man, "ort", kind, None, **kw)
+        assert free.prepack == {graph} and free.footprint["prepacked"] == packed
+        assert free.to_json()["prepack"] == [graph]
+        tight = make_plan(bundle, man, "ort", kind, free.total - 1, **kw)
+        assert tight.prepack == set() and tight.footprint["prepacked"] == 0
+        assert (tight.mode, tight.k_max, tight.width, tight.rollback, tight.graphs) == (
+            free.mode, free.k_max, free.width, free.rollback, free.graphs)
+        # ExecuTorch's XNNPACK packs its weights whatever the plan: nothing to choose there
+        et = make_plan(bundle, man, "executorch", kind, None, **kw)
+        assert et.prepack == set() and not et.footprint.get("prepacked")
+
+
+def test_a_bundle_without_the_recorded_size_is_never_packed(bundle_of, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from edgeseq.runtime.speculative.plan import ACTIVATION_TABLE, make_plan
+
+    old = tmp_path / "old"
+    shutil.copytree(bundle_of("t5"), old)
+    table = json.loads((old / ACTIVATION_TABLE).read_text())
+    for t in table.values():
+        t.pop("prepack_bytes")
+    (old / ACTIVATION_TABLE).write_text(json.dumps(table))
+    plan = make_plan(old, read_manifest(old), "ort", "input", None, max_source=24,
+                     max_length=25)
+    assert plan.mode == "input" and plan.prepack == set()
+
+
+def test_the_packed_session_decodes_the_same_tokens(bundle_of) -> None:
+    from edgeseq.runtime.session import load as load_plain
+    from edgeseq.runtime.speculative import load
+
+    bundle = bundle_of("mamba")
+    plain = load_plain(bundle)
+    ss = load(bundle, speculate="ngram")
+    assert ss.plan.prepack == {"verify"}
+    opts = ss.session.model.runners["verify"].sess.get_session_options()
+    assert opts.get_session_config_entry("session.disable_prepacking") == "0"
+    opts = ss.session.model.runners["step"].sess.get_session_options()
+    assert opts.get_session_config_entry("session.disable_prepacking") == "1"
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        base = rng.integers(1, 30, int(rng.integers(2, 12)))
+        ids = np.concatenate([base, base, base[:3]])
+        assert ss.generate(ids, 24) == plain.generate(ids, 24).tolist(), ids
+    assert ss.stats.drafted > 0
+
+
+def _rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
+def test_the_planned_size_covers_what_packing_allocates(mamba_bytes_bundle: Path) -> None:
+    """zoo:mamba-bytes' verify (4 MiB of weights): the RSS a packed session adds over an
+    unpacked one is within the plan's count, and is most of it (the switch takes effect)."""
+    from edgeseq.runtime.backends.onnxruntime import OrtBackend
+    from edgeseq.runtime.speculative.plan import prepack_bytes
+
+    man = read_manifest(mamba_bytes_bundle)
+    entries = {"verify": man.graphs["verify"]}
+    be = OrtBackend()
+    keep = [be.load(mamba_bytes_bundle, entries, 1)]        # library code and weights paged in
+    r0 = _rss()
+    keep.append(be.load(mamba_bytes_bundle, entries, 1))
+    r1 = _rss()
+    keep.append(be.load(mamba_bytes_bundle, entries, 1, frozenset({"verify"})))
+    r2 = _rss()
+    extra = (r2 - r1) - (r1 - r0)
+    planned = prepack_bytes(mamba_bytes_bundle, man, "ort", "verify")
+    assert 0.5 * planned < extra <= planned, (extra / MB, planned / MB)
