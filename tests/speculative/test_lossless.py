@@ -20,6 +20,7 @@ from tests.conftest import FAMILIES, SEQ2SEQ
 pytestmark = pytest.mark.slow
 
 PROMPTS = 50
+TREE_PROMPTS = 20
 NEW = 12
 SOURCES = ("input", "ngram", "recycle", "early-exit:1", "draft")
 _DRAFTS: dict[str, Path] = {}
@@ -74,20 +75,26 @@ def test_greedy_output_is_unchanged(family: str, backend: str, bundle_of,
         want = [plain.generate(p, NEW).tolist() for p in prompts]
     else:
         want = [[int(t) for t in plain.generate(p, NEW, num_beams=1)] for p in prompts]
-    for spec in SOURCES:
+    # input-guided drafts are chains by default; their tree of re-alignments (width 3) is
+    # checked too, on fewer prompts
+    for spec, width in [(s, None) for s in SOURCES] + [("input", 3)]:
         if spec == "draft":
             spec = f"draft:{_draft_bundle(family, tmp_path_factory)}"
         # threshold 0: random tiny models are never confident, and the point is to draft
-        ss = load(bundle, backend=backend, speculate=spec, exit_threshold=0.0)
+        ss = load(bundle, backend=backend, speculate=spec, exit_threshold=0.0, width=width)
         assert ss.plan.mode == spec.split(":")[0], ss.plan.reason
-        got = [ss.generate(p, NEW) for p in prompts]
+        assert width is None or ss.plan.width == width, ss.plan
+        n = len(prompts) if width is None else TREE_PROMPTS
+        got = [ss.generate(p, NEW) for p in prompts[:n]]
         bad = [i for i, (a, b) in enumerate(zip(want, got)) if a != b]
         assert not bad, (f"{family}/{backend}/{spec}: prompt {bad[0]}: plain {want[bad[0]]}, "
                          f"speculative {got[bad[0]]}")
         st = ss.stats
         # the draft was actually used (a source that never drafts would pass trivially), and
         # some of it accepted: except input-guided drafts for speech, which have no input
-        # tokens to copy and fall back to the decoder's own context
-        assert st.drafted > 0, (spec, ss.report())
-        if not (task == "speech_seq2seq" and spec == "input"):
+        # tokens to copy and fall back to the decoder's own context (a random tiny model's
+        # output seldom repeats itself: only the tree's blind re-alignments draft there)
+        speech_input = task == "speech_seq2seq" and spec == "input"
+        assert st.drafted > 0 or (speech_input and width is None), (spec, ss.report())
+        if not speech_input:
             assert st.rounds < st.emitted, (spec, ss.report())
