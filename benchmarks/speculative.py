@@ -123,7 +123,7 @@ def child(args: argparse.Namespace) -> None:
                            max_length=new + 1 if seq2seq else None)
             s = ss.session
             res["plan"] = {k: ss.plan.to_json()[k] for k in ("mode", "k_max", "width",
-                                                            "rollback", "prefill_chunk",
+                                                            "rollback", "prefill_chunk", "prepack",
                                                             "total_bytes", "plain_bytes",
                                                             "reason")}
     except BundleError as e:
@@ -250,7 +250,8 @@ def _budget_cells(c: dict[str, Any], budget: int, plain_rate: float) -> str:
         return f"{why} | - | {c['peak'] / 2**20:.1f} / {budget / 2**20:.1f}"
     pl = c["plan"]
     what = (f"{pl['mode']} k<={pl['k_max']} w{pl['width']} {pl['rollback']} "
-            f"prefill {pl['prefill_chunk']}" if pl["mode"] != "off" else "plain")
+            f"prefill {pl['prefill_chunk']}" + (" packed" if pl.get("prepack") else "")
+            if pl["mode"] != "off" else "plain")
     speed = (c["tokens"] / c["seconds"]) / plain_rate
     return f"{what} | {speed:.2f}x | {c['peak'] / 2**20:.1f} / {budget / 2**20:.1f}"
 
