@@ -512,8 +512,8 @@ class _profiling_enabled:
             orig = ob._clone_options
             n = [0]
 
-            def clone(base: Any) -> Any:
-                opts = orig(base)
+            def clone(base: Any, prepack: bool = False) -> Any:
+                opts = orig(base, prepack)
                 n[0] += 1
                 opts.enable_profiling = True  # one prefix per session: file names are per second
                 opts.profile_file_prefix = str(self.tmp / f"ort{n[0]}")
