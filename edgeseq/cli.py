@@ -295,7 +295,8 @@ def _run_speculative(bundle: str, backend: str, threads: int | None, speculate: 
     click.echo(out_text if seq2seq else (text or "") + out_text)
     plan = ss.plan
     how = ("plain decoding (" + plan.reason + ")" if plan.mode == "off" else
-           f"{plan.mode}, k<={plan.k_max}, width {plan.width}, rollback {plan.rollback}")
+           f"{plan.mode}, k<={plan.k_max}, width {plan.width}, rollback {plan.rollback}"
+           + "".join(f", {g} packed" for g in sorted(plan.prepack)))
     click.echo(f"-- {len(toks)} tokens on {s.backend} in {total * 1e3:.0f} ms ({rate:.1f} "
                f"tokens/s); speculation: {how}; acceptance {rep['acceptance_rate']:.2f}, "
                f"{rep['tokens_per_verify']:.2f} tokens per verification; planned footprint "
