@@ -212,7 +212,7 @@ def load(path: str | Path, backend: str = "ort", threads: int | None = None,
         entries[name] = g
     if manifest.task not in ("seq2seq", "speech_seq2seq", "classification", "causal_lm"):
         raise BundleError(f"{root}: task {manifest.task!r} has no session type in this edgeseq")
-    model = be.load(root, entries, threads, frozenset(prepack))
+    model = be.load(root, entries, threads, prepack)
     if manifest.task in ("seq2seq", "speech_seq2seq"):
         from edgeseq.runtime.seq2seq import Seq2SeqSession
 

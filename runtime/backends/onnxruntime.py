@@ -109,7 +109,8 @@ class OrtBackend(Backend):
         # without prepacking they repack on every call (measured at the Mamba-130M shape: int4
         # decode at 0.13x of fp32 instead of 2.9x). Each session then holds its packed copy of
         # the (small) quantized weights.
-        opts.add_session_config_entry("session.disable_prepacking", "0" if _quantized(root) else "1")
+        opts.add_session_config_entry("session.disable_prepacking",
+                                      "0" if always_prepacks(root) else "1")
         # Recurrent states can decay into denormal floats, which CPUs process many times slower
         # (training the zoo model hit this); they carry no signal (< 1.2e-38), so the session's
         # threads flush them. No effect on the speed of healthy states.
@@ -127,7 +128,9 @@ class OrtBackend(Backend):
         return model
 
 
-def _quantized(root: Path) -> bool:
+def always_prepacks(root: Path) -> bool:
+    """Whether every session of this bundle packs its weights (an int-quantized bundle, see
+    ``OrtBackend.load``): a memory plan then has no packing to choose."""
     import json
 
     try:

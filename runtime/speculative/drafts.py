@@ -92,10 +92,17 @@ class Draft:
         """(n, n) bool: [i, j] = j is i or an ancestor of i (the tree-attention mask)."""
         # each node's ancestors as the bits of a Python int (nodes are in topological order),
         # unpacked once: no numpy call per node
+        n = len(self)
+        if n > 62:          # the bits would not fit an int64: a row per node instead
+            m = np.zeros((n, n), bool)
+            for i, p in enumerate(self.parents.tolist()):
+                if p >= 0:
+                    m[i] = m[p]
+                m[i, i] = True
+            return m
         bits: list[int] = []
         for i, p in enumerate(self.parents.tolist()):
             bits.append((bits[p] if p >= 0 else 0) | (1 << i))
-        n = len(bits)
         return ((np.array(bits, dtype=np.int64)[:, None] >> np.arange(n)) & 1).astype(bool) \
             if n else np.zeros((0, 0), bool)
 

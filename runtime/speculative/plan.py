@@ -243,10 +243,9 @@ def prepack_bytes(root: Path, man: Manifest, backend: str, graph: str) -> int:
     """What packing ``graph``'s weights at load adds (ONNX Runtime), margin included; 0 where
     there is nothing to choose: another backend (XNNPACK always packs), a quantized bundle (ORT
     packs its kernels' weights anyway) or a bundle converted before the table recorded it."""
-    if _fmt(backend) != "onnx":
-        return 0
-    q = man.quantization
-    if isinstance(q, dict) and str(q.get("scheme", "")).startswith("int"):
+    from edgeseq.runtime.backends.onnxruntime import always_prepacks
+
+    if _fmt(backend) != "onnx" or always_prepacks(root):
         return 0
     table = _tables(str(root / ACTIVATION_TABLE)).get(graph, {})
     return int(PREPACK_MARGIN * int(table.get("prepack_bytes", 0)))

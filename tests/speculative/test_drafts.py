@@ -44,6 +44,9 @@ def test_chain_helpers():
     assert (d.ancestors_mask() == np.tril(np.ones((3, 3), bool))).all()
     e = Draft.empty()
     assert len(e) == 0 and e.is_chain and e.paths() == [] and e.ancestors_mask().shape == (0, 0)
+    # past 62 nodes the ancestor bits no longer fit an int64
+    for n in (62, 63, 70):
+        assert (Draft.chain(np.arange(n)).ancestors_mask() == np.tril(np.ones((n, n), bool))).all()
 
 
 def test_tree_helpers():
