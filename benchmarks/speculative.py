@@ -38,6 +38,8 @@ bisection) at which the plan still speculates; at or below 40% the SpecMemo budg
 
     ./dev bench speculative               # both backends (~15 min on 2 cores, conversions included)
     ./dev bench speculative --backend ort --quick
+    # input-guided chains (the plan's default) against trees of re-alignments (width 3)
+    ./dev bench speculative --workloads typo --sources input --backend ort --reuse-bundles --width 3
 """
 from __future__ import annotations
 
@@ -118,7 +120,7 @@ def child(args: argparse.Namespace) -> None:
         else:
             budget = int(args.budget) if args.budget else None
             ss = load_spec(args.bundle, backend=args.backend, speculate=args.speculate,
-                           memory_budget=budget, threads=1,
+                           memory_budget=budget, threads=1, width=args.width,
                            max_source=max(map(len, inputs)) if seq2seq else None,
                            max_length=new + 1 if seq2seq else None)
             s = ss.session
@@ -171,7 +173,7 @@ def child(args: argparse.Namespace) -> None:
             res["plan"]["share_needed"] = _share_needed(
                 Path(args.bundle), args.backend, args.speculate,
                 max_source=max(map(len, inputs)) if seq2seq else None,
-                max_length=new + 1 if seq2seq else None)
+                max_length=new + 1 if seq2seq else None, width=args.width)
     print(json.dumps(res))
 
 
@@ -200,9 +202,11 @@ def _share_needed(root: Path, backend: str, speculate: str, **kw: Any) -> float:
 
 # -- the parent ---------------------------------------------------------------------------------
 def measure(bundle: Path, backend: str, wl: str, spec: str, quick: bool,
-            budget: int | None = None) -> dict[str, Any]:
+            budget: int | None = None, width: int | None = None) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", "--bundle", str(bundle), "--backend", backend,
            "--workload", wl, "--speculate", spec]
+    if width and spec != "plain":
+        cmd += ["--width", str(width)]
     if budget:
         cmd += ["--budget", str(budget)]
     if quick:
@@ -265,6 +269,11 @@ def main() -> None:
                     help="comma-separated subset of: typo, code, copy")
     ap.add_argument("--reuse-bundles", action="store_true",
                     help="reuse the bundles an earlier run converted (default: convert again)")
+    ap.add_argument("--sources", help="comma-separated subset of the draft sources: input, "
+                    "ngram, early-exit, draft (default: all)")
+    ap.add_argument("--width", type=int, default=None,
+                    help="force the tree width of every speculative run (the plan still bounds "
+                    "it; default: the plan's choice)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--bundle", help=argparse.SUPPRESS)
     ap.add_argument("--workload", help=argparse.SUPPRESS)
@@ -288,20 +297,22 @@ def main() -> None:
     for wl, name, spec, target in ROWS:
         if wl not in args.workloads.split(","):
             continue
+        if args.sources and spec.split(":")[0] not in args.sources.split(","):
+            continue
         spec = spec.format(**{k: str(v) for k, v in paths.items()})
         for be in backends:
             key = (wl, name, be)
             if key not in plain_cache:
                 plain_cache[key] = measure(paths[name], be, wl, "plain", args.quick)
             p = plain_cache[key]
-            s = measure(paths[name], be, wl, spec, args.quick)
+            s = measure(paths[name], be, wl, spec, args.quick, width=args.width)
             # 40% of the whole measured footprint; and SpecMemo's reading, 40% of what
             # speculation itself adds (the plan's own accounting) on top of plain decoding
             budget = int(0.4 * s["peak"])
-            c = measure(paths[name], be, wl, spec, args.quick, budget)
+            c = measure(paths[name], be, wl, spec, args.quick, budget, args.width)
             pl = s["plan"]
             budget_sm = int(pl["plain_bytes"] + 0.4 * (pl["total_bytes"] - pl["plain_bytes"]))
-            c_sm = measure(paths[name], be, wl, spec, args.quick, budget_sm)
+            c_sm = measure(paths[name], be, wl, spec, args.quick, budget_sm, args.width)
             p_rate = p["tokens"] / p["seconds"]
             s_rate = s["tokens"] / s["seconds"]
             # decoding alone: the time after the first token, for the tokens after it

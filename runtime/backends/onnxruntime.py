@@ -190,13 +190,23 @@ class _OrtRunner:
                      and all(not isinstance(d, str) or d in ("batch", "chunk") for d in s.shape)]
         self._bufs = KeptBuffers()
         self.static = static_traces(entry)
-        # Bindings kept across calls (``_Bound``) for graphs whose state keeps its shape (a
-        # recurrent state, a fixed-capacity cache); a growing cache gets a new buffer each call.
-        self.reuse = bool(entry.state) and not any("past" in s.shape for s in entry.state)
-        # outputs other than state and traces whose shape batch and chunk fix (logits): bound
-        # into kept buffers, copied out after the call
-        self.fixed = [s for s in entry.outputs if s not in self.kept
-                      and all(not isinstance(d, str) or d in ("batch", "chunk") for d in s.shape)]
+        # Bindings kept across calls (``_Bound``, ``keeps_bindings``); a growing cache gets a
+        # new buffer each call, a chunk graph a new shape.
+        # The other outputs (logits, a convolution window's trace) are bound into kept buffers
+        # too and copied out after the call. Only where every output's shape is known before
+        # the call: an output ONNX Runtime allocates may be a slice of the call's whole
+        # activation block, which a binding kept across calls would hold (measured: 1.9 MiB
+        # per kept binding of mamba-bytes' ``verify``).
+        windows = {f"trace.{s.name}": int(s.shape[-1]) for s in entry.state
+                   if s.kind == "window" and isinstance(s.shape[-1], int)}
+        self.window = {s.name: windows[s.name] for s in entry.outputs
+                       if "window" in s.shape and s.name in windows}
+        self.fixed = [s for s in entry.outputs if s not in self.kept and all(
+            not isinstance(d, str) or d in ("batch", "chunk") or (d == "window" and s.name
+                                                                  in self.window)
+            for d in s.shape)]
+        self.reuse = (keeps_bindings(entry)
+                      and len(self.kept) + len(self.fixed) == len(entry.outputs))
 
     def run(self, inputs: dict[str, np.ndarray], state: _OrtState
             ) -> tuple[dict[str, np.ndarray], _OrtState]:
@@ -258,9 +268,6 @@ class _OrtRunner:
             io.bind_cpu_input(s.name, np.ascontiguousarray(inputs[s.name]))
         self.sess.run_with_iobinding(io)
         result = {name: a.copy() for name, a in b.fixed.items()}
-        if b.loose:
-            outs = io.get_outputs()
-            result.update({s.name: outs[i].numpy() for i, s in b.loose})
         for name, a in b.kept.items():
             result[name] = a[:, :grow] if name in self.static else a
         state.cur = 1 - state.cur
@@ -271,20 +278,30 @@ class _OrtRunner:
         io = self.sess.io_binding()
         for spec, v in zip(self.entry.state, src):
             io.bind_ortvalue_input(spec.input_name, v)
-        fixed, kept, loose = {}, {}, []
-        longest = {**dims, "chunk": max(dims["chunk"], self.entry.max_chunk or 1)}
-        for i, s in enumerate(self.entry.outputs):   # in output order, as ``run`` binds them
-            if s in self.kept or s in self.fixed:
-                a = self._bufs.view(s.name, s.concrete_shape(dims), s.dtype,
-                                    reserve=lambda s=s: int(np.prod(s.concrete_shape(longest))))
-                (kept if s in self.kept else fixed)[s.name] = a
-                io.bind_ortvalue_output(s.name, ort.OrtValue.ortvalue_from_numpy(a))
-            else:
-                io.bind_output(s.name, "cpu")
-                loose.append((i, s))
+        fixed, kept = {}, {}
+        chunk = max(dims["chunk"], self.entry.max_chunk or 1)
+        for s in self.entry.outputs:        # in output order, as ``run`` binds them
+            # a window trace holds the k-1 inputs before the chunk, then the chunk's
+            at = {**dims, "window": self.window.get(s.name, 0) + dims["chunk"]}
+            longest = {**at, "chunk": chunk, "window": self.window.get(s.name, 0) + chunk}
+            a = self._bufs.view(s.name, s.concrete_shape(at), s.dtype,
+                                reserve=lambda s=s, n=longest: int(np.prod(s.concrete_shape(n))))
+            (kept if s in self.kept else fixed)[s.name] = a
+            io.bind_ortvalue_output(s.name, ort.OrtValue.ortvalue_from_numpy(a))
         for spec, v in zip(self.entry.state, dst):
             io.bind_ortvalue_output(spec.output_name, v)
-        return _Bound(io, src, dst, fixed, kept, loose)
+        return _Bound(io, src, dst, fixed, kept)
+
+
+def keeps_bindings(entry: GraphEntry) -> bool:
+    """Whether the runner keeps this graph's IOBindings across calls (``_run_bound``): graphs
+    fed one token a call (``step``, ``exit_step``, ``draft_loop``) over a state of fixed shape.
+    A kept binding also keeps its call's activation block (ONNX Runtime's memory pattern),
+    two per graph (one per state buffer set), which a memory plan counts (measured on
+    mamba-bytes: 304 KiB per binding of ``step``; 565 for the drafter's ``draft_loop``, 1.2
+    MiB for a 16-token ``verify``, which is why chunk graphs bind anew on every call)."""
+    return (bool(entry.state) and not any("past" in s.shape for s in entry.state)
+            and not any("chunk" in s.shape for s in entry.inputs))
 
 
 class _Bound:
@@ -292,9 +309,9 @@ class _Bound:
     it was made for, to tell when the state's list no longer holds them."""
 
     def __init__(self, io: Any, src: list[Any], dst: list[Any], fixed: dict[str, np.ndarray],
-                 kept: dict[str, np.ndarray], loose: list[tuple[int, Any]]):
+                 kept: dict[str, np.ndarray]):
         self.io, self.src, self.dst = io, list(src), list(dst)
-        self.fixed, self.kept, self.loose = fixed, kept, loose
+        self.fixed, self.kept = fixed, kept
 
     def holds(self, src: list[Any], dst: list[Any]) -> bool:
         return (len(src) == len(self.src) and all(a is b for a, b in zip(src, self.src))

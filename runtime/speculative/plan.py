@@ -315,7 +315,18 @@ class _Costs:
                 "runtime": RUNTIME_BASE.get(be, 16 * MB) + RUNTIME_PER_GRAPH.get(be, 4 * MB)
                 * len(graphs),
                 "activations": act,
-                "state": 2 * st + _cross_bytes(self.man, self.source)}
+                "state": 2 * st + _cross_bytes(self.man, self.source),
+                "bindings": self.kept_bindings(graphs)}
+
+    def kept_bindings(self, graphs: set[str]) -> int:
+        """ONNX Runtime: the activation blocks that the bindings kept across calls hold (two
+        per one-token graph over a fixed-shape state, ``onnxruntime.keeps_bindings``)."""
+        if self.backend != "ort":
+            return 0
+        from edgeseq.runtime.backends.onnxruntime import keeps_bindings
+
+        return sum(2 * activation_bytes(self.root, self.man, "ort", g, self.dims())
+                   for g in graphs if keeps_bindings(self.man.graphs[g]))
 
     def extra_graph(self, graph: str, chunk: int) -> dict[str, int]:
         be = self.backend
@@ -323,7 +334,8 @@ class _Costs:
         w = _file(self.root, self.man.graphs[graph].files["onnx"]) if be == "ort" else 0
         return {"runtime": RUNTIME_PER_GRAPH.get(be, 4 * MB) + w,
                 "activations": activation_bytes(self.root, self.man, be, graph,
-                                                self.dims(chunk))}
+                                                self.dims(chunk)),
+                "bindings": self.kept_bindings({graph})}
 
 
 # -- the plan ------------------------------------------------------------------------------------
@@ -440,6 +452,7 @@ def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None
             ex = dcosts.extra_graph("draft_loop", 1)
             dfp["runtime"] += ex["runtime"]
             dfp["activations"] += ex["activations"]
+            dfp["bindings"] += ex["bindings"]
         return sum(dfp.values()), graphs, loop
 
     @functools.lru_cache(maxsize=None)
@@ -450,6 +463,7 @@ def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None
         if chunk_graph != "prefill":
             ex = costs.extra_graph(chunk_graph, chunk if backend == "ort" else max_chunk)
             fp["runtime"] += ex["runtime"]
+            fp["bindings"] += ex["bindings"]
             fp["activations"] = (fp["activations"] + ex["activations"]
                                  if backend == "executorch"
                                  else max(fp["activations"], ex["activations"] * w))
@@ -486,6 +500,7 @@ def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None
                     ex = costs.extra_graph("exit_step", 1)
                     fp["runtime"] += ex["runtime"]
                     fp["activations"] += ex["activations"] if backend == "executorch" else 0
+                    fp["bindings"] += ex["bindings"]
                     spec += 2 * st
                 elif kind == "draft":
                     d_bytes, draft_graphs, loop = drafter(lean)
