@@ -190,13 +190,10 @@ class _OrtRunner:
                      and all(not isinstance(d, str) or d in ("batch", "chunk") for d in s.shape)]
         self._bufs = KeptBuffers()
         self.static = static_traces(entry)
-        # Bindings kept across calls (``_Bound``, ``keeps_bindings``); a growing cache gets a
-        # new buffer each call, a chunk graph a new shape.
-        # The other outputs (logits, a convolution window's trace) are bound into kept buffers
-        # too and copied out after the call. Only where every output's shape is known before
-        # the call: an output ONNX Runtime allocates may be a slice of the call's whole
-        # activation block, which a binding kept across calls would hold (measured: 1.9 MiB
-        # per kept binding of mamba-bytes' ``verify``).
+        # Bindings kept across calls (``_Bound``, ``keeps_bindings``): every output is bound
+        # into a kept buffer, logits and window traces copied out after the call, so only
+        # graphs whose every output shape is known before the call (from batch, chunk and a
+        # window state's width) qualify.
         windows = {f"trace.{s.name}": int(s.shape[-1]) for s in entry.state
                    if s.kind == "window" and isinstance(s.shape[-1], int)}
         self.window = {s.name: windows[s.name] for s in entry.outputs
@@ -249,7 +246,6 @@ class _OrtRunner:
                   if s.name in kept else outs[i].numpy() for i, s in enumerate(self.entry.outputs)}
         state.cur = 1 - state.cur
         return result, state
-
 
     def _run_bound(self, inputs: dict[str, np.ndarray], state: _OrtState
                    ) -> tuple[dict[str, np.ndarray], _OrtState]:
