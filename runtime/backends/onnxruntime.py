@@ -184,24 +184,24 @@ class _OrtRunner:
                          if "chunk" in s.shape), None)
         self.rows = next((s.name for s in entry.inputs if s.shape and s.shape[0] == "batch"),
                          None)
-        # Per-position states (``trace.*``) are bound as outputs into buffers kept across calls
-        # (``KeptBuffers`` says why); only those whose shape the call's batch and chunk fix.
-        self.kept = [s for s in entry.outputs if s.name.startswith("trace.")
-                     and all(not isinstance(d, str) or d in ("batch", "chunk") for d in s.shape)]
-        self._bufs = KeptBuffers()
-        self.static = static_traces(entry)
         # Bindings kept across calls (``_Bound``, ``keeps_bindings``): every output is bound
         # into a kept buffer, logits and window traces copied out after the call, so only
         # graphs whose every output shape is known before the call (from batch, chunk and a
-        # window state's width) qualify.
-        windows = {f"trace.{s.name}": int(s.shape[-1]) for s in entry.state
-                   if s.kind == "window" and isinstance(s.shape[-1], int)}
-        self.window = {s.name: windows[s.name] for s in entry.outputs
-                       if "window" in s.shape and s.name in windows}
-        self.fixed = [s for s in entry.outputs if s not in self.kept and all(
-            not isinstance(d, str) or d in ("batch", "chunk") or (d == "window" and s.name
-                                                                  in self.window)
-            for d in s.shape)]
+        # window state's width: its trace is k-1 + chunk long) qualify.
+        self.window = {f"trace.{s.name}": int(s.shape[-1]) for s in entry.state
+                       if s.kind == "window" and isinstance(s.shape[-1], int)}
+
+        def known(s: Any) -> bool:
+            return all(not isinstance(d, str) or d in ("batch", "chunk")
+                       or (d == "window" and s.name in self.window) for d in s.shape)
+
+        # Per-position states (``trace.*``) are bound as outputs into buffers kept across calls
+        # (``KeptBuffers`` says why); only those whose shape the call's batch and chunk fix.
+        self.kept = [s for s in entry.outputs if s.name.startswith("trace.") and known(s)
+                     and "window" not in s.shape]
+        self._bufs = KeptBuffers()
+        self.static = static_traces(entry)
+        self.fixed = [s for s in entry.outputs if s not in self.kept and known(s)]
         self.reuse = (keeps_bindings(entry)
                       and len(self.kept) + len(self.fixed) == len(entry.outputs))
 
