@@ -547,7 +547,7 @@ def zoo_cmd(as_json: bool) -> None:
 
     rows: list[dict[str, Any]] = [
         {"name": m.name, "family": m.family, "task": m.task, "description": m.description,
-         "path": str(m.path), "available": m.path.is_dir(), "train_script": m.train_script}
+         "path": str(m.path), "available": m.available, "train_script": m.train_script}
         for m in zoo.MODELS]
     if as_json:
         click.echo(json.dumps(rows, indent=2))

@@ -5,6 +5,9 @@ script that trained it. ``zoo:NAME`` works wherever a checkpoint path does.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +17,11 @@ ROOT = Path(__file__).parent
 PREFIX = "zoo:"
 
 
+def cache_root() -> Path:
+    """Where derived zoo models are written: ``$EDGESEQ_CACHE`` or ``~/.cache/edgeseq``."""
+    return Path(os.environ.get("EDGESEQ_CACHE") or Path.home() / ".cache" / "edgeseq")
+
+
 @dataclass(frozen=True)
 class ZooModel:
     name: str
@@ -21,10 +29,17 @@ class ZooModel:
     task: str
     description: str
     train_script: str
+    # A derived model is built on first use from a shipped one (``(base, widening factor)``,
+    # edgeseq/zoo/widen.py) into the cache: too large to ship, exact to rebuild.
+    derived: tuple[str, int] | None = None
 
     @property
     def path(self) -> Path:
-        return ROOT / self.name
+        return cache_root() / "zoo" / self.name if self.derived else ROOT / self.name
+
+    @property
+    def available(self) -> bool:
+        return (ROOT / self.derived[0]).is_dir() if self.derived else self.path.is_dir()
 
 
 MODELS = [
@@ -35,6 +50,10 @@ MODELS = [
              "1-layer byte Mamba (150 k params) distilled from mamba-bytes as its speculative-decoding "
              "draft; greedy top-1 agreement with it 0.77, ~7x cheaper ONNX step",
              "edgeseq/zoo/train_mamba_draft.py"),
+    ZooModel("mamba-bytes-x4", "mamba", "causal_lm",
+             "mamba-bytes widened exactly to Mamba-130M's width (d 768, 4 layers, 60 MB): the same "
+             "predictions, bound by weight traffic; built into the cache on first use",
+             "edgeseq/zoo/widen.py", derived=("mamba-bytes", 4)),
     ZooModel("whisper-tonespeech", "whisper", "speech_seq2seq",
              "tiny Whisper (2 encoder / 4 decoder layers, 10 s window) that transcribes tone speech, "
              "a synthetic spoken language (edgeseq/zoo/tonespeech.py)",
@@ -65,8 +84,24 @@ def resolve(path: str | Path) -> Path:
     s = str(path)
     if s.startswith(PREFIX):
         m = get(s[len(PREFIX):])
+        if m.derived:
+            return _materialize(m)
         if not m.path.is_dir():
             raise BundleError(f"{s}: the zoo model's files are missing from {m.path} "
                               f"(train it with {m.train_script})")
         return m.path
     return Path(path)
+
+
+def _materialize(m: ZooModel) -> Path:
+    """Build a derived model into the cache, or reuse the copy built from the same base."""
+    from edgeseq.zoo.widen import widen_checkpoint
+
+    base, factor = m.derived
+    src = resolve(PREFIX + base)
+    digest = hashlib.sha256((src / "model.safetensors").read_bytes()).hexdigest()
+    stamp = {"base": base, "factor": factor, "sha256": digest}
+    mark = m.path / "derived_from.json"
+    if mark.is_file() and json.loads(mark.read_text()) == stamp:
+        return m.path
+    return widen_checkpoint(src, m.path, factor, stamp)
