@@ -20,7 +20,7 @@ import numpy as np
 
 from edgeseq.bundle import GraphEntry, StreamingGraph
 from edgeseq.registry import register_backend
-from edgeseq.runtime.backends.base import (Backend, KeptBuffers, LoadedModel, fed_length,
+from edgeseq.runtime.backends.base import (Backend, LoadedModel, fed_length,
                                            shared_state_specs, static_traces)
 
 PTE_FILE = "model.pte"
@@ -187,10 +187,7 @@ class _EtRunner:
         self.entry = entry
         self.method = method
         self.max_chunk = entry.max_chunk
-        # trace.* outputs (per-position states, the largest a verify or draft_loop call makes)
-        # are copied into buffers kept across calls rather than fresh arrays (``KeptBuffers``)
-        self.kept = {s.name for s in entry.outputs if s.name.startswith("trace.")}
-        self._bufs = KeptBuffers()
+        # static-length traces (per-position states past the chunk) are cut to the fed length
         self.static = static_traces(entry)
         self.names = [s.name for s in entry.inputs]
         self.batched = [s.shape[:1] == ("batch",) for s in entry.inputs]
@@ -205,25 +202,22 @@ class _EtRunner:
             return self._run_rows(args, self.batched, state, rows)
         out = self.method.execute([*args, *state])
         n = self.n_out
-        # Outputs point into the method's planned memory, which the next call overwrites: copy.
-        if self.kept:
-            fed = fed_length(self.entry, inputs) if self.static else 0
-            result = {s.name: self._keep(s.name, o.numpy()[:, :fed] if s.name in self.static
-                                         else o.numpy()) if s.name in self.kept
-                      else o.numpy().copy() for s, o in zip(self.entry.outputs, out[:n])}
+        # The pybindings return clones of the outputs (not views of the method's planned
+        # memory, which the next call overwrites): they are the caller's as they are. Copying
+        # the traces again into kept buffers (as the ORT runner binds them) cost a copy of
+        # chunk x state per call and saved no allocation.
+        if self.static:
+            fed = fed_length(self.entry, inputs)
+            result = {s.name: o.numpy()[:, :fed] if s.name in self.static else o.numpy()
+                      for s, o in zip(self.entry.outputs, out[:n])}
         else:
-            result = {s.name: o.numpy().copy() for s, o in zip(self.entry.outputs, out[:n])}
+            result = {s.name: o.numpy() for s, o in zip(self.entry.outputs, out[:n])}
         # The state as fresh tensors in C order, which ExecuTorch's contiguity check on inputs
         # accepts: torch's clone where there are elements (12 us for a Mamba step's 8 states,
         # against 20 through numpy), ``_tensor`` for empty ones (ExecuTorch's strides)
         return result, [o.clone(memory_format=torch.contiguous_format) if o.numel()
                         else _tensor(o.numpy()) for o in out[n:]]
 
-
-    def _keep(self, name: str, a: np.ndarray) -> np.ndarray:
-        view = self._bufs.view(name, a.shape, a.dtype)
-        np.copyto(view, a)
-        return view
 
     def _run_rows(self, args: list, batched: list[bool], state: list, rows: int
                   ) -> tuple[dict[str, np.ndarray], list]:
@@ -235,7 +229,7 @@ class _EtRunner:
             row_args = [a[r:r + 1] if b else a for a, b in zip(args, batched)]
             o, s = self.run({spec.name: a.numpy() for spec, a in zip(self.entry.inputs, row_args)},
                             [t[r:r + 1] for t in state])
-            outs.append({k: v.copy() if k in self.kept else v for k, v in o.items()})
+            outs.append(o)
             states.append(s)
         result = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
         return result, [torch.cat(parts) for parts in zip(*states)] if states[0] else []

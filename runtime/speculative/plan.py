@@ -484,8 +484,8 @@ def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None
                 if rb == "trace":
                     # a commit copies one position's state out of the traces; ORT writes them
                     # straight into buffers the runner keeps, which its activation table counts
-                    # as the call's outputs; ExecuTorch's runner copies them out of the planned
-                    # memory into such buffers (sized for the graph's bound)
+                    # as the call's outputs; ExecuTorch's pybindings return a clone of them
+                    # (the graph's bound) beside its planned memory
                     spec += st + (w * max_chunk * st if backend == "executorch" else 0)
                 elif rb == "replay":
                     spec += 2 * st
@@ -506,10 +506,9 @@ def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None
                     d_bytes, draft_graphs, loop = drafter(lean)
                     # a snapshot before each drafted token; with a draft_loop, one before the
                     # call, and its traces (the state after each of its K steps) as the rest.
-                    # The runners keep the traces in buffers across calls: ORT binds them as
-                    # the call's outputs, which its activation table counts already;
-                    # ExecuTorch copies them out of the planned memory (counted there) into K
-                    # more.
+                    # ORT binds the traces as the call's outputs, which its activation table
+                    # counts already; ExecuTorch's pybindings return clones of its planned
+                    # memory (counted there): K more.
                     loop_k = int(dman.config.get("draft_loop_tokens") or kk)
                     snaps = (1 + (loop_k if (draft_backend or backend) == "executorch" else 0)
                              if loop else kk + 1)
