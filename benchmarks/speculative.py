@@ -15,8 +15,17 @@ Workloads:
 - ``code``: the embedded byte-level Mamba (``mamba-bytes``) continuing 24 stretches of the
   standard library's sources (128 new bytes each): a distilled one-layer draft model
   (``mamba-bytes-draft``; target >= 1.3x), prompt lookup and early exit at layer 2.
+  The same rows run on ``mamba-bytes-x4``: ``mamba-bytes`` widened exactly to Mamba-130M's
+  width (``edgeseq/zoo/widen.py``; the same predictions, so the same drafter and acceptance),
+  whose 60 MB of weights make each step bound by weight traffic, as on a device; the 4 MB
+  original fits in the caches and is bound by operator dispatch instead.
 - ``copy``: ``mamba-bytes`` asked to continue a prompt that repeats its first half (prompt
   lookup on the language model).
+
+On ONNX Runtime, plain decoding is measured twice, as edgeseq runs it by default (every session
+reads one shared copy of the weights, unpacked) and with every graph packing its weights at load
+(a private copy: twice the weights' memory); the faster is the peer ("packed" in the plain
+column). ExecuTorch's XNNPACK always packs.
 
 Two budgets per row, each run in its own child:
 
@@ -116,7 +125,10 @@ def child(args: argparse.Namespace) -> None:
     res: dict[str, Any] = {}
     try:
         if args.speculate == "plain":
-            s = load_plain(args.bundle, backend=args.backend, threads=1)
+            # --prepack-all: every graph packs its weights at load (a private copy): the
+            # faster plain peer where packing pays, at twice the weights' memory
+            s = load_plain(args.bundle, backend=args.backend, threads=1,
+                           prepack=frozenset(man.graphs) if args.prepack_all else frozenset())
         else:
             budget = int(args.budget) if args.budget else None
             ss = load_spec(args.bundle, backend=args.backend, speculate=args.speculate,
@@ -202,9 +214,10 @@ def _share_needed(root: Path, backend: str, speculate: str, **kw: Any) -> float:
 
 # -- the parent ---------------------------------------------------------------------------------
 def measure(bundle: Path, backend: str, wl: str, spec: str, quick: bool,
-            budget: int | None = None, width: int | None = None) -> dict[str, Any]:
+            budget: int | None = None, width: int | None = None, prepack_all: bool = False
+            ) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", "--bundle", str(bundle), "--backend", backend,
-           "--workload", wl, "--speculate", spec]
+           "--workload", wl, "--speculate", spec] + (["--prepack-all"] if prepack_all else [])
     if width and spec != "plain":
         cmd += ["--width", str(width)]
     if budget:
@@ -218,15 +231,18 @@ def measure(bundle: Path, backend: str, wl: str, spec: str, quick: bool,
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def bundles(backends: list[str], reuse: bool = False) -> dict[str, Path]:
+def bundles(backends: list[str], needed: set[str], reuse: bool = False) -> dict[str, Path]:
     from edgeseq.convert.pipeline import convert
 
     fmts = tuple({"ort": "onnx", "executorch": "pte"}[b] for b in backends)
     want = {"t5-typo-bytes": ("zoo:t5-typo-bytes", {"early_exit": 1}),
             "mamba-bytes": ("zoo:mamba-bytes", {"early_exit": 2}),
+            "mamba-bytes-x4": ("zoo:mamba-bytes-x4", {"early_exit": 2}),
             "mamba-bytes-draft": ("zoo:mamba-bytes-draft", {"draft_loop": 16})}
     out = {}
     for name, (src, kw) in want.items():
+        if name not in needed:
+            continue
         path = OUT / "-".join([name, *fmts])
         # converted by this edgeseq: graphs change between versions, so a bundle left by an
         # earlier run is reused only when asked (--reuse-bundles)
@@ -243,6 +259,9 @@ ROWS = [  # workload, bundle, speculate, target speedup (None: reported, no targ
     ("typo", "t5-typo-bytes", "early-exit:1", None),
     ("code", "mamba-bytes", "draft:{mamba-bytes-draft}", 1.3),
     ("code", "mamba-bytes", "early-exit:2", None),
+    # the same predictions at Mamba-130M's width (edgeseq/zoo/widen.py): bound by weight traffic
+    ("code", "mamba-bytes-x4", "draft:{mamba-bytes-draft}", 1.3),
+    ("code", "mamba-bytes-x4", "early-exit:2", None),
     ("copy", "mamba-bytes", "ngram", None),
 ]
 
@@ -269,6 +288,8 @@ def main() -> None:
                     help="comma-separated subset of: typo, code, copy")
     ap.add_argument("--reuse-bundles", action="store_true",
                     help="reuse the bundles an earlier run converted (default: convert again)")
+    ap.add_argument("--models", help="comma-separated subset of the target models: "
+                    "t5-typo-bytes, mamba-bytes, mamba-bytes-x4 (default: all)")
     ap.add_argument("--sources", help="comma-separated subset of the draft sources: input, "
                     "ngram, early-exit, draft (default: all)")
     ap.add_argument("--width", type=int, default=None,
@@ -279,31 +300,39 @@ def main() -> None:
     ap.add_argument("--workload", help=argparse.SUPPRESS)
     ap.add_argument("--speculate", help=argparse.SUPPRESS)
     ap.add_argument("--budget", help=argparse.SUPPRESS)
+    ap.add_argument("--prepack-all", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         args.backend = args.backend[0]
         child(args)
         return
     backends = args.backend or ["ort", "executorch"]
-    paths = bundles(backends, args.reuse_bundles)
+    rows = [r for r in ROWS if r[0] in args.workloads.split(",")
+            and (not args.models or r[1] in args.models.split(","))
+            and (not args.sources or r[2].split(":")[0] in args.sources.split(","))]
+    needed = {r[1] for r in rows} | {"mamba-bytes-draft" for r in rows if "{mamba" in r[2]}
+    paths = bundles(backends, needed, args.reuse_bundles)
     results = []
-    print("| workload | backend | speculate | plain tok/s | spec tok/s | speedup | "
+    print("| workload | model | backend | speculate | plain tok/s | spec tok/s | speedup | "
           "decoding speedup | target | acceptance | tokens/verify | identical | "
           "peak MiB (plain / spec) | 40% of footprint: plan | speedup | peak/budget MiB | "
           "plain + 40% of speculation's: plan | speedup | peak/budget MiB | "
           "plan speculates from |")
-    print("|" + "---|" * 19)
+    print("|" + "---|" * 20)
     plain_cache: dict[tuple, dict] = {}
-    for wl, name, spec, target in ROWS:
-        if wl not in args.workloads.split(","):
-            continue
-        if args.sources and spec.split(":")[0] not in args.sources.split(","):
-            continue
+    for wl, name, spec, target in rows:
         spec = spec.format(**{k: str(v) for k, v in paths.items()})
         for be in backends:
             key = (wl, name, be)
             if key not in plain_cache:
-                plain_cache[key] = measure(paths[name], be, wl, "plain", args.quick)
+                runs = [measure(paths[name], be, wl, "plain", args.quick)]
+                if be == "ort":
+                    # the peer is the faster plain decoding: edgeseq's default (one shared
+                    # copy of the weights, unpacked) or every graph packed at load
+                    runs.append({**measure(paths[name], be, wl, "plain", args.quick,
+                                           prepack_all=True), "packed": True})
+                plain_cache[key] = min(runs, key=lambda r: r["seconds"])
+                plain_cache[key]["plain_rates"] = [r["tokens"] / r["seconds"] for r in runs]
             p = plain_cache[key]
             s = measure(paths[name], be, wl, spec, args.quick, width=args.width)
             # 40% of the whole measured footprint; and SpecMemo's reading, 40% of what
@@ -321,7 +350,8 @@ def main() -> None:
             same = p["outputs"] == s["outputs"]
             label = spec if not spec.startswith("draft:") else "draft:mamba-bytes-draft"
             tgt = f">= {target}x" if target else "-"
-            print(f"| {wl} | {be} | {label} | {p_rate:.0f} | {s_rate:.0f} | "
+            p_cell = f"{p_rate:.0f}" + (" packed" if p.get("packed") else "")
+            print(f"| {wl} | {name} | {be} | {label} | {p_cell} | {s_rate:.0f} | "
                   f"**{s_rate / p_rate:.2f}x** | {decode(s) / decode(p):.2f}x | {tgt} | "
                   f"{s.get('acceptance', 0):.2f} | "
                   f"{s.get('tokens_per_verify', 0):.2f} | {same} | "
@@ -330,7 +360,7 @@ def main() -> None:
                   f"{pl.get('share_needed', 1):.1%} |",
                   flush=True)
             strip = lambda r: {k: v for k, v in r.items() if k != "outputs"}  # noqa: E731
-            results.append({"workload": wl, "backend": be, "speculate": label,
+            results.append({"workload": wl, "model": name, "backend": be, "speculate": label,
                             "plain": strip(p), "speculative": strip(s), "budget_40": strip(c),
                             "budget": budget, "budget_40_of_speculation": strip(c_sm),
                             "budget_specmemo": budget_sm, "identical": same})

@@ -15,18 +15,19 @@ process's footprint before loading (what ``edgeseq profile`` calls the baseline)
 - ``speculation``: draft/verify buffers (chunk x width logits), rollback (per-position traces,
   a snapshot, or the cache copies of a commit), tree copies of the state, and the drafter (a
   recycling matrix, the early-exit graph, or a whole draft model);
-- ``prepacked`` (ONNX Runtime): the chunk graph's weights repacked into MLAS's GEMM layout, a
-  private copy the session makes at load when the plan affords it. Plain decoding's one-row
-  graphs gain nothing from packing and share the bundle's weights instead; a chunk of many
-  rows does (``decoder_chunk`` of the typo fixer at 16 tokens: 527 -> 479 us).
+- ``prepacked`` (ONNX Runtime): graphs' weights repacked into MLAS's GEMM layout, a private copy
+  per session made at load when the plan affords it: every target graph, else the chunk graph
+  alone, which gains most (``decoder_chunk`` of the typo fixer at 16 tokens: 527 -> 479 us);
+  one-row graphs gain once the weights outgrow the caches (``mamba-bytes-x4``'s step 4.3 ->
+  3.6 ms). Plain decoding shares the bundle's one copy.
 
 The constants were measured on the zoo bundles (``tests/speculative/test_memory.py`` checks the
 plan against the process's peak RSS over random budgets); they err on the safe side.
 
 Given a budget the plan tries, in order, the requested source with the largest draft, a
 smaller draft (down to 2), a chain instead of a tree, replay instead of traces, and finally no
-speculation (plain decoding with a smaller prefill chunk); at each of these, the packed chunk
-graph first, then the unpacked one. A budget below the plain footprint at
+speculation (plain decoding with a smaller prefill chunk); at each of these, every graph
+packed first, then the chunk graph alone, then none. A budget below the plain footprint at
 the smallest prefill chunk is refused: ``BundleError`` before loading.
 """
 from __future__ import annotations
@@ -428,7 +429,11 @@ def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None
                                          else ["replay"])
     st = state_bytes(man, costs.dims())
     packed = prepack_bytes(root, man, backend, chunk_graph) if chunk_graph != "prefill" else 0
-    packs = [True, False] if packed else [False]
+    # every target graph packed, the chunk graph alone, or none (below): packing pays for the
+    # one-row graphs too once the weights outgrow the caches (mamba-bytes-x4's step, ORT:
+    # 4.3 -> 3.6 ms), and the plain peer the benchmark measures packs them when that is faster
+    packs = [2, 1, 0] if packed else [0]
+    pack_bytes = {g: prepack_bytes(root, man, backend, g) for g in man.graphs} if packed else {}
     if kind == "draft":
         dcosts = _Costs(draft_root, dman, draft_backend or backend)
         d_st = state_bytes(dman, dcosts.dims())
@@ -514,7 +519,11 @@ def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None
                              if loop else kk + 1)
                     spec += d_bytes + snaps * d_st
                 fp["speculation"] = spec
-                fp["prepacked"] = packed if pack else 0
+                packing = ({g for g in tgraphs if pack_bytes.get(g)} if pack == 2
+                           else {chunk_graph} if pack == 1 else set())
+                if pack == 2 and packing <= {chunk_graph}:
+                    continue                # nothing more to pack than the chunk graph
+                fp["prepacked"] = sum(pack_bytes[g] for g in packing)
                 if fits(fp):
                     # free drafts start (and stay) at the bound: a long wrong draft
                     # costs little more verify time; model drafts adapt from 4
@@ -523,7 +532,7 @@ def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None
                                       adaptive=not free, width=w, rollback=rb,
                                       prefill_chunk=c, graphs=graphs,
                                       draft_graphs=draft_graphs, footprint=fp,
-                                      prepack={chunk_graph} if pack else set(),
+                                      prepack=packing,
                                       draft_backend=draft_backend if kind == "draft"
                                       else None,
                                       plain_bytes=off.plain_bytes,

@@ -41,7 +41,7 @@ def test_the_packed_size_counts_constant_float_gemm_operands_in_16_column_panels
     assert prepacked_bytes(_gemm_model()) == 4 * (32 * 5 + 16 * 7 + 32 * 9)
 
 
-def test_an_unconstrained_plan_packs_the_chunk_graph_and_a_tight_one_drops_only_that(
+def test_an_unconstrained_plan_packs_every_graph_and_tighter_ones_drop_only_that(
         bundle_of) -> None:
     from edgeseq.runtime.speculative.plan import make_plan, prepack_bytes
 
@@ -52,12 +52,18 @@ def test_an_unconstrained_plan_packs_the_chunk_graph_and_a_tight_one_drops_only_
         packed = prepack_bytes(bundle, man, "ort", graph)
         assert packed > 0
         free = make_plan(bundle, man, "ort", kind, None, **kw)
-        assert free.prepack == {graph} and free.footprint["prepacked"] == packed
-        assert free.to_json()["prepack"] == [graph]
-        tight = make_plan(bundle, man, "ort", kind, free.total - 1, **kw)
+        assert free.prepack == set(free.graphs) and graph in free.prepack
+        assert free.footprint["prepacked"] == sum(prepack_bytes(bundle, man, "ort", g)
+                                                  for g in free.graphs) > packed
+        assert free.to_json()["prepack"] == sorted(free.graphs)
+        # a budget one byte short: the chunk graph alone is packed; shorter by that: none
+        chunk = make_plan(bundle, man, "ort", kind, free.total - 1, **kw)
+        assert chunk.prepack == {graph} and chunk.footprint["prepacked"] == packed
+        tight = make_plan(bundle, man, "ort", kind, chunk.total - 1, **kw)
         assert tight.prepack == set() and tight.footprint["prepacked"] == 0
-        assert (tight.mode, tight.k_max, tight.width, tight.rollback, tight.graphs) == (
-            free.mode, free.k_max, free.width, free.rollback, free.graphs)
+        for p in (chunk, tight):
+            assert (p.mode, p.k_max, p.width, p.rollback, p.graphs) == (
+                free.mode, free.k_max, free.width, free.rollback, free.graphs)
         # ExecuTorch's XNNPACK packs its weights whatever the plan: nothing to choose there
         et = make_plan(bundle, man, "executorch", kind, None, **kw)
         assert et.prepack == set() and not et.footprint.get("prepacked")
@@ -87,10 +93,11 @@ def test_the_packed_session_decodes_the_same_tokens(bundle_of) -> None:
     bundle = bundle_of("mamba")
     plain = load_plain(bundle)
     ss = load(bundle, speculate="ngram")
-    assert ss.plan.prepack == {"verify"}
-    opts = ss.session.model.runners["verify"].sess.get_session_options()
-    assert opts.get_session_config_entry("session.disable_prepacking") == "0"
-    opts = ss.session.model.runners["step"].sess.get_session_options()
+    assert ss.plan.prepack == {"verify", "step", "prefill"}
+    for graph in ss.plan.prepack:
+        opts = ss.session.model.runners[graph].sess.get_session_options()
+        assert opts.get_session_config_entry("session.disable_prepacking") == "0"
+    opts = plain.model.runners["step"].sess.get_session_options()
     assert opts.get_session_config_entry("session.disable_prepacking") == "1"
     rng = np.random.default_rng(0)
     for _ in range(8):
