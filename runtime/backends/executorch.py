@@ -232,19 +232,13 @@ class _EtRunner:
         # memory, which the next call overwrites): they are the caller's as they are. Copying
         # the traces again into kept buffers (as the ORT runner binds them) cost a copy of
         # chunk x state per call and saved no allocation.
-        if self.static:
-            fed = fed_length(self.entry, inputs)
-            result = {s.name: o.numpy()[:, :fed] if s.name in self.static else o.numpy()
-                      for s, o in zip(self.entry.outputs, out[:n])}
-        else:
-            result = {s.name: o.numpy() for s, o in zip(self.entry.outputs, out[:n])}
-        # The state goes back in as the pybindings' clones where they are in C order, which
-        # ExecuTorch's contiguity check on inputs accepts (a Mamba step 218 -> 199 us); else
-        # torch's clone, and ``_tensor`` for empty ones (ExecuTorch's strides)
-        return result, [o if o.numel() and o.is_contiguous() else
-                        o.clone(memory_format=torch.contiguous_format) if o.numel()
-                        else _tensor(o.numpy()) for o in out[n:]]
-
+        fed = fed_length(self.entry, inputs) if self.static else 0
+        result = {s.name: o.numpy()[:, :fed] if s.name in self.static else o.numpy()
+                  for s, o in zip(self.entry.outputs, out[:n])}
+        # The state goes back in as the pybindings' clones (``contiguous`` returns the tensor
+        # itself when it is in C order, which ExecuTorch's contiguity check on inputs accepts: a
+        # Mamba step 218 -> 199 us); ``_tensor`` for empty ones (ExecuTorch's strides)
+        return result, [o.contiguous() if o.numel() else _tensor(o.numpy()) for o in out[n:]]
 
     def _run_rows(self, args: list, batched: list[bool], state: list, rows: int
                   ) -> tuple[dict[str, np.ndarray], list]:

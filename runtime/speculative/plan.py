@@ -428,12 +428,11 @@ def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None
     rollbacks = ["crop"] if seq2seq else (["trace", "replay"] if chunk_graph == "verify"
                                          else ["replay"])
     st = state_bytes(man, costs.dims())
-    packed = prepack_bytes(root, man, backend, chunk_graph) if chunk_graph != "prefill" else 0
     # every target graph packed, the chunk graph alone, or none (below): packing pays for the
     # one-row graphs too once the weights outgrow the caches (mamba-bytes-x4's step, ORT:
     # 4.3 -> 3.6 ms), and the plain peer the benchmark measures packs them when that is faster
-    packs = [2, 1, 0] if packed else [0]
-    pack_bytes = {g: prepack_bytes(root, man, backend, g) for g in man.graphs} if packed else {}
+    pack_bytes = {g: prepack_bytes(root, man, backend, g) for g in man.graphs}
+    packs = [2, 1, 0] if chunk_graph != "prefill" and pack_bytes.get(chunk_graph) else [0]
     if kind == "draft":
         dcosts = _Costs(draft_root, dman, draft_backend or backend)
         d_st = state_bytes(dman, dcosts.dims())
