@@ -129,6 +129,7 @@ def test_prompt_lookup_searches_the_source_after_the_context():
 
 
 # --- input-guided ----------------------------------------------------------------------------
+S7 = [11, 12, 13, 14, 15, 16, 17, 1]
 
 
 def test_input_guided_copies_the_source_and_advances_on_feedback():
@@ -146,13 +147,17 @@ def test_input_guided_copies_the_source_and_advances_on_feedback():
     assert src.propose([0, 11, 12], 2).tokens.tolist() == [13, 14]
 
 
-@pytest.mark.parametrize("target, recovers_at", [
-    ([0, 11, 12, 99, 13, 14, 15, 16, 17, 1], 4),   # insertion of 99
-    ([0, 11, 12, 14, 15, 16, 17, 1], 3),           # deletion of 13
-    ([0, 11, 12, 99, 14, 15, 16, 17, 1], 4),       # substitution 13 -> 99
+@pytest.mark.parametrize("source, target, recovers_at", [
+    # the correction is the next input token: a transposition is guessed first ...
+    (S7, [0, 11, 12, 14, 13, 15, 16, 17, 1], 3),   # 13 14 swapped
+    (S7, [0, 11, 12, 14, 15, 16, 17, 1], 4),       # 13 dropped: the second guess
+    # ... and after a doubled token, that the token was extra
+    ([11, 12, 12, 13, 14, 15, 16, 1], [0, 11, 12, 13, 14, 15, 16, 1], 3),
+    (S7, [0, 11, 12, 99, 13, 14, 15, 16, 17, 1], 3),   # 99 inserted: the first guess
+    (S7, [0, 11, 12, 99, 14, 15, 16, 17, 1], 4),       # 13 -> 99: the second guess
+    (S7, [0, 11, 12, 98, 99, 13, 14, 15, 16, 17, 1], 6),   # no single edit: n-gram re-alignment
 ])
-def test_input_guided_realigns_after_an_edit(target, recovers_at):
-    source = [11, 12, 13, 14, 15, 16, 17, 1]
+def test_input_guided_realigns_after_an_edit(source, target, recovers_at):
     src = InputGuided()
     src.start([0], source=source)
     ctx = [0]
@@ -295,6 +300,19 @@ def test_input_guided_drafts_a_tree_of_alignments_after_a_correction():
     # the output continues with the substitution alignment: the pointer follows it
     follow = src.propose(ctx + [13, 14], 2)
     assert follow.tokens.tolist() == [15]
+
+
+def test_input_guided_tree_holds_every_occurrence_when_no_edit_fits():
+    # 5 occurs twice in the input; the output went off the input in a way no single edit
+    # explains, then said 5: with width 2 both occurrences' continuations are drafted
+    src = InputGuided()
+    src.start([0], source=[5, 1, 2, 3, 5, 6, 7])
+    tree = src.propose([0, 9, 9, 5], 4, width=2)
+    paths = [tree.tokens[p].tolist() for p in tree.paths()]
+    assert sorted(paths) == [[1, 2], [6, 7]]
+    # a chain takes the one nearest to where the output should be (a tie: the later)
+    assert src.propose([0, 9, 9, 5], 4).tokens.tolist() == [6, 7]
+    assert src.propose([0, 9, 9, 5, 6], 4).tokens.tolist() == [7]
 
 
 # --- greedy acceptance ---------------------------------------------------------------------

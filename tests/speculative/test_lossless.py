@@ -93,8 +93,13 @@ def test_greedy_output_is_unchanged(family: str, backend: str, bundle_of,
         # the draft was actually used (a source that never drafts would pass trivially), and
         # some of it accepted: except input-guided drafts for speech, which have no input
         # tokens to copy and fall back to the decoder's own context (a random tiny model's
-        # output seldom repeats itself: only the tree's blind re-alignments draft there)
+        # output seldom repeats itself, so there is seldom anything to draft)
         speech_input = task == "speech_seq2seq" and spec == "input"
-        assert st.drafted > 0 or (speech_input and width is None), (spec, ss.report())
-        if not speech_input:
-            assert st.rounds < st.emitted, (spec, ss.report())
+        assert st.drafted > 0 or speech_input, (spec, ss.report())
+        # input-guided drafts can only be accepted where the output copies its input: a random
+        # tiny model's output shares no two consecutive tokens with its prompt on some families
+        copies = task != "speech_seq2seq" and any(
+            set(zip(w, w[1:])) & set(zip(p.tolist(), p.tolist()[1:]))
+            for p, w in zip(prompts[:n], want[:n]))
+        if spec != "input" or copies:
+            assert st.rounds < st.emitted, (spec, width, ss.report())
