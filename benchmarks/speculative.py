@@ -44,6 +44,8 @@ bisection) at which the plan still speculates; at or below 40% the SpecMemo budg
 (the prompt consumed, one step), and the rates compare the time after it.
 
     ./dev bench speculative --reuse-bundles   # skip the conversions of an earlier run
+    # best of 3 children for plain and speculative decoding (a noisy host: 3x the time)
+    ./dev bench speculative --workloads typo --reuse-bundles --repeat 3
 
     ./dev bench speculative               # both backends (~15 min on 2 cores, conversions included)
     ./dev bench speculative --backend ort --quick
@@ -295,6 +297,10 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=None,
                     help="force the tree width of every speculative run (the plan still bounds "
                     "it; default: the plan's choice)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="measure plain and unconstrained speculative decoding N times each, "
+                    "each in its own child, and keep the fastest of each (timeit's rule: noise "
+                    "on a shared host only ever adds time)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--bundle", help=argparse.SUPPRESS)
     ap.add_argument("--workload", help=argparse.SUPPRESS)
@@ -325,16 +331,19 @@ def main() -> None:
         for be in backends:
             key = (wl, name, be)
             if key not in plain_cache:
-                runs = [measure(paths[name], be, wl, "plain", args.quick)]
-                if be == "ort":
-                    # the peer is the faster plain decoding: edgeseq's default (one shared
-                    # copy of the weights, unpacked) or every graph packed at load
-                    runs.append({**measure(paths[name], be, wl, "plain", args.quick,
-                                           prepack_all=True), "packed": True})
+                runs = []
+                for _ in range(args.repeat):
+                    runs.append(measure(paths[name], be, wl, "plain", args.quick))
+                    if be == "ort":
+                        # the peer is the faster plain decoding: edgeseq's default (one shared
+                        # copy of the weights, unpacked) or every graph packed at load
+                        runs.append({**measure(paths[name], be, wl, "plain", args.quick,
+                                               prepack_all=True), "packed": True})
                 plain_cache[key] = min(runs, key=lambda r: r["seconds"])
                 plain_cache[key]["plain_rates"] = [r["tokens"] / r["seconds"] for r in runs]
             p = plain_cache[key]
-            s = measure(paths[name], be, wl, spec, args.quick, width=args.width)
+            s = min((measure(paths[name], be, wl, spec, args.quick, width=args.width)
+                     for _ in range(args.repeat)), key=lambda r: r["seconds"])
             # 40% of the whole measured footprint; and SpecMemo's reading, 40% of what
             # speculation itself adds (the plan's own accounting) on top of plain decoding
             budget = int(0.4 * s["peak"])
