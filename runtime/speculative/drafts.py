@@ -356,7 +356,8 @@ class InputGuided(DraftSource):
             return Draft.empty()
         if guesses:
             if width > 1 and len(guesses) > 1:
-                return _merge([g[1] for g in guesses[:width]], max(2, k // min(width, len(guesses))))
+                kept = guesses[:width]
+                return _merge([g[1] for g in kept], max(2, k // len(kept)))
             return Draft.chain(guesses[0][1][:k])
         if self._ptr is None:
             return Draft.empty()
