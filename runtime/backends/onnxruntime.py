@@ -137,6 +137,12 @@ def always_prepacks(root: Path) -> bool:
         q = json.loads((root / "manifest.json").read_text()).get("quantization")
     except (OSError, ValueError):
         return False
+    return packs_anyway(q)
+
+
+def packs_anyway(quantization: Any) -> bool:
+    """``always_prepacks`` from a manifest's ``quantization`` entry already read."""
+    q = quantization
     return isinstance(q, dict) and str(q.get("scheme", "")).startswith("int")
 
 

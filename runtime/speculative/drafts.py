@@ -221,13 +221,13 @@ class InputGuided(DraftSource):
     When the output leaves the input (the target corrected something), the edit is guessed from
     the correction token: one of Damerau's four single edits at the point of divergence p (the
     input had an extra token at p, two tokens transposed, a token missing before p, a token
-    substituted), each a different continuation of the input. The draft follows the first of
-    them that the tokens generated since still agree with, so a wrong guess costs one round and
-    the next round takes the next guess; with ``width`` > 1 the guesses are a tree. An output that
-    fits no single edit is re-aligned by finding its last ``ngram``, ..., 1 tokens in the input
-    nearest to where the pointer was. On the typo benchmark (60 sentences, greedy outputs of the
-    zoo's typo fixer, chains) the edit guesses need 247 verifications where the n-gram
-    re-alignment alone needed 296."""
+    substituted; also two extra tokens), each a different continuation of the input. The draft
+    follows the first of them that the tokens generated since still agree with, so a wrong guess
+    costs one round and the next round takes the next guess; with ``width`` > 1 the guesses are
+    a tree. An output that fits no single edit is re-aligned by finding its last ``ngram``, ...,
+    1 tokens in the input nearest to where the pointer was. On the typo benchmark (60
+    sentences, greedy outputs of the zoo's typo fixer, chains) the edit guesses need 247
+    verifications where the n-gram re-alignment alone needed 296."""
     name = "input"
     # The edits, most likely first. Where the correction is the next input token, an extra
     # token and a transposition both fit; an extra one is likelier after a doubled token (a key

@@ -244,9 +244,10 @@ def prepack_bytes(root: Path, man: Manifest, backend: str, graph: str) -> int:
     """What packing ``graph``'s weights at load adds (ONNX Runtime), margin included; 0 where
     there is nothing to choose: another backend (XNNPACK always packs), a quantized bundle (ORT
     packs its kernels' weights anyway) or a bundle converted before the table recorded it."""
-    from edgeseq.runtime.backends.onnxruntime import always_prepacks
+    from edgeseq.runtime.backends.onnxruntime import packs_anyway
 
-    if _fmt(backend) != "onnx" or always_prepacks(root):
+    # the manifest in hand, not the file again: the plan asks this for every graph
+    if _fmt(backend) != "onnx" or packs_anyway(man.quantization):
         return 0
     table = _tables(str(root / ACTIVATION_TABLE)).get(graph, {})
     return int(PREPACK_MARGIN * int(table.get("prepack_bytes", 0)))
