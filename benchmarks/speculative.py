@@ -308,6 +308,8 @@ def main() -> None:
     ap.add_argument("--budget", help=argparse.SUPPRESS)
     ap.add_argument("--prepack-all", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error(f"--repeat must be at least 1, got {args.repeat}")
     if args.child:
         args.backend = args.backend[0]
         child(args)
