@@ -9,7 +9,7 @@ included, as transformers counts them — and scores (rows, v), and returns new 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -30,6 +30,9 @@ class Processors:
     suppress: list[int] = field(default_factory=list)
     begin_suppress: list[int] = field(default_factory=list)
     begin_index: int = 1
+    # processors of one model family (Whisper's timestamp rules), applied after the rest in
+    # the order given, as transformers appends them
+    extra: list[Callable[[np.ndarray, np.ndarray], np.ndarray]] = field(default_factory=list)
 
     @classmethod
     def from_config(cls, gen: dict[str, Any], prompt_len: int, max_new_tokens: int,
@@ -59,7 +62,7 @@ class Processors:
         """True if no rule changes the scores of sequences ``cur`` to ``cur + n - 1`` long (a
         speculative verifier then takes the argmax of all its rows at once)."""
         last = cur + n - 1
-        return (self.repetition_penalty == 1.0 and not self.no_repeat_ngram_size
+        return (not self.extra and self.repetition_penalty == 1.0 and not self.no_repeat_ngram_size
                 and not self.bad_tokens and not self.suppress
                 and not (self.eos and cur < self.min_length)
                 and not (self.forced_bos is not None and cur <= 1 <= last)
@@ -92,6 +95,8 @@ class Processors:
             s[:, self.suppress] = NEG_INF
         if self.begin_suppress and cur == self.begin_index:
             s[:, self.begin_suppress] = NEG_INF
+        for proc in self.extra:
+            s = proc(seqs, s)
         return s
 
 

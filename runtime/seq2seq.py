@@ -9,7 +9,7 @@ capacity; a growing cache stops at the model's position table.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -126,29 +126,39 @@ class Seq2SeqSession:
     def decoder_prompt(self) -> list[int]:
         return [int(t) for t in self.config["decoder_prompt"]]
 
-    def max_new_tokens_cap(self) -> int:
+    def max_new_tokens_cap(self, prompt_len: int | None = None) -> int:
         cap = self.capacity
         table = self.config.get("max_target_positions")
         if table:
             cap = min(cap, int(table))
-        return cap - len(self.decoder_prompt)
+        return cap - (prompt_len if prompt_len is not None else len(self.decoder_prompt))
 
-    def _processors(self, max_new: int, ignore_eos: bool) -> Processors:
-        return Processors.from_config(self.gen, len(self.decoder_prompt), max_new, ignore_eos,
-                                      speech=self.speech)
+    def _processors(self, max_new: int, ignore_eos: bool, prompt_len: int | None = None,
+                    extra: Sequence[Callable[[np.ndarray, np.ndarray], np.ndarray]] = ()
+                    ) -> Processors:
+        procs = Processors.from_config(self.gen, prompt_len or len(self.decoder_prompt), max_new,
+                                       ignore_eos, speech=self.speech)
+        procs.extra = list(extra)
+        return procs
 
     def stream(self, source: Sequence[int] | np.ndarray | None = None, max_new_tokens: int = 64,
                do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int | None = None, ignore_eos: bool = False
+               top_p: float = 1.0, seed: int | None = None, ignore_eos: bool = False,
+               prompt: Sequence[int] | None = None,
+               processors: Sequence[Callable[[np.ndarray, np.ndarray], np.ndarray]] = ()
                ) -> Iterator[int]:
-        """Yield new tokens one by one (greedy or sampling), EOS included, as they are chosen."""
+        """Yield new tokens one by one (greedy or sampling), EOS included, as they are chosen.
+
+        ``prompt`` replaces the bundle's decoder prompt for this call (Whisper's language, task
+        and timestamp tokens); ``processors`` run after the generation config's own.
+        """
         cfg = SamplingConfig(do_sample, temperature, top_k, top_p)
         if source is not None:
             self.encode(source)
-        max_new = min(max_new_tokens, self.max_new_tokens_cap())
-        procs = self._processors(max_new, ignore_eos)
+        prompt = [int(t) for t in prompt] if prompt is not None else self.decoder_prompt
+        max_new = min(max_new_tokens, self.max_new_tokens_cap(len(prompt)))
+        procs = self._processors(max_new, ignore_eos, len(prompt), processors)
         rng = np.random.default_rng(seed)
-        prompt = self.decoder_prompt
         self.start(1)
         for tok in prompt[:-1]:
             self.step(np.array([tok]))
@@ -167,8 +177,10 @@ class Seq2SeqSession:
                  max_new_tokens: int = 64, num_beams: int | None = None,
                  num_beam_groups: int | None = None, diversity_penalty: float | None = None,
                  length_penalty: float | None = None, early_stopping: bool | str | None = None,
-                 num_return_sequences: int = 1, ignore_eos: bool = False, **sampling: Any
-                 ) -> list[int] | list[Hypothesis]:
+                 num_return_sequences: int = 1, ignore_eos: bool = False,
+                 prompt: Sequence[int] | None = None,
+                 processors: Sequence[Callable[[np.ndarray, np.ndarray], np.ndarray]] = (),
+                 **sampling: Any) -> list[int] | list[Hypothesis]:
         """New tokens for one source (EOS included when reached).
 
         Beam settings default to the checkpoint's generation config. With
@@ -176,8 +188,8 @@ class Seq2SeqSession:
         """
         beams = num_beams if num_beams is not None else int(self.gen.get("num_beams") or 1)
         if beams <= 1:
-            toks = list(self.stream(source, max_new_tokens, ignore_eos=ignore_eos, **sampling))
-            return toks
+            return list(self.stream(source, max_new_tokens, ignore_eos=ignore_eos, prompt=prompt,
+                                    processors=processors, **sampling))
         if sampling.get("do_sample"):
             raise ValueError("sampling with beams (beam sampling) is not supported")
         if source is not None:
@@ -188,16 +200,17 @@ class Seq2SeqSession:
         lp = length_penalty if length_penalty is not None else float(
             self.gen.get("length_penalty") if self.gen.get("length_penalty") is not None else 1.0)
         es = early_stopping if early_stopping is not None else (self.gen.get("early_stopping") or False)
-        max_new = min(max_new_tokens, self.max_new_tokens_cap())
+        prompt = [int(t) for t in prompt] if prompt is not None else self.decoder_prompt
+        max_new = min(max_new_tokens, self.max_new_tokens_cap(len(prompt)))
         self.start(beams)
 
         def step(tokens: np.ndarray, pos: int) -> np.ndarray:
             assert pos == self.position
             return self.step(tokens)
 
-        hyps = beam_search(step, self.reorder, self.decoder_prompt, beams, max_new,
-                           self._processors(max_new, ignore_eos), lp, es, groups, div,
-                           num_return_sequences)
+        hyps = beam_search(step, self.reorder, prompt, beams, max_new,
+                           self._processors(max_new, ignore_eos, len(prompt), processors), lp, es,
+                           groups, div, num_return_sequences)
         if num_return_sequences == 1:
             return hyps[0].tokens
         return hyps
