@@ -116,6 +116,17 @@ def convert(checkpoint: str, output: str, fmt: str | None, dtype: str, parity_to
               help="Speech: encoder window in seconds for short audio (default: the model's).")
 @click.option("--agreement", type=click.IntRange(1, 10), default=3, show_default=True,
               help="With --stream: consecutive decodes that must agree before a word is printed.")
+@click.option("--language", default=None, metavar="auto|CODE",
+              help="Whisper: the spoken language (en, de, ...) or auto (detect it from the first "
+                   "window; the default for multilingual models).")
+@click.option("--task", default=None, metavar="NAME",
+              help="Whisper: transcribe or translate (to English). Text models: a task the "
+                   "checkpoint declares in task_specific_params (T5: translation_en_to_de, "
+                   "summarization, ...): its prefix and generation settings.")
+@click.option("--timestamps", is_flag=True,
+              help="Whisper: apply the timestamp rules and print segments with start and end "
+                   "times (audio longer than 30 s is then decoded sequentially, as transformers "
+                   "does).")
 @click.option("--num-beams", type=click.IntRange(1), default=None,
               help="Encoder-decoders: beam search width (default: the checkpoint's config).")
 @click.option("--num-beam-groups", type=click.IntRange(1), default=None,
@@ -147,7 +158,7 @@ def convert(checkpoint: str, output: str, fmt: str | None, dtype: str, parity_to
 def run(bundle: str, prompt: str | None, prompt_ids: str | None, audio: str | None,
         input_npy: str | None, early_exit: float | None,
         stream_audio: bool, chunk_seconds: float, window_s: float | None, agreement: int,
-        num_beams: int | None, num_beam_groups: int | None, diversity_penalty: float | None,
+        language: str | None, task: str | None, timestamps: bool, num_beams: int | None, num_beam_groups: int | None, diversity_penalty: float | None,
         length_penalty: float | None, max_new_tokens: int, backend: str, do_sample: bool,
         temperature: float, top_k: int, top_p: float, seed: int | None, threads: int | None,
         speculate: str | None, memory_budget: str | None, device_id: str | None,
@@ -177,12 +188,12 @@ def run(bundle: str, prompt: str | None, prompt_ids: str | None, audio: str | No
             return
         if getattr(sess, "speech", False) or audio is not None:
             _run_speech(sess, audio, stream_audio, chunk_seconds, window_s, num_beams, as_json,
-                        agreement)
+                        agreement, language=language, task=task, timestamps=timestamps)
             return
         if hasattr(sess, "encode_text"):
             _run_seq2seq(sess, prompt, prompt_ids, max_new_tokens, num_beams, num_beam_groups,
                          diversity_penalty, length_penalty, do_sample, temperature, top_k,
-                         top_p, seed, as_json)
+                         top_p, seed, as_json, task=task)
             return
         if prompt_ids is not None:
             try:
@@ -317,9 +328,11 @@ def _parse_ids(text: str, vocab: int | None) -> list[int]:
 def _run_seq2seq(sess: Any, text: str | None, ids_text: str | None, max_new_tokens: int,
                  num_beams: int | None, groups: int | None, diversity: float | None,
                  length_penalty: float | None, do_sample: bool, temperature: float, top_k: int,
-                 top_p: float, seed: int | None, as_json: bool) -> None:
+                 top_p: float, seed: int | None, as_json: bool, task: str | None = None) -> None:
     import time
 
+    if task is not None:  # filled in by the task_specific_params work (issue 21)
+        _fail(f"--task {task}: this bundle declares no tasks")
     ids = _parse_ids(ids_text, sess.config.get("vocab_size")) if ids_text is not None \
         else sess.encode_text(text or "")
     if not ids or (text is not None and not text.strip()):
@@ -415,7 +428,8 @@ def _run_classify(sess: Any, path: str | None, early_exit: float | None, as_json
 
 def _run_speech(sess: Any, path: str | None, stream: bool, chunk_s: float,
                 window_s: float | None, num_beams: int | None, as_json: bool,
-                agreement: int = 3) -> None:
+                agreement: int = 3, language: str | None = None, task: str | None = None,
+                timestamps: bool = False) -> None:
     from edgeseq import audio as A
     from edgeseq.runtime.speech import Transcriber, chunked
 
