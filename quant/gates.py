@@ -194,7 +194,8 @@ def seq2seq_gate(family: Any, model: Any, bundle: Path, backend: str,
     ref_toks, got_toks = [], []
     for src in sources:
         ref_toks.append(family.reference_generate(model, src, n_new))
-        got_toks.append(list(sess.generate(np.asarray(src), n_new, num_beams=1)))
+        got_toks.append(list(sess.generate(np.asarray(src), n_new, num_beams=1,
+                                           do_sample=False)))
     text = sess.tokenizer is not None
     # decode() drops EOS/pad/start ids (generate() keeps the EOS, transformers' Whisper does not)
     decode = (lambda t: sess.decode(t)) if text else (lambda t: sess.decode(t).split())

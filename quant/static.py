@@ -71,7 +71,7 @@ def calibration_feeds(family: Any, model: Any, bundle: Path, task: str, calib: P
     elif task in ("seq2seq", "speech_seq2seq"):
         sources, _, _ = gates.seq2seq_sources(family, model, sess, calib)
         for src in sources:
-            sess.generate(np.asarray(src), 32, num_beams=1)
+            sess.generate(np.asarray(src), 32, num_beams=1, do_sample=False)
     else:
         text = calib.read_text(encoding="utf-8", errors="replace")
         ids = tokenizer.encode(text) if tokenizer is not None else []

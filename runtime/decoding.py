@@ -1,13 +1,19 @@
 """Choosing the next token from logits: greedy, or sampling with temperature, top-k and top-p.
 
-Sampling draws from a seeded ``numpy.random.Generator`` whose state is part of a session's
-``state_dict``, so a paused and resumed stream samples the same tokens as an unbroken one.
+The settings default to a checkpoint's generation config (``SamplingConfig.from_generation``);
+the filters are transformers' ``TemperatureLogitsWarper``, ``TopKLogitsWarper`` and
+``TopPLogitsWarper``, in that order. Sampling draws from a seeded ``numpy.random.Generator``
+whose state is part of a session's ``state_dict``, so a paused and resumed stream samples the
+same tokens as an unbroken one.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from edgeseq import generation
 
 
 @dataclass(frozen=True)
@@ -24,6 +30,21 @@ class SamplingConfig:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @classmethod
+    def from_generation(cls, gen: dict[str, Any], do_sample: bool | None = None,
+                        temperature: float | None = None, top_k: int | None = None,
+                        top_p: float | None = None) -> "SamplingConfig":
+        """The arguments given, else a generation config's (``gen``: a manifest's
+        ``config["generation"]``), else transformers' defaults (top-k 50): a checkpoint that
+        sets ``do_sample`` samples by default, as transformers' ``generate`` does."""
+        def pick(value: Any, name: str) -> Any:
+            return generation.field(gen, name) if value is None else value
+
+        if not pick(do_sample, "do_sample"):
+            return cls()  # greedy: transformers applies no warper either
+        return cls(True, float(pick(temperature, "temperature")), int(pick(top_k, "top_k") or 0),
+                   float(pick(top_p, "top_p")))
 
 
 def probabilities(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:

@@ -216,6 +216,7 @@ def main() -> None:
     gc = model.generation_config
     gc.forced_decoder_ids, gc.suppress_tokens, gc.begin_suppress_tokens = None, [], []
     gc.decoder_start_token_id, gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = START, START, EOS, PAD
+    gc.max_length = cfg.max_target_positions  # as published Whisper configs (else transformers stops at 20)
     # Training-only helpers, discarded afterwards (the saved model is a stock Whisper):
     # * a linear head on the encoder output that names the letter sounding at each position
     #   (0: none), which makes the encoder tell the chords apart within ~100 steps;

@@ -302,9 +302,11 @@ def main() -> None:
                    tie_word_embeddings=bool(args.tie), pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=PAD)
     model = T5ForConditionalGeneration(cfg)
     init_weights(model, args.bias_init, args.head_init)
-    # 4 beams: measured on the held-out set, fewer runaway outputs than greedy (see docs/zoo.md)
+    # 4 beams: measured on the held-out set, fewer runaway outputs than greedy (see docs/zoo.md);
+    # max_length: room for the longest training target (MAX_LEN bytes) three times over, since
+    # transformers (and edgeseq, which honours the config) would otherwise stop at 20 tokens
     model.generation_config = GenerationConfig(decoder_start_token_id=PAD, pad_token_id=PAD, eos_token_id=EOS,
-                                               num_beams=4)
+                                               num_beams=4, max_length=256)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]  # layer norm scales
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
