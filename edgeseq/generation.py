@@ -75,6 +75,19 @@ FAMILY_OWN: dict[str, frozenset[str]] = {
                           "begin_suppress_tokens", "suppress_tokens", "language", "task"}),
 }
 
+#: Fields a family's own ``generate`` overrides, so the checkpoint's values never take effect:
+#: Whisper's sets ``do_sample`` from its ``temperature`` argument (default: greedy), whatever the
+#: config says (``WhisperGenerationMixin.generate``: ``do_sample = temperature is not None and
+#: temperature > 0``).
+OVERRIDDEN: dict[str, frozenset[str]] = {"whisper": frozenset({"do_sample", *SAMPLING})}
+
+#: Fields a family's own ``generate`` reads that edgeseq does not implement: refused when set
+#: (Whisper's long-form fallback: thresholds and conditioning on the previous window).
+FAMILY_UNSUPPORTED: dict[str, tuple[str, ...]] = {
+    "whisper": ("logprob_threshold", "compression_ratio_threshold", "no_speech_threshold",
+                "condition_on_prev_tokens"),
+}
+
 #: New tokens ``edgeseq run`` makes for a causal LM when not told (a causal checkpoint that
 #: sets a length limit is refused, so it never competes with one).
 CAUSAL_MAX_NEW_TOKENS = 64
@@ -87,6 +100,12 @@ DEFAULTS: dict[str, Any] = {
     "length_penalty": 1.0, "early_stopping": False, "repetition_penalty": 1.0,
     "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "renormalize_logits": False,
 }
+
+
+def effective(gen: dict[str, Any], family: str | None) -> dict[str, Any]:
+    """A manifest's generation fields less those the family's ``generate`` overrides."""
+    drop = OVERRIDDEN.get(family or "", frozenset())
+    return {k: v for k, v in gen.items() if k not in drop}
 
 
 def field(gen: dict[str, Any], name: str) -> Any:
@@ -138,7 +157,7 @@ def check(model: Any, folder: Path, family: str, task: str) -> None:
     values = gen.to_dict()
     defaults = GenerationConfig().to_dict()
     honoured = HONOURED[task]
-    own = FAMILY_OWN.get(family, frozenset())
+    own = FAMILY_OWN.get(family, frozenset()) | OVERRIDDEN.get(family, frozenset())
     no_effect = NO_EFFECT | (NO_EFFECT_SPEECH if task == "speech_seq2seq" else frozenset())
     sampling = bool(values.get("do_sample"))
     # the fields transformers' generate reads; any other key (a model-config key copied by
@@ -156,7 +175,12 @@ def check(model: Any, folder: Path, family: str, task: str) -> None:
                               f"runtime ({task}); transformers' default is "
                               f"{_show(defaults.get(name))}, and decoding without it would "
                               f"differ from transformers' generate")
+    for name in FAMILY_UNSUPPORTED.get(family, ()):
+        if values.get(name) not in (None, False):
+            raise BundleError(f"{label}: {name} = {_show(values[name])} is not supported by "
+                              f"edgeseq's runtime ({family}'s long-form fallback); decoding "
+                              f"without it would differ from transformers' generate")
     beams = values.get("num_beams") or 1
-    if sampling and beams > 1:
+    if sampling and beams > 1 and "do_sample" not in own:
         raise BundleError(f"{label}: do_sample = true with num_beams = {beams} (beam sampling) "
                           f"is not supported by edgeseq's runtime")

@@ -400,3 +400,28 @@ def test_published_bart_base_generation_config(arch: Arch) -> None:
     src = arch.find_source({}, fields)
     for s in [src, *arch.sources[:4]]:
         assert arch.edgeseq(s, fields) == arch.reference(s, fields), s
+
+
+def test_whisper_long_form_fallback_fields_are_refused_and_sampling_is_not_applied(
+        tmp_path: Path) -> None:
+    """Whisper's generate reads its long-form thresholds from the config (refused: edgeseq does
+    not implement the fallback) and overrides do_sample (greedy unless a temperature is passed),
+    so a config's do_sample must not make edgeseq sample."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from edgeseq.bundle import BundleError
+    from edgeseq.runtime.decoding import SamplingConfig
+
+    for name, value in (("no_speech_threshold", 0.6), ("logprob_threshold", -1.0),
+                        ("compression_ratio_threshold", 1.35), ("condition_on_prev_tokens", True)):
+        model = SimpleNamespace(generation_config=GenerationConfig(**{name: value}))
+        with pytest.raises(BundleError, match=name):
+            generation.check(model, tmp_path, "whisper", "speech_seq2seq")
+    sampled = GenerationConfig(do_sample=True, temperature=0.7, top_k=5)
+    generation.check(SimpleNamespace(generation_config=sampled), tmp_path, "whisper",
+                     "speech_seq2seq")
+    gen = {"do_sample": True, "temperature": 0.7, "top_k": 5}
+    assert SamplingConfig.from_generation(generation.effective(gen, "whisper")) == SamplingConfig()
+    assert SamplingConfig.from_generation(generation.effective(gen, "t5")).do_sample
