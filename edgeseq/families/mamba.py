@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeseq.bundle import StateSpec, StreamingGraph
-from edgeseq.checkpoint import load_into, load_state_dict, read_config
+from edgeseq.bundle import BundleError, StateSpec, StreamingGraph
+from edgeseq.checkpoint import checkpoint_folder, load_into, load_state_dict, read_config
 from edgeseq.families.base import TransformersCausalLM, lm_graph_specs, trace_specs, exit_graph_from_step
 from edgeseq.registry import register_family
 
@@ -223,7 +223,8 @@ class MambaPrefill(_MambaGraph):
 
 @register_family("mamba")
 class MambaFamily(TransformersCausalLM):
-    """transformers ``MambaForCausalLM`` checkpoint folders."""
+    """transformers ``MambaForCausalLM`` checkpoint folders, and the original ``mamba_ssm``
+    layout (state-spaces/mamba-*: ``ssm_cfg`` without a Mamba2 layer, ``backbone.embedding``)."""
 
     task = "causal_lm"
     model_types = ("mamba",)
@@ -233,22 +234,13 @@ class MambaFamily(TransformersCausalLM):
         # saves no memory and costs a full call (the memory plan keeps the bound)
         return {**super().model_config(model), "prefill_static_chunk": True}
 
+    def can_load(self, config: dict[str, Any]) -> bool:
+        return super().can_load(config) or mamba_ssm_layer(config) == "Mamba1"
+
     def load(self, path: Path) -> nn.Module:
         from transformers import MambaConfig, MambaForCausalLM
 
-        path = Path(path)
-        cfg = read_config(path)
-        config = MambaConfig(**{k: v for k, v in cfg.items() if k != "transformers_version"})
-        with torch.device("meta"):
-            model = MambaForCausalLM(config)
-        model = model.to_empty(device="cpu")
-        sd = load_state_dict(path)
-        if "lm_head.weight" not in sd and config.tie_word_embeddings:
-            sd["lm_head.weight"] = sd["backbone.embeddings.weight"]
-        load_into(model, sd, path)
-        if config.tie_word_embeddings:
-            model.tie_weights()
-        return model.float().eval()
+        return load_transformers_lm(Path(path), MambaConfig, MambaForCausalLM, "Mamba1")
 
     def state_specs(self, model: nn.Module) -> list[StateSpec]:
         c = model.config
@@ -307,3 +299,143 @@ def widen_init(model: nn.Module, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=g))
             elif p.dim() == 3:  # depthwise conv (e, 1, k)
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+
+
+# -- checkpoints as published --------------------------------------------------------------
+# Two layouts of the same weights are published: transformers folders (``*-hf``: config.json
+# with ``model_type``, model.safetensors) and the original ``mamba_ssm`` package's
+# (state-spaces/mamba-130m, state-spaces/mamba2-130m: config.json in mamba_ssm's MambaConfig
+# terms, no ``model_type``, pytorch_model.bin). transformers' own conversion scripts map the
+# second onto the first; the maps below are theirs, and what has no transformers equivalent is
+# refused by name rather than loaded into a model that computes something else.
+
+#: mamba_ssm's MambaConfig (mamba_ssm/models/config_mamba.py), the keys of its config.json
+MAMBA_SSM_KEYS = ("d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg",
+                  "attn_layer_idx", "attn_cfg", "rms_norm", "residual_in_fp32", "fused_add_norm",
+                  "pad_vocab_size_multiple", "tie_embeddings")
+#: mamba_ssm's defaults for what a config.json may leave out
+MAMBA_SSM_DEFAULTS: dict[str, Any] = {"n_layer": 64, "vocab_size": 50277, "d_intermediate": 0,
+                                      "ssm_cfg": {}, "attn_layer_idx": [],
+                                      "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True,
+                                      "fused_add_norm": True, "pad_vocab_size_multiple": 8,
+                                      "tie_embeddings": True}
+#: ssm_cfg keys -> transformers config keys, per mixer (mamba_ssm's Mamba and Mamba2 __init__
+#: arguments). ``None``: the key only chooses an initialisation or a kernel, so any value loads.
+SSM_CFG_KEYS: dict[str, dict[str, str | None]] = {
+    "Mamba1": {"d_state": "state_size", "d_conv": "conv_kernel", "expand": "expand",
+               "dt_rank": "time_step_rank", "dt_min": "time_step_min", "dt_max": "time_step_max",
+               "dt_init": "time_step_init_scheme", "dt_scale": "time_step_scale",
+               "dt_init_floor": "time_step_floor", "conv_bias": "use_conv_bias",
+               "bias": "use_bias", "use_fast_path": None, "layer_idx": None},
+    "Mamba2": {"d_state": "state_size", "d_conv": "conv_kernel", "expand": "expand",
+               "headdim": "head_dim", "ngroups": "n_groups", "chunk_size": "chunk_size",
+               "dt_min": "time_step_min", "dt_max": "time_step_max",
+               "dt_init_floor": "time_step_floor", "dt_limit": "time_step_limit",
+               "conv_bias": "use_conv_bias", "bias": "use_bias", "conv_init": None,
+               "A_init_range": None, "use_mem_eff_path": None, "layer_idx": None,
+               # checked below: only the values transformers' Mamba-2 computes load
+               "d_ssm": None, "D_has_hdim": None, "rmsnorm": None, "norm_before_gate": None},
+}
+# GPT-NeoX's <|endoftext|>: bos, eos and pad of every state-spaces checkpoint (transformers'
+# conversion scripts write 0 for all three; the mamba_ssm config has no token ids)
+MAMBA_SSM_SPECIAL_ID = 0
+
+
+def mamba_ssm_layer(config: dict[str, Any]) -> str | None:
+    """``Mamba1`` or ``Mamba2`` for a mamba_ssm config.json (no ``model_type``, an ``ssm_cfg``;
+    mamba_ssm's default layer is Mamba1), else None."""
+    if "model_type" in config or not isinstance(config.get("ssm_cfg"), dict) \
+            or "d_model" not in config:
+        return None
+    return config["ssm_cfg"].get("layer", "Mamba1")
+
+
+def mamba_ssm_to_transformers(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
+    """transformers ``MambaConfig`` / ``Mamba2Config`` arguments for a mamba_ssm config.json."""
+    def refuse(key: str, why: str) -> BundleError:
+        return BundleError(f"{where}: {key}: {why}; transformers' Mamba cannot express it, so "
+                           f"edgeseq does not load it")
+
+    unknown = sorted(set(cfg) - set(MAMBA_SSM_KEYS))
+    if unknown:
+        raise BundleError(f"{where}: unknown mamba_ssm config key(s) {', '.join(unknown)} "
+                          f"(known: {', '.join(MAMBA_SSM_KEYS)})")
+    c = {**MAMBA_SSM_DEFAULTS, **cfg}
+    ssm = dict(c["ssm_cfg"])
+    layer = ssm.pop("layer", "Mamba1")
+    if layer not in SSM_CFG_KEYS:
+        raise refuse("ssm_cfg.layer", f"{layer!r} is not Mamba1 or Mamba2")
+    if c["d_intermediate"]:
+        raise refuse("d_intermediate", f"{c['d_intermediate']} adds an MLP after every mixer")
+    if c["attn_layer_idx"]:
+        raise refuse("attn_layer_idx", f"{c['attn_layer_idx']} makes a hybrid with attention "
+                                       f"layers")
+    if not c["rms_norm"]:
+        raise refuse("rms_norm", "false means LayerNorm blocks (transformers' Mamba uses RMSNorm)")
+    # residual_in_fp32 and fused_add_norm change precision and kernels, not the function:
+    # edgeseq computes in float32 throughout, which is what residual_in_fp32 asks of the residual
+    keys = SSM_CFG_KEYS[layer]
+    out: dict[str, Any] = {}
+    for k, v in ssm.items():
+        if k not in keys:
+            raise BundleError(f"{where}: unknown ssm_cfg key {k!r} for {layer} "
+                              f"(known: {', '.join(sorted(keys))})")
+        if keys[k]:
+            out[keys[k]] = list(v) if k == "dt_limit" else v
+    d = int(c["d_model"])
+    if layer == "Mamba2":
+        expand = int(ssm.get("expand", 2))
+        if ssm.get("d_ssm") not in (None, expand * d):
+            raise refuse("ssm_cfg.d_ssm", f"{ssm['d_ssm']} leaves part of the mixer outside "
+                                          f"the SSM")
+        if ssm.get("D_has_hdim", False):
+            raise refuse("ssm_cfg.D_has_hdim", "true gives D one value per channel, not per head")
+        if not ssm.get("rmsnorm", True):
+            raise refuse("ssm_cfg.rmsnorm", "false drops the gated norm before out_proj")
+        if ssm.get("norm_before_gate", False):
+            raise refuse("ssm_cfg.norm_before_gate", "true normalises before the gate")
+        head_dim = int(out.setdefault("head_dim", 64))
+        out.setdefault("state_size", 128)  # mamba_ssm's Mamba2 default (Mamba1's is 16)
+        out.setdefault("n_groups", 1)
+        out["num_heads"] = expand * d // head_dim
+    vocab = int(c["vocab_size"])
+    vocab += -vocab % int(c["pad_vocab_size_multiple"])  # mamba_ssm pads the embedding rows
+    return {**out, "hidden_size": d, "num_hidden_layers": int(c["n_layer"]), "vocab_size": vocab,
+            "tie_word_embeddings": bool(c["tie_embeddings"]),
+            "residual_in_fp32": bool(c["residual_in_fp32"]),
+            "bos_token_id": MAMBA_SSM_SPECIAL_ID, "eos_token_id": MAMBA_SSM_SPECIAL_ID,
+            "pad_token_id": MAMBA_SSM_SPECIAL_ID}
+
+
+def load_transformers_lm(path: Path, config_cls: Any, model_cls: Any, ssm_layer: str
+                         ) -> nn.Module:
+    """A transformers Mamba / Mamba-2 causal LM, fp32 and in eval mode, from a transformers
+    folder or a mamba_ssm one (config translated, ``backbone.embedding`` renamed as
+    transformers' conversion scripts do). fp16/bf16 weights are upcast on load."""
+    cfg = read_config(path)
+    folder = checkpoint_folder(path)
+    if mamba_ssm_layer(cfg) == ssm_layer:
+        kw = mamba_ssm_to_transformers(cfg, folder / "config.json")
+    else:
+        kw = {k: v for k, v in cfg.items() if k != "transformers_version"}
+    try:
+        config = config_cls(**kw)
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{folder / 'config.json'}: {e}") from None
+    with torch.device("meta"):
+        model = model_cls(config)
+    model = model.to_empty(device="cpu")
+    sd = {k.replace("backbone.embedding.", "backbone.embeddings."): v
+          for k, v in load_state_dict(path).items()}
+    if "lm_head.weight" not in sd and config.tie_word_embeddings:
+        sd["lm_head.weight"] = sd.get("backbone.embeddings.weight")
+        if sd["lm_head.weight"] is None:
+            del sd["lm_head.weight"]
+    load_into(model, sd, path)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    if (folder / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model.float().eval()

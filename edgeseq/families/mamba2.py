@@ -29,9 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeseq.bundle import StateSpec, StreamingGraph
-from edgeseq.checkpoint import load_into, load_state_dict, read_config
 from edgeseq.families.base import TransformersCausalLM, lm_graph_specs, exit_graph_from_step
-from edgeseq.families.mamba import rms_norm, widen_init
+from edgeseq.families.mamba import load_transformers_lm, mamba_ssm_layer, rms_norm, widen_init
 from edgeseq.registry import register_family
 
 # Prefill materialises a few (b, h, l, l) tensors; the runtime keeps chunks under this size.
@@ -167,29 +166,19 @@ class Mamba2Prefill(_Mamba2Graph):
 
 @register_family("mamba2")
 class Mamba2Family(TransformersCausalLM):
-    """transformers ``Mamba2ForCausalLM`` checkpoint folders."""
+    """transformers ``Mamba2ForCausalLM`` checkpoint folders, and the original ``mamba_ssm``
+    layout (state-spaces/mamba2-*: ``ssm_cfg.layer`` Mamba2, ``backbone.embedding``)."""
 
     task = "causal_lm"
     model_types = ("mamba2",)
 
+    def can_load(self, config: dict[str, Any]) -> bool:
+        return super().can_load(config) or mamba_ssm_layer(config) == "Mamba2"
+
     def load(self, path: Path) -> nn.Module:
         from transformers import Mamba2Config, Mamba2ForCausalLM
 
-        path = Path(path)
-        cfg = read_config(path)
-        config = Mamba2Config(**{k: v for k, v in cfg.items() if k != "transformers_version"})
-        with torch.device("meta"):
-            model = Mamba2ForCausalLM(config)
-        model = model.to_empty(device="cpu")
-        # Original (mamba_ssm) checkpoints name it "embedding"; transformers renames on load too.
-        sd = {k.replace("backbone.embedding.", "backbone.embeddings."): v
-              for k, v in load_state_dict(path).items()}
-        if "lm_head.weight" not in sd and config.tie_word_embeddings:
-            sd["lm_head.weight"] = sd["backbone.embeddings.weight"]
-        load_into(model, sd, path)
-        if config.tie_word_embeddings:
-            model.tie_weights()
-        return model.float().eval()
+        return load_transformers_lm(Path(path), Mamba2Config, Mamba2ForCausalLM, "Mamba2")
 
     def state_specs(self, model: nn.Module) -> list[StateSpec]:
         c = model.config
