@@ -118,8 +118,8 @@ def child(args: argparse.Namespace) -> None:
     seq2seq = man.task != "causal_lm"
     # the inputs are known before loading (as in `edgeseq run`): the plan is made for them
     tok = tokenize.load(Path(args.bundle), man.tokenizer)
-    eos = man.config.get("eos_token_id")
-    inputs = [tok.encode(x) + ([int(eos)] if seq2seq else []) for x in items]
+    inputs = [tokenize.source_ids(tok, x, man.config) if seq2seq else tok.encode(x)
+              for x in items]
     np.zeros(1).sum()
     Path("/proc/self/clear_refs").write_text("5")
     base = _rss()

@@ -164,11 +164,15 @@ class Session:
 
     # -- text ------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
+        """Prompt ids as the checkpoint's tokenizer gives them, its own special tokens included
+        (``tokenizer(text).input_ids``; see ``edgeseq.tokenize``)."""
         if self.tokenizer is None:
             raise BundleError(f"{self.root}: bundle has no tokenizer; pass token ids instead")
         return self.tokenizer.encode(text)
 
     def decode(self, ids: Sequence[int]) -> str:
+        """Text for ids, special tokens skipped (as ``tokenizer.decode(ids,
+        skip_special_tokens=True)``)."""
         if self.tokenizer is None:
             return " ".join(str(int(i)) for i in ids)
         return self.tokenizer.decode([int(i) for i in ids])
