@@ -5,14 +5,16 @@ when every step, parity included, has succeeded: a failed conversion leaves noth
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from edgeseq import tokenize, zoo
+from edgeseq import generation, tokenize, zoo
 from edgeseq.bundle import (BundleError, GraphEntry, Manifest, atomic_folder, sha256_of,
                             write_json)
-from edgeseq.checkpoint import read_config, weight_files
+from edgeseq.checkpoint import (checkpoint_folder, read_config, source_files, stored_dtype,
+                                 weight_files)
 from edgeseq.families.base import detect_family
 from edgeseq.registry import get_backend
 
@@ -81,8 +83,10 @@ def _manifest(family: Any, model: Any, graphs: dict[str, Any], files: dict[str, 
               target: str, opts: dict[str, Any], quantization: Any) -> Manifest:
     return Manifest(
         family=family.name, task=family.task,
-        source={"path": src_label, "sha256": sha256_of([src / "config.json", *weights]),
-                "files": [w.name for w in weights]},
+        source={"path": src_label, "sha256": sha256_of(source_files(src)),
+                "files": [w.name for w in weights],
+                # what the checkpoint held; the graphs and parity use it upcast to float32
+                "dtype": stored_dtype(src)},
         graphs={name: GraphEntry(name, g.inputs, g.outputs, g.state, files[name], g.max_chunk)
                 for name, g in graphs.items()},
         tokenizer=tok_spec, dtype=dtype, target=target,
@@ -152,6 +156,8 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
         keep, sensitive = _check_quant(quant, formats, dtype, family.name, keep, quantize_all,
                                        calibration)
     model = family.load(src)
+    # a generation rule the runtime would not apply as transformers does: refused by name
+    generation.check(model, src, family.name, family.task)
     graphs = family.graphs(model, **opts)
     if early_exit is not None:
         if not hasattr(family, "exit_graph"):
@@ -165,8 +171,8 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
         from edgeseq.families.base import draft_loop_from_step
 
         graphs["draft_loop"] = draft_loop_from_step(graphs["step"], draft_loop)
-    tok_spec = tokenize.detect(src)
-    tokenizer = tokenize.load(src, tok_spec)
+    tok_spec = tokenize.detect(checkpoint_folder(src))
+    tokenizer = tokenize.load(checkpoint_folder(src), tok_spec)
 
     with atomic_folder(out, overwrite=overwrite) as tmp:
         files: dict[str, dict[str, str]] = {name: {} for name in graphs}
@@ -196,7 +202,7 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
                 files[name][fmt] = f
             say(f"      {fmt}: {', '.join(sorted(set(written.values())))} "
                 f"in {time.perf_counter() - t:.1f}s")
-        tokenize.copy_files(src, tok_spec, tmp)
+        tokenize.copy_files(checkpoint_folder(src), tok_spec, tmp)
         quant_record = None
         if quant is not None:
             if "onnx" in formats:
@@ -350,6 +356,7 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
                     f"{rec['state_max_abs_err']:.2e} -> {'ok' if rec['passed'] else 'FAILED'}")
         if parity.get("graph_checks"):
             parity["passed"] = all(c["passed"] for c in parity["checks"] + parity["graph_checks"])
+        parity["cost"] = conversion_cost(t0)
         write_json(tmp / "parity.json", parity)
         if not skip_parity and not parity["passed"] and not force:
             if quant is not None:
@@ -364,5 +371,26 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
                       if not c["passed"]]
             raise ConversionError(f"{src_label}: parity failed on {', '.join(failed)} (see the "
                                   f"errors above; --force writes the bundle anyway)")
-        say(f"[5/5] wrote {out} in {time.perf_counter() - t0:.1f}s")
+        cost = conversion_cost(t0)
+        # a child is named only when its mark exceeds ours: a helper forked from this process
+        # (ExecuTorch runs flatc) counts the pages it shared with us at the fork
+        child = cost["children_peak_rss_bytes"]
+        say(f"[5/5] wrote {out} in {cost['wall_s']:.1f}s, peak memory "
+            f"{cost['peak_rss_bytes'] / 2**20:.0f} MiB (RSS high-water mark"
+            + (f"; a child process {child / 2**20:.0f} MiB"
+               if child > cost["peak_rss_bytes"] else "") + ")")
     return out
+
+
+def conversion_cost(t0: float) -> dict[str, Any]:
+    """Wall time since ``t0`` (``time.perf_counter``) and peak memory: this process's resident
+    high-water mark (VmHWM; for ``edgeseq convert`` the conversion's own, for a library call the
+    calling process's) and the largest finished child process's (0 when there was none; a
+    forked child's mark includes the pages it shares with this process, so the two do not add)."""
+    import resource
+
+    from edgeseq.runtime.profile import _rss
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # kB; bytes on macOS
+    return {"wall_s": round(time.perf_counter() - t0, 3), "peak_rss_bytes": _rss("VmHWM"),
+            "children_peak_rss_bytes": int(children * (1 if sys.platform == "darwin" else 1024))}

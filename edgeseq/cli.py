@@ -10,6 +10,7 @@ import click
 
 from edgeseq.bundle import BundleError
 from edgeseq.families.base import DRAFT_LOOP_MAX
+from edgeseq.generation import CAUSAL_MAX_NEW_TOKENS
 from edgeseq.quiet import quiet_third_party
 
 quiet_third_party()
@@ -133,13 +134,23 @@ def convert(checkpoint: str, output: str, fmt: str | None, dtype: str, parity_to
               help="Diverse beam search: number of groups.")
 @click.option("--diversity-penalty", type=float, default=None)
 @click.option("--length-penalty", type=float, default=None)
-@click.option("-n", "--max-new-tokens", type=click.IntRange(0), default=64, show_default=True)
+@click.option("-n", "--max-new-tokens", type=click.IntRange(0), default=None,
+              help="Most new tokens (default: the checkpoint's generation config for "
+                   "encoder-decoders: max_new_tokens, else max_length, as transformers; "
+                   f"{CAUSAL_MAX_NEW_TOKENS} for causal LMs).")
 @click.option("--backend", type=click.Choice(["ort", "executorch", "torch"]), default="ort",
               show_default=True)
-@click.option("--do-sample", is_flag=True, help="Sample instead of greedy decoding.")
-@click.option("--temperature", type=float, default=1.0, show_default=True)
-@click.option("--top-k", type=int, default=0, show_default=True)
-@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--do-sample/--greedy", default=None,
+              help="Sample, or decode greedily (default: the checkpoint's generation config for "
+                   "encoder-decoders, which samples when it sets do_sample; greedy for causal "
+                   "LMs).")
+@click.option("--temperature", type=float, default=None,
+              help="Sampling temperature (default: the checkpoint's; 1.0).")
+@click.option("--top-k", type=int, default=None,
+              help="Sample from the k likeliest tokens, 0 for all (default: the checkpoint's "
+                   "for encoder-decoders, transformers' 50 if it sets none; 0 for causal LMs).")
+@click.option("--top-p", type=float, default=None,
+              help="Nucleus sampling mass (default: the checkpoint's; 1.0).")
 @click.option("--seed", type=int, default=None)
 @click.option("--threads", type=int, default=None, help="Intra-op threads (default: cores).")
 @click.option("--speculate", default=None, metavar="SOURCE",
@@ -159,8 +170,9 @@ def run(bundle: str, prompt: str | None, prompt_ids: str | None, audio: str | No
         input_npy: str | None, early_exit: float | None,
         stream_audio: bool, chunk_seconds: float, window_s: float | None, agreement: int,
         language: str | None, task: str | None, timestamps: bool, num_beams: int | None, num_beam_groups: int | None, diversity_penalty: float | None,
-        length_penalty: float | None, max_new_tokens: int, backend: str, do_sample: bool,
-        temperature: float, top_k: int, top_p: float, seed: int | None, threads: int | None,
+        length_penalty: float | None, max_new_tokens: int | None, backend: str,
+        do_sample: bool | None, temperature: float | None, top_k: int | None,
+        top_p: float | None, seed: int | None, threads: int | None,
         speculate: str | None, memory_budget: str | None, device_id: str | None,
         as_json: bool) -> None:
     """Stream a completion from BUNDLE (causal LM), translate/correct text (encoder-decoder) or
@@ -222,9 +234,11 @@ def run(bundle: str, prompt: str | None, prompt_ids: str | None, audio: str | No
 
         if not as_json and prompt is not None:
             click.echo(prompt, nl=False)
-        res = timed_stream(sess, ids, max_new_tokens, on_token=None if as_json else show,
-                           do_sample=do_sample, temperature=temperature, top_k=top_k,
-                           top_p=top_p, seed=seed)
+        cfg = _causal_sampling(do_sample, temperature, top_k, top_p)
+        res = timed_stream(sess, ids, CAUSAL_MAX_NEW_TOKENS if max_new_tokens is None
+                           else max_new_tokens, on_token=None if as_json else show,
+                           do_sample=cfg.do_sample, temperature=cfg.temperature,
+                           top_k=cfg.top_k, top_p=cfg.top_p, seed=seed)
     except (BundleError, ValueError) as e:
         _fail(str(e))
     if as_json:
@@ -241,8 +255,9 @@ def run(bundle: str, prompt: str | None, prompt_ids: str | None, audio: str | No
 
 def _run_speculative(bundle: str, backend: str, threads: int | None, speculate: str,
                      budget_text: str | None, device_id: str | None, text: str | None,
-                     ids_text: str | None, max_new_tokens: int, do_sample: bool,
-                     temperature: float, top_k: int, top_p: float, seed: int | None,
+                     ids_text: str | None, max_new_tokens: int | None, do_sample: bool | None,
+                     temperature: float | None, top_k: int | None, top_p: float | None,
+                     seed: int | None,
                      as_json: bool) -> None:
     import time
 
@@ -277,12 +292,23 @@ def _run_speculative(bundle: str, backend: str, threads: int | None, speculate: 
             tok = tokenize.load(Path(bundle), man.tokenizer)
             if tok is None:
                 _fail(f"{bundle}: bundle has no tokenizer; pass --prompt-ids")
-            ids = tok.encode(text or "")
-            eos = man.config.get("eos_token_id")
-            if seq2seq and man.config.get("append_eos_to_source", True) and eos is not None:
-                ids = ids + [int(eos)]
+            ids = (tokenize.source_ids(tok, text or "", man.config) if seq2seq
+                   else tok.encode(text or ""))
         if not ids or (text is not None and not text.strip()):
             _fail("the prompt is empty")
+        if seq2seq:  # the checkpoint's generation config, as a plain run
+            from edgeseq import generation
+            from edgeseq.runtime.decoding import SamplingConfig
+
+            gen = man.config.get("generation") or {}
+            if max_new_tokens is None:
+                max_new_tokens = generation.default_max_new_tokens(
+                    gen, len(man.config.get("decoder_prompt") or [0]))
+            cfg = SamplingConfig.from_generation(gen, do_sample, temperature, top_k, top_p)
+        else:
+            max_new_tokens = CAUSAL_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+            cfg = _causal_sampling(do_sample, temperature, top_k, top_p)
+        do_sample, temperature, top_k, top_p = cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p
         ss = spec.load(bundle, backend=backend, speculate=speculate, memory_budget=budget,
                        threads=threads, max_source=len(ids) if seq2seq else None,
                        max_length=(len(man.config.get("decoder_prompt") or [0]) + max_new_tokens)
@@ -325,14 +351,30 @@ def _parse_ids(text: str, vocab: int | None) -> list[int]:
     return ids
 
 
-def _run_seq2seq(sess: Any, text: str | None, ids_text: str | None, max_new_tokens: int,
+def _causal_sampling(do_sample: bool | None, temperature: float | None, top_k: int | None,
+                     top_p: float | None) -> Any:
+    """Sampling settings for a causal LM: the flags given, else greedy / 1.0 / 0 / 1.0 (a causal
+    checkpoint that sets sampling fields is refused at convert time: edgeseq.generation)."""
+    from edgeseq.runtime.decoding import SamplingConfig
+
+    return SamplingConfig(bool(do_sample), 1.0 if temperature is None else temperature,
+                          top_k or 0, 1.0 if top_p is None else top_p)
+
+
+def _run_seq2seq(sess: Any, text: str | None, ids_text: str | None, max_new_tokens: int | None,
                  num_beams: int | None, groups: int | None, diversity: float | None,
-                 length_penalty: float | None, do_sample: bool, temperature: float, top_k: int,
-                 top_p: float, seed: int | None, as_json: bool, task: str | None = None) -> None:
+                 length_penalty: float | None, do_sample: bool | None, temperature: float | None,
+                 top_k: int | None, top_p: float | None, seed: int | None, as_json: bool,
+                 task: str | None = None) -> None:
     import time
 
-    if task is not None:  # filled in by the task_specific_params work (issue 21)
-        _fail(f"--task {task}: this bundle declares no tasks")
+    if task is not None:  # T5's task_specific_params: its prefix and generation settings
+        try:
+            sess.use_task(task)
+        except BundleError as e:
+            _fail(str(e))
+        if ids_text is not None:
+            _fail(f"--task {task}: a task prefix applies to --text, not --prompt-ids")
     ids = _parse_ids(ids_text, sess.config.get("vocab_size")) if ids_text is not None \
         else sess.encode_text(text or "")
     if not ids or (text is not None and not text.strip()):
@@ -342,7 +384,8 @@ def _run_seq2seq(sess: Any, text: str | None, ids_text: str | None, max_new_toke
     beams = num_beams if num_beams is not None else int(sess.gen.get("num_beams") or 1)
     if beams > 1:
         toks = sess.generate(None, max_new_tokens, num_beams=beams, num_beam_groups=groups,
-                             diversity_penalty=diversity, length_penalty=length_penalty)
+                             diversity_penalty=diversity, length_penalty=length_penalty,
+                             do_sample=do_sample)
         total = time.perf_counter() - t0
         first_ms = None  # a beam search settles its first token only at the end
         if not as_json:
@@ -437,26 +480,35 @@ def _run_speech(sess: Any, path: str | None, stream: bool, chunk_s: float,
         _fail("this is a speech model: give --audio FILE.wav")
     if not getattr(sess, "speech", False):
         _fail("--audio needs a speech model bundle (this one takes text)")
+    if timestamps and window_s is not None:
+        _fail("--window does not combine with --timestamps: timestamped decoding seeks through "
+              "the audio in the encoder's full window, as transformers does")
     wav = A.read_wav(path)
-    tr = Transcriber(sess, window_s=window_s, num_beams=num_beams or 1, agreement=agreement)
+    tr = Transcriber(sess, window_s=window_s, num_beams=num_beams or 1, agreement=agreement,
+                     timestamps=timestamps, language=language, task=task)
     if stream:
         def show(rep: Any) -> None:
             if not as_json:
-                if rep.stable_text:
+                if timestamps:   # each decoded window's segments, one line each
+                    for seg in rep.segments:
+                        click.echo(_timed_line(seg))
+                elif rep.stable_text:
                     click.echo(rep.stable_text + " ", nl=False)
                 click.echo(f"[chunk {rep.index} @ {rep.audio_s:.1f}s: {rep.latency_ms:.0f} ms]",
                            err=True)
         res = tr.stream(chunked(wav, chunk_s), on_chunk=show)
-        if not as_json:
+        if not as_json and not timestamps:
             click.echo("")
     else:
         res = tr.transcribe(wav)
         if not as_json:
-            click.echo(res.text)
+            click.echo("\n".join(_timed_line(seg) for seg in res.segments) if timestamps
+                       else res.text)
     lat = [c.latency_ms for c in res.chunks]
     if as_json:
         click.echo(json.dumps({
-            "text": res.text, "audio_s": round(res.audio_s, 3), "backend": sess.backend,
+            "text": res.text, "language": tr.language_code, "audio_s": round(res.audio_s, 3),
+            "backend": sess.backend,
             "compute_s": round(res.compute_s, 3), "rtf": round(res.rtf, 4),
             "segments": [{"start": round(a, 3), "end": round(b, 3), "text": t}
                          for a, b, t in res.segments],
@@ -464,8 +516,15 @@ def _run_speech(sess: Any, path: str | None, stream: bool, chunk_s: float,
     else:
         extra = (f", chunk latency mean {sum(lat) / len(lat):.0f} ms max {max(lat):.0f} ms"
                  if lat else "")
-        click.echo(f"-- {res.audio_s:.1f} s of audio on {sess.backend}: real-time factor "
+        lang = f" (language {tr.language_code})" if tr.language_code else ""
+        click.echo(f"-- {res.audio_s:.1f} s of audio on {sess.backend}{lang}: real-time factor "
                    f"{res.rtf:.3f}{extra}", err=True)
+
+
+def _timed_line(seg: tuple[float, float, str]) -> str:
+    """A timestamped segment as text: ``[0.00 -> 2.40] text``."""
+    start, end, text = seg
+    return f"[{start:.2f} -> {end:.2f}] {text}"
 
 
 @main.command()

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from edgeseq import tokenize
+from edgeseq import generation, tokenize
 from edgeseq.bundle import BundleError, Manifest
 from edgeseq.runtime.backends.base import LoadedModel
 from edgeseq.runtime.beam import Hypothesis, beam_search
@@ -39,6 +39,7 @@ class Seq2SeqSession:
         self.capacity = int(self.config.get("max_target_len") or 1 << 30)
         self._cross: dict[str, np.ndarray] = {}
         self._mask: np.ndarray | None = None
+        self._source: list[int] | None = None   # encoder input ids (encoder n-gram rule)
         self._state: Any = None
         self.position = 0
 
@@ -58,6 +59,7 @@ class Seq2SeqSession:
                                  f"{limit}; split long audio into windows (edgeseq.runtime.speech)")
             inputs = {"input_features": feats[None]}
             self._mask = None
+            self._source = None
         else:
             ids = np.asarray(source, dtype=np.int64)
             if ids.ndim != 1 or ids.size == 0:
@@ -72,6 +74,7 @@ class Seq2SeqSession:
             mask = np.ones((1, ids.size), dtype=np.int64)
             inputs = {"input_ids": ids[None], "attention_mask": mask}
             self._mask = mask
+            self._source = ids.tolist()
         out, _ = self.model.run("encoder", inputs, [])
         self._cross = {k: out[k] for k in self.cross_names}
         return self._cross
@@ -133,17 +136,31 @@ class Seq2SeqSession:
             cap = min(cap, int(table))
         return cap - (prompt_len if prompt_len is not None else len(self.decoder_prompt))
 
+    def default_max_new_tokens(self, prompt_len: int | None = None) -> int:
+        """New tokens when the caller gives no limit: the checkpoint's generation config
+        (``max_new_tokens``, else ``max_length``), as transformers' ``generate``."""
+        n = len(self.decoder_prompt) if prompt_len is None else prompt_len
+        return generation.default_max_new_tokens(self.gen, n)
+
+    def sampling(self, do_sample: bool | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None) -> SamplingConfig:
+        """The sampling settings: the arguments given, else the checkpoint's generation config
+        (which samples by default when it sets ``do_sample``, with transformers' top-k of 50)."""
+        gen = generation.effective(self.gen, self.config.get("architecture"))
+        return SamplingConfig.from_generation(gen, do_sample, temperature, top_k, top_p)
+
     def _processors(self, max_new: int, ignore_eos: bool, prompt_len: int | None = None,
                     extra: Sequence[Callable[[np.ndarray, np.ndarray], np.ndarray]] = ()
                     ) -> Processors:
         procs = Processors.from_config(self.gen, prompt_len or len(self.decoder_prompt), max_new,
-                                       ignore_eos, speech=self.speech)
+                                       ignore_eos, speech=self.speech, source=self._source)
         procs.extra = list(extra)
         return procs
 
-    def stream(self, source: Sequence[int] | np.ndarray | None = None, max_new_tokens: int = 64,
-               do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int | None = None, ignore_eos: bool = False,
+    def stream(self, source: Sequence[int] | np.ndarray | None = None,
+               max_new_tokens: int | None = None, do_sample: bool | None = None,
+               temperature: float | None = None, top_k: int | None = None,
+               top_p: float | None = None, seed: int | None = None, ignore_eos: bool = False,
                prompt: Sequence[int] | None = None,
                processors: Sequence[Callable[[np.ndarray, np.ndarray], np.ndarray]] = ()
                ) -> Iterator[int]:
@@ -151,11 +168,15 @@ class Seq2SeqSession:
 
         ``prompt`` replaces the bundle's decoder prompt for this call (Whisper's language, task
         and timestamp tokens); ``processors`` run after the generation config's own.
+        ``max_new_tokens`` and the sampling settings left ``None`` are the checkpoint's
+        generation config's (``edgeseq.generation``).
         """
-        cfg = SamplingConfig(do_sample, temperature, top_k, top_p)
+        cfg = self.sampling(do_sample, temperature, top_k, top_p)
         if source is not None:
             self.encode(source)
         prompt = [int(t) for t in prompt] if prompt is not None else self.decoder_prompt
+        if max_new_tokens is None:
+            max_new_tokens = self.default_max_new_tokens(len(prompt))
         max_new = min(max_new_tokens, self.max_new_tokens_cap(len(prompt)))
         procs = self._processors(max_new, ignore_eos, len(prompt), processors)
         rng = np.random.default_rng(seed)
@@ -174,7 +195,7 @@ class Seq2SeqSession:
                 return
 
     def generate(self, source: Sequence[int] | np.ndarray | None = None,
-                 max_new_tokens: int = 64, num_beams: int | None = None,
+                 max_new_tokens: int | None = None, num_beams: int | None = None,
                  num_beam_groups: int | None = None, diversity_penalty: float | None = None,
                  length_penalty: float | None = None, early_stopping: bool | str | None = None,
                  num_return_sequences: int = 1, ignore_eos: bool = False,
@@ -183,24 +204,30 @@ class Seq2SeqSession:
                  **sampling: Any) -> list[int] | list[Hypothesis]:
         """New tokens for one source (EOS included when reached).
 
-        Beam settings default to the checkpoint's generation config. With
-        ``num_return_sequences > 1`` the best hypotheses are returned (tokens and score).
+        Beam settings, the length limit and sampling default to the checkpoint's generation
+        config. With ``num_return_sequences > 1`` the best hypotheses are returned (tokens and
+        score).
         """
-        beams = num_beams if num_beams is not None else int(self.gen.get("num_beams") or 1)
+        beams = num_beams if num_beams is not None else int(generation.field(self.gen, "num_beams"))
         if beams <= 1:
             return list(self.stream(source, max_new_tokens, ignore_eos=ignore_eos, prompt=prompt,
                                     processors=processors, **sampling))
-        if sampling.get("do_sample"):
-            raise ValueError("sampling with beams (beam sampling) is not supported")
+        if self.sampling(*(sampling.get(k) for k in ("do_sample", "temperature", "top_k",
+                                                     "top_p"))).do_sample:
+            raise ValueError("sampling with beams (beam sampling) is not supported; decode "
+                             "greedily (do_sample=False, --greedy) or with one beam")
         if source is not None:
             self.encode(source)
         groups = num_beam_groups or int(self.gen.get("num_beam_groups") or 1)
         div = diversity_penalty if diversity_penalty is not None else float(
             self.gen.get("diversity_penalty") or 0.0)
         lp = length_penalty if length_penalty is not None else float(
-            self.gen.get("length_penalty") if self.gen.get("length_penalty") is not None else 1.0)
-        es = early_stopping if early_stopping is not None else (self.gen.get("early_stopping") or False)
+            generation.field(self.gen, "length_penalty"))
+        es = early_stopping if early_stopping is not None else generation.field(
+            self.gen, "early_stopping")
         prompt = [int(t) for t in prompt] if prompt is not None else self.decoder_prompt
+        if max_new_tokens is None:
+            max_new_tokens = self.default_max_new_tokens(len(prompt))
         max_new = min(max_new_tokens, self.max_new_tokens_cap(len(prompt)))
         self.start(beams)
 
@@ -217,19 +244,37 @@ class Seq2SeqSession:
 
     # -- text ------------------------------------------------------------------------------
     def encode_text(self, text: str) -> list[int]:
-        """Source token ids for ``text`` (the tokenizer's ids, then EOS as the model was trained)."""
+        """Source token ids for ``text``: the checkpoint's tokenizer with its own special tokens
+        (``tokenize.source_ids``), after the task prefix chosen by ``use_task``."""
         if self.tokenizer is None:
             raise BundleError(f"{self.root}: bundle has no tokenizer; pass token ids instead")
-        ids = self.tokenizer.encode(text)
-        eos = self.config.get("eos_token_id")
-        if self.config.get("append_eos_to_source", True) and eos is not None:
-            ids = ids + [int(eos)]
-        return ids
+        return tokenize.source_ids(self.tokenizer, getattr(self, "task_prefix", "") + text,
+                                   self.config)
 
     def decode(self, ids: Sequence[int]) -> str:
+        """Text for output ids, as the checkpoint's tokenizer decodes them with
+        ``skip_special_tokens=True``."""
+        if self.tokenizer is not None and getattr(self.tokenizer, "adds_special_tokens", False):
+            return self.tokenizer.decode([int(i) for i in ids])  # it knows its special tokens
         specials = {self.config.get("eos_token_id"), self.config.get("pad_token_id"),
                     self.config.get("decoder_start_token_id")}
         keep = [int(i) for i in ids if int(i) not in specials]
         if self.tokenizer is None:
             return " ".join(str(i) for i in keep)
         return self.tokenizer.decode(keep)
+
+    def tasks(self) -> dict[str, dict[str, Any]]:
+        """The tasks the checkpoint declares (``task_specific_params``: T5's translation and
+        summarization prefixes and their generation settings)."""
+        return dict(self.config.get("task_specific_params") or {})
+
+    def use_task(self, name: str) -> None:
+        """Apply a declared task as transformers' pipelines do: its ``prefix`` is put before
+        every source text and its generation settings replace the checkpoint's."""
+        tasks = self.tasks()
+        if name not in tasks:
+            known = ", ".join(sorted(tasks)) or "none"
+            raise BundleError(f"--task {name}: unknown task; this bundle declares: {known}")
+        params = dict(tasks[name])
+        self.task_prefix = str(params.pop("prefix", None) or "")
+        self.gen.update({k: v for k, v in params.items() if k in generation.GENERATION_FIELDS})

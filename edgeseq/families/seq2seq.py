@@ -44,8 +44,9 @@ import torch
 from torch import nn
 
 from edgeseq.bundle import BundleError, StateSpec, StreamingGraph, TensorSpec
-from edgeseq.checkpoint import load_into, load_state_dict, read_config
+from edgeseq.checkpoint import checkpoint_folder, load_into, load_state_dict, read_config
 from edgeseq.families.base import Family
+from edgeseq.generation import GENERATION_FIELDS
 
 LAYOUTS = ("dynamic", "fixed")
 # Longest source the exported text encoder is planned for when the architecture has no limit of
@@ -54,12 +55,8 @@ DEFAULT_MAX_SOURCE = 512
 # Most tokens the ``decoder_chunk`` graph verifies in one call (a draft chain or tree, plus the
 # last decided token); ExecuTorch plans memory for it.
 VERIFY_CHUNK = 32
-# Generation-config fields the runtime honours (the same names as transformers' GenerationConfig).
-GENERATION_FIELDS = ("decoder_start_token_id", "eos_token_id", "pad_token_id", "bos_token_id",
-                     "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens",
-                     "begin_suppress_tokens", "bad_words_ids", "no_repeat_ngram_size",
-                     "repetition_penalty", "min_length", "num_beams", "length_penalty",
-                     "early_stopping", "max_length", "num_beam_groups", "diversity_penalty")
+# Real text for parity through the checkpoint's own tokenizer (a typo or two, punctuation).
+PARITY_TEXT = "Retrun the numbr of itmes in teh lsit, and stop."
 
 
 def split_heads(x: torch.Tensor, h: int) -> torch.Tensor:
@@ -292,19 +289,34 @@ class Seq2SeqFamily(Family):
         sd = load_state_dict(path)
         own = model.state_dict()
         # tied and recomputed tensors (shared embeddings, sinusoidal tables) may be absent
-        for k in own:
-            if k not in sd and self._may_be_absent(k):
-                sd[k] = own[k]
+        absent = [k for k in own if k not in sd and self._may_be_absent(k)]
+        for k in absent:
+            sd[k] = own[k]
         load_into(model, sd, path)
         model.tie_weights()
-        gen = path / "generation_config.json"
-        if gen.is_file():
-            model.generation_config = transformers.GenerationConfig.from_pretrained(path)
+        self._check_tied(model, absent, set(sd) - set(absent), path)
+        folder = checkpoint_folder(path)
+        if (folder / "generation_config.json").is_file():
+            model.generation_config = transformers.GenerationConfig.from_pretrained(folder)
         return model.float().eval()
 
+    #: tensors a checkpoint may omit because the model ties them to another one
+    TIED_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "proj_out.weight")
+
     def _may_be_absent(self, key: str) -> bool:
-        return key.endswith(("embed_tokens.weight", "lm_head.weight", "proj_out.weight",
-                             "embed_positions.weight", "final_logits_bias"))
+        return key.endswith((*self.TIED_SUFFIXES, "embed_positions.weight", "final_logits_bias"))
+
+    def _check_tied(self, model: Any, absent: list[str], loaded: set[str], path: Path) -> None:
+        """An absent tied-kind tensor must now share storage with a loaded one: an untied
+        ``lm_head`` (Flan-T5, ``tie_word_embeddings: false``) missing from the checkpoint is an
+        incomplete checkpoint, never the embedding (nor a random matrix) in its place."""
+        sd = model.state_dict()
+        ptrs = {sd[k].data_ptr() for k in loaded if k in sd}
+        for k in absent:
+            if k.endswith(self.TIED_SUFFIXES) and sd[k].data_ptr() not in ptrs:
+                tie = getattr(model.config, "tie_word_embeddings", None)
+                raise BundleError(f"{path}: {k} is missing, and config.json does not tie it to "
+                                  f"the embedding (tie_word_embeddings: {str(tie).lower()})")
 
     # -- graphs ----------------------------------------------------------------------------
     def dims(self, model: Any) -> dict[str, int]:
@@ -447,7 +459,9 @@ class Seq2SeqFamily(Family):
                 "cache_layout": "fixed" if max_target_len else "dynamic",
                 "max_target_len": max_target_len or d.get("max_target"),
                 "decoder_prompt": self.decoder_prompt(model, gen),
-                "generation": gen, "architecture": self.name}
+                "generation": gen, "architecture": self.name,
+                # named tasks (T5's translation/summarization prefixes): edgeseq run --task
+                "task_specific_params": _jsonable(getattr(c, "task_specific_params", None))}
 
     def decoder_prompt(self, model: Any, gen: dict[str, Any]) -> list[int]:
         """The tokens the decoder starts from (Whisper adds its forced language/task tokens)."""
@@ -501,9 +515,11 @@ class Seq2SeqFamily(Family):
         d = self.dims(model)
         eos = model.config.eos_token_id
         if tokenizer is not None:
-            ids = tokenizer.encode("Retrun the numbr of itmes in teh lsit, and stop.")
+            from edgeseq.tokenize import source_ids
+
+            ids = source_ids(tokenizer, PARITY_TEXT, {"eos_token_id": eos})
             if ids and max(ids) < d["vocab"]:
-                return ids + ([eos] if eos is not None else [])
+                return ids
         # without a tokenizer: a short random source from a small id range above the usual
         # special ids (the range the tiny test models are trained on)
         rng = np.random.default_rng(seed)

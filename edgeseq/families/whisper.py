@@ -5,8 +5,10 @@ every clip is padded to 30 s, so the encoder costs as much for 3 s of speech as 
 encoder graph here takes a dynamic number of frames and adds the first ``frames / 2`` positional
 embeddings, so a runtime may encode a shorter window (``edgeseq run --window``); its accuracy
 against the full window is what ``benchmarks/encdec_decode.py`` measures. The decoder step is
-BART's pre-LN variant (see ``bart.py``); the decoder starts from Whisper's prompt tokens
-(start of transcript, then the forced language/task/no-timestamps tokens of the generation config).
+BART's pre-LN variant (see ``bart.py``). The decoder prompt (start of transcript, language, task,
+no-timestamps) is built by the runtime with transformers' rules (``edgeseq.runtime.whisper``) from
+what ``whisper_config`` stores in the manifest; parity compares against transformers' own prompt,
+language detection included (``reference_prompt``), on a synthesized utterance (``speech_like``).
 """
 from __future__ import annotations
 
@@ -80,29 +82,59 @@ class WhisperFamily(Seq2SeqFamily):
         cfg["audio"] = {"sample_rate": 16000, "n_mels": c.num_mel_bins, "hop_length": 160,
                         "n_fft": 400, "window_frames": 2 * c.max_source_positions,
                         "window_seconds": 2 * c.max_source_positions * 160 / 16000}
+        cfg["whisper"] = whisper_config(model)
         return cfg
 
     def decoder_prompt(self, model: Any, gen: dict[str, Any]) -> list[int]:
-        prompt = [int(gen["decoder_start_token_id"])]
-        forced = getattr(model.generation_config, "forced_decoder_ids", None) or []
-        for pos, tok in sorted(forced):
-            if pos == len(prompt) and tok is not None:
-                prompt.append(int(tok))
-        return prompt
+        """The default prompt, stored in the manifest. Where the language would be detected it
+        holds English (or the first language): the runtime builds each prompt itself, detection
+        included (``edgeseq.runtime.whisper``)."""
+        from edgeseq.runtime import whisper as W
+
+        w = whisper_config(model)
+        detected = None
+        if W.needs_detection(w, None):
+            detected = "en" if "<|en|>" in w["lang_to_id"] else next(iter(w["lang_to_id"]))[2:-2]
+        return W.prompt(w, detected=detected)
+
+    def reference_prompt(self, model: Any, source: Any, language: str | None = None,
+                         task: str | None = None, timestamps: bool | None = None) -> list[int]:
+        """transformers' own decoder prompt for this source (``_retrieve_init_tokens``, language
+        detection included), for parity and tests."""
+        import copy
+
+        gen = copy.deepcopy(model.generation_config)
+        feats = self.reference_encode_inputs(source)["input_features"]
+        model._set_return_timestamps(return_timestamps=timestamps, is_shortform=True,
+                                     generation_config=gen)
+        model._set_language_and_task(language=language, task=task, is_multilingual=None,
+                                     generation_config=gen)
+        frames = 2 * model.config.max_source_positions
+        with torch.no_grad():
+            init = model._retrieve_init_tokens(feats, batch_size=1, generation_config=gen,
+                                               config=model.config, num_segment_frames=frames,
+                                               kwargs={})
+        return [int(t) for t in init[0].tolist()]
+
+    def reference_generate(self, model: Any, source: Any, max_new_tokens: int, num_beams: int = 1,
+                           ignore_eos: bool = False, **kw: Any) -> list[int]:
+        """transformers' Whisper ``generate``; with ``ignore_eos`` its padding id is moved off
+        EOS (published Whisper pads with EOS, and ``generate`` strips trailing padding, which
+        would cut the EOS tokens a run that ignores EOS keeps)."""
+        if ignore_eos:
+            kw.setdefault("pad_token_id", model.config.vocab_size)
+        return super().reference_generate(model, source, max_new_tokens, num_beams, ignore_eos,
+                                          **kw)
 
     def parity_source(self, model: Any, tokenizer: Any, seed: int = 0) -> Any:
-        """A full window of log-mel features of a deterministic chirp with noise."""
-        import numpy as np
-
+        """A full window of log-mel features of a synthesized utterance (``speech_like``)."""
         from edgeseq import audio
 
         c = model.config
-        n = 2 * c.max_source_positions * audio.HOP_LENGTH
-        t = np.arange(n) / audio.SAMPLE_RATE
-        rng = np.random.default_rng(seed)
-        wave = 0.3 * np.sin(2 * np.pi * (300 + 400 * t) * t) + 0.05 * rng.standard_normal(n)
-        return audio.log_mel_spectrogram(wave.astype(np.float32), n_mels=c.num_mel_bins,
-                                         n_frames=2 * c.max_source_positions)
+        frames = 2 * c.max_source_positions
+        seconds = min(4.0, frames * audio.HOP_LENGTH / audio.SAMPLE_RATE * 0.8)
+        return audio.log_mel_spectrogram(speech_like(seconds, seed), n_mels=c.num_mel_bins,
+                                         n_frames=frames)
 
     def make_test_checkpoint(self, folder: Path, seed: int = 0, **overrides: Any) -> Path:
         from transformers import WhisperConfig, WhisperForConditionalGeneration
@@ -119,3 +151,80 @@ class WhisperFamily(Seq2SeqFamily):
         fit_reversal(model, speech=True, seed=seed)
         model.save_pretrained(folder, safe_serialization=True)
         return Path(folder)
+
+
+# The generation-config fields transformers' Whisper ``generate`` reads to build its prompt and
+# timestamp rules; absent ones are stored as None.
+WHISPER_FIELDS = ("is_multilingual", "lang_to_id", "task_to_id", "no_timestamps_token_id",
+                  "forced_decoder_ids", "language", "task", "return_timestamps",
+                  "prev_sot_token_id", "max_initial_timestamp_index")
+
+
+def whisper_config(model: Any) -> dict[str, Any]:
+    """``config["whisper"]``: what ``edgeseq.runtime.whisper`` needs, from the generation config
+    (``forced_decoder_ids`` from the model config where the generation config has none, as
+    transformers falls back), plus language names -> codes for ``--language french``."""
+    from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
+    g = model.generation_config
+    w: dict[str, Any] = {f: _plain(getattr(g, f, None)) for f in WHISPER_FIELDS}
+    if w["forced_decoder_ids"] is None:
+        w["forced_decoder_ids"] = _plain(getattr(model.config, "forced_decoder_ids", None))
+    start = getattr(g, "decoder_start_token_id", None)
+    w["decoder_start_token_id"] = int(start if start is not None
+                                      else model.config.decoder_start_token_id)
+    codes = {t[2:-2] for t in (w["lang_to_id"] or {})}
+    w["language_names"] = {name: code for name, code in TO_LANGUAGE_CODE.items() if code in codes}
+    return w
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(i) for i in x]
+    return x
+
+
+def speech_like(seconds: float = 4.0, seed: int = 0, sample_rate: int = 16000) -> Any:
+    """A deterministic synthetic utterance: voiced syllables (a glottal pulse train with a
+    falling-rising pitch contour through formant resonators of five vowels), consonant noise
+    bursts before some of them, and pauses between words. It exercises what a speech model's
+    front end sees in speech (harmonics, formants, onsets, silence), unlike silence or a chirp."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    vowels = [(730, 1090, 2440), (270, 2290, 3010), (300, 870, 2240), (530, 1840, 2480),
+              (570, 840, 2410)]
+    n = int(seconds * sample_rate)
+    out = np.zeros(n, dtype=np.float64)
+    t = int(0.15 * sample_rate)
+    while t < n - int(0.3 * sample_rate):
+        for _ in range(int(rng.integers(1, 4))):          # syllables in a word
+            if rng.random() < 0.6:                          # a fricative or plosive onset
+                m = int(rng.uniform(0.03, 0.08) * sample_rate)
+                burst = rng.standard_normal(m) * np.hanning(m) * 0.15
+                out[t:t + m] += np.diff(np.r_[0.0, burst])[:max(0, min(m, n - t))]
+                t += m
+            m = int(rng.uniform(0.12, 0.25) * sample_rate)
+            if t + m >= n:
+                break
+            k = np.arange(m) / sample_rate
+            f0 = rng.uniform(100, 180) * (1 + 0.15 * np.sin(np.pi * k / k[-1] + rng.uniform(0, 1)))
+            phase = np.cumsum(f0 / sample_rate)
+            pulses = (np.diff(np.floor(np.r_[0.0, phase])) > 0).astype(np.float64)
+            voice = np.zeros(m)
+            for f, bw in zip(vowels[int(rng.integers(0, 5))], (80, 100, 120)):
+                r = np.exp(-np.pi * bw / sample_rate)
+                a1, a2 = 2 * r * np.cos(2 * np.pi * f / sample_rate), -r * r
+                y1 = y2 = 0.0
+                res = np.empty(m)
+                for i, x in enumerate(pulses):              # a two-pole formant resonator
+                    y = x + a1 * y1 + a2 * y2
+                    res[i], y2, y1 = y, y1, y
+                voice += res / (np.abs(res).max() + 1e-9)
+            out[t:t + m] += 0.3 * voice * np.hanning(m)
+            t += m
+        t += int(rng.uniform(0.15, 0.4) * sample_rate)     # a pause between words
+    out += 1e-3 * rng.standard_normal(n)
+    return (0.8 * out / np.abs(out).max()).astype(np.float32)
