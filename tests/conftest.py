@@ -121,12 +121,16 @@ def mamba_bytes_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 #: The modules that take longest, longest first (CPU seconds on a 2-core host, from
-#: ``--durations``: quantization ~800, the encoder-decoder parity bundles ~680, the profiler
+#: ``--durations``: the published-layout conversions at published widths ~600 and ~400,
+#: quantization ~800, the encoder-decoder parity bundles ~680, the profiler
 #: ~330, LMU ~300, the lossless speculative suite ~300, the backends ~300). They are handed
 #: out first (``./dev test`` runs xdist with ``--no-loadscope-reorder``), so the two workers
 #: finish together: ordered by test count, as xdist does by default, the quantization module
 #: came last and ran alone for its last ten minutes.
-_LONGEST_FIRST = ("tests/quant/test_quant.py", "tests/families/test_seq2seq.py",
+_LONGEST_FIRST = ("tests/families/test_published_text.py", "tests/families/test_published_ssm.py",
+                  "tests/quant/test_quant.py", "tests/families/test_seq2seq.py",
+                  "tests/families/test_whisper_published.py",
+                  "tests/families/test_whisper_timestamps.py",
                   "tests/profile/test_profile.py", "tests/families/test_lmu.py",
                   "tests/speculative/test_lossless.py", "tests/backends/test_backends.py",
                   "tests/families/test_lmu_zoo.py")
