@@ -15,7 +15,8 @@
 
 Module and parameter names follow the official implementation (github.com/zeyuliu1037/LMUFormer,
 ``lmu_rnn_conv1d`` and ``slmu_rnn_conv1d``), so its state dicts load (``A``, ``B``, ``H``, ``fft_H``
-buffers included). The LIF neuron is spikingjelly's ``MultiStepLIFNode`` (decay_input, hard reset
+buffers included): its training script's ``best_model.pth`` converts as the file itself, the sizes
+read from the weights and the rest taken in upstream's argument names (``_infer_config``). The LIF neuron is spikingjelly's ``MultiStepLIFNode`` (decay_input, hard reset
 to 0, Heaviside spike with a sigmoid surrogate gradient) in plain PyTorch.
 
 Streaming: the patch embedding's kernel-3 convolutions are centred (padding 1), so each looks one
@@ -442,6 +443,31 @@ class LMUFormer(nn.Module):
         return folder
 
 
+#: state tensors per spiking block: memory, 6 LIF membranes, memory_lo (the float64 remainder)
+SPIKING_BLOCK_STATES = 8
+#: candidate parity inputs of a spiking model: 0 = uniform [0, 1), s = s x standard normal
+PARITY_SCALES = (0, 0.5, 1.0, 2.0, 4.0)
+#: stretches of the sequence a firing rate is reported for
+RATE_PARTS = 4
+
+
+@torch.no_grad()
+def spike_rates(model: LMUFormer, x: torch.Tensor, parts: int = RATE_PARTS
+                ) -> dict[str, list[float]]:
+    """Firing rate of every LIF layer of the parallel model on x, in each of ``parts`` equal
+    stretches of the sequence (a layer silent from some frame on cannot show a flipped spike)."""
+    out: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, name=name: out.__setitem__(name, o))
+             for name, m in model.named_modules() if isinstance(m, LIF)]
+    try:
+        model.features(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: [round(float(c.mean()), 4) for c in s.chunk(parts, dim=1)]
+            for name, s in out.items()}
+
+
 # -- streaming graphs --------------------------------------------------------------------------------
 def _fold(conv: nn.Conv1d, bn: nn.BatchNorm1d | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Conv weight (o, i, k) and bias (o,) with an eval-mode batch norm after it folded in."""
@@ -528,7 +554,7 @@ class LMUFormerStream(nn.Module):
         n_embed_lif = n_conv if self.spiking else 0
         embed_v = st[pos:pos + n_embed_lif]
         pos += n_embed_lif
-        per_block = 7 if self.spiking else 1
+        per_block = SPIKING_BLOCK_STATES if self.spiking else 1
         block_state = st[pos:pos + per_block * len(self.blocks)]
         pos += per_block * len(self.blocks)
         run_sum, run_count = st[pos], st[pos + 1]
@@ -585,8 +611,19 @@ class LMUFormerStream(nn.Module):
             return x + F.relu(F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2))
         wu, bu, wh, bh, ms, mt = (f[base + 6 + i] for i in range(6))
         su, st[s0 + 1] = self._lif(F.linear(x, wu, bu), st[s0 + 1], ok)
-        new = mem @ self.memory_At[bi] + su @ self.memory_Bt[bi]
+        # The spiking model thresholds the memory (f_m): its recurrence runs in float64 (the
+        # float32 A, B cast exactly), on the memory carried as a float32 pair (memory + memory_lo,
+        # ~48 significant bits), so that it stays the exact filter the reference computes
+        # (float64 FFT) instead of drifting by a float32 rounding per frame, and so that kernels
+        # that round a float32 product differently (XNNPACK) cannot move a membrane across its
+        # threshold through it. The casts sit in the graph (not float64 weights), so --dtype
+        # fp16's conversion of the weights leaves it well-typed.
+        lo = st[s0 + 7]
+        new64 = ((mem.double() + lo.double()) @ self.memory_At[bi].double()
+                 + su.double() @ self.memory_Bt[bi].double())
+        new = new64.float()
         st[s0] = torch.where(ok, new, mem)
+        st[s0 + 7] = torch.where(ok, (new64 - new.double()).float(), lo)
         sm, st[s0 + 2] = self._lif(new * ms + mt, st[s0 + 2], ok)
         sh, st[s0 + 3] = self._lif(F.linear(torch.cat([sm, x], -1), wh, bh), st[s0 + 3], ok)
         sp, st[s0 + 4] = self._lif(F.linear(sh, pw, pb), st[s0 + 4], ok)
@@ -616,29 +653,149 @@ def state_specs(c: LMUFormerConfig) -> list[StateSpec]:
         out.append(StateSpec(f"block.{i}.memory", ("batch", c.memory), "float32", "recurrent"))
         if c.spiking:
             for name, n in (("lif_u", 1), ("lif_m", c.memory), ("lif_h", e), ("lif_proj", e),
-                            ("lif_fc1", c.hidden), ("lif_fc2", e)):
+                            ("lif_fc1", c.hidden), ("lif_fc2", e), ("memory_lo", c.memory)):
                 out.append(StateSpec(f"block.{i}.{name}", ("batch", n), "float32", "recurrent"))
     out.append(StateSpec("head.sum", ("batch", e), "float32", "recurrent"))
     out.append(StateSpec("head.count", ("batch", 1), "float32", "recurrent"))
     return out
 
 
+# -- the LMUFormer repository's checkpoints --------------------------------------------------------
+#: upstream argument names (src/run.py, src/gsc.yml, ``ConvLMU``'s keywords) -> ours
+UPSTREAM_NAMES = {"dim": "embed_dims", "layer": "depths", "mlp_ratios": "mlp_ratio",
+                  "n_class": "num_classes", "audio_length": "input_frames"}
+#: upstream ``model`` names (``timm.create_model``) this family builds, -> spiking
+UPSTREAM_MODELS = {"lmu_rnn_conv1d": False, "slmu_rnn_conv1d": True}
+#: upstream arguments that do not change these two models (accepted and ignored)
+UPSTREAM_IGNORED = ("num_heads", "patch_size", "sr_ratios", "time_step", "T", "qkv_bias",
+                    "qk_scale", "img_size_h", "img_size_w", "test_mode")
+#: upstream hard-codes the LMU's window (src/blocks/lmu.py: ``seq_len=128, theta=128``)
+UPSTREAM_THETA = 128.0
+
+
+def _upstream_keys(sd: dict[str, Any]) -> bool:
+    return any(k.startswith("patch_embed.") for k in sd) and any(
+        k.startswith("block.0.attn.lmu.") for k in sd)
+
+
+def _labels_from_csv(path: Path, where: Path) -> list[str]:
+    import csv
+
+    if not path.is_file():
+        raise BundleError(f"{where}: label_csv {str(path)!r} not found")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "display_name" not in rows[0] or "index" not in rows[0]:
+        raise BundleError(f"{path}: expected upstream's label CSV (index,mid,display_name)")
+    return [r["display_name"] for r in sorted(rows, key=lambda r: int(r["index"]))]
+
+
+def _infer_config(raw: dict[str, Any], sd: dict[str, torch.Tensor], path: Path
+                  ) -> dict[str, Any]:
+    """Our config keys from a config in upstream's or our own terms plus what the state dict
+    determines (sizes); a size given and contradicted by the weights is an error naming the
+    argument. Nothing the weights fix is left to the user."""
+    where = path.parent / "config.json" if path.is_file() else path / "config.json"
+    cfg: dict[str, Any] = {}
+    for k, v in raw.items():
+        if k == "model_type" or k in UPSTREAM_IGNORED:
+            continue
+        if k == "label_csv":  # upstream's class list: index,mid,display_name
+            cfg["labels"] = _labels_from_csv(where.parent / v, where)
+            continue
+        if k == "model":
+            if v not in UPSTREAM_MODELS:
+                raise BundleError(f"{where}: model {v!r}: edgeseq converts the LMUFormer "
+                                  f"repository's {' and '.join(UPSTREAM_MODELS)}")
+            cfg["spiking"] = UPSTREAM_MODELS[v]
+            continue
+        cfg[UPSTREAM_NAMES.get(k, k)] = v
+    for variant, key in (("slmu_rnn_ms_conv1d", "block.0.attn.prev_bn.weight"),
+                         ("attn_ms_conv1d", "block.0.attn.q_conv.weight")):
+        if key in sd:
+            raise BundleError(f"{path}: an LMUFormer {variant} checkpoint ({key}); edgeseq "
+                              f"converts {' and '.join(UPSTREAM_MODELS)}")
+    if "patch_embed.proj_conv.weight" in sd:
+        spiking, first = True, sd["patch_embed.proj_conv.weight"]
+    elif "patch_embed.conv_layers.0.0.weight" in sd:
+        spiking, first = False, sd["patch_embed.conv_layers.0.0.weight"]
+        cfg.setdefault("n_conv_layers", len({k.split(".")[2] for k in sd
+                                             if k.startswith("patch_embed.conv_layers.")}))
+    else:
+        raise BundleError(f"{path}: not an LMUFormer state dict (no patch_embed.proj_conv or "
+                          f"patch_embed.conv_layers weights)")
+    lmu = "block.0.attn.lmu."
+    need = [lmu + n for n in ("A", "H", "W_h.weight")] + ["head.weight",
+                                                        "block.0.mlp.fc1_conv.weight"]
+    absent = [k for k in need if k not in sd]
+    if absent:
+        raise BundleError(f"{path}: LMUFormer state dict without {absent[0]}")
+    e = int(first.shape[0])
+    found = {"spiking": spiking, "in_channels": int(first.shape[1]), "embed_dims": e,
+             "depths": len({k.split(".")[1] for k in sd if k.startswith("block.")}),
+             "num_classes": int(sd["head.weight"].shape[0]),
+             "mlp_ratio": sd["block.0.mlp.fc1_conv.weight"].shape[0] / e,
+             "memory_size": int(sd[lmu + "A"].shape[0]), "seq_len": int(sd[lmu + "H"].shape[1])}
+    ours = {v: k for k, v in UPSTREAM_NAMES.items()}
+    hidden = int(sd["block.0.mlp.fc1_conv.weight"].shape[0])
+    for k, v in found.items():
+        if cfg.get(k) is None:  # None: "the default", which the weights settle
+            cfg.pop(k, None)
+        given = cfg.get(k, v)
+        same = (int(e * float(given)) == hidden) if k == "mlp_ratio" else given == v
+        if not same:
+            name = "model" if k == "spiking" and "model" in raw else next(
+                (n for n in raw if UPSTREAM_NAMES.get(n, n) == k), ours.get(k, k))
+            raise BundleError(f"{where}: {name} = {raw.get(name, cfg[k])!r}, but the weights in "
+                              f"{path.name} have {k} = {v!r}")
+        cfg.setdefault(k, v)
+    cfg["mlp_ratio"] = float(cfg["mlp_ratio"])
+    if cfg.get("labels") and len(cfg["labels"]) != cfg["num_classes"]:
+        raise BundleError(f"{where}: {len(cfg['labels'])} labels for {cfg['num_classes']} classes")
+    # theta is not a stored size, but A = exp(A_legendre / theta) is stored: check the candidate
+    a = sd[lmu + "A"].double().numpy()
+    candidates = ([float(cfg["theta"])] if "theta" in cfg
+                  else [UPSTREAM_THETA, float(cfg["seq_len"])])
+    for theta in candidates:
+        if np.abs(legendre_discrete(a.shape[0], theta)[0] - a).max() < 1e-5:
+            cfg["theta"] = theta
+            break
+    else:
+        raise BundleError(f"{path}: {lmu}A is not the Legendre memory of order {a.shape[0]} for "
+                          f"theta {' or '.join(f'{t:g}' for t in candidates)} (upstream hard-codes "
+                          f"128 in src/blocks/lmu.py); give \"theta\" in {where.name}")
+    return cfg
+
+
 @register_family("lmuformer")
 class LMUFormerFamily(Family):
     """edgeseq's ``LMUFormer`` (config.json with ``model_type: edgeseq_lmuformer`` + weights in
-    safetensors, or an official LMUFormer state dict saved as a weights-only ``.pth``/``.bin``)."""
+    safetensors), or the LMUFormer repository's own checkpoint (``best_model.pth`` as its training
+    script saves it, a DataParallel state dict) given as the file itself: the sizes are read from
+    the weights, the rest from an optional ``config.json`` beside it in upstream's terms
+    (``UPSTREAM_NAMES``, docs/lmu.md)."""
 
     task = "classification"
     model_types = ("edgeseq_lmuformer",)
 
+    @classmethod
+    def config_from_weights(cls, path: Path, raw: dict[str, Any]) -> dict[str, Any] | None:
+        """For a checkpoint without ``model_type``: claim it when its weights are LMUFormer's."""
+        sd = {k.removeprefix("module."): v for k, v in load_state_dict(path).items()}
+        return {**raw, "model_type": cls.model_types[0]} if _upstream_keys(sd) else None
+
     def load(self, path: Path) -> LMUFormer:
         path = Path(path)
-        try:
-            config = LMUFormerConfig.from_dict(read_config(path))
-        except (ValueError, TypeError) as e:
-            raise BundleError(f"{path / 'config.json'}: {e}") from None
-        model = LMUFormer(config)
+        raw = read_config(path)
         sd = {k.removeprefix("module."): v for k, v in load_state_dict(path).items()}
+        where = path.parent / "config.json" if path.is_file() else path / "config.json"
+        try:
+            # our own checkpoints use upstream's module names, so one path serves both
+            config = LMUFormerConfig.from_dict(
+                {"model_type": LMUFormerConfig.model_type, **_infer_config(raw, sd, path)})
+        except (ValueError, TypeError) as e:
+            raise BundleError(f"{where}: {e}") from None
+        model = LMUFormer(config)
         own = model.state_dict()
         for k in own:  # fft_H is derived from H (and complex, which safetensors cannot hold)
             if k.endswith("fft_H") and k not in sd and k[:-5] + "H" in sd:
@@ -676,10 +833,28 @@ class LMUFormerFamily(Family):
         return model.running_logits(x)
 
     def parity_inputs(self, model: LMUFormer, n: int = 4, seed: int = 0) -> torch.Tensor:
+        """n sequences of the model's length. A spiking model gets the input scale under which
+        its quietest layer fires most evenly over the whole sequence (``PARITY_SCALES``): parity on
+        inputs that leave layers silent, or silent late in the sequence, would not see a flipped
+        spike there."""
         c = model.config
         g = torch.Generator().manual_seed(seed)
-        frames = c.input_frames or 64
-        return torch.rand(n, frames, c.in_channels, generator=g)
+        frames = c.input_frames or c.seq_len
+        if not c.spiking:
+            return torch.rand(n, frames, c.in_channels, generator=g)
+        best, best_score = None, ()
+        for scale in PARITY_SCALES:
+            x = (torch.rand(n, frames, c.in_channels, generator=g) if scale == 0
+                 else scale * torch.randn(n, frames, c.in_channels, generator=g))
+            rates = spike_rates(model, x)
+            # the quietest (or most saturated) layer and stretch first, then the next, ...
+            score = tuple(sorted(min(r, 1 - r) for q in rates.values() for r in q))
+            if best is None or score > best_score:
+                best, best_score = x, score
+        return best
+
+    def spike_rates(self, model: LMUFormer, x: torch.Tensor) -> dict[str, list[float]]:
+        return spike_rates(model, x) if model.config.spiking else {}
 
     def make_test_checkpoint(self, folder: Path, seed: int = 0, **overrides: Any) -> Path:
         """A small random LMUFormer whose batch norms have non-trivial statistics."""
