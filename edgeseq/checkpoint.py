@@ -63,6 +63,10 @@ def read_config(path: Path) -> dict[str, Any]:
     if "model_type" not in raw:
         from edgeseq.registry import families
 
+        # a family that recognises the config itself (a mamba_ssm config) claims it before
+        # any family reads the weights to recognise them (a 130M-parameter read per call)
+        if raw and any(cls().can_load(raw) for cls in families().values()):
+            return raw
         for fam in families().values():
             claim = getattr(fam, "config_from_weights", None)
             got = claim(path, raw) if claim else None

@@ -131,6 +131,7 @@ _LONGEST_FIRST = ("tests/families/test_published_text.py", "tests/families/test_
                   "tests/quant/test_quant.py", "tests/families/test_seq2seq.py",
                   "tests/families/test_whisper_published.py",
                   "tests/families/test_whisper_timestamps.py",
+                  "tests/families/test_lmu_upstream.py",
                   "tests/profile/test_profile.py", "tests/families/test_lmu.py",
                   "tests/speculative/test_lossless.py", "tests/backends/test_backends.py",
                   "tests/families/test_lmu_zoo.py")
