@@ -360,15 +360,14 @@ def _t5_spec(src: Path, clean_up: bool) -> dict[str, Any]:
     return spec
 
 
-def _build_t5(src: Path) -> Any:
-    """T5's ``spiece.model`` as the fast tokenizer transformers converts it into (what
-    ``AutoTokenizer`` gives for a folder without ``tokenizer.json``; convert time only). Its
-    normalizer is sentencepiece's precompiled character map applied per character, which differs
-    from sentencepiece itself on a few sequences (a half-width kana followed by a voiced mark):
-    the bundle follows transformers."""
+def _converted(src: Path, main: str) -> Any:
+    """The slow tokenizer files of ``src`` as the fast tokenizer transformers converts them into
+    (what ``AutoTokenizer`` gives for a folder without ``tokenizer.json``; convert time only, the
+    bundle then carries the result). T5's normalizer, for one, is sentencepiece's precompiled
+    character map applied per character, which differs from sentencepiece itself on a few
+    sequences (a half-width kana followed by a voiced mark): the bundle follows transformers."""
     import warnings
 
-    _load_spm(src / "spiece.model")  # a missing or corrupt model named as such
     try:
         from transformers import AutoTokenizer
 
@@ -376,11 +375,11 @@ def _build_t5(src: Path) -> Any:
             warnings.simplefilter("ignore")
             fast = AutoTokenizer.from_pretrained(str(src), use_fast=True)
     except Exception as e:
-        raise BundleError(f"{src / 'spiece.model'}: transformers cannot read it as a T5 tokenizer "
+        raise BundleError(f"{src / main}: transformers cannot read the tokenizer "
                           f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
                           ) from None
     if not getattr(fast, "is_fast", False):
-        raise BundleError(f"{src / 'spiece.model'}: transformers gives no fast tokenizer for it")
+        raise BundleError(f"{src / main}: transformers gives no fast tokenizer for it")
     return fast.backend_tokenizer
 
 
@@ -415,6 +414,18 @@ def _bpe_spec(src: Path, cfg: dict[str, Any], clean_up: bool) -> dict[str, Any]:
             raise BundleError(f"{src / name}: missing (a byte-level BPE needs vocab.json and "
                               "merges.txt)")
     cls = cfg.get("tokenizer_class") or ""
+    if cls.startswith(_CONVERTED):
+        # Whisper's / GPT-2's slow files (with added_tokens.json): the fast tokenizer
+        # transformers converts them into, assembled at convert time as for T5
+        spec: dict[str, Any] = {"type": "hf", "file": "tokenizer.json",
+                                "built_from": ["vocab.json", "merges.txt"],
+                                "converter": "transformers"}
+        if (src / "added_tokens.json").is_file():
+            spec["built_from"].append("added_tokens.json")
+        if clean_up:
+            spec["clean_up_tokenization_spaces"] = True
+        _build(src, spec)
+        return spec
     if cls and not cls.startswith(("Bart", "Roberta")):
         raise BundleError(f"{src}: a {cls} from vocab.json + merges.txt is not supported; "
                           "give its tokenizer.json")
@@ -429,10 +440,17 @@ def _bpe_spec(src: Path, cfg: dict[str, Any], clean_up: bool) -> dict[str, Any]:
     return spec
 
 
+# tokenizer classes whose slow files are converted with transformers' own converter
+_CONVERTED = ("Whisper", "GPT2")
+
+
 def _build(src: Path, spec: dict[str, Any]) -> Any:
     """The ``tokenizers`` object a ``built_from`` entry is assembled into."""
     if spec["built_from"] == ["spiece.model"]:
-        return _build_t5(src)
+        _load_spm(src / "spiece.model")  # a missing or corrupt model named as such
+        return _converted(src, "spiece.model")
+    if spec.get("converter") == "transformers":
+        return _converted(src, "vocab.json")
     return _build_bpe(src, spec["bpe"])
 
 

@@ -162,3 +162,43 @@ def test_missing_file_is_named(tmp_path: Path, name: str, file: str) -> None:
     assert "missing" in msg and "\n" not in msg
     # what is missing is named: the file itself, or the model file the tokenizer config needs
     assert file in msg or "spiece.model" in msg
+
+
+@pytest.mark.parametrize("name", ["whisper-tiny", "whisper-tiny.en"])
+def test_whisper_vocab_and_merges_layout(tmp_path: Path, name: str) -> None:
+    """Whisper published as ``vocab.json`` + ``merges.txt`` + ``added_tokens.json`` (no
+    tokenizer.json): the bundle carries the fast tokenizer transformers converts them into, and
+    it encodes and decodes as ``AutoTokenizer`` on that folder; the bundle copy loads alone."""
+    from transformers import AutoTokenizer
+
+    src = _available(name)
+    model = json.loads((src / "tokenizer.json").read_text())["model"]
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    for f in ("added_tokens.json", "special_tokens_map.json", "tokenizer_config.json",
+              "normalizer.json", "config.json"):
+        shutil.copy(src / f, d / f)
+    spec = tokenize.detect(d)
+    assert spec["type"] == "hf" and "vocab.json" in spec["built_from"]
+    out = tmp_path / "bundle"
+    out.mkdir()
+    tokenize.copy_files(d, spec, out)
+    (out / "manifest.json").write_text("{}")
+    ours = tokenize.load(out, json.loads(json.dumps(spec)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = AutoTokenizer.from_pretrained(d)
+    rng = random.Random(1)
+    for text in TEXTS:
+        ids = ref(text).input_ids
+        assert ours.encode(text) == ids, text
+        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True)
+    for _ in range(100):
+        ids = [rng.randrange(len(ref)) for _ in range(rng.randrange(12))]
+        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True), ids
+    (d / "merges.txt").write_text("#version: 0.2\nnot-a-merge\n")
+    with pytest.raises(BundleError, match="merges.txt|vocab.json"):
+        tokenize.detect(d)
