@@ -40,6 +40,7 @@ class Seq2SeqSession:
         self._cross: dict[str, np.ndarray] = {}
         self._mask: np.ndarray | None = None
         self._source: list[int] | None = None   # encoder input ids (encoder n-gram rule)
+        self.task_prefix = ""                   # a declared task's source prefix (use_task)
         self._state: Any = None
         self.position = 0
 
@@ -248,7 +249,7 @@ class Seq2SeqSession:
         (``tokenize.source_ids``), after the task prefix chosen by ``use_task``."""
         if self.tokenizer is None:
             raise BundleError(f"{self.root}: bundle has no tokenizer; pass token ids instead")
-        return tokenize.source_ids(self.tokenizer, getattr(self, "task_prefix", "") + text,
+        return tokenize.source_ids(self.tokenizer, self.task_prefix + text,
                                    self.config)
 
     def decode(self, ids: Sequence[int]) -> str:
