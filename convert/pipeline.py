@@ -171,8 +171,9 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
         from edgeseq.families.base import draft_loop_from_step
 
         graphs["draft_loop"] = draft_loop_from_step(graphs["step"], draft_loop)
-    tok_spec = tokenize.detect(checkpoint_folder(src))
-    tokenizer = tokenize.load(checkpoint_folder(src), tok_spec)
+    folder = checkpoint_folder(src)   # the side files of a checkpoint given as its weights file
+    tok_spec = tokenize.detect(folder)
+    tokenizer = tokenize.load(folder, tok_spec)
 
     with atomic_folder(out, overwrite=overwrite) as tmp:
         files: dict[str, dict[str, str]] = {name: {} for name in graphs}
@@ -202,7 +203,7 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
                 files[name][fmt] = f
             say(f"      {fmt}: {', '.join(sorted(set(written.values())))} "
                 f"in {time.perf_counter() - t:.1f}s")
-        tokenize.copy_files(checkpoint_folder(src), tok_spec, tmp)
+        tokenize.copy_files(folder, tok_spec, tmp)
         quant_record = None
         if quant is not None:
             if "onnx" in formats:

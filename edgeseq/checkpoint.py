@@ -182,11 +182,11 @@ def _read_file(path: Path) -> dict[str, Any]:
     return _read_safetensors(path) if path.suffix == ".safetensors" else _read_pickle(path)
 
 
-def _read_pickle(path: Path) -> dict[str, Any]:
+def _read_pickle(path: Path, mmap: bool = False) -> dict[str, Any]:
     import torch
 
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - the unpickler raises many kinds
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
@@ -251,7 +251,13 @@ def stored_dtype(path: Path) -> str:
                     n = math.prod(t.get("shape", []))
                     counts[_ST_DTYPES[t["dtype"]]] = counts.get(_ST_DTYPES[t["dtype"]], 0) + n
         else:
-            for t in _read_pickle(f).values():
+            # mapped, not read: only dtypes and sizes are looked at (PyTorch's zip format; the
+            # legacy format cannot be mapped and is read)
+            try:
+                tensors = _read_pickle(f, mmap=True)
+            except BundleError:
+                tensors = _read_pickle(f)
+            for t in tensors.values():
                 if t.is_floating_point():
                     name = str(t.dtype).removeprefix("torch.")
                     counts[name] = counts.get(name, 0) + t.numel()

@@ -54,7 +54,10 @@ class Processors:
             seq = [int(t) for t in seq]
             if len(seq) == 1 and seq[0] in eos_list:
                 continue  # transformers never bans an EOS id given alone
-            (bad.append(seq[0]) if len(seq) == 1 else bad_seqs.append(seq))
+            if len(seq) == 1:
+                bad.append(seq[0])
+            else:
+                bad_seqs.append(seq)
         forced_bos = gen.get("forced_bos_token_id")
         # transformers starts begin-suppression one step later when it forces a BOS after a
         # one-token prompt; Whisper's own generate suppresses at the first new position
