@@ -189,6 +189,9 @@ def run(bundle: str, prompt: str | None, prompt_ids: str | None, audio: str | No
                   "--prompt-ids); use the library for speech (edgeseq.runtime.speculative)")
         if num_beams is not None and num_beams > 1:
             _fail("--speculate decodes greedily or samples; it does not combine with --num-beams")
+        if task is not None:  # the speculative path has no task prefixes: never ignore one
+            _fail(f"--task {task}: not available with --speculate/--memory-budget; put the "
+                  f"task's prefix in --text instead")
         _run_speculative(bundle, backend, threads, speculate or "auto", memory_budget, device_id,
                          prompt, prompt_ids, max_new_tokens, do_sample, temperature, top_k,
                          top_p, seed, as_json)

@@ -81,3 +81,17 @@ def test_run_text_bundle_refuses_audio_and_long_sources(bundle_of, tmp_path):
     assert p.returncode != 0 and "speech model" in error_line(p)
     p = edgeseq("run", bundle, "--prompt-ids", ",".join(["9"] * 200), check=False)
     assert p.returncode != 0 and "at most 128" in error_line(p)
+
+
+def test_task_with_speculate_is_refused_not_ignored(tmp_path):
+    """--task is not applied by the speculative path, so the combination is an error (exit 2,
+    one line) rather than a run without the task's prefix."""
+    from click.testing import CliRunner
+
+    from edgeseq.cli import main
+
+    res = CliRunner().invoke(main, ["run", str(tmp_path), "--text", "x", "--task",
+                                    "translation_en_to_de", "--speculate", "auto"])
+    assert res.exit_code == 2
+    assert "--task translation_en_to_de" in res.output and "--speculate" in res.output
+    assert len(res.output.strip().splitlines()) == 1
