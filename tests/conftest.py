@@ -149,6 +149,9 @@ def pytest_configure(config: pytest.Config) -> None:
         # each other (ONNX Runtime's most of all)
         os.environ["OMP_NUM_THREADS"] = "1"
         os.environ["EDGESEQ_THREADS"] = "1"
+        # and conversions lower their graphs in this process (the workers are the parallelism;
+        # tests of the forked lowering set EDGESEQ_JOBS themselves)
+        os.environ.setdefault("EDGESEQ_JOBS", "1")
         import torch
 
         torch.set_num_threads(1)

@@ -12,9 +12,11 @@ and writes the other through IO binding (ping-pong), so steps never copy state t
 """
 from __future__ import annotations
 
+import functools
 import json
-
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -48,20 +50,24 @@ class OrtBackend(Backend):
 
     def lower(self, graphs: dict[str, StreamingGraph], out: Path, dtype: str) -> dict[str, str]:
         import onnx
-        import torch
 
-        from edgeseq.convert.export import export_graph
+        from edgeseq.convert.workers import job_count, run_jobs
 
-        models = {}
-        for name, g in graphs.items():
-            ep = export_graph(g, dynamic_batch=True, chunk_max=g.max_chunk)
-            names_in = [s.name for s in g.inputs] + [s.input_name for s in g.state]
-            names_out = [s.name for s in g.outputs] + [s.output_name for s in g.state]
-            prog = torch.onnx.export(ep, input_names=names_in, output_names=names_out,
-                                     opset_version=OPSET, dynamo=True, verbose=False,
-                                     optimize=True)
-            model = _strip_node_metadata(_name_dynamic_dims(prog.model_proto, g))
-            models[name] = weights_to_fp16(model) if dtype == "fp16" else model
+        # Each graph is exported on its own (in parallel workers where the machine allows,
+        # ``edgeseq.convert.workers``), written to a staging folder inside the bundle's
+        # temporary folder, then read back here to share the weights across graphs.
+        stage = out / ".lowering"
+        stage.mkdir()
+        # longest first: the graphs with a chunk dimension carry the most nodes
+        order = sorted(graphs, key=lambda n: not _has_chunk(graphs[n]))
+        jobs = {name: functools.partial(_lower_graph, graphs[name], dtype, stage / name)
+                for name in order}
+        weight_bytes = max((_param_bytes(g) for g in graphs.values()), default=0)
+        try:
+            paths = run_jobs(jobs, job_count(len(jobs), weight_bytes), warm_up=_warm_up)
+            models = {name: onnx.load(paths[name]) for name in graphs}
+        finally:
+            shutil.rmtree(stage)
         from edgeseq.runtime.speculative.plan import ACTIVATION_TABLE, activation_table
 
         _share_weights(models, out / WEIGHTS_FILE)
@@ -126,6 +132,47 @@ class OrtBackend(Backend):
         model = _OrtModel(runners, shared_state_specs(entries))
         model.weights = weights  # the sessions read these buffers: keep them alive
         return model
+
+
+def _lower_graph(g: StreamingGraph, dtype: str, path: Path) -> str:
+    """One graph to an ONNX file at ``path`` (weights beside it): export, translation, the
+    bundle's dimension names, fp16 weights under ``dtype == "fp16"``."""
+    import onnx
+    import torch
+
+    from edgeseq.convert.export import export_graph
+
+    ep = export_graph(g, dynamic_batch=True, chunk_max=g.max_chunk)
+    names_in = [s.name for s in g.inputs] + [s.input_name for s in g.state]
+    names_out = [s.name for s in g.outputs] + [s.output_name for s in g.state]
+    prog = torch.onnx.export(ep, input_names=names_in, output_names=names_out,
+                             opset_version=OPSET, dynamo=True, verbose=False, optimize=True)
+    model = _strip_node_metadata(_name_dynamic_dims(prog.model_proto, g))
+    if dtype == "fp16":
+        model = weights_to_fp16(model)
+    onnx.save_model(model, str(path), save_as_external_data=True,
+                    location=f"{path.name}.data", size_threshold=EXTERNAL_MIN_BYTES)
+    return str(path)
+
+
+def _warm_up() -> None:
+    """Export a one-op module: the exporters' one-time set-up, done before workers fork."""
+    import torch
+
+    class Twice(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+    ep = torch.export.export(Twice(), (torch.ones(2),))
+    torch.onnx.export(ep, dynamo=True, verbose=False, optimize=True)
+
+
+def _has_chunk(g: StreamingGraph) -> bool:
+    return any("chunk" in s.shape for s in [*g.inputs, *g.state])
+
+
+def _param_bytes(g: StreamingGraph) -> int:
+    return sum(p.numel() * p.element_size() for p in g.module.parameters())
 
 
 def always_prepacks(root: Path) -> bool:
@@ -394,23 +441,38 @@ def _strip_node_metadata(model: Any) -> Any:
 
 def _name_dynamic_dims(model: Any, graph: StreamingGraph) -> Any:
     """Give dynamic axes the bundle's names (``batch``, ``chunk``) instead of the exporter's
-    symbols (``s1``, ``s70``), so the ONNX file reads like its manifest."""
-    specs = {s.name: s for s in graph.inputs + graph.outputs}
+    symbols (``s1``, ``s70``), so the ONNX file reads like its manifest.
+
+    Inputs and plain outputs (an encoder's ``cross.*``) are named as their specs name them. A
+    state output is not: a growing cache comes out longer than it went in (``s70 + s22``), so
+    only the symbols inside its expression are renamed (``past + chunk``). Giving two sizes one
+    name would tell ONNX Runtime they are equal, and it then plans buffers of the wrong size."""
+    g = model.graph
+    specs = {s.name: s for s in [*graph.inputs, *graph.outputs]}
     specs.update({s.input_name: s for s in graph.state})
-    specs.update({s.output_name: s for s in graph.state})
     rename: dict[str, str] = {}
-    for vi in [*model.graph.input, *model.graph.output]:
+    for vi in [*g.input, *g.output]:
         spec = specs.get(vi.name)
-        if spec is None:
-            continue
-        for dim, want in zip(vi.type.tensor_type.shape.dim, spec.shape):
-            if dim.dim_param and isinstance(want, str):
+        for dim, want in zip(vi.type.tensor_type.shape.dim, spec.shape if spec else ()):
+            if isinstance(want, str) and _SYMBOL.fullmatch(dim.dim_param):
                 rename.setdefault(dim.dim_param, want)
-    for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
-        for dim in vi.type.tensor_type.shape.dim:
-            if dim.dim_param in rename:
-                dim.dim_param = rename[dim.dim_param]
+
+    def sub(expr: str) -> str:
+        return _SYMBOL.sub(lambda m: rename.get(m.group(0), m.group(0)), expr)
+
+    state_out = {s.output_name for s in graph.state}
+    for vi in [*g.input, *g.output, *g.value_info]:
+        spec = None if vi.name in state_out else specs.get(vi.name)
+        wants = spec.shape if spec else ()
+        for i, dim in enumerate(vi.type.tensor_type.shape.dim):
+            if not dim.dim_param:
+                continue
+            want = wants[i] if i < len(wants) else None
+            dim.dim_param = want if isinstance(want, str) else sub(dim.dim_param)
     return model
+
+
+_SYMBOL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _share_weights(models: dict[str, Any], data_path: Path) -> None:
