@@ -15,7 +15,9 @@ so a child cannot inherit a larger mark from it).
               (optimum's own validation: the exported graphs' outputs on one random input
               against PyTorch's, within atol)
 
-    ./dev bench convert                       # both models, both tools
+    edgeseq-serial  the same with EDGESEQ_JOBS=1 (graphs exported one after another)
+
+    ./dev bench convert                       # both models, all tools
     ./dev bench convert --models t5 --tools edgeseq
 
 optimum is optional: ``pip install -e '.[bench]'`` (optimum-onnx 0.1.0; it leaves torch alone).
@@ -36,7 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = ROOT / "tests" / "fixtures" / "published"
 MODELS = {"whisper": "whisper-tiny", "t5": "t5-small"}
-TOOLS = ("edgeseq", "optimum")
+# edgeseq-serial: the graphs exported one after another in the converting process (EDGESEQ_JOBS=1)
+TOOLS = ("edgeseq", "edgeseq-serial", "optimum")
 OPTIMUM_TASK = {"whisper": "automatic-speech-recognition-with-past",
                 "t5": "text2text-generation-with-past"}
 # edgeseq's progress lines: "[1/5] loading", "onnx: ... in 12.3s", "[4/5] parity", "[5/5] wrote"
@@ -61,12 +64,40 @@ def make_checkpoint(model: str, folder: Path) -> Path:
     return folder
 
 
-def timed(cmd: list[str], log: Path) -> dict:
+def _used_memory() -> int:
+    """Memory in use on the host (MemTotal - MemAvailable), bytes."""
+    info = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            k, v = line.split(":", 1)
+            info[k] = int(v.split()[0]) * 1024
+    return info["MemTotal"] - info["MemAvailable"]
+
+
+def timed(cmd: list[str], log: Path, env_extra: dict[str, str] | None = None) -> dict:
     """Run ``cmd`` in a fresh process: wall seconds, its peak RSS, exit code, and each output
     line with the second it arrived (Python's stderr is line-buffered, so edgeseq's progress
-    lines arrive as each phase starts)."""
+    lines arrive as each phase starts).
+
+    Peak RSS (``wait4``) is the largest single process of the tree; a tool that works in several
+    processes at once (edgeseq's lowering workers) uses more than that. So the host's memory in
+    use is also sampled every 50 ms: ``peak_added_bytes`` is its peak minus its level before the
+    start, every process of the tree counted, pages they share counted once (other load on the
+    host would add to it: run on an otherwise idle host)."""
+    import threading
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    base = _used_memory()
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            peak[0] = max(peak[0], _used_memory())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     t = time.perf_counter()
     lines: list[tuple[float, str]] = []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
@@ -75,14 +106,18 @@ def timed(cmd: list[str], log: Path) -> dict:
         lines.append((time.perf_counter() - t, line.rstrip("\n")))
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t
+    done.set()
+    sampler.join()
     log.write_text("".join(f"{s:8.2f}  {line}\n" for s, line in lines))
     return {"wall_s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024,
+            "peak_added_bytes": peak[0] - base,
             "rc": os.waitstatus_to_exitcode(status), "lines": lines}
 
 
-def run_edgeseq(ckpt: Path, out: Path, log: Path) -> dict:
+def run_edgeseq(ckpt: Path, out: Path, log: Path, jobs: str | None = None) -> dict:
     res = timed([sys.executable, "-m", "edgeseq.cli", "convert", str(ckpt), "-o", str(out),
-                 "--format", "onnx", "--force", "--overwrite"], log)
+                 "--format", "onnx", "--force", "--overwrite"], log,
+                {"EDGESEQ_JOBS": jobs} if jobs else None)
     lines = res.pop("lines")
     parity = out / "parity.json"
     if parity.is_file():
@@ -152,6 +187,7 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             print(f"{MODELS[model]}: {tool} ...", file=sys.stderr, flush=True)
             res = (run_edgeseq(ckpt, out, log) if tool == "edgeseq"
+                   else run_edgeseq(ckpt, out, log, jobs="1") if tool == "edgeseq-serial"
                    else run_optimum(ckpt, out, model, log))
             rows.append({"model": MODELS[model], "tool": tool, **res, "log": str(log)})
     report(rows)
@@ -160,29 +196,32 @@ def main() -> None:
 
 
 def report(rows: list[dict]) -> None:
-    print("| model | tool | wall s | peak RSS MiB | exit | parity |")
-    print("|---|---|---|---|---|---|")
+    print("| model | tool | wall s | peak RSS MiB (largest process) | host memory added MiB "
+          "(all processes) | exit | parity |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         parity = {True: "passed", False: "FAILED", None: ""}[r.get("parity_passed")]
         print(f"| {r['model']} | {r['tool']} | {r['wall_s']:.1f} | "
-              f"{r['peak_rss_bytes'] / 2**20:.0f} | {r['rc']} | {parity} |")
+              f"{r['peak_rss_bytes'] / 2**20:.0f} | {r['peak_added_bytes'] / 2**20:.0f} | "
+              f"{r['rc']} | {parity} |")
     print()
     for r in rows:
         if r.get("phases"):
             ph = r["phases"]
-            print(f"{r['model']} edgeseq phases: " + ", ".join(
+            print(f"{r['model']} {r['tool']} phases: " + ", ".join(
                 f"{k[:-2]} {v:.1f}s" for k, v in ph.items() if v is not None))
         if r.get("reported"):
-            print(f"{r['model']} edgeseq's own report (parity.json cost): "
+            print(f"{r['model']} {r['tool']}'s own report (parity.json cost): "
                   f"{r['reported']['wall_s']:.1f}s, peak "
                   f"{r['reported']['peak_rss_bytes'] / 2**20:.0f} MiB")
     print()
     for model in dict.fromkeys(r["model"] for r in rows):
         by = {r["tool"]: r for r in rows if r["model"] == model}
-        if "edgeseq" in by and "optimum" in by:
-            e, o = by["edgeseq"], by["optimum"]
-            print(f"{model}: edgeseq / optimum wall time {e['wall_s'] / o['wall_s']:.2f}x, "
-                  f"peak memory {e['peak_rss_bytes'] / o['peak_rss_bytes']:.2f}x")
+        for tool in ("edgeseq", "edgeseq-serial"):
+            if tool in by and "optimum" in by:
+                e, o = by[tool], by["optimum"]
+                print(f"{model}: {tool} / optimum wall time {e['wall_s'] / o['wall_s']:.2f}x, "
+                      f"host memory added {e['peak_added_bytes'] / o['peak_added_bytes']:.2f}x")
 
 
 if __name__ == "__main__":
