@@ -222,14 +222,13 @@ class Seq2SeqParityInputs:
     fp32_noise: float = 0.0
 
 
-def reference_seq2seq(family: Any, model: Any, source: Any, prompt: list[int], n_tokens: int
+def reference_seq2seq(family: Any, model: Any, source: Any, n_tokens: int
                       ) -> Seq2SeqParityInputs:
     import copy
 
     import torch
 
-    if hasattr(family, "reference_prompt"):  # Whisper: the prompt depends on the source
-        prompt = family.reference_prompt(model, source)
+    prompt = family.reference_prompt(model, source)
     toks = family.reference_generate(model, source, n_tokens, ignore_eos=True)
     dec = prompt + toks[:-1]
     logits = family.reference_logits(model, source, dec).numpy()
@@ -328,7 +327,7 @@ class ClassifierParityInputs:
 
 def reference_classifier(family: Any, model: Any) -> ClassifierParityInputs:
     x = family.parity_inputs(model)
-    rates = family.spike_rates(model, x) if hasattr(family, "spike_rates") else {}
+    rates = family.spike_rates(model, x)
     return ClassifierParityInputs(x.numpy(), family.reference_running(model, x).numpy(), rates)
 
 

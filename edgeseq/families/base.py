@@ -62,6 +62,12 @@ class Family:
         """Write a tiny random checkpoint whose outputs vary with its state (for tests)."""
         raise NotImplementedError
 
+    def spike_rates(self, model: Any, x: Any) -> dict[str, list[float]]:
+        """Spiking models: each spiking layer's firing rate per stretch of the inputs ``x``, for
+        the parity record (a parity input on which nothing fires proves nothing). Empty for
+        models without spikes."""
+        return {}
+
 
 def config_from_dict(cls: Any, d: dict[str, Any]) -> Any:
     """Build a family's own config dataclass from ``config.json``: ``model_type`` must be the

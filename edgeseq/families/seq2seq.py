@@ -47,11 +47,11 @@ from edgeseq.bundle import BundleError, StateSpec, StreamingGraph, TensorSpec
 from edgeseq.checkpoint import checkpoint_folder, load_into, load_state_dict, read_config
 from edgeseq.families.base import Family
 from edgeseq.generation import GENERATION_FIELDS
+# the longest source an encoder without a position table (T5) is exported for; the runtime
+# refuses longer ones with the same number
+from edgeseq.limits import DEFAULT_MAX_SOURCE
 
 LAYOUTS = ("dynamic", "fixed")
-# Longest source the exported text encoder is planned for when the architecture has no limit of
-# its own (T5's relative positions have none); ExecuTorch plans memory for it.
-DEFAULT_MAX_SOURCE = 512
 # Most tokens the ``decoder_chunk`` graph verifies in one call (a draft chain or tree, plus the
 # last decided token); ExecuTorch plans memory for it.
 VERIFY_CHUNK = 32
@@ -466,6 +466,12 @@ class Seq2SeqFamily(Family):
     def decoder_prompt(self, model: Any, gen: dict[str, Any]) -> list[int]:
         """The tokens the decoder starts from (Whisper adds its forced language/task tokens)."""
         return [int(gen["decoder_start_token_id"])]
+
+    def reference_prompt(self, model: Any, source: Any) -> list[int]:
+        """The decoder prompt transformers' ``generate`` starts from for this source: the
+        static ``decoder_prompt`` unless the family's depends on the source (Whisper detects
+        the language from it)."""
+        return self.decoder_prompt(model, self.model_config(model)["generation"])
 
     # -- the reference -------------------------------------------------------------------------
     def reference_encode_inputs(self, source: Any) -> dict[str, Any]:
