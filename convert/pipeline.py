@@ -308,7 +308,7 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
             n = min(parity_tokens, 32, _decoder_room(manifest.config))
             say(f"[4/5] parity: reference greedy and {4}-beam search ({n} tokens) ...")
             source = family.parity_source(model, tokenizer)
-            ref = reference_seq2seq(family, model, source, manifest.config["decoder_prompt"], n)
+            ref = reference_seq2seq(family, model, source, n)
             parity["reference_tokens"] = ref.reference_tokens
             parity["reference_beam_tokens"] = ref.beam_tokens
             for fmt in formats:
