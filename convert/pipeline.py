@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgeseq import generation, tokenize, zoo
-from edgeseq.bundle import (BundleError, GraphEntry, Manifest, atomic_folder, sha256_of,
-                            write_json)
+from edgeseq.bundle import (BundleError, GraphEntry, Manifest, atomic_folder, file_records,
+                            record_converted, sha256_of, write_json)
 from edgeseq.checkpoint import (checkpoint_folder, read_config, source_files, stored_dtype,
                                  weight_files)
 from edgeseq.families.base import detect_family
@@ -134,9 +134,15 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
     t0 = time.perf_counter()
     src_label = str(src)
     src = zoo.resolve(src)
+    if isinstance(formats, str):   # "onnx" would iterate as letters
+        formats = (formats,)
     bad = [f for f in formats if f not in FORMATS]
     if bad:
-        raise BundleError(f"unknown format {bad[0]!r}; known: {', '.join(FORMATS)}, all")
+        raise BundleError(f"--format: unknown format {bad[0]!r}; known: {', '.join(FORMATS)}, all")
+    # a bundle without graphs would convert, check nothing and report parity "passed"
+    if not formats:
+        raise BundleError(f"--format: no format given; known: {', '.join(FORMATS)}, all")
+    formats = tuple(dict.fromkeys(formats))
     if dtype not in DTYPES:
         raise BundleError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
     out = Path(out)
@@ -359,6 +365,9 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
             parity["passed"] = all(c["passed"] for c in parity["checks"] + parity["graph_checks"])
         parity["cost"] = conversion_cost(t0)
         write_json(tmp / "parity.json", parity)
+        # the bundle is complete: record every file's size and hash (checked at load)
+        manifest.files = file_records(tmp)
+        write_json(tmp / "manifest.json", manifest.to_json())
         if not skip_parity and not parity["passed"] and not force:
             if quant is not None:
                 raise ConversionError(
@@ -380,6 +389,7 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
             f"{cost['peak_rss_bytes'] / 2**20:.0f} MiB (RSS high-water mark"
             + (f"; a child process {child / 2**20:.0f} MiB"
                if child > cost["peak_rss_bytes"] else "") + ")")
+    record_converted(out)
     return out
 
 

@@ -20,6 +20,7 @@ reports it like any other bad input); programming errors (bad arrays, bad rates)
 from __future__ import annotations
 
 import functools
+import math
 import os
 import shlex
 import struct
@@ -30,6 +31,7 @@ from typing import Union
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from edgeseq import limits
 from edgeseq.bundle import BundleError
 
 __all__ = [
@@ -244,6 +246,25 @@ def _decode(raw: bytes | memoryview, tag: int, channels: int, bits: int) -> np.n
     return x
 
 
+def _check_decode_cost(p: Path, frames: int, channels: int, rate: int, target: int) -> None:
+    """Refuse, before decoding, a header whose sizes would need more memory than
+    ``EDGESEQ_MAX_AUDIO_BYTES``: the float64 samples decoded, the resampled output, and the
+    resampler's filter bank (a prime rate far above the target makes it huge)."""
+    cap = limits.limit("audio_bytes")
+    need = {"decoded samples": frames * channels * 8}
+    if rate != target:
+        g = math.gcd(rate, target)
+        up, down = target // g, rate // g
+        need["resampled samples"] = -(-frames * up // down) * 8
+        k = int(np.ceil(_RS_ZEROS / (_RS_ROLLOFF * min(1.0, up / down)))) + 1
+        need[f"resampling filter ({rate} -> {target} Hz)"] = up * 2 * k * 8
+    what, nbytes = max(need.items(), key=lambda kv: kv[1])
+    if nbytes > cap:
+        raise AudioError(f"{p}: WAV header ({frames} frames x {channels} channel(s) at {rate} Hz) "
+                         f"needs {nbytes} bytes for its {what} "
+                         f"({limits.how_to_raise('audio_bytes')})")
+
+
 def read_wav(path: PathLike, sample_rate: int = SAMPLE_RATE, resample: bool = True) -> np.ndarray:
     """Read a WAV file as float32 mono samples in [-1, 1] at ``sample_rate``.
 
@@ -273,14 +294,15 @@ def read_wav(path: PathLike, sample_rate: int = SAMPLE_RATE, resample: bool = Tr
             differs from ``sample_rate`` and ``resample`` is False.
     """
     p = Path(path)
+    if not p.exists() and not p.is_symlink():
+        raise AudioError(f"{p}: no such audio file")
+    if p.is_dir():
+        raise AudioError(f"{p}: is a directory, not an audio file")
     try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise AudioError(f"{p}: no such audio file") from None
-    except IsADirectoryError:
-        raise AudioError(f"{p}: is a directory, not an audio file") from None
-    except OSError as e:
-        raise AudioError(f"{p}: cannot read audio file: {e.strerror or e}") from None
+        # a regular file under the size cap: a FIFO or /dev/zero would never end
+        data = limits.read_file_bytes(p, "audio", "wav_bytes")
+    except limits.LimitError as e:
+        raise AudioError(str(e)) from None
     n = len(data)
     if n == 0:
         raise AudioError(f"{p}: file is empty (0 bytes), not a WAV file")
@@ -337,6 +359,7 @@ def read_wav(path: PathLike, sample_rate: int = SAMPLE_RATE, resample: bool = Tr
     frames = data_len // block_align
     if frames == 0:
         raise AudioError(f"{p}: WAV file contains no samples (data chunk of {data_len} bytes)")
+    _check_decode_cost(p, frames, channels, rate, sample_rate if resample else rate)
     audio = _decode(memoryview(data)[data_off:data_off + frames * block_align], tag, channels, bits)
     if tag == _FMT_FLOAT:
         if not np.isfinite(audio).all():

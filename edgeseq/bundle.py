@@ -11,11 +11,15 @@ Shapes use named dimensions: ``batch`` and ``chunk`` are dynamic; other dims are
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,22 +190,33 @@ class Manifest:
     config: dict[str, Any] = field(default_factory=dict)  # vocab_size, eos_token_id, ...
     schema_version: int = SCHEMA_VERSION
     created_by: str = "edgeseq"
+    #: every file of the bundle but manifest.json: {relative path: {"bytes": n, "sha256": hex}},
+    #: written by convert once the bundle is complete; None in bundles older than the record
+    files: dict[str, dict[str, Any]] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"schema_version": self.schema_version, "created_by": self.created_by,
-                "family": self.family, "task": self.task, "source": self.source,
-                "dtype": self.dtype, "quantization": self.quantization, "target": self.target,
-                "tokenizer": self.tokenizer, "config": self.config,
-                "graphs": {k: g.to_json() for k, g in self.graphs.items()}}
+        d = {"schema_version": self.schema_version, "created_by": self.created_by,
+             "family": self.family, "task": self.task, "source": self.source,
+             "dtype": self.dtype, "quantization": self.quantization, "target": self.target,
+             "tokenizer": self.tokenizer, "config": self.config,
+             "graphs": {k: g.to_json() for k, g in self.graphs.items()}}
+        if self.files is not None:
+            d["files"] = self.files
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Manifest":
+        files = d.get("files")
+        if files is not None and not (isinstance(files, dict) and all(
+                isinstance(v, dict) and isinstance(v.get("bytes"), int)
+                and isinstance(v.get("sha256"), str) for v in files.values())):
+            raise ValueError('"files" must map each path to {"bytes": int, "sha256": str}')
         return cls(family=d["family"], task=d["task"], source=d["source"],
                    graphs={k: GraphEntry.from_json(k, g) for k, g in d["graphs"].items()},
                    tokenizer=d.get("tokenizer"), dtype=d.get("dtype", "float32"),
                    quantization=d.get("quantization"), target=d.get("target", "host"),
                    config=d.get("config", {}), schema_version=d["schema_version"],
-                   created_by=d.get("created_by", "edgeseq"))
+                   created_by=d.get("created_by", "edgeseq"), files=files)
 
     def validate(self, root: Path | None = None) -> list[str]:
         """Every problem at once (an empty list means valid)."""
@@ -224,29 +239,303 @@ class Manifest:
                     problems.append(f"graph {name}: state {s.name} has unknown kind {s.kind}")
                 if s.dtype not in DTYPES:
                     problems.append(f"graph {name}: state {s.name} has unknown dtype {s.dtype}")
-            if root is not None:
-                for backend, f in g.files.items():
-                    if not (root / f).is_file():
-                        problems.append(f"graph {name}: {backend} file {f} is missing")
+            for s in [*g.inputs, *g.outputs, *g.state]:
+                if not all(isinstance(d, str) or (type(d) is int and 0 <= d <= MAX_DIM)
+                           for d in s.shape):
+                    problems.append(f"graph {name}: {s.name} has a bad shape {list(s.shape)} "
+                                    f"(named dims or integers 0..{MAX_DIM})")
+        if root is not None:
+            problems += self._file_problems(Path(root))
+        return problems
+
+    def referenced_files(self) -> dict[Any, str]:
+        """{bundle-relative path: what refers to it} for every file the manifest names."""
+        from edgeseq.tokenize import files as tokenizer_files
+
+        refs: dict[Any, str] = {}
+
+        def add(f: Any, what: str) -> None:
+            # a name that is not a string (a list, a number) is refused by path_problem
+            refs.setdefault(f if isinstance(f, str) else _NotAPath(f), what)
+
+        for name, g in self.graphs.items():
+            for backend, f in g.files.items():
+                add(f, f"graph {name}: {backend} file")
+        try:
+            for f in tokenizer_files(self.tokenizer):
+                add(f, "tokenizer file")
+        except (KeyError, TypeError, AttributeError):
+            add(repr(self.tokenizer), "tokenizer entry (malformed)")
+        return refs
+
+    def _file_problems(self, root: Path) -> list[str]:
+        # every name is checked before anything is opened: a FIFO or a device would hang or
+        # flood the reader, and a path leaving the folder would read (or run) someone else's file
+        problems = []
+        refs = self.referenced_files()
+        bad = set()
+        for f, what in refs.items():
+            why = path_problem(root, f)
+            if why:
+                bad.add(f)
+                problems.append(f"{what} {f!r} {why}")
+        if self.files is not None:
+            for f, rec in self.files.items():
+                why = path_problem(root, f)
+                if why and f not in refs:    # a named file's problem is listed once, above
+                    problems.append(f"files entry {f!r} {why}")
+            for f, what in refs.items():
+                if f not in bad and f not in self.files:
+                    problems.append(f"{what} {f!r} is not in the manifest's files record")
         return problems
 
 
+class _NotAPath:
+    """A manifest's file entry that is not a string, kept for its error message."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+#: the largest fixed dimension a manifest may declare (a state or input of more elements than
+#: this along one axis is not a model edgeseq converts; it bounds what ``allocate`` asks for)
+MAX_DIM = 1 << 24
+#: the largest manifest.json read (real ones are a few KB; this one names the cap)
+MAX_MANIFEST_BYTES = 16 << 20
+MANIFEST_FILE = "manifest.json"
+
+
+def path_problem(root: Path, name: Any) -> str | None:
+    """Why ``name`` is not a regular file inside the bundle ``root`` (None if it is): not a
+    plain relative path, a ``..`` part, a symlink leaving the folder, missing, or not a regular
+    file (a FIFO, a device, a socket, a folder). Decided with ``stat``: nothing is opened."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name \
+            or os.path.isabs(name) or any(p in ("", ".", "..") for p in name.split("/")):
+        return "is not a plain relative path inside the bundle"
+    path = root / name
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([real, base]) != base:
+        return f"leaves the bundle (resolves to {real})"
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    return None
+
+
 def read_manifest(bundle: str | os.PathLike) -> Manifest:
+    """The bundle's manifest, checked as untrusted data: well-formed, and every file it names
+    (graphs, tokenizer, the files record) a regular file inside the folder (one error listing
+    every problem). Sizes and hashes are checked at load (``check_integrity``)."""
     root = Path(bundle)
-    path = root / "manifest.json"
+    path = root / MANIFEST_FILE
     if not root.exists():
         raise BundleError(f"{root}: no such bundle folder")
-    if not path.is_file():
+    why = path_problem(root, MANIFEST_FILE)
+    if why == "is missing":
         raise BundleError(f"{root}: not an edgeseq bundle (no manifest.json)")
+    if why:
+        raise BundleError(f"{path}: {why}")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{path}: {path.stat().st_size} bytes, over the "
+                          f"{MAX_MANIFEST_BYTES >> 20} MiB a manifest may have (MAX_MANIFEST_BYTES)")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
+        if not isinstance(data, dict):
+            raise TypeError(f"a JSON object expected, got {type(data).__name__}")
         manifest = Manifest.from_json(data)
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise BundleError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        raise BundleError(f"{path}: malformed manifest ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     problems = manifest.validate(root)
     if problems:
         raise BundleError(f"{path}: " + "; ".join(problems))
     return manifest
+
+
+# -- integrity: hashes, and what this machine has converted or verified ---------------------------
+TRUST_FILE = "verified-bundles.json"
+#: bundles remembered as converted, and as verified, here (each list keeps its newest): a bundle
+#: that falls out is hashed again on its next load, and (converted) loses --backend torch
+MAX_TRUST_ENTRIES = 2048
+
+
+def _trust_path() -> Path:
+    from edgeseq.zoo import cache_root
+
+    return cache_root() / TRUST_FILE
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_records(root: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"bytes", "sha256"}}`` for every file under ``root`` but the
+    manifest: what convert records once the bundle is complete."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and not p.is_symlink() and rel != MANIFEST_FILE:
+            out[rel] = {"bytes": p.stat().st_size, "sha256": _file_sha256(p)}
+    return out
+
+
+def size_problems(root: Path, man: Manifest) -> list[str]:
+    """Recorded files whose size differs from the record (after ``read_manifest``, which made
+    sure each is a regular file inside the bundle): the cheap check every load makes."""
+    problems = []
+    for f, rec in (man.files or {}).items():
+        size = os.stat(root / f).st_size
+        if size != rec["bytes"]:
+            problems.append(f"{root / f}: {size} bytes, the manifest records {rec['bytes']} "
+                            f"(truncated or replaced)")
+    return problems
+
+
+def verify_bundle(root: str | os.PathLike) -> list[str]:
+    """Every integrity problem of a bundle (empty: intact): the manifest's checks
+    (``read_manifest``), then each recorded file's SHA-256 against the record, and files in the
+    folder that the record does not list. For ``edgeseq inspect --verify``."""
+    root = Path(root)
+    try:
+        man = read_manifest(root)
+    except BundleError as e:
+        return [str(e)]
+    if man.files is None:
+        return [f"{root / MANIFEST_FILE}: no files record (a bundle written before edgeseq "
+                "recorded sizes and hashes): nothing to verify against; convert it again"]
+    problems = size_problems(root, man)
+    problems += [f"{root / f}: SHA-256 differs from the manifest's record (modified or replaced)"
+                 for f, rec in man.files.items() if _file_sha256(root / f) != rec["sha256"]]
+    extra = set(file_records_names(root)) - set(man.files)
+    problems += [f"{root / f}: not in the manifest's files record" for f in sorted(extra)]
+    return problems
+
+
+def file_records_names(root: Path) -> list[str]:
+    """Every entry under ``root`` that is not a folder (symlinks, FIFOs included), but the
+    manifest."""
+    return [rel for p in root.rglob("*")
+            if (rel := p.relative_to(root).as_posix()) != MANIFEST_FILE
+            and (p.is_symlink() or not p.is_dir())]
+
+
+def _fingerprint(root: Path, man: Manifest) -> dict[str, Any]:
+    st = {f: os.stat(root / f) for f in (man.files or {})}
+    return {"manifest": _file_sha256(root / MANIFEST_FILE),
+            "files": {f: [s.st_size, s.st_mtime_ns] for f, s in st.items()}}
+
+
+@contextmanager
+def _trust_db() -> Iterator[dict[str, Any]]:
+    """The record of bundles converted or verified here, read and rewritten under a lock (two
+    processes loading at once must not drop each other's entries). Where the cache cannot be
+    written (a read-only home) the record lives for the call only: bundles are hashed on every
+    load, and --backend torch is refused."""
+    path = _trust_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_name(f".{TRUST_FILE}.lock"), "w")
+    except OSError:
+        yield {"converted": {}, "verified": {}}
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            db = json.loads(path.read_text())
+        except (OSError, ValueError):
+            db = {}   # a missing or broken record only costs a re-hash
+        db = {key: db[key] if isinstance(db, dict) and isinstance(db.get(key), dict) else {}
+              for key in ("converted", "verified")}
+        before = json.dumps(db, sort_keys=True)
+        yield db
+        for key in ("converted", "verified"):    # oldest first out: the record stays small
+            for k in list(db[key])[:max(0, len(db[key]) - MAX_TRUST_ENTRIES)]:
+                del db[key][k]
+        if json.dumps(db, sort_keys=True) != before:
+            tmp = path.with_name(f".{TRUST_FILE}.{os.getpid()}.tmp")
+            try:
+                tmp.write_text(json.dumps(db))
+                tmp.replace(path)
+            except OSError:
+                tmp.unlink(missing_ok=True)
+
+
+#: the partial folders this process is writing: its own conversion's parity loads them
+_WRITING: set[str] = set()
+
+
+def record_converted(root: str | os.PathLike) -> None:
+    """Remember a bundle this machine has just converted: its manifest's hash (so the bundle
+    is recognised wherever it is moved) and its files' sizes and times (no re-hash on load)."""
+    root = Path(root)
+    man = read_manifest(root)
+    fp = _fingerprint(root, man)
+    with _trust_db() as db:
+        db["converted"].pop(fp["manifest"], None)
+        db["converted"][fp["manifest"]] = True
+        db["verified"].pop(os.path.realpath(root), None)
+        db["verified"][os.path.realpath(root)] = fp
+
+
+def check_integrity(root: str | os.PathLike, man: Manifest) -> str:
+    """At load, after ``read_manifest``: hash a bundle's files against its record the first
+    time this machine sees it (a download), remember the result by path, sizes and modification
+    times, and afterwards check those only. Returns how far the bundle is trusted: ``written``
+    (this process is converting it), ``converted`` (this machine converted it, files intact),
+    ``verified`` (its files match its own record) or ``unrecorded`` (an old bundle without a
+    record: warned, accepted as is). Raises BundleError naming each modified file."""
+    root = Path(root)
+    if os.path.realpath(root) in _WRITING:
+        return "written"
+    if man.files is None:
+        warnings.warn(f"{root}: bundle has no files record (written before edgeseq recorded "
+                      "sizes and hashes); its files are not verified: convert it again",
+                      stacklevel=2)
+        return "unrecorded"
+    sizes = size_problems(root, man)
+    if sizes:
+        raise BundleError(f"{root / MANIFEST_FILE}: " + "; ".join(sizes))
+    fp = _fingerprint(root, man)
+    key = os.path.realpath(root)
+    with _trust_db() as db:
+        known = db["verified"].get(key) == fp
+        converted = fp["manifest"] in db["converted"]
+        if not known:
+            bad = [f for f, rec in man.files.items() if _file_sha256(root / f) != rec["sha256"]]
+            if bad:
+                raise BundleError(f"{root / MANIFEST_FILE}: " + "; ".join(
+                    f"{f}: SHA-256 differs from the manifest's record (modified or replaced)"
+                    for f in bad))
+            db["verified"].pop(key, None)
+            db["verified"][key] = fp
+    return "converted" if converted else "verified"
+
+
+def trusted_to_unpickle(root: str | os.PathLike) -> str | None:
+    """None if ``root``'s files are what this machine's own convert wrote (safe to hand to a
+    loader that unpickles), else why not."""
+    root = Path(root)
+    if os.path.realpath(root) in _WRITING:
+        return None
+    man = read_manifest(root)
+    if man.files is None:
+        return "it has no files record (a bundle from an older edgeseq)"
+    if check_integrity(root, man) != "converted":
+        return "it was not converted on this machine"
+    return None
 
 
 def sha256_of(paths: Sequence[Path]) -> str:
@@ -260,30 +549,137 @@ def sha256_of(paths: Sequence[Path]) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _normal_permissions(root: Path) -> None:
+    """What a folder made by ``mkdir`` and files made by ``open`` would have under the umask
+    (0755/0644 under 022): ``mkdtemp`` makes the folder 0700, so a shared bundle was unreadable
+    to everyone else."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~mask, follow_symlinks=False)
+        for f in filenames:
+            path = os.path.join(dirpath, f)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """``rename`` that fails if ``dst`` exists (plain rename replaces an empty folder that
+    appeared meanwhile): Linux's renameat2(RENAME_NOREPLACE), else check then rename."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        renameat2 = None
+    if renameat2 is not None:
+        at_fdcwd, noreplace = -100, 1
+        if renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), noreplace) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL):   # filesystems without the flag fall back
+            raise OSError(err, os.strerror(err), str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, "exists", str(dst))
+    src.rename(dst)
+
+
+@contextmanager
+def _dest_lock(dest: Path) -> Iterator[None]:
+    """An exclusive, non-blocking lock on ``.<name>.lock`` beside ``dest``, removed on release.
+    A waiter that locked a lock file since removed (its holder finished between the open and
+    the lock) tries again on the file now at the path."""
+    path = dest.with_name(f".{dest.name}.lock")
+    while True:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BundleError(f"{dest}: another edgeseq convert is writing {dest} (lock "
+                              f"{path}); wait for it to finish") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        # unlinked before unlocking: a waiter holding the old file then sees it is gone
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def stale_partials(dest: Path) -> list[Path]:
+    """``.<name>.XXXXXXXX.partial`` folders beside ``dest`` (what ``atomic_folder`` makes; a
+    killed convert leaves one) and a leftover ``.<name>.old``. Only a holder of ``dest``'s lock
+    may remove them: every writer of such a folder holds that lock while it lives."""
+    import re
+
+    pat = re.compile(rf"\.{re.escape(dest.name)}\.[A-Za-z0-9_]{{8}}\.partial")
+    if not dest.parent.is_dir():
+        return []
+    return [p for p in dest.parent.iterdir()
+            if pat.fullmatch(p.name) or p.name == f".{dest.name}.old"]
+
+
 @contextmanager
 def atomic_folder(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``dest``; rename it to ``dest`` only if the body succeeds.
 
-    A failed conversion therefore leaves no half-written bundle behind.
+    A failed conversion therefore leaves no half-written bundle behind. The destination is
+    locked for the whole write (a second writer fails at once), partial folders of killed
+    writers are removed, the destination is checked again before the rename (without
+    ``overwrite`` a folder that appeared meanwhile is never replaced), and the bundle gets the
+    permissions the umask gives.
     """
     dest = Path(dest).absolute()
     if dest.exists() and not overwrite:
         raise BundleError(f"{dest}: already exists (use --overwrite to replace it)")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
-    try:
-        yield tmp
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old")
+    with _dest_lock(dest):
+        for old in stale_partials(dest):
             shutil.rmtree(old, ignore_errors=True)
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if dest.exists() and not overwrite:
+            raise BundleError(f"{dest}: already exists (use --overwrite to replace it)")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+        key = os.path.realpath(tmp)
+        _WRITING.add(key)
+        try:
+            yield tmp
+            _WRITING.discard(key)
+            _normal_permissions(tmp)
+            if overwrite and os.path.lexists(dest):
+                old = dest.with_name(f".{dest.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                dest.rename(old)
+                _rename_noreplace(tmp, dest)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                try:
+                    _rename_noreplace(tmp, dest)
+                except FileExistsError:
+                    raise BundleError(f"{dest}: appeared while converting; not replaced (use "
+                                      f"--overwrite to replace it)") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            _WRITING.discard(key)
 
 
 def write_json(path: Path, data: Any) -> None:

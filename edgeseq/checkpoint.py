@@ -20,6 +20,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from edgeseq import limits
 from edgeseq.bundle import BundleError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.bin", "model.pt")
@@ -55,11 +56,11 @@ def read_config(path: Path) -> dict[str, Any]:
         raw = _read_json(cfg) if cfg.is_file() else {}
     else:
         cfg = path / "config.json"
-        if not cfg.is_file():
+        # a config.json that is a FIFO or a device gets the reader's own refusal
+        if not cfg.exists() and not cfg.is_symlink():
             raise BundleError(f"{path}: no config.json, so the architecture is unknown")
         raw = _read_json(cfg)
-    if not isinstance(raw, dict):
-        raise BundleError(f"{cfg}: expected a JSON object")
+    _check_config(raw, cfg)
     if "model_type" not in raw:
         from edgeseq.registry import families
 
@@ -71,6 +72,7 @@ def read_config(path: Path) -> dict[str, Any]:
             claim = getattr(fam, "config_from_weights", None)
             got = claim(path, raw) if claim else None
             if got is not None:
+                _check_config(got, path)
                 return got
         if path.is_file() and not raw:
             raise BundleError(f"{path}: weights of an unknown architecture and no config.json "
@@ -78,11 +80,25 @@ def read_config(path: Path) -> dict[str, Any]:
     return raw
 
 
+def _check_config(raw: Any, where: Path) -> None:
+    """Sizes within the limits before any family builds a model from them: a config claiming
+    10^6 layers would otherwise build them, with memory growing all the while."""
+    try:
+        limits.check_config(raw, str(where))
+    except limits.LimitError as e:
+        raise BundleError(str(e)) from None
+
+
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        # a config or index is small: the reader refuses devices, FIFOs and oversized files
+        return json.loads(limits.read_text_file(path, "JSON"))
+    except limits.LimitError as e:
+        raise BundleError(str(e)) from None
+    except json.JSONDecodeError as e:
         raise BundleError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise BundleError(f"{path}: not valid JSON (nested too deeply)") from None
 
 
 def source_files(path: Path) -> list[Path]:
@@ -169,7 +185,22 @@ def load_state_dict(path: Path) -> dict[str, Any]:
     else:
         for f in weight_files(path):
             out.update(_read_file(f))
-    return {k: _upcast(v) for k, v in out.items()}
+    out = {k: _upcast(v) for k, v in out.items()}
+    _check_finite_weights(out, path)
+    return out
+
+
+def _check_finite_weights(sd: dict[str, Any], path: Path) -> None:
+    """Refuse NaN/inf weights at convert time: they would convert and pass parity (NaN against
+    NaN) and then emit token 0 for every prompt."""
+    import torch
+
+    for name, t in sd.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(
+                torch.isfinite(t).all()):
+            bad = "NaN" if bool(torch.isnan(t).any()) else "inf"
+            raise BundleError(f"{path}: tensor {name} holds {bad} values; refused (a model with "
+                              f"non-finite weights produces meaningless tokens)")
 
 
 def _upcast(t: Any) -> Any:

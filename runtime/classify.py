@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from edgeseq.bundle import Manifest
+from edgeseq.limits import check_finite_array
 from edgeseq.runtime.backends.base import LoadedModel
 
 
@@ -76,6 +77,9 @@ class ClassifierSession:
     def _run(self, frames: np.ndarray, valid: np.ndarray) -> None:
         graph = "step" if frames.shape[1] == 1 else "chunk"
         out, self._state = self.model.run(graph, {"frames": frames, "valid": valid}, self._state)
+        # finite inputs can still overflow inside the graph (frames of 1e38): stop rather than
+        # report NaN probabilities
+        check_finite_array(out["logits"], f"graph {graph}")
         ready = out["ready"][0] > 0.5  # the same for every row
         if ready.any():
             self._out.append(out["logits"][:, ready])
@@ -138,7 +142,11 @@ class ClassifierSession:
         x = np.asarray(frames)
         if x.dtype.kind not in "fiub":
             raise ValueError(f"frames must be numbers, got dtype {x.dtype}")
-        x = x.astype(np.float32)
+        # before the cast: float64 past float32's range would turn into inf below
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            raise ValueError("frames contain NaN or infinity")
+        with np.errstate(over="ignore"):
+            x = x.astype(np.float32)
         if x.ndim == 1 and self.features == 1:
             x = x[:, None]
         if x.ndim == 2:
@@ -153,7 +161,7 @@ class ClassifierSession:
         if x.shape[1] == 0:
             raise ValueError("no frames given")
         if not np.isfinite(x).all():
-            raise ValueError("frames contain NaN or infinity")
+            raise ValueError("frames exceed float32's range (about 3.4e38)")
         return x
 
     def label_name(self, index: int) -> str:

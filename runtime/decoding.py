@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgeseq import generation
+from edgeseq.limits import check_finite
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,9 @@ class SamplingConfig:
     top_p: float = 1.0      # 1.0: no nucleus filter
 
     def __post_init__(self) -> None:
+        # NaN passes every comparison below and would make every probability NaN (token 0)
+        check_finite("temperature", self.temperature)
+        check_finite("top_p", self.top_p)
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.top_k < 0:

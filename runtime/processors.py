@@ -16,6 +16,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from edgeseq.limits import check_finite
+
 NEG_INF = -np.inf
 
 
@@ -67,7 +69,8 @@ class Processors:
         min_length = prompt_len + int(min_new) if min_new else int(gen.get("min_length") or 0)
         enc_n = int(gen.get("encoder_no_repeat_ngram_size") or 0)
         return cls(eos=eos_list, max_length=prompt_len + max_new_tokens, prompt_len=prompt_len,
-                   repetition_penalty=float(gen.get("repetition_penalty") or 1.0),
+                   repetition_penalty=check_finite("repetition_penalty",
+                                                   gen.get("repetition_penalty") or 1.0),
                    no_repeat_ngram_size=int(gen.get("no_repeat_ngram_size") or 0),
                    encoder_ngram_size=0 if speech or source is None else enc_n,
                    source=[] if speech or source is None else [int(t) for t in source],

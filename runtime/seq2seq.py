@@ -15,6 +15,7 @@ import numpy as np
 
 from edgeseq import generation, tokenize
 from edgeseq.bundle import BundleError, Manifest
+from edgeseq.limits import LimitError, check_finite, check_finite_array, max_source
 from edgeseq.runtime.backends.base import LoadedModel
 from edgeseq.runtime.beam import Hypothesis, beam_search
 from edgeseq.runtime.decoding import SamplingConfig, next_token
@@ -68,16 +69,19 @@ class Seq2SeqSession:
             vocab = self.config["vocab_size"]
             if ids.min() < 0 or ids.max() >= vocab:
                 raise ValueError(f"source token ids must be in [0, {vocab})")
-            limit = self.config.get("max_source_positions")
-            if limit and ids.size > limit:
-                raise ValueError(f"the source has {ids.size} tokens; this encoder takes at most "
-                                 f"{limit}")
+            limit = max_source(self.config)
+            if ids.size > limit:
+                # refused, not run: encoder attention is quadratic in the source
+                raise LimitError(f"source: {ids.size} tokens, over this encoder's limit of "
+                                 f"{limit} (its position table, or the length it was exported "
+                                 f"for); shorten the text or split it")
             mask = np.ones((1, ids.size), dtype=np.int64)
             inputs = {"input_ids": ids[None], "attention_mask": mask}
             self._mask = mask
             self._source = ids.tolist()
         out, _ = self.model.run("encoder", inputs, [])
-        self._cross = {k: out[k] for k in self.cross_names}
+        self._cross = {k: check_finite_array(out[k], f"graph encoder output {k}")
+                       for k in self.cross_names}
         return self._cross
 
     # -- decoder ---------------------------------------------------------------------------
@@ -107,7 +111,8 @@ class Seq2SeqSession:
         inputs["input_ids"] = np.asarray(tokens, dtype=np.int64)
         out, self._state = self.model.run("decoder_step", inputs, self._state)
         self.position += 1
-        return out["logits"]
+        return check_finite_array(out["logits"],
+                                  f"graph decoder_step (position {self.position - 1})")
 
     def run_chunk(self, ids: np.ndarray, depth: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Feed ``ids`` (rows, c) through ``decoder_chunk`` from the current position, node i at
@@ -120,7 +125,7 @@ class Seq2SeqSession:
         inputs["positions"] = (self.position + depth).astype(np.int64)
         inputs["tree_mask"] = mask
         out, self._state = self.model.run("decoder_chunk", inputs, self._state)
-        return out["logits"]
+        return check_finite_array(out["logits"], f"graph decoder_chunk (position {self.position})")
 
     def reorder(self, index: np.ndarray) -> None:
         self._state = self.model.reorder(self._state, np.asarray(index))
@@ -224,6 +229,8 @@ class Seq2SeqSession:
             self.gen.get("diversity_penalty") or 0.0)
         lp = length_penalty if length_penalty is not None else float(
             generation.field(self.gen, "length_penalty"))
+        div = check_finite("diversity_penalty", div)
+        lp = check_finite("length_penalty", lp)
         es = early_stopping if early_stopping is not None else generation.field(
             self.gen, "early_stopping")
         prompt = [int(t) for t in prompt] if prompt is not None else self.decoder_prompt

@@ -15,11 +15,16 @@ import numpy as np
 
 from edgeseq import tokenize
 from edgeseq.bundle import BundleError, Manifest, read_manifest
+from edgeseq.limits import check_finite_array
 from edgeseq.registry import get_backend
 from edgeseq.runtime.backends.base import LoadedModel
 from edgeseq.runtime.decoding import SamplingConfig, next_token
 
 STATE_PREFIX = "state."
+
+
+class StateError(BundleError, ValueError):
+    """A saved stream (``load_state``) that this bundle cannot resume; names the key."""
 
 
 class Session:
@@ -62,56 +67,128 @@ class Session:
         return out
 
     def load_state(self, sd: dict[str, np.ndarray]) -> None:
-        """Resume a stream saved by ``state_dict`` (possibly in another process)."""
+        """Resume a stream saved by ``state_dict`` (possibly in another process).
+
+        A resume file is untrusted input: every entry is checked (shape, dtype, finite values,
+        token ids inside the vocabulary, a well-formed RNG state) before anything is replaced,
+        so a refused file leaves this stream as it was. Raises :class:`StateError` naming the
+        key."""
         arrays = []
+        batch: int | None = None
         for s in self.model.specs:
             key = f"{STATE_PREFIX}{s.name}"
             if key not in sd:
-                raise BundleError(f"state_dict lacks {key}")
+                raise StateError(f"state_dict lacks {key}")
             a = np.asarray(sd[key])
-            if a.shape[1:] != tuple(s.shape[1:]) or a.dtype != np.dtype(s.dtype):
-                raise BundleError(f"state_dict {key}: shape {a.shape} dtype {a.dtype} does not "
-                                  f"match the bundle's {s.shape} {s.dtype}")
+            if a.ndim != len(s.shape) or a.shape[1:] != tuple(s.shape[1:]) \
+                    or a.dtype != np.dtype(s.dtype):
+                raise StateError(f"state_dict {key}: shape {a.shape} dtype {a.dtype} does not "
+                                 f"match the bundle's {s.shape} {s.dtype}")
+            batch = a.shape[0] if batch is None else batch
+            if a.shape[0] != batch or batch < 1:
+                raise StateError(f"state_dict {key}: batch {a.shape[0]}, the other state "
+                                 f"entries have {batch}")
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                raise StateError(f"state_dict {key}: holds NaN or inf")
             arrays.append(a)
-        self._batch = arrays[0].shape[0] if arrays else 1
-        self._state = self.model.from_numpy(arrays)
-        self._logits = np.array(sd["logits"]) if "logits" in sd else None
-        self._pending = np.array(sd["pending"]) if "pending" in sd else None
-        self.position = int(sd["position"][0]) if "position" in sd else 0
-        self._rng = np.random.default_rng()
+        batch = batch or 1
+        vocab = self._vocab_size()
+        logits = pending = None
+        if "logits" in sd:
+            logits = np.asarray(sd["logits"])
+            if logits.dtype.kind != "f" or logits.ndim != 2 or logits.shape[0] != batch \
+                    or (vocab is not None and logits.shape[1] != vocab):
+                raise StateError(f"state_dict logits: shape {logits.shape} dtype {logits.dtype}; "
+                                 f"expected float ({batch}, {vocab if vocab else 'vocab'})")
+            if not np.isfinite(logits).all():
+                raise StateError("state_dict logits: holds NaN or inf")
+            logits = logits.copy()
+        if "pending" in sd:
+            pending = np.asarray(sd["pending"])
+            if pending.dtype.kind not in "iu" or pending.shape != (batch,):
+                raise StateError(f"state_dict pending: shape {pending.shape} dtype "
+                                 f"{pending.dtype}; expected integer token ids ({batch},)")
+            if pending.size and (pending.min() < 0 or (vocab and pending.max() >= vocab)):
+                raise StateError(f"state_dict pending: token ids {pending.tolist()} are outside "
+                                 f"the vocabulary [0, {vocab})")
+            pending = pending.astype(np.int64)
+        position = 0
+        if "position" in sd:
+            pos = np.asarray(sd["position"])
+            if pos.dtype.kind not in "iu" or pos.shape != (1,) or int(pos[0]) < 0:
+                raise StateError(f"state_dict position: expected one integer >= 0, got shape "
+                                 f"{pos.shape} dtype {pos.dtype}")
+            position = int(pos[0])
+        rng = np.random.default_rng()
         if "rng" in sd:
-            self._rng.bit_generator.state = json.loads(bytes(np.asarray(sd["rng"])).decode())
+            raw = np.asarray(sd["rng"])
+            try:
+                if raw.dtype != np.uint8 or raw.ndim != 1:
+                    raise ValueError(f"dtype {raw.dtype} shape {raw.shape}, expected uint8 bytes")
+                rng.bit_generator.state = json.loads(bytes(raw).decode())
+            except (ValueError, TypeError, KeyError, OverflowError, RecursionError) as e:
+                msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+                raise StateError(f"state_dict rng: not a saved random generator state "
+                                 f"({msg})") from None
+        self._batch = batch
+        self._state = self.model.from_numpy(arrays)
+        self._logits, self._pending, self.position, self._rng = logits, pending, position, rng
+
+    def _vocab_size(self) -> int | None:
+        v = self.manifest.config.get("vocab_size")
+        return int(v) if isinstance(v, int) and v > 0 else None
 
     # -- model calls ----------------------------------------------------------------------
-    def prefill(self, input_ids: np.ndarray) -> np.ndarray:
-        """Feed (b, l) tokens in chunks of at most ``max_chunk``; return (b, l, v) logits."""
+    def prefill(self, input_ids: np.ndarray | Sequence[int], last_only: bool = False
+                ) -> np.ndarray:
+        """Feed (b, l) tokens (or one stream's list of ids) in chunks of at most ``max_chunk``;
+        return (b, l, v) logits, or with ``last_only`` the last position's (b, v): a long
+        prompt's logits would otherwise be held whole (a 1 MB prompt over a 256-token
+        vocabulary: 1 GB)."""
+        prompt = _Prompt(input_ids)
         logits = []
         # a speculative plan short of memory may load ``verify`` alone: it takes prompts too
         graph = "prefill" if "prefill" in self.model.runners else "verify"
         # ``max_chunk`` may be lowered, never raised past the graph's bound (a static-length
         # scan cannot take more)
         c = min(self.max_chunk, self.manifest.graphs[graph].max_chunk or self.max_chunk)
-        for i in range(0, input_ids.shape[1], c):
-            out, self._state = self.model.run(graph, {"input_ids": input_ids[:, i:i + c]},
+        n = prompt.length
+        for i in range(0, n, c):
+            out, self._state = self.model.run(graph, {"input_ids": prompt.chunk(i, i + c)},
                                               self._state)
-            logits.append(out["logits"])
-        self.position += input_ids.shape[1]
-        return np.concatenate(logits, axis=1)
+            if not last_only:
+                logits.append(out["logits"])
+            elif i + c >= n:
+                # a copy: a view would keep the whole chunk's logits alive
+                logits.append(out["logits"][:, -1].copy())
+            # before the next chunk: a NaN here would otherwise surface as token 0
+            check_finite_array(logits[-1] if logits else out["logits"][:, -1],
+                               f"graph {graph} (prompt tokens {self.position + i}.."
+                               f"{self.position + min(i + c, n) - 1})")
+        self.position += n
+        return logits[0] if last_only else np.concatenate(logits, axis=1)
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Feed one token per stream (b,); return next-token logits (b, v)."""
         out, self._state = self.model.run("step", {"input_ids": tokens}, self._state)
         self.position += 1
-        return out["logits"]
+        return check_finite_array(out["logits"], f"graph step (position {self.position - 1})")
 
     def feed(self, input_ids: Sequence[int] | np.ndarray) -> None:
         """Append tokens to the stream (after any pending token) without generating."""
-        ids = _as_batch(input_ids)
+        ids = _Prompt(input_ids)
+        vocab = self._vocab_size()
+        # an id past the embedding table is an out-of-bounds gather inside the backend
+        if ids.length:
+            lo, hi = ids.bounds()
+            if lo < 0 or (vocab is not None and hi >= vocab):
+                raise ValueError(f"input_ids: token id {lo if lo < 0 else hi} is outside the "
+                                 f"vocabulary [0, {vocab})")
         self._flush_pending()
-        if ids.shape[1]:
-            if self.position == 0 and ids.shape[0] != self._batch:
-                self.reset(ids.shape[0])
-            self._logits = self.prefill(ids)[:, -1]
+        if ids.length:
+            if self.position == 0 and ids.batch != self._batch:
+                self.reset(ids.batch)
+            self._logits = self.prefill(ids, last_only=True)
 
     def _flush_pending(self) -> None:
         if self._pending is not None:
@@ -131,10 +208,10 @@ class Session:
         """
         cfg = SamplingConfig(do_sample, temperature, top_k, top_p)
         if input_ids is not None:
-            ids = _as_batch(input_ids)
-            if ids.shape[1] == 0:
+            ids = _Prompt(input_ids)
+            if ids.length == 0:
                 raise ValueError("input_ids is empty: give at least one token")
-            self.reset(ids.shape[0])
+            self.reset(ids.batch)
             self.feed(ids)
         elif self._logits is None and self._pending is None:
             raise ValueError("nothing to continue: pass input_ids or load_state() first")
@@ -158,7 +235,9 @@ class Session:
         """New token ids: (n,) for a 1-D prompt, (b, n) for a batch."""
         toks = list(self.stream(input_ids, max_new_tokens, **kw))
         out = np.stack(toks, axis=1) if toks else np.zeros((self._batch, 0), dtype=np.int64)
-        if input_ids is not None and np.asarray(input_ids).ndim == 1:
+        # a list prompt stays a list (no int64 copy of a long prompt just to read its rank)
+        if input_ids is not None and (_Prompt(input_ids).array is None
+                                      or np.ndim(input_ids) == 1):
             return out[0]
         return out
 
@@ -178,6 +257,42 @@ class Session:
         return self.tokenizer.decode([int(i) for i in ids])
 
 
+class _Prompt:
+    """Prompt ids as given: a (b, l) array, or one stream's list of ids kept as a list and
+    converted a chunk at a time (a 1 MB prompt's ids as int64 would double the 9 bytes a token
+    the list already costs)."""
+
+    def __init__(self, input_ids: "Sequence[int] | np.ndarray | _Prompt"):
+        if isinstance(input_ids, _Prompt):
+            self.ids, self.array = input_ids.ids, input_ids.array
+        elif isinstance(input_ids, (list, tuple)) and not any(
+                isinstance(t, (list, tuple, np.ndarray)) for t in input_ids[:1]):
+            self.ids, self.array = input_ids, None
+        else:
+            self.ids, self.array = None, _as_batch(input_ids)
+
+    @property
+    def batch(self) -> int:
+        return 1 if self.array is None else self.array.shape[0]
+
+    @property
+    def length(self) -> int:
+        return len(self.ids) if self.array is None else self.array.shape[1]
+
+    def bounds(self) -> tuple[int, int]:
+        if self.array is not None:
+            return int(self.array.min()), int(self.array.max())
+        try:
+            return int(min(self.ids)), int(max(self.ids))
+        except (TypeError, ValueError):
+            raise ValueError("input_ids must be integer token ids") from None
+
+    def chunk(self, i: int, j: int) -> np.ndarray:
+        if self.array is not None:
+            return self.array[:, i:j]
+        return np.asarray(self.ids[i:j], dtype=np.int64)[None]
+
+
 def _as_batch(input_ids: Sequence[int] | np.ndarray) -> np.ndarray:
     ids = np.asarray(input_ids, dtype=np.int64)
     if ids.ndim == 1:
@@ -189,6 +304,11 @@ def _as_batch(input_ids: Sequence[int] | np.ndarray) -> np.ndarray:
 
 # Graphs only speculative decoding calls: a plain session leaves them unloaded (memory).
 SPECULATIVE_GRAPHS = ("verify", "decoder_chunk", "exit_step", "draft_loop")
+# The graphs each task's session runs: one of each group must be in the bundle.
+TASK_GRAPHS = {"causal_lm": (("step",), ("prefill", "verify")),
+               "seq2seq": (("encoder",), ("decoder_step", "decoder_chunk")),
+               "speech_seq2seq": (("encoder",), ("decoder_step", "decoder_chunk")),
+               "classification": (("step",), ("chunk", "step"))}
 
 
 def load(path: str | Path, backend: str = "ort", threads: int | None = None,
@@ -197,8 +317,12 @@ def load(path: str | Path, backend: str = "ort", threads: int | None = None,
     ``torch``). ``graphs``: which graphs to load (default: all but the speculative ones;
     ``edgeseq.runtime.speculative.load`` asks for those its memory plan affords). ``prepack``:
     graphs whose weights the backend may repack at load (a private copy; the plan's call)."""
+    from edgeseq.bundle import check_integrity
+
     root = Path(path)
     manifest = read_manifest(root)
+    # sizes were checked by read_manifest; hashes on this machine's first sight of the bundle
+    check_integrity(root, manifest)
     be = get_backend(backend)
     why = be.available()
     if why:
@@ -214,8 +338,14 @@ def load(path: str | Path, backend: str = "ort", threads: int | None = None,
             raise BundleError(f"{root}: graph {name} was not lowered for {be.name} "
                               f"(format {be.format}; bundle has: {have})")
         entries[name] = g
-    if manifest.task not in ("seq2seq", "speech_seq2seq", "classification", "causal_lm"):
+    if manifest.task not in TASK_GRAPHS:
         raise BundleError(f"{root}: task {manifest.task!r} has no session type in this edgeseq")
+    # each group: the session runs one of these graphs (a speculative plan may load either)
+    missing = [" or ".join(group) for group in TASK_GRAPHS[manifest.task]
+               if not any(g in manifest.graphs for g in group)]
+    if missing:
+        raise BundleError(f"{root / 'manifest.json'}: task {manifest.task} needs graph "
+                          f"{', '.join(missing)}; the bundle has {', '.join(manifest.graphs)}")
     model = be.load(root, entries, threads, prepack)
     if manifest.task in ("seq2seq", "speech_seq2seq"):
         from edgeseq.runtime.seq2seq import Seq2SeqSession

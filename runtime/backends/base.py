@@ -11,7 +11,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from edgeseq.bundle import GraphEntry, StateSpec, StreamingGraph
+from edgeseq.bundle import BundleError, GraphEntry, StateSpec, StreamingGraph
 
 
 #: set by ``edgeseq.runtime.speculative.session.bound_allocator``: glibc maps every buffer of
@@ -32,6 +32,31 @@ def fed_length(entry: GraphEntry, inputs: dict[str, np.ndarray]) -> int:
     """The number of tokens (positions) a call feeds: the length of its ``chunk`` input, else 1."""
     spec = next((s for s in entry.inputs if "chunk" in s.shape), None)
     return int(inputs[spec.name].shape[spec.shape.index("chunk")]) if spec else 1
+
+
+def check_io(path: Path, entry: GraphEntry, actual: dict[str, tuple[str, list[Any]]]) -> None:
+    """Refuse a graph file whose inputs disagree with the manifest (an edited state shape or
+    dtype would otherwise fail, or read out of bounds, deep in the runtime). ``actual``: the
+    file's {input name: (dtype name, dims)}, a dim an int where the file fixes it; the
+    manifest's named dims are not compared (their sizes are the runtime's)."""
+    problems = []
+    specs = [(s.name, s.dtype, s.shape) for s in entry.inputs]
+    specs += [(s.input_name, s.dtype, s.shape) for s in entry.state]
+    for name, want_dtype, want_shape in specs:
+        if name not in actual:
+            problems.append(f"no input {name}")
+            continue
+        dtype, dims = actual[name]
+        if dtype != want_dtype:
+            problems.append(f"{name} is {dtype}, the manifest says {want_dtype}")
+        elif len(dims) != len(want_shape) or any(
+                isinstance(d, int) and isinstance(m, int) and d != m
+                for d, m in zip(dims, want_shape)):
+            problems.append(f"{name} has shape {list(dims)}, the manifest says "
+                            f"{list(want_shape)}")
+    if problems:
+        raise BundleError(f"{path}: graph {entry.name} does not match the manifest: "
+                          + "; ".join(problems))
 
 
 class KeptBuffers:

@@ -18,9 +18,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from edgeseq.bundle import GraphEntry, StreamingGraph
+from edgeseq.bundle import BundleError, GraphEntry, StreamingGraph
 from edgeseq.registry import register_backend
-from edgeseq.runtime.backends.base import (Backend, LoadedModel, fed_length,
+from edgeseq.runtime.backends.base import (Backend, LoadedModel, check_io, fed_length,
                                            shared_state_specs, static_traces)
 
 PTE_FILE = "model.pte"
@@ -74,14 +74,82 @@ class ExecuTorchBackend(Backend):
         _share_packed_weights()
         _set_threads(threads)
         files = {e.files[self.format] for e in entries.values()}
-        programs = {f: Runtime.get().load_program(root / f) for f in files}
-        with _captured_stderr():  # XNNPACK's cpuinfo probe logs to fd 2 on first use
-            runners = {name: _EtRunner(e, programs[e.files[self.format]].load_method(name))
-                       for name, e in entries.items()}
+        programs = {}
+        for f in files:
+            check_pte_header(root / f)
+            programs[f] = _native(root / f, "not a loadable ExecuTorch program",
+                                  lambda: Runtime.get().load_program(root / f))
+        runners = {}
+        for name, e in entries.items():
+            path = root / e.files[self.format]
+            # XNNPACK's cpuinfo probe logs to fd 2 on first use
+            method = _native(path, f"cannot load method {name}",
+                             lambda: programs[e.files[self.format]].load_method(name))
+            meta = method.metadata
+            names = [s.name for s in e.inputs] + [s.input_name for s in e.state]
+            check_io(path, e, {n: (_ET_DTYPES.get(int(t.dtype()), f"type {int(t.dtype())}"),
+                                   list(t.sizes()))
+                               for n, t in zip(names, (meta.input_tensor_meta(i)
+                                                       for i in range(meta.num_inputs())))})
+            runners[name] = _EtRunner(e, method)
         model = _EtModel(runners, shared_state_specs(entries))
         # A method reads its program's memory: the program must live as long as the methods.
         model.programs = programs
         return model
+
+
+#: ExecuTorch's ScalarType codes of the dtypes a manifest names
+_ET_DTYPES = {6: "float32", 5: "float16", 4: "int64", 3: "int32", 11: "bool"}
+#: a .pte starts with the flatbuffer's root offset (uint32) and file identifier ("ET" and a
+#: two-digit version), then ExecuTorch's extended header: magic "eh00", its length (uint32),
+#: the program's size, the segments' offset and (from 32 bytes of header on) their size (uint64
+#: each, little-endian). See executorch/exir/_serialize/_program.py: _ExtendedHeader.
+_PTE_HEAD = 8 + 32
+
+
+def check_pte_header(path: Path) -> None:
+    """Refuse a ``.pte`` whose header ExecuTorch would choke on before reading it: the runtime
+    aborts the process (SIGABRT) on a non-UTF-8 file identifier and trusts the declared sizes."""
+    import re
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(_PTE_HEAD)
+
+    def bad(why: str) -> BundleError:
+        return BundleError(f"{path}: not an ExecuTorch program ({why})")
+
+    if len(head) < 8 or not re.fullmatch(rb"ET[0-9]{2}", head[4:8]):
+        raise bad("no ET file identifier at bytes 4..8")
+    root_offset = int.from_bytes(head[0:4], "little")
+    program_size = size
+    if head[8:12] == b"eh00":
+        if len(head) < 8 + 24:
+            raise bad("truncated extended header")
+        length = int.from_bytes(head[12:16], "little")
+        program_size = int.from_bytes(head[16:24], "little")
+        seg_offset = int.from_bytes(head[24:32], "little")
+        seg_size = int.from_bytes(head[32:40], "little") if length > 24 and len(head) >= 40 else 0
+        if length < 24 or length > 256:
+            raise bad(f"extended header length {length}")
+        if not 8 + length <= program_size <= size:
+            raise bad(f"program size {program_size} against a file of {size} bytes")
+        if seg_offset and not (program_size <= seg_offset <= size
+                               and seg_offset + seg_size <= size):
+            raise bad(f"segments at {seg_offset} (+{seg_size} bytes) against a file of "
+                      f"{size} bytes")
+    if not 8 <= root_offset < program_size:
+        raise bad(f"root offset {root_offset} against a program of {program_size} bytes")
+
+
+def _native(path: Path, what: str, call: Any) -> Any:
+    """``call()`` with ExecuTorch's stderr log held back; its errors as one BundleError."""
+    try:
+        with _captured_stderr(replay=False):
+            return call()
+    except (RuntimeError, ValueError) as e:
+        raise BundleError(f"{path}: {what} ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})"
+                          ) from None
 
 
 def _share_packed_weights() -> bool:
@@ -285,8 +353,9 @@ def _tensor(a: np.ndarray) -> Any:
 
 
 @contextmanager
-def _captured_stderr() -> Iterator[None]:
-    """Hold back what native code writes to fd 2; replay it only if the body fails."""
+def _captured_stderr(replay: bool = True) -> Iterator[None]:
+    """Hold back what native code writes to fd 2; replay it only if the body fails (and
+    ``replay``: the caller may turn the failure into its own one-line error)."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as buf:
@@ -295,8 +364,9 @@ def _captured_stderr() -> Iterator[None]:
             yield
         except BaseException:
             os.dup2(saved, 2)
-            buf.seek(0)
-            sys.stderr.write(buf.read().decode(errors="replace"))
+            if replay:
+                buf.seek(0)
+                sys.stderr.write(buf.read().decode(errors="replace"))
             raise
         finally:
             os.dup2(saved, 2)

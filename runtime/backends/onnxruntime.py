@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from edgeseq.bundle import GraphEntry, StreamingGraph
+from edgeseq.bundle import BundleError, GraphEntry, StreamingGraph
 from edgeseq.registry import register_backend
 from edgeseq.runtime.backends import base as backend_base
-from edgeseq.runtime.backends.base import (Backend, KeptBuffers, LoadedModel, shared_state_specs,
-                                           static_traces)
+from edgeseq.runtime.backends.base import (Backend, KeptBuffers, LoadedModel, check_io,
+                                           shared_state_specs, static_traces)
 
 OPSET = 18
 WEIGHTS_FILE = "weights.onnx.data"
@@ -126,8 +126,14 @@ class OrtBackend(Backend):
         for name, e in entries.items():
             path = root / e.files[self.format]
             sess_opts = weights.bind(path, opts, prepack=name in prepack)
-            sess = ort.InferenceSession(str(path), sess_options=sess_opts,
-                                        providers=["CPUExecutionProvider"])
+            try:
+                sess = ort.InferenceSession(str(path), sess_options=sess_opts,
+                                            providers=["CPUExecutionProvider"])
+            except Exception as err:  # ORT's own types (Fail, InvalidGraph, ...) name no file
+                raise BundleError(f"{path}: ONNX Runtime cannot load it ("
+                                  f"{_first_line(err)})") from None
+            check_io(path, e, {i.name: (_ORT_DTYPES.get(i.type, i.type), list(i.shape))
+                               for i in sess.get_inputs()})
             runners[name] = _OrtRunner(e, sess)
         model = _OrtModel(runners, shared_state_specs(entries))
         model.weights = weights  # the sessions read these buffers: keep them alive
@@ -504,12 +510,30 @@ def _share_weights(models: dict[str, Any], data_path: Path) -> None:
                     entry.key, entry.value = k, v
 
 
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16",
+               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
 class _SharedWeights:
-    """The weights file mapped once; one OrtValue per distinct tensor, shared by all sessions."""
+    """The weights file mapped once; one OrtValue per distinct tensor, shared by all sessions.
+
+    The graph files are untrusted: an initializer's external data must be in this file (not a
+    path of the graph's choosing) and inside it, or the bundle is refused."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.map = np.memmap(path, dtype=np.uint8, mode="r") if path.is_file() else None
+        self.map = None
+        if path.is_file():
+            try:
+                self.map = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size \
+                    else np.zeros(0, np.uint8)
+            except (OSError, ValueError) as e:
+                raise BundleError(f"{path}: cannot map the weights ({e})") from None
         self.values: dict[tuple[int, int, int, tuple[int, ...]], Any] = {}
 
     def bind(self, model_path: Path, base: Any, prepack: bool = False) -> Any:
@@ -518,20 +542,33 @@ class _SharedWeights:
         from onnx.helper import tensor_dtype_to_np_dtype
 
         opts = _clone_options(base, prepack)
-        if self.map is None:
-            return opts
-        proto = onnx.load(str(model_path), load_external_data=False)
+        try:
+            proto = onnx.load(str(model_path), load_external_data=False)
+        except Exception as e:  # protobuf's DecodeError and friends name no file
+            raise BundleError(f"{model_path}: not an ONNX model ({_first_line(e)})") from None
         for init in proto.graph.initializer:
             if init.data_location != onnx.TensorProto.EXTERNAL:
                 continue
             ext = {e.key: e.value for e in init.external_data}
-            if ext.get("location") != self.path.name:
-                continue
-            offset, length = int(ext["offset"]), int(ext["length"])
-            key = (offset, length, init.data_type, tuple(init.dims))
+            if ext.get("location") != self.path.name or self.map is None:
+                raise BundleError(f"{model_path}: initializer {init.name} reads external data "
+                                  f"from {ext.get('location')!r}; a bundle's graphs read only "
+                                  f"{self.path.name}")
+            try:
+                offset, length = int(ext["offset"]), int(ext["length"])
+                dtype = np.dtype(tensor_dtype_to_np_dtype(init.data_type))
+                dims = tuple(int(d) for d in init.dims)
+            except (KeyError, ValueError, TypeError) as e:
+                raise BundleError(f"{model_path}: initializer {init.name}: bad external data "
+                                  f"record ({_first_line(e)})") from None
+            if offset < 0 or length < 0 or offset + length > self.map.size \
+                    or any(d < 0 for d in dims) or int(np.prod(dims)) * dtype.itemsize != length:
+                raise BundleError(f"{model_path}: initializer {init.name}: {length} bytes at "
+                                  f"{offset} for shape {list(dims)} {dtype} do not fit "
+                                  f"{self.path.name} ({self.map.size} bytes)")
+            key = (offset, length, init.data_type, dims)
             if key not in self.values:
-                dtype = tensor_dtype_to_np_dtype(init.data_type)
-                arr = self.map[offset:offset + length].view(dtype).reshape(tuple(init.dims))
+                arr = self.map[offset:offset + length].view(dtype).reshape(dims)
                 self.values[key] = ort.OrtValue.ortvalue_from_numpy(arr)
             opts.add_initializer(init.name, self.values[key])
         return opts

@@ -3,6 +3,13 @@
 It needs no family code at load time (the exported program carries the graph and weights), so a
 bundle is self-contained on every backend. It is the baseline the other backends are checked
 against and the way to debug a bundle in Python.
+
+``torch.export.load`` unpickles (the archive's weights and constants go through ``torch.load``,
+which falls back to ``weights_only=False``), and the program's JSON can name any ``torch.*``
+callable and sympy expressions that are ``eval``-ed: no format of a ``torch.export`` program is
+safe to load from someone else. So this backend loads only ``.pt2`` files that this machine's
+own ``edgeseq convert`` wrote (their hashes are in the manifest that convert recorded, see
+``edgeseq.bundle.check_integrity``); any other bundle is refused before a byte is unpickled.
 """
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeseq.bundle import GraphEntry, StreamingGraph
+from edgeseq.bundle import BundleError, GraphEntry, StreamingGraph, trusted_to_unpickle
 from edgeseq.registry import register_backend
 from edgeseq.runtime.backends.base import Backend, LoadedModel, shared_state_specs
 
@@ -37,13 +44,25 @@ class TorchBackend(Backend):
 
     def load(self, root: Path, entries: dict[str, GraphEntry], threads: int | None = None,
              prepack: frozenset[str] = frozenset()) -> LoadedModel:
+        why = trusted_to_unpickle(root)
+        if why:
+            raise BundleError(
+                f"{root}: --backend torch refused: its .pt2 programs load through pickle, which "
+                f"can run code, and {why}; use --backend ort or executorch, or convert the "
+                f"checkpoint on this machine with --format pt2")
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         runners = {}
         for name, e in entries.items():
-            ep = torch.export.load(str(root / e.files[self.format]))
+            path = root / e.files[self.format]
+            try:
+                ep = torch.export.load(str(path))
+            except Exception as err:  # a torch archive raises many types, none names the file
+                raise BundleError(f"{path}: not a loadable torch.export program "
+                                  f"({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})"
+                                  ) from None
             runners[name] = _TorchRunner(e, ep.module())
         return _TorchModel(runners, shared_state_specs(entries))
 

@@ -161,7 +161,7 @@ class DraftModelSource(DraftSource):
         todo = consumed[len(self.fed):]
         if todo and (len(todo) >= PREFILL_CATCH_UP or not self.has_step) and not self.seq2seq:
             # a prompt, or a long accepted run: one chunked call instead of a step per token
-            logits = self.s.prefill(np.asarray([todo], dtype=np.int64))[0, -1]
+            logits = self.s.prefill(np.asarray([todo], dtype=np.int64), last_only=True)[0]
             self.fed.extend(todo)
             return logits
         for tok in todo:

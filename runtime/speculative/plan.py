@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from edgeseq.bundle import BundleError, Manifest, read_manifest
+from edgeseq.limits import max_source as max_source_tokens
 
 MB = 1 << 20
 SOURCES = ("auto", "off", "input", "ngram", "recycle", "draft", "early-exit")
@@ -286,7 +287,7 @@ class _Costs:
         self.vocab = int(man.config["vocab_size"])
         cap = _planned_len(man)
         self.length = min(cap, max_length or cap) if self.task != "causal_lm" else 0
-        table = int(man.config.get("max_source_positions") or 512)
+        table = max_source_tokens(man.config)
         self.source = min(table, max_source or table)
 
     def dims(self, chunk: int = 1) -> dict[str, int]:

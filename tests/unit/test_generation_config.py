@@ -12,6 +12,7 @@ folder whose graph files are links to the converted bundle's.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,7 @@ class Arch:
         folder.mkdir()
         for f in self.bundle.iterdir():
             if f.name != "manifest.json":
-                (folder / f.name).symlink_to(f.resolve())
+                os.link(f, folder / f.name)
         man = json.loads(json.dumps(self.manifest))
         man["config"].update(cfg)
         (folder / "manifest.json").write_text(json.dumps(man))

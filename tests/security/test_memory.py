@@ -1,0 +1,106 @@
+"""Memory does not grow with the prompt, and an encoder is never handed a source it would take
+quadratic memory for: peak RSS of a fresh process running the library, long input against short."""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import _shared_root, shared_build
+
+pytestmark = pytest.mark.slow
+
+# load, encode the file's text, generate a few tokens; report peak RSS (or the error, one line)
+CHILD = textwrap.dedent("""
+    import json, resource, sys
+    import edgeseq
+    from edgeseq.limits import read_text_file
+    bundle, prompt = sys.argv[1], sys.argv[2]
+    s = edgeseq.load(bundle, backend="ort", threads=1)
+    text = read_text_file(prompt, "prompt")
+    ids = s.encode_text(text) if hasattr(s, "encode_text") else s.encode(text)
+    del text
+    try:
+        toks = s.generate(ids, 4)
+        err = None
+    except ValueError as e:
+        err = str(e)
+    print(json.dumps({"rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      "tokens": len(ids), "error": err}))
+""")
+
+
+def _text(n: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    words = ("def return self import class for in if else while None True False print len "
+             "range").split()
+    out, size = [], 0
+    while size < n:
+        w = rng.choice(words) + (" " if rng.random() < 0.9 else "\n")
+        out.append(w)
+        size += len(w)
+    return "".join(out)[:n]
+
+
+def _peak(bundle: Path, prompt: Path, timeout: int = 900) -> dict:
+    r = subprocess.run([sys.executable, "-c", CHILD, str(bundle), str(prompt)],
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_a_1mb_prompt_costs_only_its_own_ids(tmp_path, mamba_bytes_bundle):
+    small, large = tmp_path / "1k.txt", tmp_path / "1m.txt"
+    small.write_text(_text(1 << 10))
+    large.write_text(_text(1 << 20))
+    a = _peak(mamba_bytes_bundle, small)
+    b = _peak(mamba_bytes_bundle, large)
+    assert a["error"] is None and b["error"] is None, (a, b)
+    assert (a["tokens"], b["tokens"]) == (1 << 10, 1 << 20)
+    # before: every chunk's logits were kept, 1 M x 256 x 4 bytes twice over (2.15 GB, 2 KB a
+    # token). Now only the prompt itself: its text, its bytes and the list of ids the tokenizer
+    # returns (8 bytes a token and the list's spare capacity), about 11 bytes a token.
+    grown = (b["rss_kb"] - a["rss_kb"]) * 1024
+    assert grown <= 16 * b["tokens"], (a, b, grown / b["tokens"])
+
+
+@pytest.fixture(scope="module")
+def typo_bundle(tmp_path_factory) -> Path:
+    from edgeseq.convert.pipeline import convert
+
+    return shared_build(_shared_root(tmp_path_factory), "zoo-t5-typo-bytes-onnx",
+                        lambda out: convert("zoo:t5-typo-bytes", out, formats=("onnx",)))
+
+
+def test_a_100kb_typo_text_is_refused_by_the_source_limit(tmp_path, typo_bundle):
+    small, large = tmp_path / "short.txt", tmp_path / "100k.txt"
+    small.write_text("Retrun the numbr of itmes in the lsit.")
+    large.write_text(_text(100_000))
+    a = _peak(typo_bundle, small, timeout=300)
+    b = _peak(typo_bundle, large, timeout=300)
+    assert a["error"] is None, a
+    assert b["tokens"] > 100_000 - 1  # bytes (+ EOS): far past the encoder's 512
+    assert b["error"] == (f"source: {b['tokens']} tokens, over this encoder's limit of 512 (its "
+                          f"position table, or the length it was exported for); shorten the "
+                          f"text or split it"), b
+    # before: 10 KB peaked at 9.5 GB and 98 KB ran out of memory
+    assert b["rss_kb"] <= 1.10 * a["rss_kb"], (a, b)
+
+
+def test_a_source_at_the_limit_runs_and_one_past_it_is_refused(typo_bundle):
+    import edgeseq
+    from edgeseq.limits import LimitError, max_source
+
+    s = edgeseq.load(typo_bundle, backend="ort", threads=1)
+    n = max_source(s.config)
+    assert n == 512
+    ids = s.encode_text("a" * (n - 1))  # + EOS
+    assert len(ids) == n
+    s.generate(ids, max_new_tokens=2, num_beams=1)
+    with pytest.raises(LimitError, match=f"source: {n + 1} tokens, over this encoder's limit"):
+        s.generate(s.encode_text("a" * n), max_new_tokens=2, num_beams=1)
