@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NoReturn, Sequence
 
 import click
 
@@ -15,13 +16,190 @@ from edgeseq.quiet import quiet_third_party
 
 quiet_third_party()
 
+#: set to show the traceback of an unexpected error instead of its one-line summary
+DEBUG_ENV = "EDGESEQ_DEBUG"
 
-def _fail(msg: str, code: int = 2) -> None:
-    click.echo(f"edgeseq: error: {msg}", err=True)
+
+def _one_line(text: str, limit: int = 400) -> str:
+    """``text`` on one line: a library message that lists several problems joins them with
+    "; " so that a script reading stderr still gets exactly one error line."""
+    parts = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    line = "; ".join(parts)
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def _fail(msg: str, code: int = 2) -> NoReturn:
+    click.echo(f"edgeseq: error: {_one_line(msg, 2000)}", err=True)
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _describe(e: BaseException) -> str:
+    """An exception as a short phrase: its message, else its type."""
+    msg = _one_line(str(e))
+    return msg or type(e).__name__
+
+
+class _Command(click.Command):
+    """A command whose every failure ends in one ``edgeseq: error:`` line: the library raises
+    one-line ``BundleError``/``LimitError``s for what it expects; anything else (a runtime's own
+    exception on a damaged file) is summarised against the command's main argument, since a
+    traceback tells a user of a shipped bundle nothing (``EDGESEQ_DEBUG=1`` shows it)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from edgeseq.limits import LimitError, NumericError
+
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            # the user asked to stop: no message, the shell's convention for SIGINT
+            sys.exit(130)
+        except BrokenPipeError:
+            raise  # click closes stdout quietly (a reader such as `head` went away)
+        except Exception as e:  # noqa: BLE001 - the one place every error becomes one line
+            if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                raise
+            if isinstance(e, (BundleError, LimitError)):
+                _fail(str(e))  # already names its file or option
+            if isinstance(e, NumericError):
+                _fail(str(e), 1)
+            target = _main_argument(ctx)
+            if isinstance(e, OSError) and e.filename:
+                _fail(f"{e.filename}: {e.strerror or _describe(e)}")
+            _fail(f"{target}: {type(e).__name__}: {_describe(e)} (unexpected; {DEBUG_ENV}=1 "
+                  f"shows the traceback)", 1)
+
+
+def _main_argument(ctx: click.Context) -> str:
+    """What a failed command was working on: its bundle or checkpoint, else its name."""
+    for key in ("bundle", "checkpoint"):
+        if ctx.params.get(key):
+            return str(ctx.params[key])
+    paths = ctx.params.get("device_paths")
+    if paths:
+        return ", ".join(map(str, paths))
+    return ctx.info_name or "edgeseq"
+
+
+class _Group(click.Group):
+    command_class = _Command
+
+
+def _json(obj: Any, what: str, **kw: Any) -> None:
+    """Print ``obj`` as JSON that every parser reads: a NaN or infinity (which Python would
+    write as the non-standard ``NaN``) is an error naming ``what`` instead."""
+    try:
+        text = json.dumps(obj, allow_nan=False, **kw)
+    except ValueError:
+        _fail(f"{what}: the result holds a non-finite number (NaN or infinity); refusing to "
+              f"print invalid JSON", 1)
+    click.echo(text)
+
+
+def _finite(name: str, value: float | None) -> float | None:
+    """A float option as given, refusing NaN and infinity (``float("nan")`` is what click's
+    float type accepts for "nan", and a NaN temperature samples token 0 forever)."""
+    from edgeseq.limits import LimitError, check_finite
+
+    if value is None:
+        return None
+    try:
+        return check_finite(name, value)
+    except LimitError as e:
+        _fail(str(e))
+
+
+def _write(text: str) -> None:
+    """A piece of a stream, shown at once (``click.echo`` costs 15 µs a call: 1.5% of a token)."""
+    if text:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+class _TextStream:
+    """The text of a growing token stream, a piece per token, with constant work per token.
+
+    Re-decoding every token so far on each new one (as ``edgeseq run`` did) slowed a long stream
+    from 945 to 138 tokens/s within 30 s. Here ``decode`` sees only a window of recent tokens,
+    and the pieces joined are exactly ``decode(all tokens)``, for any tokenizer whose text
+    depends on nearby tokens only (byte tokenizers, byte-level BPE, SentencePiece with their
+    clean-up rules), as HF's ``TextStreamer`` and ``tokenizers``' ``DecodeStream`` do:
+
+    - text is held back while it may still change: a trailing U+FFFD (a UTF-8 character split
+      across tokens) and a short tail from a space (clean-up rules such as `` .`` -> ``.``
+      join a space to what follows it);
+    - the window only moves to a token where decoding restarts cleanly: the window decoded
+      alone must give the same tail of the text as before, at least ``TAIL`` characters long
+      (so a character split across the cut has been completed, and no clean-up rule spans it)
+      and not starting inside a character (U+FFFD), and the cut must lie in text already
+      printed. Text only grows at the end, so a window that agrees now agrees from then on.
+    """
+
+    WINDOW = 8          # tokens kept behind the newest, at least, when the window moves
+    REACH = 32          # how far back a restart point is looked for (TAIL 4-byte characters)
+    TAIL = 4            # characters behind a space held back: the longest clean-up rule
+    MAX_WINDOW = 1024   # a stream that never restarts cleanly (bytes that are not UTF-8)
+
+    def __init__(self, decode: Callable[[Sequence[int]], str]):
+        self.decode = decode
+        self.toks: list[int] = []
+        self.text = ""      # decode(self.toks)
+        self.shown = ""     # the part of self.text already printed (a prefix of it)
+
+    def push(self, tok: int) -> str:
+        """The new piece of text that ``tok`` settles (often empty)."""
+        self.toks.append(int(tok))
+        self.text = self.decode(self.toks)
+        out = ""
+        if self.text.startswith(self.shown):
+            stable = self._stable(self.text)
+            if len(stable) > len(self.shown):
+                out = stable[len(self.shown):]
+                self.shown = stable
+        if len(self.toks) >= 2 * self.WINDOW and len(self.toks) % (self.WINDOW // 2) == 0:
+            # every few tokens: the window stays short (the decode of it is the per-token cost)
+            self._move()
+        if len(self.toks) > self.MAX_WINDOW:
+            # no clean restart in a thousand tokens: print what there is and start afresh
+            # (the only place the pieces may differ from decoding everything at once)
+            out += self.finish()
+            self.toks, self.text, self.shown = [], "", ""
+        return out
+
+    def finish(self) -> str:
+        """The text held back at the end of the stream."""
+        if not self.text.startswith(self.shown):
+            return ""
+        out = self.text[len(self.shown):]
+        self.shown = self.text
+        return out
+
+    def _stable(self, text: str) -> str:
+        end = len(text)
+        while end and text[end - 1] == "\ufffd":
+            end -= 1
+        tail = text[max(0, end - self.TAIL):end]
+        cut = next((i for i, c in enumerate(tail) if c.isspace()), None)
+        return text[:end - len(tail) + cut] if cut is not None else text[:end]
+
+    def _move(self) -> None:
+        """Drop the window's oldest tokens, keeping at least ``WINDOW`` of them, if a clean
+        restart point is there."""
+        n = len(self.toks)
+        for s in range(n - self.WINDOW, max(0, n - self.REACH), -1):
+            rest = self.decode(self.toks[s:])
+            at = len(self.text) - len(rest)
+            if len(rest) < self.TAIL or rest[0] == "\ufffd" or at > len(self.shown) \
+                    or not self.text.endswith(rest):
+                continue
+            self.toks = self.toks[s:]
+            self.shown = rest[:len(self.shown) - at]
+            self.text = rest
+            return
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edgeseq")
 def main() -> None:
     """Turn trained sequence models into stateful streaming graphs and run them on the edge."""
@@ -86,6 +264,8 @@ def convert(checkpoint: str, output: str, fmt: str | None, dtype: str, parity_to
     if fmt is None:
         fmt = "onnx" if quant in ("int4-tensor", "int8-static") else "onnx,pte"
     formats = ALL_FORMATS if fmt == "all" else tuple(f.strip() for f in fmt.split(",") if f.strip())
+    if not formats:  # "," would write a bundle with no graphs whose parity trivially passed
+        _fail(f"--format {fmt!r}: no format given; use onnx, pte, pt2 (comma-separated) or all")
     try:
         _convert(checkpoint, output, formats=formats, dtype=dtype, parity_tokens=parity_tokens,
                  overwrite=overwrite, skip_parity=skip_parity, force=force,
@@ -102,6 +282,9 @@ def convert(checkpoint: str, output: str, fmt: str | None, dtype: str, parity_to
 @click.argument("bundle")
 @click.option("--prompt", "--text", "prompt",
               help="Prompt text (causal LMs) or source text for an encoder-decoder.")
+@click.option("--prompt-file", "--text-file", "prompt_file", type=click.Path(dir_okay=False),
+              help="Read the prompt (causal LMs) or source text (encoder-decoders) from a UTF-8 "
+                   "file instead of --prompt/--text (for inputs too long for a command line).")
 @click.option("--prompt-ids", help="Prompt (or source) token ids, comma-separated: 1,2,3")
 @click.option("--audio", type=click.Path(dir_okay=False),
               help="Speech models: a WAV file to transcribe (other rates are resampled).")
@@ -146,13 +329,14 @@ def convert(checkpoint: str, output: str, fmt: str | None, dtype: str, parity_to
                    "LMs).")
 @click.option("--temperature", type=float, default=None,
               help="Sampling temperature (default: the checkpoint's; 1.0).")
-@click.option("--top-k", type=int, default=None,
+@click.option("--top-k", type=click.IntRange(0), default=None,
               help="Sample from the k likeliest tokens, 0 for all (default: the checkpoint's "
                    "for encoder-decoders, transformers' 50 if it sets none; 0 for causal LMs).")
 @click.option("--top-p", type=float, default=None,
               help="Nucleus sampling mass (default: the checkpoint's; 1.0).")
 @click.option("--seed", type=int, default=None)
-@click.option("--threads", type=int, default=None, help="Intra-op threads (default: cores).")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="Intra-op threads (default: cores).")
 @click.option("--speculate", default=None, metavar="SOURCE",
               help="Speculative decoding (greedy output unchanged): auto, off, input (copy the "
                    "input: Aggressive Decoding), ngram (prompt lookup), recycle (Token "
@@ -166,7 +350,8 @@ def convert(checkpoint: str, output: str, fmt: str | None, dtype: str, parity_to
               help="With --speculate: take the memory budget from this device profile's app "
                    "memory (edgeseq devices).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def run(bundle: str, prompt: str | None, prompt_ids: str | None, audio: str | None,
+def run(bundle: str, prompt: str | None, prompt_file: str | None, prompt_ids: str | None,
+        audio: str | None,
         input_npy: str | None, early_exit: float | None,
         stream_audio: bool, chunk_seconds: float, window_s: float | None, agreement: int,
         language: str | None, task: str | None, timestamps: bool, num_beams: int | None, num_beam_groups: int | None, diversity_penalty: float | None,
@@ -178,11 +363,26 @@ def run(bundle: str, prompt: str | None, prompt_ids: str | None, audio: str | No
     """Stream a completion from BUNDLE (causal LM), translate/correct text (encoder-decoder) or
     transcribe a WAV file (speech)."""
     import edgeseq
+    from edgeseq.limits import NumericError
     from edgeseq.runtime.streaming import timed_stream
 
-    given = [x for x in (prompt, prompt_ids, audio, input_npy) if x is not None]
+    given = [x for x in (prompt, prompt_file, prompt_ids, audio, input_npy) if x is not None]
     if len(given) != 1:
-        _fail("give exactly one of --prompt/--text, --prompt-ids, --audio or --input")
+        _fail("give exactly one of --prompt/--text, --prompt-ids, --audio or --input "
+              "(--prompt-file/--text-file in place of --prompt/--text)")
+    for name, value in (("--temperature", temperature), ("--top-p", top_p),
+                        ("--diversity-penalty", diversity_penalty),
+                        ("--length-penalty", length_penalty)):
+        _finite(name, value)
+    if prompt_file is not None:
+        from edgeseq.limits import LimitError, read_text_file
+
+        try:
+            prompt = read_text_file(prompt_file, what="prompt")
+        except LimitError as e:
+            _fail(str(e))
+    # what a source-length error names: the option, or the file the text came from
+    source_name = prompt_file or ("--prompt-ids" if prompt_ids is not None else "--text")
     if speculate is not None or memory_budget is not None or device_id is not None:
         if audio is not None or input_npy is not None:
             _fail("--speculate/--memory-budget apply to text generation (--prompt, --text, "
@@ -194,7 +394,7 @@ def run(bundle: str, prompt: str | None, prompt_ids: str | None, audio: str | No
                   f"task's prefix in --text instead")
         _run_speculative(bundle, backend, threads, speculate or "auto", memory_budget, device_id,
                          prompt, prompt_ids, max_new_tokens, do_sample, temperature, top_k,
-                         top_p, seed, as_json)
+                         top_p, seed, as_json, source_name=source_name)
         return
     try:
         sess = edgeseq.load(bundle, backend=backend, threads=threads)
@@ -208,7 +408,7 @@ def run(bundle: str, prompt: str | None, prompt_ids: str | None, audio: str | No
         if hasattr(sess, "encode_text"):
             _run_seq2seq(sess, prompt, prompt_ids, max_new_tokens, num_beams, num_beam_groups,
                          diversity_penalty, length_penalty, do_sample, temperature, top_k,
-                         top_p, seed, as_json, task=task)
+                         top_p, seed, as_json, task=task, source_name=source_name)
             return
         if prompt_ids is not None:
             try:
@@ -222,18 +422,10 @@ def run(bundle: str, prompt: str | None, prompt_ids: str | None, audio: str | No
             ids = sess.encode(prompt)
         if not ids:
             _fail("the prompt is empty")
-        printed = ""
-        toks: list[int] = []
+        out = _TextStream(sess.decode)
 
         def show(tok: int) -> None:
-            nonlocal printed
-            toks.append(tok)
-            text = sess.decode(toks)
-            if sess.tokenizer is None:
-                text += " "
-            if text.startswith(printed):
-                click.echo(text[len(printed):], nl=False)
-                printed = text
+            _write(out.push(tok))
 
         if not as_json and prompt is not None:
             click.echo(prompt, nl=False)
@@ -244,12 +436,16 @@ def run(bundle: str, prompt: str | None, prompt_ids: str | None, audio: str | No
                            top_k=cfg.top_k, top_p=cfg.top_p, seed=seed)
     except (BundleError, ValueError) as e:
         _fail(str(e))
+    except NumericError as e:  # the model produced NaN: its weights or state are broken
+        _fail(f"{bundle}: {e}", 1)
     if as_json:
-        click.echo(json.dumps({
+        _json({
             "tokens": res.tokens, "text": sess.decode(res.tokens), "prompt_tokens": len(ids),
             "backend": sess.backend, "first_token_ms": round(res.first_token_ms, 3),
-            "tokens_per_s": round(res.tokens_per_s, 3), "total_ms": round(res.total_ms, 3)}))
+            "tokens_per_s": round(res.tokens_per_s, 3), "total_ms": round(res.total_ms, 3)},
+            bundle)
     else:
+        _write(out.finish())
         click.echo("")
         click.echo(f"-- {len(res.tokens)} tokens on {sess.backend}: first token "
                    f"{res.first_token_ms:.1f} ms (prompt {len(ids)} tokens), "
@@ -261,7 +457,7 @@ def _run_speculative(bundle: str, backend: str, threads: int | None, speculate: 
                      ids_text: str | None, max_new_tokens: int | None, do_sample: bool | None,
                      temperature: float | None, top_k: int | None, top_p: float | None,
                      seed: int | None,
-                     as_json: bool) -> None:
+                     as_json: bool, source_name: str = "--text") -> None:
     import time
 
     from edgeseq.runtime.profile import parse_size
@@ -299,6 +495,10 @@ def _run_speculative(bundle: str, backend: str, threads: int | None, speculate: 
                    else tok.encode(text or ""))
         if not ids or (text is not None and not text.strip()):
             _fail("the prompt is empty")
+        if seq2seq:
+            # the plan is made for this source; one past what the encoder takes would fail
+            # later with advice (a larger max_source) that only the library can follow
+            _check_source(len(ids), man.config, source_name)
         if seq2seq:  # the checkpoint's generation config, as a plain run
             from edgeseq import generation
             from edgeseq.runtime.decoding import SamplingConfig
@@ -327,10 +527,9 @@ def _run_speculative(bundle: str, backend: str, threads: int | None, speculate: 
     rate = len(toks) / total if total > 0 else 0.0
     out_text = s.decode(toks)
     if as_json:
-        click.echo(json.dumps({"tokens": [int(t) for t in toks], "text": out_text,
-                               "prompt_tokens": len(ids), "backend": s.backend,
-                               "tokens_per_s": round(rate, 3), "total_ms": round(total * 1e3, 3),
-                               **rep}))
+        _json({"tokens": [int(t) for t in toks], "text": out_text,
+               "prompt_tokens": len(ids), "backend": s.backend,
+               "tokens_per_s": round(rate, 3), "total_ms": round(total * 1e3, 3), **rep}, bundle)
         return
     click.echo(out_text if seq2seq else (text or "") + out_text)
     plan = ss.plan
@@ -342,6 +541,18 @@ def _run_speculative(bundle: str, backend: str, threads: int | None, speculate: 
                f"{rep['tokens_per_verify']:.2f} tokens per verification; planned footprint "
                f"{plan.total / 2**20:.1f} MiB"
                + (f" of {budget / 2**20:.1f} MiB" if budget else ""), err=True)
+
+
+def _check_source(n: int, config: dict[str, Any], source_name: str) -> None:
+    """Refuse a source longer than the encoder takes, in words a CLI user can act on (with or
+    without --speculate: both paths refuse it)."""
+    from edgeseq.limits import max_source
+
+    cap = max_source(config)
+    if n > cap:
+        _fail(f"{source_name}: the source is {n} tokens; this bundle's encoder takes at most "
+              f"{cap} (its position table, or the length it was exported for): shorten the "
+              f"text or split it")
 
 
 def _parse_ids(text: str, vocab: int | None) -> list[int]:
@@ -368,8 +579,10 @@ def _run_seq2seq(sess: Any, text: str | None, ids_text: str | None, max_new_toke
                  num_beams: int | None, groups: int | None, diversity: float | None,
                  length_penalty: float | None, do_sample: bool | None, temperature: float | None,
                  top_k: int | None, top_p: float | None, seed: int | None, as_json: bool,
-                 task: str | None = None) -> None:
+                 task: str | None = None, source_name: str = "--text") -> None:
     import time
+
+    from edgeseq.limits import LimitError
 
     if task is not None:  # T5's task_specific_params: its prefix and generation settings
         try:
@@ -382,8 +595,13 @@ def _run_seq2seq(sess: Any, text: str | None, ids_text: str | None, max_new_toke
         else sess.encode_text(text or "")
     if not ids or (text is not None and not text.strip()):
         _fail("the source is empty")
+    if not sess.speech:
+        _check_source(len(ids), sess.config, source_name)
     t0 = time.perf_counter()
-    sess.encode(ids)
+    try:
+        sess.encode(ids)
+    except LimitError as e:  # the source is longer than the encoder takes
+        _fail(f"{source_name}: {e}")
     beams = num_beams if num_beams is not None else int(sess.gen.get("num_beams") or 1)
     if beams > 1:
         toks = sess.generate(None, max_new_tokens, num_beams=beams, num_beam_groups=groups,
@@ -394,29 +612,28 @@ def _run_seq2seq(sess: Any, text: str | None, ids_text: str | None, max_new_toke
         if not as_json:
             click.echo(sess.decode(toks))
     else:
-        toks, first_ms, printed = [], 0.0, ""
+        toks, first_ms, out = [], 0.0, _TextStream(sess.decode)
         for tok in sess.stream(None, max_new_tokens, do_sample=do_sample,
                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed):
             if not toks:
                 first_ms = (time.perf_counter() - t0) * 1e3
             toks.append(tok)
             if not as_json:
-                out = sess.decode(toks)
-                if out.startswith(printed):
-                    click.echo(out[len(printed):], nl=False)
-                    printed = out
+                _write(out.push(tok))
         total = time.perf_counter() - t0
         if not as_json:
+            _write(out.finish())
             click.echo("")
     if first_ms is None:
         rate = len(toks) / total if total > 0 else 0.0
     else:
         rate = (len(toks) - 1) / (total - first_ms / 1e3) if len(toks) > 1 and total > first_ms / 1e3 else 0.0
     if as_json:
-        click.echo(json.dumps({
+        _json({
             "tokens": [int(t) for t in toks], "text": sess.decode(toks), "source_tokens": len(ids),
             "num_beams": beams, "backend": sess.backend, "first_token_ms": None if first_ms is None else round(first_ms, 3),
-            "tokens_per_s": round(rate, 3), "total_ms": round(total * 1e3, 3)}))
+            "tokens_per_s": round(rate, 3), "total_ms": round(total * 1e3, 3)},
+            str(getattr(sess, "root", "the bundle")))
     else:
         first = "" if first_ms is None else f"first token {first_ms:.1f} ms, "
         click.echo(f"-- {len(toks)} tokens on {sess.backend} "
@@ -427,19 +644,19 @@ def _run_seq2seq(sess: Any, text: str | None, ids_text: str | None, max_new_toke
 def _run_classify(sess: Any, path: str | None, early_exit: float | None, as_json: bool) -> None:
     import time
 
-    import numpy as np
+    from edgeseq.limits import NumericError
 
     if not hasattr(sess, "classify"):
         _fail("--input needs a sequence-classifier bundle (this one generates tokens)")
     if path is None:
         _fail("this is a sequence classifier: give --input FILE.npy (frames x features)")
+    from edgeseq.limits import read_npy
+
     p = Path(path)
-    if not p.is_file():
-        _fail(f"{p}: no such file")
     try:
-        x = np.load(p, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        _fail(f"{p}: not a readable .npy array ({str(e).splitlines()[0]})")
+        x = read_npy(p)  # the header is checked before anything its size is allocated
+    except ValueError as e:
+        _fail(str(e))
     spec = sess.config["input"]
     try:
         t0 = time.perf_counter()
@@ -448,6 +665,8 @@ def _run_classify(sess: Any, path: str | None, early_exit: float | None, as_json
     except ValueError as e:
         want = f"{spec.get('frames') or 'any number of'} frames x {spec['features']} features"
         _fail(f"{p}: {e} (this model reads {want}; {spec.get('scaling') or 'no scaling given'})")
+    except NumericError as e:  # finite frames that overflow inside the model
+        _fail(f"{p}: {e}", 1)
     out: dict[str, Any] = {
         "class": res.label, "label": sess.label_name(res.label),
         "probs": [round(v, 6) for v in res.probs], "frames": res.frames,
@@ -460,7 +679,7 @@ def _run_classify(sess: Any, path: str | None, early_exit: float | None, as_json
                     "decided_frame": df,
                     "decided_class": None if df is None else int(res.running[df].argmax())})
     if as_json:
-        click.echo(json.dumps(out))
+        _json(out, str(p))
         return
     click.echo(f"class {out['label']} (p={max(res.probs):.3f})")
     if early_exit is not None:
@@ -509,13 +728,13 @@ def _run_speech(sess: Any, path: str | None, stream: bool, chunk_s: float,
                        else res.text)
     lat = [c.latency_ms for c in res.chunks]
     if as_json:
-        click.echo(json.dumps({
+        _json({
             "text": res.text, "language": tr.language_code, "audio_s": round(res.audio_s, 3),
             "backend": sess.backend,
             "compute_s": round(res.compute_s, 3), "rtf": round(res.rtf, 4),
             "segments": [{"start": round(a, 3), "end": round(b, 3), "text": t}
                          for a, b, t in res.segments],
-            "chunk_latency_ms": [round(x, 2) for x in lat]}))
+            "chunk_latency_ms": [round(x, 2) for x in lat]}, str(path))
     else:
         extra = (f", chunk latency mean {sum(lat) / len(lat):.0f} ms max {max(lat):.0f} ms"
                  if lat else "")
@@ -533,18 +752,30 @@ def _timed_line(seg: tuple[float, float, str]) -> str:
 @main.command()
 @click.argument("bundle")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def inspect(bundle: str, as_json: bool) -> None:
+@click.option("--verify", is_flag=True,
+              help="Check every file's SHA-256 against the manifest's record (a bundle from "
+                   "elsewhere): one line per problem and exit 1, or \"verified N files\".")
+def inspect(bundle: str, as_json: bool, verify: bool) -> None:
     """Show what BUNDLE holds: graphs, state and its bytes, weights by dtype, quantization and
     the parity / accuracy-gate results."""
     from edgeseq.bundle import read_manifest
 
+    if verify:
+        _verify(bundle)
+        return
     try:
         info = _inspect(Path(bundle), read_manifest(bundle))
     except BundleError as e:
         _fail(str(e))
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        _json(info, bundle, indent=2)
         return
+    try:
+        tail = _quant_parity_lines(info)
+    except (KeyError, TypeError, AttributeError, ValueError):
+        # parity.json's shape was checked on reading; the quantization record is the manifest's
+        _fail(f"{Path(bundle) / 'manifest.json'}: quantization record is not what convert "
+              f"writes (or {Path(bundle) / 'parity.json'} is not its report)")
     click.echo(f"{bundle}: {info['family']} ({info['task']}), interface dtype {info['dtype']}, "
                f"target {info['target']}")
     for name, g in info["graphs"].items():
@@ -558,33 +789,79 @@ def inspect(bundle: str, as_json: bool) -> None:
         click.echo(f"    {t['name']:28s} {t['kind']:9s} {t['dtype']:8s} {tuple(t['shape'])}")
     for fmt, w in info["weights"].items():
         click.echo(f"  weights ({fmt}): " + ", ".join(f"{k} {v / 1e6:.3f} MB" for k, v in w.items()))
+    click.echo("\n".join(tail))
+
+
+def _quant_parity_lines(info: dict[str, Any]) -> list[str]:
+    """The quantization and parity lines of ``inspect``, built before anything is printed."""
+    lines: list[str] = []
     q = info["quantization"]
     if q:
         if isinstance(q, dict) and "formats" in q:
-            click.echo(f"  quantization: {q['scheme']}"
+            lines.append(f"  quantization: {q['scheme']}"
                        + (f", group {q['group_size']}" if q.get("group_size") else "")
                        + f"; state {q['state']}; kept in float: {', '.join(q['keep_float']) or 'nothing'}")
             for fmt, rec in q["formats"].items():
                 for name, r in rec["graphs"].items():
-                    click.echo(f"    {fmt} {name}: {r['how']}")
-                    click.echo(f"      quantized ({len(r['quantized'])}): {', '.join(r['quantized'])}")
+                    lines.append(f"    {fmt} {name}: {r['how']}")
+                    lines.append(f"      quantized ({len(r['quantized'])}): {', '.join(r['quantized'])}")
                     if r["kept_float"]:
-                        click.echo(f"      float ({len(r['kept_float'])}): {', '.join(r['kept_float'])}")
+                        lines.append(f"      float ({len(r['kept_float'])}): {', '.join(r['kept_float'])}")
         else:
-            click.echo(f"  quantization: {q}")
+            lines.append(f"  quantization: {q}")
     p = info["parity"]
     if p is None:
-        click.echo("  parity: no parity.json")
+        lines.append("  parity: no parity.json")
     elif "gates" in p:
         for fmt, g in p["gates"].items():
-            click.echo(f"  accuracy gate ({fmt}): {'passed' if g['passed'] else 'FAILED'}: "
+            lines.append(f"  accuracy gate ({fmt}): {'passed' if g.get('passed') else 'FAILED'}: "
                        + ", ".join(f"{k} {v:.4f}" for k, v in g.items() if isinstance(v, float))
                        + f" on {g.get('data')}")
     else:
-        click.echo(f"  parity: {'skipped' if p.get('skipped') else ('passed' if p.get('passed') else 'FAILED')}"
-                   + "".join(f"; {c['format']}{' ' + c['graph'] if 'graph' in c else ''} "
+        lines.append(f"  parity: {'skipped' if p.get('skipped') else ('passed' if p.get('passed') else 'FAILED')}"
+                   + "".join(f"; {c.get('format')}{' ' + str(c['graph']) if 'graph' in c else ''} "
                              f"{'ok' if c.get('passed') else 'FAILED'}"
                              for c in p.get("checks", []) + p.get("graph_checks", [])))
+    return lines
+
+
+def _verify(bundle: str) -> None:
+    """``inspect --verify``: every problem on its own ``edgeseq: error:`` line (a swapped file
+    and an unlisted one are separate facts a user acts on separately)."""
+    from edgeseq.bundle import read_manifest, verify_bundle
+
+    problems = verify_bundle(bundle)
+    for msg in problems:
+        click.echo(f"edgeseq: error: {_one_line(msg, 2000)}", err=True)
+    if problems:
+        sys.exit(1)
+    man = read_manifest(bundle)
+    click.echo(f"{bundle}: verified {len(man.files or {})} files")
+
+
+def _parity_record(path: Path) -> dict[str, Any] | None:
+    """``parity.json`` as ``inspect`` shows it, refusing one that is not the report convert
+    writes (it comes with the bundle, so from anyone)."""
+    if not path.is_file():
+        return None
+    from edgeseq.limits import LimitError, read_file_bytes
+
+    try:
+        rec = json.loads(read_file_bytes(path, "parity report", "input_bytes"))
+    except LimitError as e:
+        raise BundleError(str(e)) from None
+    except ValueError as e:
+        raise BundleError(f"{path}: not valid JSON ({_describe(e)})") from None
+    ok = isinstance(rec, dict) and (
+        isinstance(rec.get("gates"), dict) and all(isinstance(g, dict)
+                                                   for g in rec["gates"].values())
+        if "gates" in rec else
+        all(isinstance(rec.get(k, []), list) and all(isinstance(c, dict) for c in rec.get(k, []))
+            for k in ("checks", "graph_checks")))
+    if not ok:
+        raise BundleError(f"{path}: not a parity report (expected an object with checks, "
+                          f"graph_checks or gates)")
+    return rec
 
 
 def _inspect(root: Path, man: Any) -> dict[str, Any]:
@@ -604,9 +881,7 @@ def _inspect(root: Path, man: Any) -> dict[str, Any]:
         fs = sorted({g.files[fmt] for g in man.graphs.values() if fmt in g.files})
         if fs:
             weights[fmt] = {"file bytes": sum((root / f).stat().st_size for f in fs)}
-    parity = None
-    if (root / "parity.json").is_file():
-        parity = json.loads((root / "parity.json").read_text())
+    parity = _parity_record(root / "parity.json")
     return {"family": man.family, "task": man.task, "dtype": man.dtype, "target": man.target,
             "graphs": graphs,
             "state": {"tensors": tensors, "bytes_batch1": sum(t["bytes_batch1"] for t in tensors),
@@ -626,7 +901,7 @@ def zoo_cmd(as_json: bool) -> None:
          "path": str(m.path), "available": m.available, "train_script": m.train_script}
         for m in zoo.MODELS]
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        _json(rows, "zoo", indent=2)
         return
     for r in rows:
         click.echo(f"zoo:{r['name']:<16} {r['family']:<8} {r['task']:<10} {r['description']}")
@@ -659,7 +934,7 @@ def devices_cmd(as_json: bool, device_paths: tuple[str, ...], calibrate: bool) -
         for r in rows:
             if not r["calibrated"]:
                 r["note"] = _NOT_CALIBRATED
-        click.echo(json.dumps(rows, indent=2))
+        _json(rows, ", ".join(device_paths) or "devices", indent=2)
         return
     click.echo(f"{'id':<26} {'name':<46} {'app GB':>7} {'BW GB/s':>8} {'fp32 GOP/s':>10} "
                f"{'int8 GOP/s':>10} {'NPU TOPS':>8}  backends")
@@ -748,7 +1023,7 @@ def profile_cmd(bundle: str, device_names: tuple[str, ...], device_paths: tuple[
         if progress:
             progress(f"wrote {html_path}")
     if as_json:
-        click.echo(json.dumps(rep, indent=1))
+        _json(rep, bundle, indent=1)
     else:
         click.echo(report.text(rep))
 

@@ -134,7 +134,9 @@ _LONGEST_FIRST = ("tests/families/test_published_text.py", "tests/families/test_
                   "tests/families/test_lmu_upstream.py",
                   "tests/profile/test_profile.py", "tests/families/test_lmu.py",
                   "tests/speculative/test_lossless.py", "tests/backends/test_backends.py",
-                  "tests/families/test_lmu_zoo.py")
+                  "tests/families/test_lmu_zoo.py", "tests/security/test_memory.py",
+                  "tests/security/test_fuzz.py", "tests/security/test_bundle_trust.py",
+                  "tests/security/test_limits.py", "tests/security/test_cli_errors.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
