@@ -211,8 +211,8 @@ def test_cli_classify_json_and_early_exit(lmu_bundles, tmp_path):
 @pytest.mark.parametrize("content,msg", [
     ("wrong_features", "frames must be (frames, 3)"),
     ("nan", "NaN"),
-    ("object", "not a readable .npy"),
-    ("text", "not a readable .npy"),
+    ("object", "holds Python objects (a pickle); refused"),
+    ("text", "not a valid .npy file"),
 ])
 def test_cli_bad_input(lmu_bundles, tmp_path, content, msg):
     path = tmp_path / "bad.npy"

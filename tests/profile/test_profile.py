@@ -67,6 +67,8 @@ def _only(bundle: Path, dest: Path, fmt: str) -> Path:
     man = json.loads((dest / "manifest.json").read_text())
     for g in man["graphs"].values():
         g["files"] = {k: v for k, v in g["files"].items() if k == fmt}
+    # the size and hash record lists what is there
+    man["files"] = {f: r for f, r in man.get("files", {}).items() if (dest / f).is_file()}
     (dest / "manifest.json").write_text(json.dumps(man))
     return dest
 

@@ -40,7 +40,7 @@ def test_validate_reports_every_problem(tmp_path):
     problems = m.validate(tmp_path)
     text = " | ".join(problems)
     assert "bogus_kind" in text and "duplicate" in text and "complex64" in text
-    assert "step.onnx is missing" in text
+    assert "'step.onnx' is missing" in text
 
 
 def test_read_manifest_errors_name_the_file(tmp_path):
