@@ -5,7 +5,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, NoReturn
 
 import click
 
@@ -115,88 +115,6 @@ def _write(text: str) -> None:
     if text:
         sys.stdout.write(text)
         sys.stdout.flush()
-
-
-class _TextStream:
-    """The text of a growing token stream, a piece per token, with constant work per token.
-
-    Re-decoding every token so far on each new one (as ``edgeseq run`` did) slowed a long stream
-    from 945 to 138 tokens/s within 30 s. Here ``decode`` sees only a window of recent tokens,
-    and the pieces joined are exactly ``decode(all tokens)``, for any tokenizer whose text
-    depends on nearby tokens only (byte tokenizers, byte-level BPE, SentencePiece with their
-    clean-up rules), as HF's ``TextStreamer`` and ``tokenizers``' ``DecodeStream`` do:
-
-    - text is held back while it may still change: a trailing U+FFFD (a UTF-8 character split
-      across tokens) and a short tail from a space (clean-up rules such as `` .`` -> ``.``
-      join a space to what follows it);
-    - the window only moves to a token where decoding restarts cleanly: the window decoded
-      alone must give the same tail of the text as before, at least ``TAIL`` characters long
-      (so a character split across the cut has been completed, and no clean-up rule spans it)
-      and not starting inside a character (U+FFFD), and the cut must lie in text already
-      printed. Text only grows at the end, so a window that agrees now agrees from then on.
-    """
-
-    WINDOW = 8          # tokens kept behind the newest, at least, when the window moves
-    REACH = 32          # how far back a restart point is looked for (TAIL 4-byte characters)
-    TAIL = 4            # characters behind a space held back: the longest clean-up rule
-    MAX_WINDOW = 1024   # a stream that never restarts cleanly (bytes that are not UTF-8)
-
-    def __init__(self, decode: Callable[[Sequence[int]], str]):
-        self.decode = decode
-        self.toks: list[int] = []
-        self.text = ""      # decode(self.toks)
-        self.shown = ""     # the part of self.text already printed (a prefix of it)
-
-    def push(self, tok: int) -> str:
-        """The new piece of text that ``tok`` settles (often empty)."""
-        self.toks.append(int(tok))
-        self.text = self.decode(self.toks)
-        out = ""
-        if self.text.startswith(self.shown):
-            stable = self._stable(self.text)
-            if len(stable) > len(self.shown):
-                out = stable[len(self.shown):]
-                self.shown = stable
-        if len(self.toks) >= 2 * self.WINDOW and len(self.toks) % (self.WINDOW // 2) == 0:
-            # every few tokens: the window stays short (the decode of it is the per-token cost)
-            self._move()
-        if len(self.toks) > self.MAX_WINDOW:
-            # no clean restart in a thousand tokens: print what there is and start afresh
-            # (the only place the pieces may differ from decoding everything at once)
-            out += self.finish()
-            self.toks, self.text, self.shown = [], "", ""
-        return out
-
-    def finish(self) -> str:
-        """The text held back at the end of the stream."""
-        if not self.text.startswith(self.shown):
-            return ""
-        out = self.text[len(self.shown):]
-        self.shown = self.text
-        return out
-
-    def _stable(self, text: str) -> str:
-        end = len(text)
-        while end and text[end - 1] == "\ufffd":
-            end -= 1
-        tail = text[max(0, end - self.TAIL):end]
-        cut = next((i for i, c in enumerate(tail) if c.isspace()), None)
-        return text[:end - len(tail) + cut] if cut is not None else text[:end]
-
-    def _move(self) -> None:
-        """Drop the window's oldest tokens, keeping at least ``WINDOW`` of them, if a clean
-        restart point is there."""
-        n = len(self.toks)
-        for s in range(n - self.WINDOW, max(0, n - self.REACH), -1):
-            rest = self.decode(self.toks[s:])
-            at = len(self.text) - len(rest)
-            if len(rest) < self.TAIL or rest[0] == "\ufffd" or at > len(self.shown) \
-                    or not self.text.endswith(rest):
-                continue
-            self.toks = self.toks[s:]
-            self.shown = rest[:len(self.shown) - at]
-            self.text = rest
-            return
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -364,7 +282,7 @@ def run(bundle: str, prompt: str | None, prompt_file: str | None, prompt_ids: st
     transcribe a WAV file (speech)."""
     import edgeseq
     from edgeseq.limits import NumericError
-    from edgeseq.runtime.streaming import timed_stream
+    from edgeseq.runtime.streaming import TextStream, timed_stream
 
     given = [x for x in (prompt, prompt_file, prompt_ids, audio, input_npy) if x is not None]
     if len(given) != 1:
@@ -419,10 +337,10 @@ def run(bundle: str, prompt: str | None, prompt_file: str | None, prompt_ids: st
             if vocab and any(not 0 <= i < vocab for i in ids):
                 _fail(f"--prompt-ids: ids must be in [0, {vocab})")
         else:
-            ids = sess.encode(prompt)
-        if not ids:
+            ids = sess.encode_array(prompt)
+        if len(ids) == 0:
             _fail("the prompt is empty")
-        out = _TextStream(sess.decode)
+        out = TextStream(sess.decode)
 
         def show(tok: int) -> None:
             _write(out.push(tok))
@@ -544,15 +462,14 @@ def _run_speculative(bundle: str, backend: str, threads: int | None, speculate: 
 
 
 def _check_source(n: int, config: dict[str, Any], source_name: str) -> None:
-    """Refuse a source longer than the encoder takes, in words a CLI user can act on (with or
-    without --speculate: both paths refuse it)."""
-    from edgeseq.limits import max_source
+    """Refuse a source longer than the encoder takes before anything runs (with or without
+    --speculate: a speculative plan would otherwise be made for it)."""
+    from edgeseq.limits import LimitError, check_source
 
-    cap = max_source(config)
-    if n > cap:
-        _fail(f"{source_name}: the source is {n} tokens; this bundle's encoder takes at most "
-              f"{cap} (its position table, or the length it was exported for): shorten the "
-              f"text or split it")
+    try:
+        check_source(n, config, source_name)
+    except LimitError as e:
+        _fail(str(e))
 
 
 def _parse_ids(text: str, vocab: int | None) -> list[int]:
@@ -582,7 +499,7 @@ def _run_seq2seq(sess: Any, text: str | None, ids_text: str | None, max_new_toke
                  task: str | None = None, source_name: str = "--text") -> None:
     import time
 
-    from edgeseq.limits import LimitError
+    from edgeseq.runtime.streaming import TextStream
 
     if task is not None:  # T5's task_specific_params: its prefix and generation settings
         try:
@@ -598,10 +515,7 @@ def _run_seq2seq(sess: Any, text: str | None, ids_text: str | None, max_new_toke
     if not sess.speech:
         _check_source(len(ids), sess.config, source_name)
     t0 = time.perf_counter()
-    try:
-        sess.encode(ids)
-    except LimitError as e:  # the source is longer than the encoder takes
-        _fail(f"{source_name}: {e}")
+    sess.encode(ids)
     beams = num_beams if num_beams is not None else int(sess.gen.get("num_beams") or 1)
     if beams > 1:
         toks = sess.generate(None, max_new_tokens, num_beams=beams, num_beam_groups=groups,
@@ -612,7 +526,7 @@ def _run_seq2seq(sess: Any, text: str | None, ids_text: str | None, max_new_toke
         if not as_json:
             click.echo(sess.decode(toks))
     else:
-        toks, first_ms, out = [], 0.0, _TextStream(sess.decode)
+        toks, first_ms, out = [], 0.0, TextStream(sess.decode)
         for tok in sess.stream(None, max_new_tokens, do_sample=do_sample,
                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed):
             if not toks:

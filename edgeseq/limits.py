@@ -30,6 +30,9 @@ LIMITS: dict[str, tuple[str, int, str]] = {
     # a 1 MB prompt is an unusual but legitimate input; 64 MiB of text is not a prompt
     "input_bytes": ("EDGESEQ_MAX_INPUT_BYTES", 64 << 20, "bytes of a text input file"),
     "npy_bytes": ("EDGESEQ_MAX_NPY_BYTES", 256 << 20, "bytes of a .npy array"),
+    # tokenizer files are parsed whole by the tokenizers/sentencepiece libraries (a JSON file
+    # costs several times its size in memory); the largest published ones are ~35 MB (Gemma)
+    "tokenizer_bytes": ("EDGESEQ_MAX_TOKENIZER_BYTES", 64 << 20, "bytes of a tokenizer file"),
     # one hour of 48 kHz stereo 16-bit PCM is 0.7 GB
     "wav_bytes": ("EDGESEQ_MAX_WAV_BYTES", 1 << 30, "bytes of a WAV file"),
     # float64 samples decoded or resampled from a WAV (and the resampler's filter): one hour of
@@ -56,6 +59,16 @@ def max_source(config: Mapping[str, Any]) -> int:
     (``max_source_positions``), else the length it was exported for."""
     table = config.get("max_source_positions")
     return int(table) if isinstance(table, int) and table > 0 else DEFAULT_MAX_SOURCE
+
+
+def check_source(n: int, config: Mapping[str, Any], what: str = "source") -> None:
+    """Refuse a source of ``n`` tokens longer than the encoder takes (refused, not run: encoder
+    attention is quadratic in the source). ``what`` names the input (an option, a file)."""
+    cap = max_source(config)
+    if n > cap:
+        raise LimitError(f"{what}: {n} tokens, over this encoder's limit of {cap} (its "
+                         f"position table, or the length it was exported for); shorten the "
+                         f"text or split it")
 
 
 def limit(name: str) -> int:
@@ -109,6 +122,16 @@ def _open_regular(path: Path, what: str) -> int:
         raise LimitError(f"{path}: not a regular file (a device, FIFO or socket); "
                          f"expected a {what} file")
     return fd
+
+
+def check_file(path: str | Path, what: str, limit_name: str) -> int:
+    """The size of ``path``, a regular file of at most ``limit(limit_name)`` bytes, for files
+    another library opens itself (checked before it does)."""
+    p = Path(path)
+    size = _regular_file(p, what).st_size
+    if size > limit(limit_name):
+        raise LimitError(f"{p}: {what} file is {size} bytes ({how_to_raise(limit_name)})")
+    return size
 
 
 def read_file_bytes(path: str | Path, what: str, limit_name: str) -> bytes:
@@ -218,7 +241,7 @@ CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "hidden": ("hidden_size", "d_model", "d_ff", "d_kv", "intermediate_size", "encoder_ffn_dim",
                "decoder_ffn_dim", "state_size", "d_state", "d_inner", "expand", "conv_kernel",
                "d_conv", "head_dim", "num_mel_bins", "n_embd", "in_channels", "embed_dims",
-               "memory_size", "num_classes"),
+               "memory_size", "num_classes", "time_step_rank", "dt_rank"),
     "vocab": ("vocab_size",),
     "positions": ("max_position_embeddings", "max_source_positions", "max_target_positions",
                   "relative_attention_num_buckets", "relative_attention_max_distance",
@@ -228,6 +251,8 @@ CONFIG_KEYS: dict[str, tuple[str, ...]] = {
 }
 #: size keys that published configs write as ratios, not counts
 FRACTIONAL_KEYS = frozenset({"expand"})
+#: size keys that may also say "auto" (Mamba's dt rank: ceil(d_model / 16))
+AUTO_KEYS = frozenset({"time_step_rank", "dt_rank"})
 
 
 def check_config(cfg: Any, where: str) -> dict[str, Any]:
@@ -251,8 +276,11 @@ def _check_sizes(cfg: Mapping[str, Any], where: str, prefix: str) -> None:
             if key not in cfg or cfg[key] is None:
                 continue
             v = cfg[key]
+            if key in AUTO_KEYS and v == "auto":
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise LimitError(f"{where}: {prefix}{key} must be a number, got {v!r}")
+                what = 'a number or "auto"' if key in AUTO_KEYS else "a number"
+                raise LimitError(f"{where}: {prefix}{key} must be {what}, got {v!r}")
             if not math.isfinite(v) or v < 0:
                 raise LimitError(f"{where}: {prefix}{key} must be a finite number >= 0, "
                                  f"got {v!r}")

@@ -29,7 +29,10 @@ import shutil
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
+import numpy as np
+
 from edgeseq.bundle import BundleError
+from edgeseq.limits import LimitError, check_file
 
 MARKER = "edgeseq_tokenizer.json"  # a checkpoint declares a non-HF tokenizer with this file
 SPIECE_UNDERLINE = "\u2581"
@@ -111,6 +114,15 @@ class ByteTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [b + self.offset for b in text.encode("utf-8")]
+
+    def encode_array(self, text: str) -> np.ndarray:
+        # 1-2 bytes a token where the list costs 8: a long prompt's ids are most of its memory
+        raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        if not self.offset:
+            return raw
+        ids = raw.astype(np.uint16)
+        ids += self.offset
+        return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         o = self.offset
@@ -240,8 +252,36 @@ def clean_up_tokenization(text: str) -> str:
     return text
 
 
+def encode_array(tok: Tokenizer, text: str) -> np.ndarray:
+    """``tok.encode(text)`` as a 1-D array of the narrowest unsigned type that holds its ids
+    (the tokenizer's own ``encode_array`` where it has one, which skips the list)."""
+    own = getattr(tok, "encode_array", None)
+    if own is not None:
+        return own(text)
+    ids = tok.encode(text)
+    top = max(ids, default=0)
+    return np.array(ids, dtype=np.uint16 if top < 1 << 16 else np.uint32)
+
+
+#: the files of a published tokenizer folder that transformers (and so this module) may read
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "spiece.model", "source.spm", "target.spm",
+                   "vocab.json", "merges.txt", MARKER)
+
+
+def _sized(path: Path, what: str = "tokenizer") -> Path:
+    """``path`` if it is a regular file within the tokenizer size limit (the tokenizers and
+    sentencepiece libraries read a file whole, with no limit of their own)."""
+    try:
+        check_file(path, what, "tokenizer_bytes")
+    except LimitError as e:
+        raise BundleError(str(e)) from None
+    return path
+
+
 # -- detection --------------------------------------------------------------------------------
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path, what: str = "tokenizer") -> Any:
+    _sized(path, what)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
@@ -292,6 +332,9 @@ def detect(src: Path) -> dict[str, Any] | None:
     a one-line ``BundleError`` naming it.
     """
     src = Path(src)
+    for name in TOKENIZER_FILES:  # transformers may read any of them below
+        if (src / name).exists():
+            _sized(src / name)
     if (src / MARKER).is_file():
         spec = _read_json(src / MARKER)
         if not isinstance(spec, dict) or spec.get("type") != "bytes":
@@ -302,7 +345,7 @@ def detect(src: Path) -> dict[str, Any] | None:
             raise BundleError(f"{src / MARKER}: offset must be a non-negative integer")
         return {"type": "bytes", "offset": offset} if offset else {"type": "bytes"}
     cfg = _tokenizer_config(src)
-    model_cfg = _read_json(src / "config.json") if (src / "config.json").is_file() else {}
+    model_cfg = _read_json(src / "config.json", "config") if (src / "config.json").is_file() else {}
     clean_up = bool(cfg.get("clean_up_tokenization_spaces", False))
     if (src / "tokenizer.json").is_file():
         spec = {"type": "hf", "file": "tokenizer.json"}
@@ -504,6 +547,7 @@ def _load_spm(path: Path) -> Any:
 
     if not Path(path).is_file():
         raise BundleError(f"{path}: missing")
+    _sized(Path(path))
     sp = spm.SentencePieceProcessor()
     try:
         ok = sp.Load(str(path))
@@ -552,7 +596,7 @@ def _inside(root: Path, name: Any) -> Path:
             raise BundleError(f"{path}: tokenizer file leaves the bundle (it resolves to {real})")
     if not path.is_file():
         raise BundleError(f"{path}: tokenizer file missing")
-    return path
+    return _sized(path)
 
 
 def copy_files(src: Path, spec: dict[str, Any] | None, out: Path) -> None:

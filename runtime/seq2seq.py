@@ -15,7 +15,7 @@ import numpy as np
 
 from edgeseq import generation, tokenize
 from edgeseq.bundle import BundleError, Manifest
-from edgeseq.limits import LimitError, check_finite, check_finite_array, max_source
+from edgeseq.limits import check_finite, check_finite_array, check_source
 from edgeseq.runtime.backends.base import LoadedModel
 from edgeseq.runtime.beam import Hypothesis, beam_search
 from edgeseq.runtime.decoding import SamplingConfig, next_token
@@ -69,12 +69,7 @@ class Seq2SeqSession:
             vocab = self.config["vocab_size"]
             if ids.min() < 0 or ids.max() >= vocab:
                 raise ValueError(f"source token ids must be in [0, {vocab})")
-            limit = max_source(self.config)
-            if ids.size > limit:
-                # refused, not run: encoder attention is quadratic in the source
-                raise LimitError(f"source: {ids.size} tokens, over this encoder's limit of "
-                                 f"{limit} (its position table, or the length it was exported "
-                                 f"for); shorten the text or split it")
+            check_source(ids.size, self.config)
             mask = np.ones((1, ids.size), dtype=np.int64)
             inputs = {"input_ids": ids[None], "attention_mask": mask}
             self._mask = mask

@@ -249,6 +249,13 @@ class Session:
             raise BundleError(f"{self.root}: bundle has no tokenizer; pass token ids instead")
         return self.tokenizer.encode(text)
 
+    def encode_array(self, text: str) -> np.ndarray:
+        """``encode(text)`` as a compact 1-D id array (uint8/uint16/uint32): what a long
+        prompt should be held as; ``prefill`` widens it a chunk at a time."""
+        if self.tokenizer is None:
+            raise BundleError(f"{self.root}: bundle has no tokenizer; pass token ids instead")
+        return tokenize.encode_array(self.tokenizer, text)
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text for ids, special tokens skipped (as ``tokenizer.decode(ids,
         skip_special_tokens=True)``)."""
@@ -258,15 +265,18 @@ class Session:
 
 
 class _Prompt:
-    """Prompt ids as given: a (b, l) array, or one stream's list of ids kept as a list and
-    converted a chunk at a time (a 1 MB prompt's ids as int64 would double the 9 bytes a token
-    the list already costs)."""
+    """Prompt ids as given: a (b, l) array, or one stream's ids (a list, or a 1-D array of any
+    integer type) kept as given and widened to int64 a chunk at a time (a 1 MB prompt as int64
+    is 8 MB; as ``encode_array`` gives it, 1-2)."""
 
     def __init__(self, input_ids: "Sequence[int] | np.ndarray | _Prompt"):
         if isinstance(input_ids, _Prompt):
             self.ids, self.array = input_ids.ids, input_ids.array
         elif isinstance(input_ids, (list, tuple)) and not any(
                 isinstance(t, (list, tuple, np.ndarray)) for t in input_ids[:1]):
+            self.ids, self.array = input_ids, None
+        elif (isinstance(input_ids, np.ndarray) and input_ids.ndim == 1
+              and input_ids.dtype.kind in "iu"):
             self.ids, self.array = input_ids, None
         else:
             self.ids, self.array = None, _as_batch(input_ids)
@@ -282,6 +292,8 @@ class _Prompt:
     def bounds(self) -> tuple[int, int]:
         if self.array is not None:
             return int(self.array.min()), int(self.array.max())
+        if isinstance(self.ids, np.ndarray):
+            return (int(self.ids.min()), int(self.ids.max())) if self.ids.size else (0, 0)
         try:
             return int(min(self.ids)), int(max(self.ids))
         except (TypeError, ValueError):

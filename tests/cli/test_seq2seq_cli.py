@@ -80,7 +80,7 @@ def test_run_text_bundle_refuses_audio_and_long_sources(bundle_of, tmp_path):
     p = edgeseq("run", bundle, "--audio", tmp_path / "x.wav", check=False)
     assert p.returncode != 0 and "speech model" in error_line(p)
     p = edgeseq("run", bundle, "--prompt-ids", ",".join(["9"] * 200), check=False)
-    assert p.returncode != 0 and "at most 128" in error_line(p)
+    assert p.returncode != 0 and "200 tokens, over this encoder's limit of 128" in error_line(p)
 
 
 def test_task_with_speculate_is_refused_not_ignored(tmp_path):

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 
 from edgeseq import tokenize
-from edgeseq.cli import _TextStream
+from edgeseq.runtime.streaming import TextStream
 
 TEXTS = ["héllo wörld 😀 ça va? 日本語のテキスト — ok.", "def f(x):\n    return x  # fine .\n",
          "it ' s , they n't go 's ; we 're here !", "ÿþ\u00a0 \t  ÆØÅ ∑∫ 🇩🇪🇫🇷"]
 
 
 def _streamed(decode, toks):
-    st = _TextStream(decode)
+    st = TextStream(decode)
     pieces = [st.push(t) for t in toks]
     return "".join(pieces) + st.finish(), pieces
 
@@ -111,7 +111,7 @@ def test_work_per_token_is_bounded(text):
         ids = tok.encode(text * (n // len(text.encode()) + 1))[:n]
         assert _streamed(decode, ids)[0] == tok.decode(ids)
         longest[n] = seen
-    assert longest[20_000] == longest[2_000] <= _TextStream.REACH, longest
+    assert longest[20_000] == longest[2_000] <= TextStream.REACH, longest
 
 
 def test_cli_stream_equals_json_text(mamba_bytes_bundle):

@@ -200,6 +200,10 @@ def _ckpt(tmp_path: Path, config) -> Path:
     ({"model_type": "mamba", "num_hidden_layers": -1}, "must be a finite number >= 0"),
     ({"ssm_cfg": {"layer": "Mamba2"}, "n_layer": 10 ** 9}, "n_layer is 1000000000"),
     ({"model_type": "edgeseq_lmuformer", "depths": 10 ** 6}, "depths is 1000000"),
+    ({"model_type": "mamba", "time_step_rank": "wide"},
+     "time_step_rank must be a number or \"auto\", got 'wide'"),
+    ({"ssm_cfg": {"dt_rank": [4]}, "n_layer": 2}, "ssm_cfg.dt_rank must be a number or"),
+    ({"model_type": "mamba", "time_step_rank": 1 << 40}, "time_step_rank is 1099511627776"),
 ])
 def test_config_limits_refuse_at_once(tmp_path, config, expect):
     d = _ckpt(tmp_path, config)
@@ -209,6 +213,11 @@ def test_config_limits_refuse_at_once(tmp_path, config, expect):
     assert time.perf_counter() - t < 2
     msg = one_line(e.value)
     assert msg.startswith(f"{d / 'config.json'}: ") and expect in msg, msg
+
+
+def test_auto_dt_rank_passes(tmp_path):
+    cfg = {"model_type": "mamba", "time_step_rank": "auto", "ssm_cfg": {"dt_rank": "auto"}}
+    assert limits.check_config(cfg, "config.json") == cfg
 
 
 def test_config_that_is_not_a_regular_file(tmp_path):
@@ -356,6 +365,12 @@ def test_list_and_array_prompts_agree(lm):
     ids = lm.encode("def main():\n    return ")
     a = lm.generate(ids, 8)
     assert np.array_equal(a, lm.generate(np.asarray(ids), 8))
+    # a compact prompt (what ``encode_array`` gives) is widened a chunk at a time, same tokens
+    compact = lm.encode_array("def main():\n    return ")
+    assert compact.dtype == np.uint8 and compact.tolist() == ids
+    assert np.array_equal(a, lm.generate(compact, 8))
+    with pytest.raises(ValueError, match=r"token id 300 is outside"):
+        lm.generate(np.asarray([1, 300], dtype=np.uint16), 2)
     assert np.array_equal(lm.generate([ids, ids], 8), np.stack([a, a]))
     # the last-position logits of a chunked prefill are those of the full one
     lm.reset()
@@ -468,3 +483,39 @@ def test_classifier_refuses_non_finite_frames(classifier, value):
     x[3, 0] = value
     with pytest.raises(ValueError, match="frames contain NaN or infinity|float32's range"):
         classifier.classify(x)
+
+
+# -- tokenizer files -------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["tokenizer.json", "spiece.model", "merges.txt"])
+def test_tokenizer_file_over_the_size_limit_is_refused_before_parsing(tmp_path, monkeypatch,
+                                                                      name):
+    from edgeseq import tokenize
+
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / name).write_bytes(b"x" * 4096)
+    monkeypatch.setenv("EDGESEQ_MAX_TOKENIZER_BYTES", "1024")
+    with pytest.raises(BundleError) as e:
+        tokenize.detect(d)
+    assert one_line(e.value) == (f"{d / name}: tokenizer file is 4096 bytes (limit 1024; raise "
+                                 f"it with EDGESEQ_MAX_TOKENIZER_BYTES=...)")
+
+
+def test_tokenizer_file_in_a_bundle_over_the_size_limit(tmp_path, monkeypatch):
+    from edgeseq import tokenize
+
+    (tmp_path / "manifest.json").write_text("{}")
+    (tmp_path / "tokenizer.json").write_bytes(b"{" * 2048)
+    monkeypatch.setenv("EDGESEQ_MAX_TOKENIZER_BYTES", "1024")
+    with pytest.raises(BundleError, match="tokenizer file is 2048 bytes"):
+        tokenize.load(tmp_path, {"type": "hf", "file": "tokenizer.json"})
+
+
+def test_tokenizer_device_file_is_refused(tmp_path):
+    from edgeseq import tokenize
+
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "tokenizer.json").symlink_to("/dev/zero")
+    with pytest.raises(BundleError, match="not a regular file"):
+        tokenize.detect(d)

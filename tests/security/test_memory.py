@@ -23,7 +23,7 @@ CHILD = textwrap.dedent("""
     bundle, prompt = sys.argv[1], sys.argv[2]
     s = edgeseq.load(bundle, backend="ort", threads=1)
     text = read_text_file(prompt, "prompt")
-    ids = s.encode_text(text) if hasattr(s, "encode_text") else s.encode(text)
+    ids = s.encode_text(text) if hasattr(s, "encode_text") else s.encode_array(text)
     del text
     try:
         toks = s.generate(ids, 4)
@@ -54,19 +54,42 @@ def _peak(bundle: Path, prompt: Path, timeout: int = 900) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_a_1mb_prompt_costs_only_its_own_ids(tmp_path, mamba_bytes_bundle):
+# ``edgeseq run`` in a child; its peak RSS read back as the grandchild's
+RUN = textwrap.dedent("""
+    import json, resource, subprocess, sys
+    r = subprocess.run([sys.executable, "-c", "from edgeseq.cli import main; main()", "run",
+                        sys.argv[1], "--backend", "ort", "--threads", "1", "--prompt-file",
+                        sys.argv[2], "--max-new-tokens", "4", "--json"],
+                       capture_output=True, text=True)
+    print(json.dumps({"rc": r.returncode, "out": r.stdout, "err": r.stderr[-2000:],
+                      "rss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+""")
+
+
+def _peak_run(bundle: Path, prompt: Path, timeout: int = 900) -> dict:
+    r = subprocess.run([sys.executable, "-c", RUN, str(bundle), str(prompt)],
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["rc"] == 0, res["err"]
+    return res
+
+
+def test_run_on_a_1mb_prompt_peaks_within_10_percent_of_a_1kb_prompt(tmp_path,
+                                                                      mamba_bytes_bundle):
     small, large = tmp_path / "1k.txt", tmp_path / "1m.txt"
     small.write_text(_text(1 << 10))
     large.write_text(_text(1 << 20))
-    a = _peak(mamba_bytes_bundle, small)
-    b = _peak(mamba_bytes_bundle, large)
-    assert a["error"] is None and b["error"] is None, (a, b)
-    assert (a["tokens"], b["tokens"]) == (1 << 10, 1 << 20)
+    a = _peak_run(mamba_bytes_bundle, small)
+    b = _peak_run(mamba_bytes_bundle, large)
+    assert json.loads(a["out"])["prompt_tokens"] == 1 << 10, a["out"]
+    assert json.loads(b["out"])["prompt_tokens"] == 1 << 20, b["out"]
     # before: every chunk's logits were kept, 1 M x 256 x 4 bytes twice over (2.15 GB, 2 KB a
-    # token). Now only the prompt itself: its text, its bytes and the list of ids the tokenizer
-    # returns (8 bytes a token and the list's spare capacity), about 11 bytes a token.
+    # token); then the ids as a list (8 bytes a token, +11%). Now the file's bytes, its text
+    # and one byte a token of ids (``encode_array``): about 3 bytes a token
+    assert b["rss_kb"] <= 1.10 * a["rss_kb"], (a["rss_kb"], b["rss_kb"])
     grown = (b["rss_kb"] - a["rss_kb"]) * 1024
-    assert grown <= 16 * b["tokens"], (a, b, grown / b["tokens"])
+    assert grown <= 4 * (1 << 20), (a["rss_kb"], b["rss_kb"])
 
 
 @pytest.fixture(scope="module")

@@ -153,3 +153,37 @@ def test_a_failed_body_leaves_nothing(tmp_path):
             (tmp / "a").write_text("a")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_two_cli_converts_to_one_folder(tmp_path):
+    """The race as users meet it: a second ``edgeseq convert`` to a folder being written fails
+    at once with one line; the first finishes, and its bundle verifies."""
+    from edgeseq.bundle import verify_bundle
+
+    def convert():
+        return subprocess.Popen([sys.executable, "-c", "from edgeseq.cli import main; main()",
+                                 "convert", "zoo:lmuformer-digits", "-o", str(dest),
+                                 "--format", "onnx", "--skip-parity"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    dest = tmp_path / "out"
+    first = convert()
+    lock = tmp_path / ".out.lock"
+    deadline = time.monotonic() + 120
+    while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lock.exists(), first.communicate()
+    second = convert()
+    _, err = second.communicate(timeout=120)
+    still_writing = first.poll() is None
+    _, err1 = first.communicate(timeout=600)
+    assert first.returncode == 0, err1
+    assert still_writing, "the first convert ended before the second was refused"
+    assert second.returncode != 0
+    # progress lines, then the error: one line, the last
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and sum("error" in ln for ln in lines) == 1, err
+    assert lines[-1].startswith("edgeseq: error: ") and \
+        f"another edgeseq convert is writing {dest}" in lines[-1], err
+    verify_bundle(dest)
+    assert _leftovers(tmp_path, "out") == []

@@ -73,6 +73,25 @@ def test_encode_equals_transformers(pairs: dict, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_encode_array_holds_the_same_ids_compactly(pairs: dict, name: str) -> None:
+    _available(name)
+    ours = pairs[name][1]
+    for text in TEXTS:
+        ids = ours.encode(text)
+        arr = tokenize.encode_array(ours, text)
+        assert arr.ndim == 1 and arr.dtype.itemsize <= 4 and arr.tolist() == ids, text
+
+
+@pytest.mark.parametrize("offset", [0, 3])
+def test_byte_tokenizer_array_is_one_or_two_bytes_a_token(offset: int) -> None:
+    tok = tokenize.ByteTokenizer(offset)
+    text = "ünïcödé — 日本語 😀 plain ascii \x00\xff"
+    arr = tok.encode_array(text)
+    assert arr.tolist() == tok.encode(text)
+    assert arr.dtype.itemsize == (1 if offset == 0 else 2)
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_decode_equals_transformers(pairs: dict, name: str) -> None:
     """Random id sequences over the whole vocabulary (special, added and timestamp tokens
     included), and the ids of the texts above, decode as the tokenizer decodes them with
