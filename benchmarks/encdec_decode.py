@@ -21,6 +21,17 @@ RSS of the worker (VmHWM). One warm-up run, then the best of 3.
     ./dev bench encdec_decode --small           # tiny shapes, 8 tokens: a quick check
     ./dev bench encdec_decode --engines transformers,edgeseq-ort --models t5
 
+Real-pipeline mode (``--pipeline``): the published whisper-tiny.en, whisper-tiny and t5-small
+configs, generation configs and tokenizers (``tests/fixtures/published``) with random weights
+(the encoder's cost does not depend on them), decoded as each checkpoint's generation rules say
+(Whisper: its prompt, English where multilingual, no timestamps; EOS suppressed so every engine
+decodes ``--tokens``), the full 30 s window, at 1 and 2 threads, with int8 rows: CTranslate2
+``compute_type="int8"`` and edgeseq's ``--quant int8`` bundle. Whisper rows report the real-time
+factor (time from features in hand to the last token / clip seconds):
+
+    ./dev bench encdec_decode --pipeline                 # tiny.en, tiny, t5-small; 1 and 2 threads
+    ./dev bench encdec_decode --pipeline --models whisper-tiny.en --threads 1
+
 optimum-onnx and ctranslate2 are optional: ``pip install -e '.[bench]'``.
 """
 from __future__ import annotations
@@ -37,8 +48,16 @@ import tempfile
 import time
 from pathlib import Path
 
-ENGINES = ("transformers", "optimum-onnx", "ctranslate2", "edgeseq-ort", "edgeseq-executorch")
+ENGINES = ("transformers", "optimum-onnx", "ctranslate2", "ctranslate2-int8", "edgeseq-ort",
+           "edgeseq-ort-int8", "edgeseq-executorch")
 MODELS = ("whisper", "t5")
+# --pipeline: published configs (tests/fixtures/published/NAME), random weights
+PUBLISHED = ("whisper-tiny.en", "whisper-tiny", "t5-small")
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "published"
+PIPELINE_ENGINES = ("transformers", "optimum-onnx", "ctranslate2", "ctranslate2-int8",
+                    "edgeseq-ort", "edgeseq-ort-int8")
+PIPELINE_CLIP_SECONDS = 5.0
+PIPELINE_TOKENS = 24  # about a 5 s utterance's transcript
 
 WHISPER_SPECIAL = dict(vocab_size=51865, num_mel_bins=80, max_source_positions=1500,
                        max_target_positions=448, decoder_start_token_id=50258,
@@ -60,7 +79,8 @@ SHAPES = {
 SAMPLE_RATE = 16000
 CLIP_SECONDS = 3.0
 SOURCE_LEN = 32
-OPTIONAL = {"optimum-onnx": "optimum.onnxruntime", "ctranslate2": "ctranslate2"}
+OPTIONAL = {"optimum-onnx": "optimum.onnxruntime", "ctranslate2": "ctranslate2",
+            "ctranslate2-int8": "ctranslate2"}
 
 
 def peak_rss_bytes() -> int:
@@ -86,7 +106,29 @@ def make_checkpoint(folder: Path, model: str, shape: dict) -> None:
     net.save_pretrained(folder, safe_serialization=True)
 
 
-def make_inputs(folder: Path, vocab_size: int, eos: int) -> dict[str, Path]:
+def make_published(folder: Path, name: str) -> dict:
+    """``name``'s published config, generation config and tokenizer files with random weights
+    (seeded): what a user's checkpoint folder holds, but for the weights."""
+    import torch
+    from transformers import (AutoConfig, T5ForConditionalGeneration,
+                              WhisperForConditionalGeneration)
+
+    src = FIXTURES / name
+    cfg = AutoConfig.from_pretrained(src)
+    torch.manual_seed(0)
+    cls = WhisperForConditionalGeneration if cfg.model_type == "whisper" \
+        else T5ForConditionalGeneration
+    cls(cfg).save_pretrained(folder, safe_serialization=True)
+    for f in src.iterdir():  # generation config and tokenizer files, as published
+        if f.is_file() and f.suffix in (".json", ".model", ".txt") and f.name != "config.json":
+            shutil.copy2(f, folder / f.name)
+    return json.loads((folder / "config.json").read_text())
+
+
+def make_inputs(folder: Path, vocab_size: int, eos: int, clip_s: float = CLIP_SECONDS
+                ) -> dict[str, Path]:
+    """``vocab_size``: source ids are drawn below it (a published T5's tokenizer names 32000
+    pieces + 100 sentinels of the model's 32128 ids: CTranslate2 takes the source as pieces)."""
     """The same input for every engine, saved as .npy: features padded to 30 s and to 5 s for
     Whisper, source ids for T5."""
     import numpy as np
@@ -94,9 +136,9 @@ def make_inputs(folder: Path, vocab_size: int, eos: int) -> dict[str, Path]:
     from edgeseq.audio import log_mel_spectrogram
 
     rng = np.random.default_rng(0)
-    t = np.arange(int(CLIP_SECONDS * SAMPLE_RATE)) / SAMPLE_RATE
+    t = np.arange(int(clip_s * SAMPLE_RATE)) / SAMPLE_RATE
     f0, f1 = 200.0, 3000.0  # linear chirp 200 Hz -> 3 kHz, plus a little noise
-    phase = 2 * np.pi * (f0 * t + (f1 - f0) * t ** 2 / (2 * CLIP_SECONDS))
+    phase = 2 * np.pi * (f0 * t + (f1 - f0) * t ** 2 / (2 * clip_s))
     audio = (0.5 * np.sin(phase) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
     paths = {"feats30": folder / "features_30s.npy", "feats5": folder / "features_5s.npy",
              "ids": folder / "source_ids.npy"}
@@ -148,6 +190,9 @@ def whisper_token_names(eot: int = 50257, languages: int = 99, timestamps: int =
 def convert_ct2(ckpt: Path, out: Path, model: str) -> None:
     from ctranslate2.converters import TransformersConverter
 
+    if model in PUBLISHED:  # the published tokenizer files are there: CTranslate2 reads them
+        TransformersConverter(str(ckpt)).convert(str(out), force=True)
+        return
     cfg = json.loads((ckpt / "config.json").read_text())
     if model == "whisper":
         if cfg["vocab_size"] != 51865:
@@ -170,16 +215,17 @@ def prepare(engine: str, model: str, ckpt: Path, out: Path, cap: int | None) -> 
     if engine == "optimum-onnx":
         from optimum.exporters.onnx import main_export
 
-        task = ("automatic-speech-recognition-with-past" if model == "whisper"
+        task = ("automatic-speech-recognition-with-past" if model.startswith("whisper")
                 else "text2text-generation-with-past")
         main_export(str(ckpt), output=str(out), task=task, device="cpu", do_validation=False)
-    elif engine == "ctranslate2":
+    elif engine.startswith("ctranslate2"):  # int8 is chosen at load (compute_type)
         convert_ct2(ckpt, out, model)
     else:
         from edgeseq.convert.pipeline import convert
 
-        fmt = "onnx" if engine == "edgeseq-ort" else "pte"
+        fmt = "pte" if engine == "edgeseq-executorch" else "onnx"
         convert(ckpt, out, formats=(fmt,), skip_parity=True, max_target_len=cap, overwrite=True,
+                quant="int8" if engine.endswith("-int8") else None,
                 progress=lambda m: print(m, file=sys.stderr))
 
 
@@ -227,8 +273,10 @@ def worker(engine: str, model: str, kw: dict) -> dict:
 
     n, threads = kw["n"], kw["threads"]
     art = Path(kw["artifact"])
-    speech = model == "whisper"
+    speech = model.startswith("whisper")
     source = np.load(kw["feats"] if speech else kw["ids"])
+    prompt = kw.get("prompt")  # --pipeline Whisper: the generation config's decoder prompt
+    lang = kw.get("language")
     note = ""
     if engine in ("transformers", "optimum-onnx"):
         import torch
@@ -253,32 +301,38 @@ def worker(engine: str, model: str, kw: dict) -> dict:
             ids = torch.from_numpy(source)[None]
             inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
+        if prompt is not None and lang:  # as the published generation rules, in English
+            inputs.update(language=lang, task="transcribe")
+
         def run():
             clock = Clock()
             with torch.inference_mode():
                 net.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                              num_beams=1, streamer=clock)
             return clock.first, time.perf_counter() - clock.t0, clock.tokens
-    elif engine == "ctranslate2":
+    elif engine.startswith("ctranslate2"):
         import ctranslate2
 
+        compute = "int8" if engine.endswith("-int8") else "float32"
         if speech:
             cfg = json.loads((Path(kw["ckpt"]) / "config.json").read_text())
             sot, eot = cfg["decoder_start_token_id"], cfg["eos_token_id"]
-            net = ctranslate2.models.Whisper(str(art), device="cpu", compute_type="float32",
+            net = ctranslate2.models.Whisper(str(art), device="cpu", compute_type=compute,
                                              intra_threads=threads, inter_threads=1)
             feats = ctranslate2.StorageView.from_array(np.ascontiguousarray(source[None]))
+            start = prompt or [sot]
 
             def gen(k: int) -> list[int]:
-                # max_length caps prompt + new tokens at max_length // 2 for a 1-token prompt;
-                # EOS suppressed = exactly k tokens
-                res = net.generate(feats, [[sot]], beam_size=1, max_length=2 * k,
-                                   suppress_tokens=[eot], suppress_blank=True)
-                return res[0].sequences_ids[0]
+                # EOS suppressed (with the model's own suppressed tokens, -1) = exactly k tokens;
+                # CTranslate2 decodes max_length // 2 new tokens (openai-whisper's sample_len)
+                res = net.generate(feats, [start], beam_size=1, max_length=2 * k,
+                                   suppress_tokens=[-1, eot], suppress_blank=True)
+                return res[0].sequences_ids[0][:k]
 
-            note = ("first token: a separate 1-token generate (no per-token callback); "
-                    "CTranslate2 applies Whisper's timestamp rules to a prompt without "
-                    "<|notimestamps|>")
+            note = "first token: a separate 1-token generate (no per-token callback)"
+            if prompt is None:
+                note += ("; CTranslate2 applies Whisper's timestamp rules to a prompt without "
+                         "<|notimestamps|>")
 
             def run():
                 t0 = time.perf_counter()
@@ -288,9 +342,16 @@ def worker(engine: str, model: str, kw: dict) -> dict:
                 toks = gen(n)
                 return first, time.perf_counter() - t0, toks
         else:
-            net = ctranslate2.Translator(str(art), device="cpu", compute_type="float32",
+            net = ctranslate2.Translator(str(art), device="cpu", compute_type=compute,
                                          intra_threads=threads, inter_threads=1)
-            src = [[f"<{int(i)}>" for i in source]]
+            if model in PUBLISHED:  # the published tokenizer's pieces (written by the driver:
+                # importing transformers here would put torch into this worker's peak RSS)
+                pieces = json.loads(Path(kw["pieces"]).read_text())
+                src = [[pieces["names"][int(i)] for i in source]]
+                to_id = lambda ts: [pieces["ids"][t] for t in ts]  # noqa: E731
+            else:
+                src = [[f"<{int(i)}>" for i in source]]
+                to_id = lambda ts: [int(t[1:-1]) for t in ts]  # noqa: E731
 
             def run():
                 clock = Clock()
@@ -298,16 +359,16 @@ def worker(engine: str, model: str, kw: dict) -> dict:
                                           max_decoding_length=n,
                                           callback=lambda step: clock.token(step.token_id))
                 total = time.perf_counter() - clock.t0
-                return clock.first, total, [int(t[1:-1]) for t in res[0].hypotheses[0]]
+                return clock.first, total, to_id(res[0].hypotheses[0])
     else:
         import edgeseq
 
-        backend = "ort" if engine == "edgeseq-ort" else "executorch"
+        backend = "executorch" if engine == "edgeseq-executorch" else "ort"
         sess = edgeseq.load(art, backend=backend, threads=threads)
 
         def run():
             clock = Clock()
-            for tok in sess.stream(source, n, ignore_eos=True):
+            for tok in sess.stream(source, n, ignore_eos=True, prompt=prompt):
                 clock.token(tok)
             return clock.first, time.perf_counter() - clock.t0, clock.tokens
     res = best_of(run)
@@ -342,7 +403,7 @@ def rows_for(model: str, engines: list[str], fixed: bool, n: int
             extra = ", fixed cache" if fixed else ""
             out.append((f"edgeseq ort ({extra[2:]})" if fixed else "edgeseq ort", eng,
                         "feats30", cap))
-            if model == "whisper":
+            if model == "whisper":  # stand-in only: a published Whisper needs its 30 s window
                 out.append((f"edgeseq ort (5 s window{extra})", eng, "feats5", cap))
         elif eng == "edgeseq-executorch":
             out.append(("edgeseq executorch", eng, "feats30", n + 8))
@@ -354,15 +415,30 @@ def rows_for(model: str, engines: list[str], fixed: bool, n: int
 def artifact_path(base: Path, eng: str, cap: int | None, ckpt: Path) -> Path:
     if eng == "transformers":
         return ckpt
-    if eng in ("optimum-onnx", "ctranslate2"):
+    if eng.startswith("ctranslate2"):  # one conversion; int8 is chosen at load
+        return base / "ctranslate2"
+    if eng == "optimum-onnx":
         return base / eng
     return base / (f"{eng}-cap{cap}" if cap else eng)
 
 
 def is_built(eng: str, art: Path) -> bool:
     marker = {"transformers": "model.safetensors", "optimum-onnx": "encoder_model.onnx",
-              "ctranslate2": "model.bin"}.get(eng, "manifest.json")
+              "ctranslate2": "model.bin", "ctranslate2-int8": "model.bin"
+              }.get(eng, "manifest.json")
     return (art / marker).exists()
+
+
+def whisper_prompt(ckpt: Path) -> tuple[list[int], str | None]:
+    """The decoder prompt a published Whisper's generation config gives for English
+    transcription without timestamps, and the language to name (None: English-only model)."""
+    g = json.loads((ckpt / "generation_config.json").read_text())
+    prompt = [int(g["decoder_start_token_id"])]
+    lang = None
+    if g.get("is_multilingual"):
+        lang = "en"
+        prompt += [int(g["lang_to_id"]["<|en|>"]), int(g["task_to_id"]["transcribe"])]
+    return prompt + [int(g["no_timestamps_token_id"])], lang
 
 
 def installed(module: str | None) -> bool:
@@ -383,9 +459,12 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="tiny shapes and 8 tokens, a quick check")
     ap.add_argument("--tokens", type=int, default=None,
                     help="new tokens per run (64; 8 with --small)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--engines", default=",".join(ENGINES))
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--threads", default=None,
+                    help="comma-separated thread counts (default: all CPUs; 1,2 with --pipeline)")
+    ap.add_argument("--engines", default=None)
+    ap.add_argument("--models", default=None)
+    ap.add_argument("--pipeline", action="store_true",
+                    help="published configs and generation rules, int8 rows, 1 and 2 threads")
     ap.add_argument("--fixed", action="store_true",
                     help="edgeseq ort with the fixed-capacity cache (tokens + 8) too")
     ap.add_argument("--workdir", type=Path, default=None, help="keep checkpoints and exports here")
@@ -407,84 +486,118 @@ def main() -> None:
             print("RESULT " + json.dumps(worker(a.worker, kw["model"], kw)))
         return
 
-    n = a.tokens or (8 if a.small else 64)
-    engines = [e for e in a.engines.split(",") if e]
-    models = [m for m in a.models.split(",") if m]
+    n = a.tokens or (PIPELINE_TOKENS if a.pipeline else 8 if a.small else 64)
+    engines = [e for e in (a.engines or ",".join(PIPELINE_ENGINES if a.pipeline else ENGINES))
+               .split(",") if e]
+    models = [m for m in (a.models or ",".join(PUBLISHED if a.pipeline else MODELS)).split(",")
+              if m]
+    threads = [int(t) for t in (a.threads or ("1,2" if a.pipeline else str(os.cpu_count() or 2)))
+               .split(",") if t]
     for e in engines:
         if e not in ENGINES:
             ap.error(f"unknown engine {e!r}; known: {', '.join(ENGINES)}")
     for m in models:
-        if m not in MODELS:
-            ap.error(f"unknown model {m!r}; known: {', '.join(MODELS)}")
+        if m not in (PUBLISHED if a.pipeline else MODELS):
+            ap.error(f"unknown model {m!r}; known: "
+                     f"{', '.join(PUBLISHED if a.pipeline else MODELS)}")
     work = a.workdir or Path(tempfile.mkdtemp(prefix="edgeseq-encdec-"))
     try:
-        report(a, work, engines, models, n)
+        report(a, work, engines, models, n, threads)
     finally:
         if a.workdir is None:  # nothing to keep: checkpoints and exports are rebuilt each time
             shutil.rmtree(work, ignore_errors=True)
 
 
-def report(a: argparse.Namespace, work: Path, engines: list[str], models: list[str], n: int
-           ) -> None:
+def report(a: argparse.Namespace, work: Path, engines: list[str], models: list[str], n: int,
+           threads: list[int]) -> None:
     """Build what is missing under ``work``, measure every row, print the table and ratios."""
     load0 = os.getloadavg()[0]
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    results: dict[str, list[tuple[str, str, dict | None, str]]] = {}
+    results: dict[tuple[str, int], list[tuple[str, str, dict | None, str]]] = {}
+    shapes: dict[str, dict] = {}
     t_start = time.perf_counter()
+    clip_s = PIPELINE_CLIP_SECONDS if a.pipeline else CLIP_SECONDS
     for model in models:
-        shape = SHAPES[(model, a.small)]
-        base = work / f"{model}-{'small' if a.small else 'full'}"
+        published = model in PUBLISHED
+        base = work / (model if published else f"{model}-{'small' if a.small else 'full'}")
         ckpt = base / "ckpt"
         if not (ckpt / "model.safetensors").exists():
-            say(f"making a random {model} {shape} in {ckpt}")
-            make_checkpoint(ckpt, model, shape)
-        inputs = make_inputs(base, shape["vocab_size"], shape["eos_token_id"])
-        rows = []
-        for label, eng, feats_key, cap in rows_for(model, engines, a.fixed, n):
-            if not installed(OPTIONAL.get(eng)):
-                rows.append((label, eng, None, f"{OPTIONAL[eng]} is not installed "
-                                               "(pip install -e '.[bench]')"))
-                continue
-            art = artifact_path(base, eng, cap, ckpt)
-            kw = {"model": model, "ckpt": str(ckpt), "artifact": str(art), "cap": cap}
-            if not is_built(eng, art):
-                say(f"{model}: preparing {eng} in {art}")
-                t0 = time.perf_counter()
-                _, why = subprocess_json(["--prepare", eng, "--args", json.dumps(kw)])
-                if why:
-                    rows.append((label, eng, None, f"preparation failed: {why}"))
-                    continue
-                say(f"  ({time.perf_counter() - t0:.0f} s)")
-            say(f"{model}: measuring {label}")
-            t0 = time.perf_counter()
-            kw.update(n=n, threads=a.threads, feats=str(inputs[feats_key]), ids=str(inputs["ids"]))
-            res, why = subprocess_json(["--worker", eng, "--args", json.dumps(kw)])
-            say(f"  ({time.perf_counter() - t0:.0f} s)")
-            rows.append((label, eng, res, f"failed: {why}" if why else ""))
-        results[model] = rows
+            say(f"making a random {model} in {ckpt}")
+            if published:
+                make_published(ckpt, model)
+            else:
+                make_checkpoint(ckpt, model, SHAPES[(model, a.small)])
+        shape = shapes[model] = json.loads((ckpt / "config.json").read_text())
+        high = shape["vocab_size"]
+        extra: dict = {}
+        if published and not model.startswith("whisper"):
+            from transformers import AutoTokenizer
 
-    print(f"\nGreedy decoding, {n} new tokens (EOS disabled), random weights, fp32, CPU, "
-          f"{a.threads} threads; 1 warm-up + best of 3. Whisper input: {CLIP_SECONDS:.0f} s clip "
-          f"as log-mel features padded to 30 s (3000 frames) unless noted; T5 input: "
-          f"{SOURCE_LEN} source ids + EOS.")
-    shapes = "; ".join(
-        f"{m}: " + ", ".join(f"{k}={v}" for k, v in SHAPES[(m, a.small)].items()
-                             if k in ("d_model", "encoder_layers", "decoder_layers", "num_layers",
-                                      "vocab_size", "d_ff", "encoder_ffn_dim"))
-        for m in models)
-    print(f"Shapes: {shapes}. Load average (1 min) {load0:.2f} at the start, "
-          f"{os.getloadavg()[0]:.2f} at the end "
-          f"({os.cpu_count()} CPUs); total wall time {time.perf_counter() - t_start:.0f} s.\n")
-    print("| model | engine | first token ms | decode tokens/s | total ms | peak RSS MB | "
-          "same tokens as transformers | note |")
-    print("|---|---|---|---|---|---|---|---|")
-    for model, rows in results.items():
+            tok = AutoTokenizer.from_pretrained(ckpt)
+            high = len(tok) - len(tok.additional_special_tokens)
+            vocab = tok.get_vocab()
+            extra["pieces"] = str(base / "pieces.json")
+            (base / "pieces.json").write_text(json.dumps(
+                {"names": tok.convert_ids_to_tokens(list(range(len(tok)))), "ids": vocab}))
+        inputs = make_inputs(base, high, shape["eos_token_id"], clip_s)
+        if published and model.startswith("whisper"):
+            extra["prompt"], extra["language"] = whisper_prompt(ckpt)
+        built: dict[str, str] = {}
+        for t in threads:
+            rows = []
+            for label, eng, feats_key, cap in rows_for(model, engines, a.fixed, n):
+                if not installed(OPTIONAL.get(eng)):
+                    rows.append((label, eng, None, f"{OPTIONAL[eng]} is not installed "
+                                                   "(pip install -e '.[bench]')"))
+                    continue
+                art = artifact_path(base, eng, cap, ckpt)
+                kw = {"model": model, "ckpt": str(ckpt), "artifact": str(art), "cap": cap}
+                if str(art) in built and built[str(art)]:
+                    rows.append((label, eng, None, built[str(art)]))
+                    continue
+                if not is_built(eng, art):
+                    say(f"{model}: preparing {eng} in {art}")
+                    t0 = time.perf_counter()
+                    _, why = subprocess_json(["--prepare", eng, "--args", json.dumps(kw)])
+                    built[str(art)] = f"preparation failed: {why}" if why else ""
+                    if why:
+                        rows.append((label, eng, None, built[str(art)]))
+                        continue
+                    say(f"  ({time.perf_counter() - t0:.0f} s)")
+                say(f"{model}: measuring {label}, {t} thread(s)")
+                t0 = time.perf_counter()
+                kw.update(n=n, threads=t, feats=str(inputs[feats_key]), ids=str(inputs["ids"]),
+                          **extra)
+                res, why = subprocess_json(["--worker", eng, "--args", json.dumps(kw)])
+                say(f"  ({time.perf_counter() - t0:.0f} s)")
+                rows.append((label, eng, res, f"failed: {why}" if why else ""))
+            results[(model, t)] = rows
+
+    what = ("published configs, generation rules and tokenizers, random weights"
+            if a.pipeline else "random weights")
+    print(f"\nGreedy decoding, {n} new tokens (EOS disabled), {what}, CPU, "
+          f"{'/'.join(map(str, threads))} thread(s); 1 warm-up + best of 3. Whisper input: "
+          f"{clip_s:.0f} s clip as log-mel features padded to 30 s (3000 frames) unless noted; "
+          f"T5 input: {SOURCE_LEN} source ids + EOS. int8 rows: CTranslate2 compute_type int8, "
+          f"edgeseq --quant int8 (weights per channel, dynamic activations).")
+    keys = ("d_model", "encoder_layers", "decoder_layers", "num_layers", "vocab_size", "d_ff",
+            "encoder_ffn_dim")
+    desc = "; ".join(f"{m}: " + ", ".join(f"{k}={v}" for k, v in shapes[m].items() if k in keys)
+                     for m in models)
+    print(f"Shapes: {desc}. Load average (1 min) {load0:.2f} at the start, "
+          f"{os.getloadavg()[0]:.2f} at the end ({os.cpu_count()} CPUs); total wall time "
+          f"{time.perf_counter() - t_start:.0f} s.\n")
+    print("| model | threads | engine | first token ms | decode tokens/s | total ms | RTF | "
+          "peak RSS MB | same tokens as transformers | note |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (model, t), rows in results.items():
+        speech = model.startswith("whisper")
         ref = next((r["tokens"] for _, e, r, _ in rows if e == "transformers" and r), None)
         full = next((r["tokens"] for lb, e, r, _ in rows
                      if e == "edgeseq-ort" and r and "5 s" not in lb), None)
         for label, eng, r, note in rows:
             if r is None:
-                print(f"| {model} | {label} | - | - | - | - | - | {note} |")
+                print(f"| {model} | {t} | {label} | - | - | - | - | - | - | {note} |")
                 continue
             note = "; ".join(x for x in (note, r.get("note", "")) if x)
             same = "ref" if eng == "transformers" else (str(r["tokens"] == ref) if ref else "-")
@@ -497,27 +610,26 @@ def report(a: argparse.Namespace, work: Path, engines: list[str], models: list[s
                                                        f"30 s window's (edgeseq ort)") if x)
             if r["n_tokens"] != n:
                 note = (note + " " if note else "") + f"decoded {r['n_tokens']} tokens"
-            print(f"| {model} | {label} | {r['first_token_ms']:.1f} | {r['tokens_per_s']:.1f} | "
-                  f"{r['total_ms']:.0f} | {r['peak_rss'] / 1e6:.0f} | {same} | {note} |")
+            rtf = f"{r['total_ms'] / 1e3 / clip_s:.3f}" if speech else "-"
+            print(f"| {model} | {t} | {label} | {r['first_token_ms']:.1f} | "
+                  f"{r['tokens_per_s']:.1f} | {r['total_ms']:.0f} | {rtf} | "
+                  f"{r['peak_rss'] / 1e6:.0f} | {same} | {note} |")
 
-    print("\nRatios (speed: > 1 means edgeseq ort is faster; memory: < 1 means it uses less):")
-    for model, rows in results.items():
-        by = {label: r for label, _, r, _ in rows if r}
-        es = next((r for label, e, r, _ in rows
-                   if e == "edgeseq-ort" and r and "5 s" not in label), None)
-        if es is None:
-            continue
-        for other, mem in (("transformers", False), ("optimum-onnx", False), ("ctranslate2", True)):
-            o = by.get(other)
-            if o is None:
+    print("\nRatios (time: > 1 means the edgeseq row is faster; memory: < 1 means it uses less):")
+    pairs = (("edgeseq-ort", "transformers"), ("edgeseq-ort", "optimum-onnx"),
+             ("edgeseq-ort", "ctranslate2"), ("edgeseq-ort-int8", "ctranslate2-int8"),
+             ("edgeseq-ort-int8", "ctranslate2"))
+    for (model, t), rows in results.items():
+        by = {e: r for label, e, r, _ in rows if r and "5 s" not in label and "fixed" not in label}
+        for mine, other in pairs:
+            es, o = by.get(mine), by.get(other)
+            if es is None or o is None:
                 continue
-            line = (f"- {model}, edgeseq ort vs {other}: "
-                    f"decode {fmt_ratio(es['tokens_per_s'] / o['tokens_per_s'])}, "
-                    f"first token {fmt_ratio(o['first_token_ms'] / es['first_token_ms'])}, "
-                    f"total {fmt_ratio(o['total_ms'] / es['total_ms'])}")
-            if mem:
-                line += f", peak RSS {es['peak_rss'] / o['peak_rss']:.2f}x"
-            print(line)
+            print(f"- {model}, {t} thread(s), {mine} vs {other}: "
+                  f"total {fmt_ratio(o['total_ms'] / es['total_ms'])}, "
+                  f"decode {fmt_ratio(es['tokens_per_s'] / o['tokens_per_s'])}, "
+                  f"first token {fmt_ratio(o['first_token_ms'] / es['first_token_ms'])}, "
+                  f"peak RSS {es['peak_rss'] / o['peak_rss']:.2f}x")
 
 
 if __name__ == "__main__":

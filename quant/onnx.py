@@ -101,13 +101,23 @@ def _int8_dynamic(model: Any, nodes: list[str], exclude: list[str]) -> Any:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-        onnx.save_model(model, str(src))
-        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True,
-                         weight_type=QuantType.QInt8, nodes_to_quantize=nodes or None,
-                         nodes_to_exclude=exclude, extra_options={"MatMulConstBOnly": True})
-        return onnx.load(str(dst))
+    import logging
+
+    # the quantizer advises "pre-processing" on the root logger for every graph (the graphs
+    # are already shape-inferred and optimized by the exporter): not the user's business
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+            onnx.save_model(model, str(src))
+            quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True,
+                             weight_type=QuantType.QInt8, nodes_to_quantize=nodes or None,
+                             nodes_to_exclude=exclude, extra_options={"MatMulConstBOnly": True})
+            return onnx.load(str(dst))
+    finally:
+        root.setLevel(level)
 
 
 def quantize_model(model: Any, scheme: str, keep: list[str], group_size: int = DEFAULT_GROUP,
