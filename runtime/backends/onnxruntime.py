@@ -135,6 +135,8 @@ class OrtBackend(Backend):
             check_io(path, e, {i.name: (_ORT_DTYPES.get(i.type, i.type), list(i.shape))
                                for i in sess.get_inputs()})
             runners[name] = _OrtRunner(e, sess)
+        if always_prepacks(root):
+            weights.release_pages()
         model = _OrtModel(runners, shared_state_specs(entries))
         model.weights = weights  # the sessions read these buffers: keep them alive
         return model
@@ -526,15 +528,32 @@ class _SharedWeights:
     path of the graph's choosing) and inside it, or the bundle is refused."""
 
     def __init__(self, path: Path):
+        import mmap
+
         self.path = path
         self.map = None
+        self._mmap: Any = None
         if path.is_file():
             try:
-                self.map = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size \
-                    else np.zeros(0, np.uint8)
+                if path.stat().st_size:
+                    with open(path, "rb") as f:
+                        self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                    self.map = np.frombuffer(self._mmap, dtype=np.uint8)
+                else:
+                    self.map = np.zeros(0, np.uint8)
             except (OSError, ValueError) as e:
                 raise BundleError(f"{path}: cannot map the weights ({e})") from None
         self.values: dict[tuple[int, int, int, tuple[int, ...]], Any] = {}
+
+    def release_pages(self) -> None:
+        """Drop the mapping's resident pages once every session has packed its own copy of the
+        weights (a quantized bundle): the originals are then read only where a kernel reads
+        them directly (an embedding gather, a norm), and those pages fault back in from the
+        page cache. Measured at the Mamba-130M shape, int4: 423 -> 350 MB RSS, same tokens."""
+        import mmap
+
+        if self._mmap is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._mmap.madvise(mmap.MADV_DONTNEED)
 
     def bind(self, model_path: Path, base: Any, prepack: bool = False) -> Any:
         import onnx

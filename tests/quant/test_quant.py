@@ -70,6 +70,47 @@ def test_int8_matches_fp32_closely_and_int4_less(lm_bundles):
     assert g8["kl_mean"] < g4["kl_mean"]
 
 
+def test_quantized_sessions_give_back_the_mapped_weights(lm_bundles, monkeypatch):
+    """Every session of a quantized bundle packs its weights at load, so the runtime drops the
+    mapped originals' pages (they fault back in where a kernel reads them): the same tokens, and
+    fewer resident pages of the weights file."""
+    from edgeseq.runtime.backends import onnxruntime as ob
+
+    def resident_weight_kb(bundle) -> int:
+        name = str(bundle / ob.WEIGHTS_FILE)
+        kb, inside = 0, False
+        for line in open("/proc/self/smaps"):
+            if line[0] in "0123456789abcdef" and " " in line:
+                inside = line.rstrip().endswith(name)
+            elif inside and line.startswith("Rss:"):
+                kb += int(line.split()[1])
+        return kb
+
+    b = lm_bundles["int4"]
+    calls = []
+    real = ob._SharedWeights.release_pages
+    monkeypatch.setattr(ob._SharedWeights, "release_pages",
+                        lambda self: (calls.append(1), real(self))[1])
+    kept = edgeseq.load(b, backend="ort", threads=1)
+    assert calls == [1]
+    after_release = resident_weight_kb(b)
+    toks = kept.generate(list(b"def main():"), 24, stop_at_eos=False)
+    monkeypatch.setattr(ob._SharedWeights, "release_pages", lambda self: None)
+    plain = edgeseq.load(b, backend="ort", threads=1)
+    assert np.array_equal(plain.generate(list(b"def main():"), 24, stop_at_eos=False), toks)
+    del kept
+    # the weights file's resident pages: after the release, a fraction of what a session that
+    # keeps them holds (both sessions map the same file; each mapping counted on its own)
+    held = resident_weight_kb(b)
+    assert after_release < 0.5 * held, (after_release, held)
+    # an fp32 bundle's kernels read the mapped weights every step: nothing is released
+    calls.clear()
+    monkeypatch.setattr(ob._SharedWeights, "release_pages",
+                        lambda self: (calls.append(1), real(self))[1])
+    edgeseq.load(lm_bundles["fp32"], backend="ort", threads=1)
+    assert calls == []
+
+
 def test_damaging_scheme_is_refused(tmp_path):
     out = tmp_path / "bad"
     p = cli("convert", "zoo:mamba-bytes", "-o", out, "--quant", "int4-tensor", check=False)
