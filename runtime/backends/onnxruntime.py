@@ -115,8 +115,8 @@ class OrtBackend(Backend):
         # without prepacking they repack on every call (measured at the Mamba-130M shape: int4
         # decode at 0.13x of fp32 instead of 2.9x). Each session then holds its packed copy of
         # the (small) quantized weights.
-        opts.add_session_config_entry("session.disable_prepacking",
-                                      "0" if always_prepacks(root) else "1")
+        packs = always_prepacks(root)
+        opts.add_session_config_entry("session.disable_prepacking", "0" if packs else "1")
         # Recurrent states can decay into denormal floats, which CPUs process many times slower
         # (training the zoo model hit this); they carry no signal (< 1.2e-38), so the session's
         # threads flush them. No effect on the speed of healthy states.
@@ -135,7 +135,7 @@ class OrtBackend(Backend):
             check_io(path, e, {i.name: (_ORT_DTYPES.get(i.type, i.type), list(i.shape))
                                for i in sess.get_inputs()})
             runners[name] = _OrtRunner(e, sess)
-        if always_prepacks(root):
+        if packs:
             weights.release_pages()
         model = _OrtModel(runners, shared_state_specs(entries))
         model.weights = weights  # the sessions read these buffers: keep them alive
