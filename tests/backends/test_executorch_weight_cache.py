@@ -46,8 +46,10 @@ def _run(bundle, cache: str) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def test_one_packed_copy_for_all_methods(bundle_of):
-    bundle = bundle_of("mamba")
+def test_one_packed_copy_for_all_methods(mamba_bytes_bundle):
+    # the zoo model (4 MB of weights), not a tiny checkpoint: a 300 KB copy per method is within
+    # the allocator's noise on a loaded host (CI once measured 128 KB saved of 450 KB expected)
+    bundle = mamba_bytes_bundle
     shared, private = _run(bundle, "1"), _run(bundle, "0")
     assert shared["cache"] is True, "the runtime did not take the weight_cache_enabled option"
     assert private["cache"] is False
