@@ -5,8 +5,10 @@ when every step, parity included, has succeeded: a failed conversion leaves noth
 """
 from __future__ import annotations
 
+import functools
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,6 +17,7 @@ from edgeseq.bundle import (BundleError, GraphEntry, Manifest, atomic_folder, fi
                             record_converted, sha256_of, write_json)
 from edgeseq.checkpoint import (checkpoint_folder, read_config, source_files, stored_dtype,
                                  weight_files)
+from edgeseq.convert.workers import Beside
 from edgeseq.families.base import detect_family
 from edgeseq.registry import get_backend
 
@@ -78,9 +81,9 @@ def _gate_summary(g: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _manifest(family: Any, model: Any, graphs: dict[str, Any], files: dict[str, dict[str, str]],
+def _manifest(family: Any, graphs: dict[str, Any], files: dict[str, dict[str, str]],
               src_label: str, src: Path, weights: list[Path], tok_spec: Any, dtype: str,
-              target: str, opts: dict[str, Any], quantization: Any) -> Manifest:
+              target: str, config: dict[str, Any], quantization: Any) -> Manifest:
     return Manifest(
         family=family.name, task=family.task,
         source={"path": src_label, "sha256": sha256_of(source_files(src)),
@@ -90,7 +93,28 @@ def _manifest(family: Any, model: Any, graphs: dict[str, Any], files: dict[str, 
         graphs={name: GraphEntry(name, g.inputs, g.outputs, g.state, files[name], g.max_chunk)
                 for name, g in graphs.items()},
         tokenizer=tok_spec, dtype=dtype, target=target,
-        config=family.model_config(model, **opts), quantization=quantization)
+        config=dict(config), quantization=quantization)
+
+
+def _seq2seq_tokens(config: dict[str, Any], parity_tokens: int) -> int:
+    """Tokens an encoder-decoder's parity compares: at most 32 (each is a beam-search step)."""
+    return min(parity_tokens, 32, _decoder_room(config))
+
+
+def _reference_job(family: Any, model: Any, tokenizer: Any, config: dict[str, Any],
+                   parity_tokens: int) -> Callable[[], Any]:
+    """What the original model answers on the parity inputs (``edgeseq.convert.parity``), as a
+    job that needs nothing of the bundle, so it can run while the graphs are lowered."""
+    from edgeseq.convert import parity
+
+    if family.task == "classification":
+        return functools.partial(parity.reference_classifier, family, model)
+    if family.task in ("seq2seq", "speech_seq2seq"):
+        source = family.parity_source(model, tokenizer)
+        return functools.partial(parity.reference_seq2seq, family, model, source,
+                                 _seq2seq_tokens(config, parity_tokens))
+    prompt = parity.default_prompt(tokenizer, config["vocab_size"])
+    return functools.partial(parity.reference_run, family, model, prompt, parity_tokens)
 
 
 class ConversionError(BundleError):
@@ -180,8 +204,12 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
     folder = checkpoint_folder(src)   # the side files of a checkpoint given as its weights file
     tok_spec = tokenize.detect(folder)
     tokenizer = tokenize.load(folder, tok_spec)
+    model_config = family.model_config(model, **opts)
+    # the original model's reference outputs, computed while the graphs are lowered
+    reference = None if skip_parity or quant is not None else Beside(
+        _reference_job(family, model, tokenizer, model_config, parity_tokens))
 
-    with atomic_folder(out, overwrite=overwrite) as tmp:
+    with atomic_folder(out, overwrite=overwrite) as tmp, reference or nullcontext():
         files: dict[str, dict[str, str]] = {name: {} for name in graphs}
         q_formats: dict[str, Any] = {}
         for i, fmt in enumerate(formats):
@@ -224,8 +252,8 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
                     # manifest, and every call is recorded
                     say(f"      calibrating activation ranges on {calibration} ...")
                     write_json(tmp / "manifest.json", _manifest(
-                        family, model, graphs, files, src_label, src, weights, tok_spec, dtype,
-                        target, opts, None).to_json())
+                        family, graphs, files, src_label, src, weights, tok_spec, dtype,
+                        target, model_config, None).to_json())
                     feeds = calibration_feeds(family, model, tmp, family.task, Path(calibration),
                                               tokenizer)
                     reports = quantize_static_bundle(tmp, onnx_files, feeds, keep + sensitive)
@@ -255,8 +283,8 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
                             "int8_sensitive": sensitive if quant == "int4" else [],
                             "state": "float32 (every state tensor)",
                             "formats": {f: q_formats[f] for f in formats}}
-        manifest = _manifest(family, model, graphs, files, src_label, src, weights, tok_spec,
-                             dtype, target, opts,
+        manifest = _manifest(family, graphs, files, src_label, src, weights, tok_spec,
+                             dtype, target, model_config,
                              quant_record or (FP16_NOTE if dtype == "fp16" else None))
         if early_exit is not None:
             manifest.config["early_exit_layers"] = int(early_exit)
@@ -295,9 +323,9 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
                     + f" -> {'ok' if res['passed'] else 'FAILED'}")
             parity["passed"] = all(c["passed"] for c in parity["checks"])
         elif family.task == "classification":
-            from edgeseq.convert.parity import check_classifier_bundle, reference_classifier
+            from edgeseq.convert.parity import check_classifier_bundle
 
-            ref = reference_classifier(family, model)
+            ref = reference.result()
             n, frames = ref.inputs.shape[:2]
             say(f"[4/5] parity: running predictions of {n} sequences x {frames} frames, "
                 f"in chunks and frame by frame ...")
@@ -309,12 +337,11 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
                     f"{'ok' if rec['passed'] else 'FAILED'}")
             parity["passed"] = all(c["passed"] for c in parity["checks"])
         elif seq2seq:
-            from edgeseq.convert.parity import check_seq2seq_bundle, reference_seq2seq
+            from edgeseq.convert.parity import check_seq2seq_bundle
 
-            n = min(parity_tokens, 32, _decoder_room(manifest.config))
-            say(f"[4/5] parity: reference greedy and {4}-beam search ({n} tokens) ...")
-            source = family.parity_source(model, tokenizer)
-            ref = reference_seq2seq(family, model, source, n)
+            say(f"[4/5] parity: reference greedy and {4}-beam search "
+                f"({_seq2seq_tokens(manifest.config, parity_tokens)} tokens) ...")
+            ref = reference.result()
             parity["reference_tokens"] = ref.reference_tokens
             parity["reference_beam_tokens"] = ref.beam_tokens
             for fmt in formats:
@@ -326,11 +353,10 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
                     f"{rec['step_logits_max_abs_err']:.2e} -> {'ok' if rec['passed'] else 'FAILED'}")
             parity["passed"] = all(c["passed"] for c in parity["checks"])
         else:
-            from edgeseq.convert.parity import check_bundle, default_prompt, reference_run
+            from edgeseq.convert.parity import check_bundle
 
             say(f"[4/5] parity: reference greedy ({parity_tokens} tokens) ...")
-            prompt = default_prompt(tokenizer, manifest.config["vocab_size"])
-            ref = reference_run(family, model, prompt, parity_tokens)
+            ref = reference.result()
             parity["prompt"] = ref.prompt
             parity["reference_tokens"] = ref.reference_tokens
             for fmt in formats:

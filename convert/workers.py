@@ -33,8 +33,12 @@ def _run(name: str) -> Any:
     # One thread per worker: the workers are the parallelism, and a forked child must not
     # enter an OpenMP pool its parent may have started.
     torch.set_num_threads(1)
+    from edgeseq.bundle import BundleError
+
     try:
         return _JOBS[name]()
+    except BundleError as e:     # bad input, reported in one line as in this process
+        raise type(e)(str(e)) from None
     except ValueError as e:      # the pipeline reports a ValueError as "cannot lower"
         raise ValueError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - re-raised as text; the type is named in it
@@ -88,3 +92,68 @@ def run_jobs(jobs: dict[str, Callable[[], Any]], workers: int,
             return {name: f.result() for name, f in futures.items()}
     finally:
         _JOBS.clear()
+
+
+class Beside:
+    """One job run in a forked process while this one goes on: the parity reference (the
+    original model's ``generate``, on the weights already loaded) is computed while the graphs
+    are lowered, instead of after them. On two cores the lowering leaves one idle while its
+    longest graph finishes; the reference fills that time.
+
+    In this process, at ``result()``, where workers are off (``EDGESEQ_JOBS=1``, no fork)."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self._fn: Callable[[], Any] | None = fn
+        self._pool: Any = None
+        self._async: Any = None
+        if job_count(2) <= 1:
+            return
+        import multiprocessing
+
+        _BESIDE["job"] = fn
+        try:
+            self._pool = multiprocessing.get_context("fork").Pool(1)
+            self._async = self._pool.apply_async(_run_beside)
+        finally:
+            _BESIDE.clear()   # the child has its copy; this process keeps none
+        self._fn = None
+
+    def result(self) -> Any:
+        if self._fn is not None:
+            fn, self._fn = self._fn, None
+            return fn()
+        if self._async is None:
+            raise RuntimeError("Beside.result() called twice")
+        try:
+            return self._async.get()
+        finally:
+            self.close()
+
+    def __enter__(self) -> "Beside":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the job if it still runs (a lowering failed: its result is not wanted)."""
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+        self._async = None
+        self._fn = None
+
+
+_BESIDE: dict[str, Callable[[], Any]] = {}
+
+
+def _run_beside() -> Any:
+    # below the lowering workers: the conversion waits on them, while the reference is only
+    # needed after them, so it takes the CPU they leave (the tail of their longest graph)
+    try:
+        os.nice(10)
+    except OSError:
+        pass
+    _JOBS["beside"] = _BESIDE["job"]
+    return _run("beside")
