@@ -104,7 +104,8 @@ class WhisperFamily(Seq2SeqFamily):
         import copy
 
         gen = copy.deepcopy(model.generation_config)
-        feats = self.reference_encode_inputs(source)["input_features"]
+        given = self.reference_encode_inputs(source)   # features, or the encoder's output
+        feats = given.get("input_features")
         model._set_return_timestamps(return_timestamps=timestamps, is_shortform=True,
                                      generation_config=gen)
         model._set_language_and_task(language=language, task=task, is_multilingual=None,
@@ -113,7 +114,8 @@ class WhisperFamily(Seq2SeqFamily):
         with torch.no_grad():
             init = model._retrieve_init_tokens(feats, batch_size=1, generation_config=gen,
                                                config=model.config, num_segment_frames=frames,
-                                               kwargs={})
+                                               kwargs={k: v for k, v in given.items()
+                                                       if k != "input_features"})
         return [int(t) for t in init[0].tolist()]
 
     def reference_generate(self, model: Any, source: Any, max_new_tokens: int, num_beams: int = 1,

@@ -18,3 +18,20 @@ def test_console_script(tmp_path):
     exe = shutil.which("edgeseq") or str(__import__("pathlib").Path(sys.executable).parent / "edgeseq")
     p = subprocess.run([exe, "--help"], cwd=tmp_path, capture_output=True, text=True)
     assert p.returncode == 0 and "convert" in p.stdout and "run" in p.stdout and "zoo" in p.stdout
+
+
+def test_console_script_exit_codes_and_output_survive_the_fast_exit(tmp_path):
+    """``edgeseq.cli.entry`` leaves with ``os._exit``: the exit code and everything printed
+    (to pipes, which buffer) must still come out."""
+    import json
+    import shutil
+
+    exe = shutil.which("edgeseq") or str(__import__("pathlib").Path(sys.executable).parent / "edgeseq")
+    bad = subprocess.run([exe, "inspect", str(tmp_path / "missing")], capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1 and "missing" in bad.stderr
+    usage = subprocess.run([exe, "convert"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "Usage" in usage.stderr
+    devices = subprocess.run([exe, "devices", "--json"], capture_output=True, text=True)
+    assert devices.returncode == 0, devices.stderr
+    assert len(json.loads(devices.stdout)) > 3     # a long output, flushed whole
