@@ -115,7 +115,9 @@ def main() -> None:
         bundle = args.bundle
         if bundle is None:
             bundle = Path(tmp) / "mamba-bytes"
-            fmt = "onnx" if args.backend == "ort" else "pte"
+            from edgeseq.registry import format_of
+
+            fmt = format_of(args.backend)
             print(f"converting zoo:mamba-bytes ({fmt}) ...", file=sys.stderr)
             subprocess.run([sys.executable, "-m", "edgeseq.cli", "convert", "zoo:mamba-bytes",
                             "-o", str(bundle), "--format", fmt, "-q"], env=env, check=True)

@@ -94,7 +94,9 @@ def main() -> None:
         if not args.bundle:
             from edgeseq.convert.pipeline import convert
 
-            fmts = tuple({"ort": "onnx", "executorch": "pte"}[b] for b in backends)
+            from edgeseq.registry import format_of
+
+            fmts = tuple(format_of(b) for b in backends)
             print(f"converting {args.model} ...", file=sys.stderr, flush=True)
             convert(args.model, bundle, formats=fmts, overwrite=True, skip_parity=True,
                     draft_loop=args.draft_loop)

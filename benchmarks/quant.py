@@ -59,9 +59,6 @@ def convert_scheme(src: str | Path, out: Path, scheme: str, **kw: Any) -> tuple[
         return None, str(e).split(": --quant")[-1][:160]
 
 
-BACKEND = {"onnx": "ort", "pte": "executorch"}
-
-
 def weight_bytes(bundle: Path, fmt: str = "onnx") -> int:
     """ONNX: the initializers' bytes (each shared tensor once); pte: the whole program file."""
     from edgeseq.bundle import read_manifest
@@ -78,7 +75,7 @@ def lm_speed(bundle: Path, n: int = 64, fmt: str = "onnx") -> float:
     import edgeseq
     from edgeseq.runtime.streaming import timed_stream
 
-    sess = edgeseq.load(bundle, backend=BACKEND[fmt], threads=1)
+    sess = edgeseq.load(bundle, backend=fmt, threads=1)
     prompt = list(range(40, 56))
     timed_stream(sess, prompt, 4)
     return max(timed_stream(sess, prompt, n, stop_at_eos=False).tokens_per_s for _ in range(3))
@@ -88,7 +85,7 @@ def seq2seq_speed(bundle: Path, source: Any, fmt: str = "onnx", n: int = 32) -> 
     """Greedy decoder tokens/s after the encoder (best of 3)."""
     import edgeseq
 
-    sess = edgeseq.load(bundle, backend=BACKEND[fmt], threads=1)
+    sess = edgeseq.load(bundle, backend=fmt, threads=1)
     n = min(n, sess.max_new_tokens_cap())
     best = 0.0
     for _ in range(3):
@@ -102,7 +99,7 @@ def seq2seq_speed(bundle: Path, source: Any, fmt: str = "onnx", n: int = 32) -> 
 def classifier_ms(bundle: Path, x: np.ndarray, fmt: str = "onnx") -> float:
     import edgeseq
 
-    sess = edgeseq.load(bundle, backend=BACKEND[fmt], threads=1)
+    sess = edgeseq.load(bundle, backend=fmt, threads=1)
     sess.classify(x[0])
     t = time.perf_counter()
     for seq in x[:50]:
@@ -307,7 +304,7 @@ def part_stream(small: bool, work: Path) -> list[str]:
                 convert_scheme(f"zoo:{name}", b, scheme, formats=("onnx", "pte"))
             for fmt in ("onnx", "pte"):
                 print(f"long stream: {name} {scheme} {fmt} ({n}) ...", file=sys.stderr)
-                sess = edgeseq.load(b, backend=BACKEND[fmt], threads=1)
+                sess = edgeseq.load(b, backend=fmt, threads=1)
                 if name == "mamba-bytes":
                     first = sess.prefill(np.array([ids[:16]], dtype=np.int64))[0][-1:]
                     logits = [first]

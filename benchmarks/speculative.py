@@ -236,7 +236,9 @@ def measure(bundle: Path, backend: str, wl: str, spec: str, quick: bool,
 def bundles(backends: list[str], needed: set[str], reuse: bool = False) -> dict[str, Path]:
     from edgeseq.convert.pipeline import convert
 
-    fmts = tuple({"ort": "onnx", "executorch": "pte"}[b] for b in backends)
+    from edgeseq.registry import format_of
+
+    fmts = tuple(format_of(b) for b in backends)
     want = {"t5-typo-bytes": ("zoo:t5-typo-bytes", {"early_exit": 1}),
             "mamba-bytes": ("zoo:mamba-bytes", {"early_exit": 2}),
             "mamba-bytes-x4": ("zoo:mamba-bytes-x4", {"early_exit": 2}),

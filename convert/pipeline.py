@@ -19,10 +19,10 @@ from edgeseq.checkpoint import (checkpoint_folder, read_config, source_files, st
                                  weight_files)
 from edgeseq.convert.workers import Beside
 from edgeseq.families.base import detect_family
-from edgeseq.registry import get_backend
+from edgeseq.registry import formats, get_backend
 
-FORMATS = {"onnx": "ort", "pte": "executorch", "pt2": "torch"}
-ALL_FORMATS = ("onnx", "pte", "pt2")
+FORMATS = formats()        # {format: backend}, as the backend classes declare them
+ALL_FORMATS = tuple(FORMATS)
 DTYPES = ("fp32", "fp16")
 # What --dtype fp16 means per format; state stays fp32 at every graph's interface.
 FP16_NOTE = {"scheme": "fp16",

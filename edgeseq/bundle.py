@@ -193,6 +193,9 @@ class Manifest:
     #: every file of the bundle but manifest.json: {relative path: {"bytes": n, "sha256": hex}},
     #: written by convert once the bundle is complete; None in bundles older than the record
     files: dict[str, dict[str, Any]] | None = None
+    #: SHA-256 of manifest.json as ``read_manifest`` parsed it (not written): the trust record's
+    #: fingerprint comes from the bytes read, without reading the file again
+    read_sha256: str | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         d = {"schema_version": self.schema_version, "created_by": self.created_by,
@@ -347,10 +350,12 @@ def read_manifest(bundle: str | os.PathLike) -> Manifest:
         raise BundleError(f"{path}: {path.stat().st_size} bytes, over the "
                           f"{MAX_MANIFEST_BYTES >> 20} MiB a manifest may have (MAX_MANIFEST_BYTES)")
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        raw = path.read_bytes()
+        data = json.loads(raw.decode("utf-8"))
         if not isinstance(data, dict):
             raise TypeError(f"a JSON object expected, got {type(data).__name__}")
         manifest = Manifest.from_json(data)
+        manifest.read_sha256 = hashlib.sha256(raw).hexdigest()
     except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
         raise BundleError(f"{path}: malformed manifest ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
@@ -434,7 +439,7 @@ def file_records_names(root: Path) -> list[str]:
 
 def _fingerprint(root: Path, man: Manifest) -> dict[str, Any]:
     st = {f: os.stat(root / f) for f in (man.files or {})}
-    return {"manifest": _file_sha256(root / MANIFEST_FILE),
+    return {"manifest": man.read_sha256 or _file_sha256(root / MANIFEST_FILE),
             "files": {f: [s.st_size, s.st_mtime_ns] for f, s in st.items()}}
 
 
@@ -524,13 +529,12 @@ def check_integrity(root: str | os.PathLike, man: Manifest) -> str:
     return "converted" if converted else "verified"
 
 
-def trusted_to_unpickle(root: str | os.PathLike) -> str | None:
-    """None if ``root``'s files are what this machine's own convert wrote (safe to hand to a
-    loader that unpickles), else why not."""
+def trusted_to_unpickle(root: str | os.PathLike, man: Manifest) -> str | None:
+    """None if ``root``'s files (``man``: its manifest, as read for this load) are what this
+    machine's own convert wrote (safe to hand to a loader that unpickles), else why not."""
     root = Path(root)
     if os.path.realpath(root) in _WRITING:
         return None
-    man = read_manifest(root)
     if man.files is None:
         return "it has no files record (a bundle from an older edgeseq)"
     if check_integrity(root, man) != "converted":

@@ -433,7 +433,7 @@ def _run_speculative(bundle: str, backend: str, threads: int | None, speculate: 
         ss = spec.load(bundle, backend=backend, speculate=speculate, memory_budget=budget,
                        threads=threads, max_source=len(ids) if seq2seq else None,
                        max_length=(len(man.config.get("decoder_prompt") or [0]) + max_new_tokens)
-                       if seq2seq else None)
+                       if seq2seq else None, manifest=man)
         s = ss.session
         t0 = time.perf_counter()
         toks = ss.generate(ids, max_new_tokens, do_sample=do_sample, temperature=temperature,

@@ -15,8 +15,9 @@ _BACKENDS: dict[str, Any] = {}
 _FAMILY_MODULES = ("edgeseq.families.mamba", "edgeseq.families.mamba2", "edgeseq.families.s4d",
                    "edgeseq.families.lmu",
                    "edgeseq.families.t5", "edgeseq.families.bart", "edgeseq.families.whisper")
-_BACKEND_MODULES = ("edgeseq.runtime.backends.reference", "edgeseq.runtime.backends.onnxruntime",
-                    "edgeseq.runtime.backends.executorch")
+# in the order their formats are listed and lowered (the deployable ones first)
+_BACKEND_MODULES = ("edgeseq.runtime.backends.onnxruntime", "edgeseq.runtime.backends.executorch",
+                    "edgeseq.runtime.backends.reference")
 
 
 class UnknownNameError(KeyError):
@@ -66,13 +67,29 @@ def get_family(name: str) -> Any:
     return fams[name]()
 
 
-BACKEND_ALIASES = {"onnx": "ort", "onnxruntime": "ort", "pte": "executorch", "et": "executorch",
-                   "reference": "torch", "pytorch": "torch"}
+def backend_name(name: str) -> str:
+    """A backend's registered name from its name, its format (``onnx``) or an alias
+    (``onnxruntime``): each backend class declares its ``format`` and ``aliases``, the one
+    place the backend <-> format map is written."""
+    bks = backends()
+    if name in bks:
+        return name
+    for key, cls in bks.items():
+        if name == cls.format or name in cls.aliases:
+            return key
+    raise UnknownNameError(f"unknown backend {name!r}; known: {', '.join(sorted(bks))}")
 
 
 def get_backend(name: str) -> Any:
-    bks = backends()
-    name = BACKEND_ALIASES.get(name, name)
-    if name not in bks:
-        raise UnknownNameError(f"unknown backend {name!r}; known: {', '.join(sorted(bks))}")
-    return bks[name]()
+    return backends()[backend_name(name)]()
+
+
+def formats() -> dict[str, str]:
+    """Every bundle format and the backend that lowers and runs it, in lowering order:
+    ``{"onnx": "ort", "pte": "executorch", "pt2": "torch"}``."""
+    return {cls.format: name for name, cls in backends().items()}
+
+
+def format_of(backend: str) -> str:
+    """The bundle format a backend (by name, format or alias) runs."""
+    return backends()[backend_name(backend)].format

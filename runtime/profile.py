@@ -37,9 +37,11 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from edgeseq.bundle import DTYPES as BUNDLE_DTYPES, GraphEntry, Manifest, read_manifest
+from edgeseq.registry import format_of
 
 SCHEMA = 1
-BACKEND_FORMATS = {"ort": "onnx", "executorch": "pte"}
+#: the backends the profiler drives (their formats: ``edgeseq.registry.format_of``)
+PROFILED_BACKENDS = ("ort", "executorch")
 TASKS = ("causal_lm", "seq2seq", "speech_seq2seq", "classification")
 #: Bytes a native app needs besides weights, state and arena on the device: the runtime's code
 #: and its bookkeeping. Estimates: libonnxruntime.so (CPU EP) is ~20 MB of mapped code plus ~10
@@ -950,7 +952,7 @@ def weight_bytes(bundle: str | Path, backend: str) -> int:
 
     root = Path(bundle)
     man = read_manifest(root)
-    fmt = BACKEND_FORMATS[backend]
+    fmt = format_of(backend)
     files = sorted({g.files[fmt] for g in man.graphs.values() if fmt in g.files})
     if fmt == "pte":
         return sum((root / f).stat().st_size for f in files)
@@ -1193,9 +1195,9 @@ def check_bundle(bundle: str | Path, backend: str) -> Manifest:
         BundleError: a missing or malformed bundle. ProfileError: wrong backend or task.
     """
     man = read_manifest(bundle)
-    if backend not in BACKEND_FORMATS:
-        raise ProfileError(f"unknown backend {backend!r}; known: {', '.join(BACKEND_FORMATS)}")
-    fmt = BACKEND_FORMATS[backend]
+    if backend not in PROFILED_BACKENDS:
+        raise ProfileError(f"unknown backend {backend!r}; known: {', '.join(PROFILED_BACKENDS)}")
+    fmt = format_of(backend)
     missing = [n for n, g in man.graphs.items() if fmt not in g.files]
     if missing:
         have = sorted({f for g in man.graphs.values() for f in g.files})

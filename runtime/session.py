@@ -324,15 +324,19 @@ TASK_GRAPHS = {"causal_lm": (("step",), ("prefill", "verify")),
 
 
 def load(path: str | Path, backend: str = "ort", threads: int | None = None,
-         graphs: set[str] | None = None, prepack: frozenset[str] = frozenset()) -> Any:
+         graphs: set[str] | None = None, prepack: frozenset[str] = frozenset(),
+         manifest: Manifest | None = None) -> Any:
     """Open a bundle written by ``edgeseq convert`` on one backend (``ort``, ``executorch``,
     ``torch``). ``graphs``: which graphs to load (default: all but the speculative ones;
     ``edgeseq.runtime.speculative.load`` asks for those its memory plan affords). ``prepack``:
-    graphs whose weights the backend may repack at load (a private copy; the plan's call)."""
+    graphs whose weights the backend may repack at load (a private copy; the plan's call).
+    ``manifest``: the bundle's, where the caller has read it already; ``manifest.json`` is read
+    once per load and passed down, never re-read."""
     from edgeseq.bundle import check_integrity
 
     root = Path(path)
-    manifest = read_manifest(root)
+    if manifest is None:
+        manifest = read_manifest(root)
     # sizes were checked by read_manifest; hashes on this machine's first sight of the bundle
     check_integrity(root, manifest)
     be = get_backend(backend)
@@ -358,7 +362,7 @@ def load(path: str | Path, backend: str = "ort", threads: int | None = None,
     if missing:
         raise BundleError(f"{root / 'manifest.json'}: task {manifest.task} needs graph "
                           f"{', '.join(missing)}; the bundle has {', '.join(manifest.graphs)}")
-    model = be.load(root, entries, threads, prepack)
+    model = be.load(root, manifest, entries, threads, prepack)
     if manifest.task in ("seq2seq", "speech_seq2seq"):
         from edgeseq.runtime.seq2seq import Seq2SeqSession
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from edgeseq.bundle import BundleError, GraphEntry, StateSpec, StreamingGraph
+from edgeseq.bundle import BundleError, GraphEntry, Manifest, StateSpec, StreamingGraph
 
 
 #: set by ``edgeseq.runtime.speculative.session.bound_allocator``: glibc maps every buffer of
@@ -93,8 +93,10 @@ class Backend:
     """Base class; subclasses register with ``@register_backend("name")``."""
 
     name: str = "?"
-    #: the key under which a graph's file is recorded in the manifest (``onnx``, ``pte``, ``pt2``)
+    #: the bundle format it lowers to and runs, the key under which a graph's file is recorded
+    #: in the manifest (``onnx``, ``pte``, ``pt2``); ``edgeseq.registry.formats`` lists them
     format: str = "?"
+    aliases: tuple[str, ...] = ()       # other names a user may give for it (--backend)
 
     def available(self) -> str | None:
         """None if usable here, else why not (a missing package, say)."""
@@ -104,11 +106,14 @@ class Backend:
         """Write the graphs under ``out``; return {graph name: file name relative to out}."""
         raise NotImplementedError
 
-    def load(self, root: Path, entries: dict[str, GraphEntry], threads: int | None = None,
+    def load(self, root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
+             threads: int | None = None,
              prepack: frozenset[str] = frozenset()) -> "LoadedModel":
-        """Open ``entries``. ``prepack``: graphs whose weights the runtime may repack into its
-        kernels' layout at load (a private copy; a memory plan decides, see
-        ``speculative/plan.py``). Backends that always pack (XNNPACK) or never do ignore it."""
+        """Open ``entries`` of the bundle at ``root``, whose ``manifest`` the caller has read
+        (once per load: a backend asks it, never the file). ``prepack``: graphs whose weights
+        the runtime may repack into its kernels' layout at load (a private copy; a memory plan
+        decides, see ``speculative/plan.py``). Backends that always pack (XNNPACK) or never do
+        ignore it."""
         raise NotImplementedError
 
 

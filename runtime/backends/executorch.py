@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from edgeseq.bundle import BundleError, GraphEntry, StreamingGraph
+from edgeseq.bundle import BundleError, GraphEntry, Manifest, StreamingGraph
 from edgeseq.registry import register_backend
 from edgeseq.runtime.backends.base import (Backend, LoadedModel, check_io, fed_length,
                                            shared_state_specs, static_traces)
@@ -30,6 +30,7 @@ PLANNED_FILE = "pte_planned_memory.json"
 @register_backend("executorch")
 class ExecuTorchBackend(Backend):
     format = "pte"
+    aliases = ("et",)
 
     def available(self) -> str | None:
         try:
@@ -66,7 +67,8 @@ class ExecuTorchBackend(Backend):
         (out / PLANNED_FILE).write_text(json.dumps(planned, indent=1))
         return {name: PTE_FILE for name in graphs}
 
-    def load(self, root: Path, entries: dict[str, GraphEntry], threads: int | None = None,
+    def load(self, root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
+             threads: int | None = None,
              prepack: frozenset[str] = frozenset()) -> LoadedModel:
         from executorch.runtime import Runtime
 

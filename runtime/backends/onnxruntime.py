@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeseq.bundle import BundleError, GraphEntry, StreamingGraph
+from edgeseq.bundle import BundleError, GraphEntry, Manifest, StreamingGraph
 from edgeseq.registry import register_backend
 from edgeseq.runtime.backends import base as backend_base
 from edgeseq.runtime.backends.base import (Backend, KeptBuffers, LoadedModel, check_io,
@@ -40,6 +40,7 @@ FP16_MIN_ELEMENTS = 1024
 @register_backend("ort")
 class OrtBackend(Backend):
     format = "onnx"
+    aliases = ("onnxruntime",)
 
     def available(self) -> str | None:
         try:
@@ -86,7 +87,8 @@ class OrtBackend(Backend):
         (out / ACTIVATION_TABLE).write_text(json.dumps(tables))
         return files
 
-    def load(self, root: Path, entries: dict[str, GraphEntry], threads: int | None = None,
+    def load(self, root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
+             threads: int | None = None,
              prepack: frozenset[str] = frozenset()) -> LoadedModel:
         import onnxruntime as ort
 
@@ -115,7 +117,7 @@ class OrtBackend(Backend):
         # without prepacking they repack on every call (measured at the Mamba-130M shape: int4
         # decode at 0.13x of fp32 instead of 2.9x). Each session then holds its packed copy of
         # the (small) quantized weights.
-        packs = always_prepacks(root)
+        packs = packs_anyway(manifest.quantization)
         opts.add_session_config_entry("session.disable_prepacking", "0" if packs else "1")
         # Recurrent states can decay into denormal floats, which CPUs process many times slower
         # (training the zoo model hit this); they carry no signal (< 1.2e-38), so the session's
@@ -183,20 +185,10 @@ def _param_bytes(g: StreamingGraph) -> int:
     return sum(p.numel() * p.element_size() for p in g.module.parameters())
 
 
-def always_prepacks(root: Path) -> bool:
-    """Whether every session of this bundle packs its weights (an int-quantized bundle, see
-    ``OrtBackend.load``): a memory plan then has no packing to choose."""
-    import json
-
-    try:
-        q = json.loads((root / "manifest.json").read_text()).get("quantization")
-    except (OSError, ValueError):
-        return False
-    return packs_anyway(q)
-
-
 def packs_anyway(quantization: Any) -> bool:
-    """``always_prepacks`` from a manifest's ``quantization`` entry already read."""
+    """Whether every session of a bundle with this ``quantization`` (the manifest's entry)
+    packs its weights (an int-quantized bundle, see ``OrtBackend.load``): a memory plan then
+    has no packing to choose."""
     q = quantization
     return isinstance(q, dict) and str(q.get("scheme", "")).startswith("int")
 

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from edgeseq.bundle import BundleError, GraphEntry, StreamingGraph, trusted_to_unpickle
+from edgeseq.bundle import (BundleError, GraphEntry, Manifest, StreamingGraph,
+                            trusted_to_unpickle)
 from edgeseq.registry import register_backend
 from edgeseq.runtime.backends.base import Backend, LoadedModel, shared_state_specs
 
@@ -26,6 +27,7 @@ from edgeseq.runtime.backends.base import Backend, LoadedModel, shared_state_spe
 @register_backend("torch")
 class TorchBackend(Backend):
     format = "pt2"
+    aliases = ("reference", "pytorch")
 
     def lower(self, graphs: dict[str, StreamingGraph], out: Path, dtype: str) -> dict[str, str]:
         import torch
@@ -42,9 +44,10 @@ class TorchBackend(Backend):
             files[name] = fname
         return files
 
-    def load(self, root: Path, entries: dict[str, GraphEntry], threads: int | None = None,
+    def load(self, root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
+             threads: int | None = None,
              prepack: frozenset[str] = frozenset()) -> LoadedModel:
-        why = trusted_to_unpickle(root)
+        why = trusted_to_unpickle(root, manifest)
         if why:
             raise BundleError(
                 f"{root}: --backend torch refused: its .pt2 programs load through pickle, which "

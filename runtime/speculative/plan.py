@@ -42,6 +42,7 @@ import numpy as np
 
 from edgeseq.bundle import BundleError, Manifest, read_manifest
 from edgeseq.limits import max_source as max_source_tokens
+from edgeseq.registry import format_of
 
 MB = 1 << 20
 SOURCES = ("auto", "off", "input", "ngram", "recycle", "draft", "early-exit")
@@ -117,12 +118,8 @@ def _file(root: Path, name: str) -> int:
     return p.stat().st_size if p.is_file() else 0
 
 
-def _fmt(backend: str) -> str:
-    return {"ort": "onnx", "executorch": "pte", "torch": "pt2"}.get(backend, backend)
-
-
 def weights_bytes(root: Path, man: Manifest, backend: str, graphs: set[str]) -> int:
-    fmt = _fmt(backend)
+    fmt = format_of(backend)
     files = {man.graphs[g].files[fmt] for g in graphs if fmt in man.graphs[g].files}
     total = sum(_file(root, f) for f in files)
     if fmt == "onnx":
@@ -227,7 +224,7 @@ def _tables(path: str) -> dict[str, Any]:
 
 def activation_bytes(root: Path, man: Manifest, backend: str, graph: str,
                      dims: dict[str, int]) -> int:
-    fmt = _fmt(backend)
+    fmt = format_of(backend)
     if fmt == "pte":
         planned = root / "pte_planned_memory.json"
         if planned.is_file():
@@ -248,7 +245,7 @@ def prepack_bytes(root: Path, man: Manifest, backend: str, graph: str) -> int:
     from edgeseq.runtime.backends.onnxruntime import packs_anyway
 
     # the manifest in hand, not the file again: the plan asks this for every graph
-    if _fmt(backend) != "onnx" or packs_anyway(man.quantization):
+    if format_of(backend) != "onnx" or packs_anyway(man.quantization):
         return 0
     table = _tables(str(root / ACTIVATION_TABLE)).get(graph, {})
     return int(PREPACK_MARGIN * int(table.get("prepack_bytes", 0)))

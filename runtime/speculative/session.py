@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgeseq.bundle import BundleError, read_manifest
+from edgeseq.bundle import BundleError, Manifest, read_manifest
 from edgeseq.runtime.decoding import SamplingConfig
 from edgeseq.runtime.speculative.drafts import DraftSource, make_source
 from edgeseq.runtime.speculative.engine import (DraftModelSource, EarlyExitSource,
@@ -124,10 +124,12 @@ class SpeculativeSession:
 def load(path: str | Path, backend: str = "ort", speculate: str = "auto",
          memory_budget: int | None = None, threads: int | None = None,
          k: int | None = None, width: int | None = None, max_source: int | None = None,
-         max_length: int | None = None, exit_threshold: float = 0.3) -> SpeculativeSession:
+         max_length: int | None = None, exit_threshold: float = 0.3,
+         manifest: Manifest | None = None) -> SpeculativeSession:
     """Open a bundle for speculative generation.
 
     Args:
+        manifest: the bundle's manifest if the caller has read it already (it is read once).
         speculate: ``auto`` (the plan picks a model-free source that fits), ``off``, ``input``,
             ``ngram``, ``recycle``, ``draft:PATH`` (another bundle, same tokenizer) or
             ``early-exit:N`` (needs ``edgeseq convert --early-exit N``).
@@ -148,7 +150,7 @@ def load(path: str | Path, backend: str = "ort", speculate: str = "auto",
     root = Path(path)
     if memory_budget is not None:
         bound_allocator()
-    man = read_manifest(root)
+    man = manifest if manifest is not None else read_manifest(root)
     if man.task not in GENERATING:
         raise BundleError(f"{root}: task {man.task!r} does not generate; speculation applies to "
                           f"{', '.join(GENERATING)}")
@@ -171,11 +173,11 @@ def load(path: str | Path, backend: str = "ort", speculate: str = "auto",
                      draft_backend=draft_backend)
     plan.exit_threshold = float(exit_threshold)
     session = load_session(root, backend=backend, threads=threads, graphs=plan.graphs,
-                           prepack=frozenset(plan.prepack))
+                           prepack=frozenset(plan.prepack), manifest=man)
     draft_session = None
     if plan.mode == "draft":
         draft_session = load_session(Path(arg), backend=plan.draft_backend, threads=threads,
-                                     graphs=plan.draft_graphs)
+                                     graphs=plan.draft_graphs, manifest=draft_man)
     return SpeculativeSession(session, plan, draft_session)
 
 

@@ -6,11 +6,10 @@ import pytest
 import torch
 
 import edgeseq
-from edgeseq.registry import families
+from edgeseq.registry import families, format_of
 
 from ..conftest import BACKENDS, FAMILIES
 
-FORMAT = {"ort": "onnx", "executorch": "pte", "torch": "pt2"}
 CASES = [(f, b) for f in FAMILIES for b in BACKENDS]
 
 
@@ -32,7 +31,7 @@ def refs(checkpoints):
 @pytest.mark.parametrize("family,backend", CASES)
 def test_parity_report(bundle_of, family, backend):
     parity = json.loads((bundle_of(family) / "parity.json").read_text())
-    rec = next(c for c in parity["checks"] if c["format"] == FORMAT[backend])
+    rec = next(c for c in parity["checks"] if c["format"] == format_of(backend))
     assert rec["passed"] and rec["tokens_identical"] and rec["tokens_compared"] == 64
     assert rec["last_step_logits_max_abs_err"] <= 1e-4
 

@@ -53,7 +53,7 @@ def test_int_schemes_shrink_weights_and_pass_the_gate(lm_bundles):
             above = step["kept_float"] if scheme == "int8" else step["int8_sensitive"]
             assert any("dt_proj" in k for k in above)
             assert any("in_proj" in k for k in step["quantized"])
-            sess = edgeseq.load(b, backend={"onnx": "ort", "pte": "executorch"}[fmt])
+            sess = edgeseq.load(b, backend=fmt)
             assert len(sess.generate(list(b"def "), 16, stop_at_eos=False)) == 16
         # state stays float32 at the interface
         assert all(s["dtype"] == "float32" for s in man["graphs"]["step"]["state"])

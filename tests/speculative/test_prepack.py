@@ -130,7 +130,7 @@ keep = []
 
 
 def load(prepack=frozenset()):
-    model = OrtBackend().load(root, entries, 1, prepack)
+    model = OrtBackend().load(root, man, entries, 1, prepack)
     # each load maps the weights file anew; packing reads all of it, a plain load none (its
     # first call does): page both in, so that the difference is the packed copy
     int(np.asarray(model.weights.map).sum())

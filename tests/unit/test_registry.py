@@ -12,3 +12,30 @@ def test_unknown_names_list_the_known_ones():
 
 def test_backend_aliases():
     assert get_backend("onnx").name == "ort" and get_backend("pte").name == "executorch"
+
+
+def test_the_backend_format_map_is_written_once():
+    """Each backend class declares its format and aliases; every other module asks the registry
+    (#24: the map was written out seven times). A literal pairing of a backend name with a
+    format anywhere else in the sources fails this test."""
+    import re
+    from pathlib import Path
+
+    from edgeseq.registry import backend_name, backends, format_of, formats
+
+    fmts = formats()
+    assert fmts == {"onnx": "ort", "pte": "executorch", "pt2": "torch"}
+    for name, cls in backends().items():
+        assert format_of(name) == cls.format and backend_name(cls.format) == name
+        for alias in cls.aliases:
+            assert backend_name(alias) == name
+    names = "|".join(fmts.values())
+    kinds = "|".join(fmts)
+    pair = re.compile(rf"""["']({names})["']\s*:\s*["']({kinds})["']|["']({kinds})["']\s*:\s*["']({names})["']""")
+    root = Path(__file__).resolve().parents[2]
+    found = [f"{p.relative_to(root)}:{i}" for folder in ("edgeseq", "convert", "runtime", "quant",
+                                                          "kernels", "benchmarks", "tests")
+             for p in (root / folder).rglob("*.py") if p.resolve() != Path(__file__).resolve()
+             for i, line in enumerate(p.read_text().splitlines(), 1)
+             if pair.search(line) and "registry.py" not in p.name]
+    assert found == [], found
