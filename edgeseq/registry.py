@@ -93,3 +93,9 @@ def formats() -> dict[str, str]:
 def format_of(backend: str) -> str:
     """The bundle format a backend (by name, format or alias) runs."""
     return backends()[backend_name(backend)].format
+
+
+def runtime_memory(backend: str) -> Any:
+    """A backend's ``RuntimeMemory`` (``runtime/backends/base.py``): the one set of constants
+    for what its runtime holds besides weights, state and activations."""
+    return backends()[backend_name(backend)].memory

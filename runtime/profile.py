@@ -37,17 +37,12 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from edgeseq.bundle import DTYPES as BUNDLE_DTYPES, GraphEntry, Manifest, read_manifest
-from edgeseq.registry import format_of
+from edgeseq.registry import format_of, runtime_memory
 
 SCHEMA = 1
 #: the backends the profiler drives (their formats: ``edgeseq.registry.format_of``)
 PROFILED_BACKENDS = ("ort", "executorch")
 TASKS = ("causal_lm", "seq2seq", "speech_seq2seq", "classification")
-#: Bytes a native app needs besides weights, state and arena on the device: the runtime's code
-#: and its bookkeeping. Estimates: libonnxruntime.so (CPU EP) is ~20 MB of mapped code plus ~10
-#: MB of session structures; ExecuTorch's runtime with XNNPACK is a few MB (its point is a small
-#: footprint), rounded up for the app's own code.
-RUNTIME_OVERHEAD_BYTES = {"ort": 32 * 2**20, "executorch": 16 * 2**20}
 #: Copies of the state a stream holds: the live one and the one being written (ONNX Runtime's
 #: ping-pong buffers; ExecuTorch's planned outputs and the runner's clone; for encoder-decoders
 #: the cross-attention K/V kept by the session and fed to every decoder step).
@@ -1035,7 +1030,8 @@ def project(measured: Mapping[str, Any], costs: Mapping[str, GraphCost],
 
     Per graph: ``max(bound, bound / efficiency)`` with the efficiency at most 1, so the result is
     never below the device's roofline bound (without a host efficiency, the bound itself).
-    Memory: weights + state + arena (as measured on the host) + ``RUNTIME_OVERHEAD_BYTES``.
+    Memory: weights + state + arena (as measured on the host) + the backend's runtime memory
+    for the graphs measured (``Backend.memory``: the constants the speculative plan uses).
 
     Returns:
         ``step_ms``, ``tokens_per_s``/``frames_per_s``/``rtf``, ``first_token_ms``,
@@ -1076,7 +1072,7 @@ def project(measured: Mapping[str, Any], costs: Mapping[str, GraphCost],
         out["prefill_ms"] = sum(graphs["prefill"]["ms"] * n for g, n in
                                 (measured.get("first_calls") or {}).items() if g == "prefill")
     mem = measured["memory"]
-    over = RUNTIME_OVERHEAD_BYTES.get(backend, RUNTIME_OVERHEAD_BYTES["ort"])
+    over = runtime_memory(backend).runtime_bytes(len(costs))
     split = {"weights": mem["weights"], "state": mem["state"], "arena": mem["arena"],
              "runtime": over}
     peak = sum(split.values())

@@ -6,6 +6,7 @@ tensors); ``to_numpy``/``from_numpy`` convert it for snapshots, ``state_dict`` a
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -89,6 +90,31 @@ class Runner(Protocol):
         ...
 
 
+MB = 1 << 20
+
+
+@dataclass(frozen=True)
+class RuntimeMemory:
+    """What a backend's runtime holds besides weights, state and activations, one set per backend
+    (the speculative memory plan and the profile's device projection both count with it).
+
+    Measured on this project's bundles as RSS above the baseline after load, minus weights and
+    planned memory, rounded up. About half of ``base`` is library code paged in on first use
+    (RssFile: 6 MiB for ExecuTorch, 10 MiB for ONNX Runtime on the dev VM), and how much one touch
+    maps depends on the host's page cache: CI's host measured 14 MiB more than ours on the same
+    ExecuTorch bundle, so ``base`` carries that margin."""
+
+    base: int                   # once per process: the runtime's code and bookkeeping
+    per_graph: int              # each graph loaded (a session, a method)
+    #: freed intermediates are kept by the allocator and fragment: a call's intermediates,
+    #: times this, bound what it leaves behind
+    activation_factor: float = 1.0
+
+    def runtime_bytes(self, graphs: int) -> int:
+        """The runtime's share of a process that loads ``graphs`` graphs."""
+        return self.base + self.per_graph * graphs
+
+
 class Backend:
     """Base class; subclasses register with ``@register_backend("name")``."""
 
@@ -97,6 +123,7 @@ class Backend:
     #: in the manifest (``onnx``, ``pte``, ``pt2``); ``edgeseq.registry.formats`` lists them
     format: str = "?"
     aliases: tuple[str, ...] = ()       # other names a user may give for it (--backend)
+    memory: RuntimeMemory = RuntimeMemory(16 * MB, 4 * MB)
 
     def available(self) -> str | None:
         """None if usable here, else why not (a missing package, say)."""

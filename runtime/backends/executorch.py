@@ -20,8 +20,9 @@ import numpy as np
 
 from edgeseq.bundle import BundleError, GraphEntry, Manifest, StreamingGraph
 from edgeseq.registry import register_backend
-from edgeseq.runtime.backends.base import (Backend, LoadedModel, check_io, fed_length,
-                                           shared_state_specs, static_traces)
+from edgeseq.runtime.backends.base import (MB, Backend, LoadedModel, RuntimeMemory,
+                                           check_io, fed_length, shared_state_specs,
+                                           static_traces)
 
 PTE_FILE = "model.pte"
 PLANNED_FILE = "pte_planned_memory.json"
@@ -31,6 +32,7 @@ PLANNED_FILE = "pte_planned_memory.json"
 class ExecuTorchBackend(Backend):
     format = "pte"
     aliases = ("et",)
+    memory = RuntimeMemory(base=24 * MB, per_graph=3 * MB, activation_factor=1.0)
 
     def available(self) -> str | None:
         try:

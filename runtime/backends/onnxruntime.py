@@ -25,8 +25,9 @@ import numpy as np
 from edgeseq.bundle import BundleError, GraphEntry, Manifest, StreamingGraph
 from edgeseq.registry import register_backend
 from edgeseq.runtime.backends import base as backend_base
-from edgeseq.runtime.backends.base import (Backend, KeptBuffers, LoadedModel, check_io,
-                                           shared_state_specs, static_traces)
+from edgeseq.runtime.backends.base import (MB, Backend, KeptBuffers, LoadedModel,
+                                           RuntimeMemory, check_io, shared_state_specs,
+                                           static_traces)
 
 OPSET = 18
 WEIGHTS_FILE = "weights.onnx.data"
@@ -41,6 +42,7 @@ FP16_MIN_ELEMENTS = 1024
 class OrtBackend(Backend):
     format = "onnx"
     aliases = ("onnxruntime",)
+    memory = RuntimeMemory(base=20 * MB, per_graph=4 * MB, activation_factor=1.5)
 
     def available(self) -> str | None:
         try:

@@ -21,13 +21,15 @@ import numpy as np
 from edgeseq.bundle import (BundleError, GraphEntry, Manifest, StreamingGraph,
                             trusted_to_unpickle)
 from edgeseq.registry import register_backend
-from edgeseq.runtime.backends.base import Backend, LoadedModel, shared_state_specs
+from edgeseq.runtime.backends.base import (MB, Backend, LoadedModel, RuntimeMemory,
+                                           shared_state_specs)
 
 
 @register_backend("torch")
 class TorchBackend(Backend):
     format = "pt2"
     aliases = ("reference", "pytorch")
+    memory = RuntimeMemory(base=40 * MB, per_graph=8 * MB, activation_factor=2.0)
 
     def lower(self, graphs: dict[str, StreamingGraph], out: Path, dtype: str) -> dict[str, str]:
         import torch

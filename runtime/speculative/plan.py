@@ -42,20 +42,10 @@ import numpy as np
 
 from edgeseq.bundle import BundleError, Manifest, read_manifest
 from edgeseq.limits import max_source as max_source_tokens
-from edgeseq.registry import format_of
+from edgeseq.registry import format_of, runtime_memory
 
 MB = 1 << 20
 SOURCES = ("auto", "off", "input", "ngram", "recycle", "draft", "early-exit")
-# Fixed and per-graph runtime costs, measured on this project's bundles (RSS above baseline after
-# load, minus weights and planned memory), rounded up. About half of the fixed cost is library
-# code paged in on first use (RssFile: 6 MiB for ExecuTorch, 10 MiB for ORT on our machine), and
-# how much of it one touch maps depends on the host's page cache: CI's host measured 14 MiB more
-# than ours on the same ExecuTorch bundle, so the fixed costs carry that margin.
-RUNTIME_BASE = {"ort": 20 * MB, "executorch": 24 * MB, "torch": 40 * MB}
-RUNTIME_PER_GRAPH = {"ort": 4 * MB, "executorch": 3 * MB, "torch": 8 * MB}
-# Freed intermediate buffers are kept by the allocator and fragment: the sum of a call's
-# intermediates, times this, bounds what it leaves behind.
-ACTIVATION_FACTOR = {"ort": 1.5, "executorch": 1.0, "torch": 2.0}
 PREFILL_CHUNKS = (128, 64, 32, 16, 8, 4, 1)
 # Measured packed copies exceeded the conversion's estimate (onnxruntime.prepacked_bytes) by up
 # to 7% (allocation headers, alignment); the plan counts this much more.
@@ -233,7 +223,8 @@ def activation_bytes(root: Path, man: Manifest, backend: str, graph: str,
     if fmt == "onnx":
         tables = _tables(str(root / ACTIVATION_TABLE))
         if graph in tables:
-            return int(ACTIVATION_FACTOR["ort"] * _from_table(tables[graph], dims))
+            return int(runtime_memory(backend).activation_factor
+                       * _from_table(tables[graph], dims))
         return 16 * _file(root, man.graphs[graph].files["onnx"]) + 16 * MB   # older bundle
     return 4 * weights_bytes(root, man, backend, {graph})
 
@@ -312,8 +303,7 @@ class _Costs:
         act = sum(acts) if be == "executorch" else max(acts)
         st = state_bytes(self.man, self.dims())
         return {"weights": weights_bytes(self.root, self.man, be, graphs or set(also)),
-                "runtime": RUNTIME_BASE.get(be, 16 * MB) + RUNTIME_PER_GRAPH.get(be, 4 * MB)
-                * len(graphs),
+                "runtime": runtime_memory(be).runtime_bytes(len(graphs)),
                 "activations": act,
                 "state": 2 * st + _cross_bytes(self.man, self.source),
                 "bindings": self.kept_bindings(graphs)}
@@ -332,7 +322,7 @@ class _Costs:
         be = self.backend
         # ORT: the graph's proto only (the shared weights file is counted with the base graphs)
         w = _file(self.root, self.man.graphs[graph].files["onnx"]) if be == "ort" else 0
-        return {"runtime": RUNTIME_PER_GRAPH.get(be, 4 * MB) + w,
+        return {"runtime": runtime_memory(be).per_graph + w,
                 "activations": activation_bytes(self.root, self.man, be, graph,
                                                 self.dims(chunk)),
                 "bindings": self.kept_bindings({graph})}
@@ -447,7 +437,7 @@ def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None
             # costs, weights, activations), not a second runtime (measured on
             # mamba-bytes-draft after the target: 1.6-3.5 MiB for its prefill and draft_loop,
             # ORT and ExecuTorch)
-            dfp["runtime"] -= RUNTIME_BASE.get(backend, 0)
+            dfp["runtime"] -= runtime_memory(backend).base
         graphs = dcosts.base_graphs(dlean)
         loop = "draft_loop" in dman.graphs
         if loop:                                    # one call; traces as snapshots

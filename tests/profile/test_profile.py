@@ -250,6 +250,20 @@ def test_projection_never_beats_the_bound_on_any_builtin_device(measured_ms):
         assert p["step_ms"] >= 1e8 / dev.bandwidth * 1e3 * (1 - 1e-12), dev.id
 
 
+@pytest.mark.parametrize("backend", ["ort", "executorch"])
+def test_projected_runtime_memory_is_the_backends_own(backend):
+    """One set of runtime memory constants per backend (#24): the projection counts what the
+    speculative memory plan counts, ``Backend.memory`` for the graphs measured."""
+    from edgeseq.registry import backends
+
+    cost, host, measured = _synthetic(10.0)
+    eff = P.host_efficiency(cost, measured, host)
+    p = P.project(measured, cost, eff, host, "causal_lm", backend=backend)
+    mem = backends()[backend].memory
+    assert p["memory"]["runtime"] == mem.base + mem.per_graph * len(cost)
+    assert p["peak_bytes"] == 99_000_000 + 1_000_000 + mem.base + mem.per_graph
+
+
 def test_parse_size():
     assert P.parse_size("512M") == 512 * 2**20
     assert P.parse_size("2G") == 2 * 2**30
