@@ -202,7 +202,7 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
 
         graphs["draft_loop"] = draft_loop_from_step(graphs["step"], draft_loop)
     folder = checkpoint_folder(src)   # the side files of a checkpoint given as its weights file
-    tok_spec = tokenize.detect(folder)
+    tok_spec = tokenize.detect(folder, config)
     tokenizer = tokenize.load(folder, tok_spec)
     model_config = family.model_config(model, **opts)
     # the original model's reference outputs, computed while the graphs are lowered

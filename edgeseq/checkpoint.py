@@ -53,13 +53,13 @@ def read_config(path: Path) -> dict[str, Any]:
             raise BundleError(f"{path}: expected a checkpoint folder (config.json + weights) or "
                               f"a weights file ({', '.join(FILE_SUFFIXES)})")
         cfg = path.parent / "config.json"
-        raw = _read_json(cfg) if cfg.is_file() else {}
+        raw = read_json(cfg) if cfg.is_file() else {}
     else:
         cfg = path / "config.json"
         # a config.json that is a FIFO or a device gets the reader's own refusal
         if not cfg.exists() and not cfg.is_symlink():
             raise BundleError(f"{path}: no config.json, so the architecture is unknown")
-        raw = _read_json(cfg)
+        raw = read_json(cfg)
     _check_config(raw, cfg)
     if "model_type" not in raw:
         from edgeseq.registry import families
@@ -89,7 +89,8 @@ def _check_config(raw: Any, where: Path) -> None:
         raise BundleError(str(e)) from None
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """A checkpoint's JSON file (config, weights index), size-capped, one-line errors."""
     try:
         # a config or index is small: the reader refuses devices, FIFOs and oversized files
         return json.loads(limits.read_text_file(path, "JSON"))
@@ -139,7 +140,7 @@ def weight_files(path: Path) -> list[Path]:
 def _weight_map(index: Path) -> dict[str, Path]:
     """tensor name -> shard file, checked: every shard named exists inside the folder, and every
     shard file of the folder's pattern is named."""
-    data = _read_json(index)
+    data = read_json(index)
     wm = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(wm, dict) or not wm or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):

@@ -32,6 +32,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from edgeseq.bundle import BundleError
+from edgeseq.checkpoint import read_json
 from edgeseq.limits import LimitError, check_file
 
 MARKER = "edgeseq_tokenizer.json"  # a checkpoint declares a non-HF tokenizer with this file
@@ -325,11 +326,12 @@ def _is_byt5(cfg: dict[str, Any], model_cfg: dict[str, Any]) -> bool:
     return cls.startswith("ByT5")
 
 
-def detect(src: Path) -> dict[str, Any] | None:
+def detect(src: Path, model_config: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The manifest's tokenizer entry for a checkpoint folder, or None if it has none.
 
     Published files are read as transformers reads them; a file that is there but unreadable is
-    a one-line ``BundleError`` naming it.
+    a one-line ``BundleError`` naming it. ``model_config``: the checkpoint's ``config.json`` as
+    the caller read it (``checkpoint.read_config``); else it is read here with the same reader.
     """
     src = Path(src)
     for name in TOKENIZER_FILES:  # transformers may read any of them below
@@ -345,7 +347,9 @@ def detect(src: Path) -> dict[str, Any] | None:
             raise BundleError(f"{src / MARKER}: offset must be a non-negative integer")
         return {"type": "bytes", "offset": offset} if offset else {"type": "bytes"}
     cfg = _tokenizer_config(src)
-    model_cfg = _read_json(src / "config.json", "config") if (src / "config.json").is_file() else {}
+    if model_config is None:   # read as a checkpoint's config is, not under the tokenizer cap
+        model_config = read_json(src / "config.json") if (src / "config.json").is_file() else {}
+    model_cfg = model_config if isinstance(model_config, dict) else {}
     clean_up = bool(cfg.get("clean_up_tokenization_spaces", False))
     if (src / "tokenizer.json").is_file():
         spec = {"type": "hf", "file": "tokenizer.json"}

@@ -245,16 +245,17 @@ class Session:
     def encode(self, text: str) -> list[int]:
         """Prompt ids as the checkpoint's tokenizer gives them, its own special tokens included
         (``tokenizer(text).input_ids``; see ``edgeseq.tokenize``)."""
-        if self.tokenizer is None:
-            raise BundleError(f"{self.root}: bundle has no tokenizer; pass token ids instead")
-        return self.tokenizer.encode(text)
+        return self._tokenizer().encode(text)
 
     def encode_array(self, text: str) -> np.ndarray:
         """``encode(text)`` as a compact 1-D id array (uint8/uint16/uint32): what a long
         prompt should be held as; ``prefill`` widens it a chunk at a time."""
+        return tokenize.encode_array(self._tokenizer(), text)
+
+    def _tokenizer(self) -> Any:
         if self.tokenizer is None:
             raise BundleError(f"{self.root}: bundle has no tokenizer; pass token ids instead")
-        return tokenize.encode_array(self.tokenizer, text)
+        return self.tokenizer
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text for ids, special tokens skipped (as ``tokenizer.decode(ids,
