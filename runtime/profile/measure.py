@@ -301,7 +301,6 @@ def _import_backend(backend: str) -> None:
 
     backends()
     if backend == "ort":
-        import onnx  # noqa: F401  (the ORT backend reads graph protos at load)
         import onnxruntime  # noqa: F401
     elif backend == "executorch":
         import torch  # noqa: F401  (the ExecuTorch runner passes torch tensors)
