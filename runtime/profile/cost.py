@@ -3,6 +3,7 @@ operations by dtype), from the ONNX graph at the measured sizes or, for a ``.pte
 from the file size and the manifest; the state-bytes rule the measurement and the projection use."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -41,6 +42,7 @@ def _spec_bytes(spec: Any, dims: Mapping[str, int]) -> int:
     return int(np.prod(shape)) * np.dtype(BUNDLE_DTYPES.get(spec.dtype, np.float32)).itemsize
 
 
+@dataclass
 class GraphCost:
     """What one call of a graph moves and computes (a lower bound on its DRAM traffic)."""
 
