@@ -100,7 +100,11 @@ class Beside:
     are lowered, instead of after them. On two cores the lowering leaves one idle while its
     longest graph finishes; the reference fills that time.
 
-    In this process, at ``result()``, where workers are off (``EDGESEQ_JOBS=1``, no fork)."""
+    In this process, at ``result()``, where workers are off (``EDGESEQ_JOBS=1``, no fork). At
+    the same priority as everything else: at nice 10 it starved whenever another busy process
+    shared the cores (two conversions at once, a test suite's other worker), and the conversion
+    then waited on it after its lowering had finished; the gain measured at nice 10 on an
+    otherwise idle machine was within noise (Whisper-tiny 25.2 against 26.5 s)."""
 
     def __init__(self, fn: Callable[[], Any]):
         self._fn: Callable[[], Any] | None = fn
@@ -110,12 +114,12 @@ class Beside:
             return
         import multiprocessing
 
-        _BESIDE["job"] = fn
+        _JOBS[_BESIDE] = fn
         try:
             self._pool = multiprocessing.get_context("fork").Pool(1)
-            self._async = self._pool.apply_async(_run_beside)
+            self._async = self._pool.apply_async(_run, (_BESIDE,))
         finally:
-            _BESIDE.clear()   # the child has its copy; this process keeps none
+            _JOBS.pop(_BESIDE, None)   # the child has its copy; this process keeps none
         self._fn = None
 
     def result(self) -> Any:
@@ -145,13 +149,5 @@ class Beside:
         self._fn = None
 
 
-_BESIDE: dict[str, Callable[[], Any]] = {}
-
-
-def _run_beside() -> Any:
-    # At the same priority as everything else: at nice 10 it starved whenever another busy
-    # process shared the cores (two conversions at once, a test suite's other worker), and the
-    # conversion then waited on it after its lowering had finished; the gain measured at nice 10
-    # on an otherwise idle machine was within noise (Whisper-tiny 25.2 against 26.5 s).
-    _JOBS["beside"] = _BESIDE["job"]
-    return _run("beside")
+#: the job table's key for the job run beside (apart from ``run_jobs``' names)
+_BESIDE = " beside"
