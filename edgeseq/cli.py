@@ -779,8 +779,12 @@ def _parity_record(path: Path) -> dict[str, Any] | None:
 
 
 def _inspect(root: Path, man: Any) -> dict[str, Any]:
+    from edgeseq.bundle import size_problems
     from edgeseq.quant.onnx import weight_bytes_by_dtype
 
+    sizes = size_problems(root, man)
+    if sizes:     # a truncated or swapped file: say so before any parser meets it
+        raise BundleError(f"{root / 'manifest.json'}: " + "; ".join(sizes))
     graphs = {n: {"inputs": [t.to_json() for t in g.inputs], "outputs": [t.to_json() for t in g.outputs],
                   "files": g.files} for n, g in man.graphs.items()}
     specs = next((g.state for g in man.graphs.values() if g.state), [])

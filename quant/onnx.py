@@ -20,6 +20,7 @@ The exporter writes linear layers as ``Gemm(x, W, b, transB=1)``; ONNX Runtime's
 from __future__ import annotations
 
 import fnmatch
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -401,22 +402,28 @@ def rewrite_bundle_graphs(folder: Path, files: dict[str, str],
 
 
 def weight_bytes_by_dtype(folder: Path, files: list[str]) -> dict[str, int]:
-    """Bytes of the initializers of the given ONNX files by dtype, each shared tensor once."""
-    import onnx
-    from onnx.helper import tensor_dtype_to_np_dtype
+    """Bytes of the initializers of the given ONNX files by dtype, each shared tensor once.
+    Reads the initializer records only (``onnx_records``): a damaged graph is a BundleError
+    naming the file, not a protobuf traceback."""
+    from edgeseq.bundle import BundleError
+    from edgeseq.runtime.backends.onnx_records import ProtoError, initializers
 
     seen: set[tuple] = set()
     out: dict[str, int] = {}
     for f in files:
-        model = onnx.load(str(folder / f), load_external_data=False)
-        for init in model.graph.initializer:
-            ext = {e.key: e.value for e in init.external_data}
+        try:
+            records = initializers((folder / f).read_bytes())
+            dtypes = [r.numpy_dtype() for r in records]
+        except ProtoError as e:
+            raise BundleError(f"{folder / f}: not an ONNX model ({e})") from None
+        for init, dt in zip(records, dtypes):
+            ext = init.external_data
             key = (ext.get("location"), ext.get("offset")) if ext else (f, init.name)
             if key in seen:
                 continue
             seen.add(key)
-            n = int(np.prod(init.dims)) if init.dims else 1
-            dt = np.dtype(tensor_dtype_to_np_dtype(init.data_type))
-            nbytes = int(ext["length"]) if ext else (len(init.raw_data) or n * dt.itemsize)
+            length = ext.get("length", "")
+            nbytes = (int(length) if length.isdigit() else
+                      init.raw_bytes or max(0, math.prod(init.dims)) * dt.itemsize)
             out[str(dt)] = out.get(str(dt), 0) + nbytes
     return out

@@ -22,7 +22,7 @@ import numpy as np
 # onnx.proto field numbers (stable since the format's first release)
 _MODEL_GRAPH = 7
 _GRAPH_INITIALIZER = 5
-_TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_NAME = 1, 2, 8
+_TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_NAME, _TENSOR_RAW_DATA = 1, 2, 8, 9
 _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 13, 14
 _ENTRY_KEY, _ENTRY_VALUE = 1, 2
 #: TensorProto.DataLocation.EXTERNAL
@@ -46,6 +46,8 @@ class Initializer:
     dims: list[int] = field(default_factory=list)
     data_location: int = 0
     external_data: dict[str, str] = field(default_factory=dict)
+    #: bytes held in the graph file itself (``raw_data``), 0 for external or typed-field data
+    raw_bytes: int = 0
 
     def numpy_dtype(self) -> np.dtype:
         if self.data_type not in NUMPY_DTYPES:
@@ -82,6 +84,8 @@ def _tensor(buf: memoryview, start: int, end: int) -> Initializer:
             t.data_type = val
         elif num == _TENSOR_NAME and wire == 2:
             t.name = _text(buf, val)
+        elif num == _TENSOR_RAW_DATA and wire == 2:
+            t.raw_bytes = val[1] - val[0]
         elif num == _TENSOR_DATA_LOCATION and wire == 0:
             t.data_location = val
         elif num == _TENSOR_EXTERNAL_DATA and wire == 2:

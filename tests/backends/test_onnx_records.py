@@ -18,16 +18,18 @@ onnx = pytest.importorskip("onnx")
 def _as_onnx_reads_them(path):
     proto = onnx.load(str(path), load_external_data=False)
     return [(i.name, int(i.data_type), [int(d) for d in i.dims], int(i.data_location),
-             {e.key: e.value for e in i.external_data}) for i in proto.graph.initializer]
+             {e.key: e.value for e in i.external_data}, len(i.raw_data))
+            for i in proto.graph.initializer]
 
 
 @pytest.mark.parametrize("graph", ["prefill.onnx", "step.onnx"])
 def test_records_match_onnx(bundle_of, graph):
     path = bundle_of("mamba") / graph
-    ours = [(i.name, i.data_type, i.dims, i.data_location, i.external_data)
+    ours = [(i.name, i.data_type, i.dims, i.data_location, i.external_data, i.raw_bytes)
             for i in initializers(path.read_bytes())]
     assert ours == _as_onnx_reads_them(path)
-    assert any(loc == 1 for *_, loc, _ in ours)       # external records were among them
+    assert any(loc == 1 for *_, loc, _, _ in ours)    # external records were among them
+    assert any(raw > 0 for *_, raw in ours)           # and small ones held in the graph
 
 
 def test_packed_and_negative_dims_and_every_wire_type(tmp_path):

@@ -134,6 +134,20 @@ def test_inspect_malformed_quantization_record(bundle, env):
     assert p.stdout == ""  # nothing half-printed before the error
 
 
+def test_inspect_damaged_graph(bundle, env):
+    """A graph replaced by other bytes: the size record speaks first; bytes of the right size
+    that are not ONNX are named as such (never a protobuf traceback or "unexpected")."""
+    size = (bundle / "step.onnx").stat().st_size
+    (bundle / "step.onnx").write_bytes(os.urandom(5000))
+    p = edgeseq(env, "inspect", bundle)
+    assert "truncated or replaced" in error_line(p, code=2, names=bundle / "step.onnx")
+    (bundle / "step.onnx").write_bytes(b"\xff" * size)
+    p = edgeseq(env, "inspect", bundle)
+    line = error_line(p, code=2, names=bundle / "step.onnx")
+    assert "not an ONNX model" in line and "unexpected" not in line
+    assert p.stdout == ""
+
+
 def test_inspect_verify(bundle, env):
     p = edgeseq(env, "inspect", bundle, "--verify")
     assert p.returncode == 0, p.stderr

@@ -35,3 +35,20 @@ def test_console_script_exit_codes_and_output_survive_the_fast_exit(tmp_path):
     devices = subprocess.run([exe, "devices", "--json"], capture_output=True, text=True)
     assert devices.returncode == 0, devices.stderr
     assert len(json.loads(devices.stdout)) > 3     # a long output, flushed whole
+
+
+def test_every_package_folder_is_installed():
+    """A wheel holds only the packages pyproject lists (the editable install finds the rest by
+    path, so a missing entry shows only once installed for real)."""
+    import tomllib
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    tool = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed, dirs = set(tool["packages"]), tool["package-dir"]
+    found = set()
+    for pkg, folder in dirs.items():
+        for init in (repo / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(repo / folder).parts
+            found.add(".".join((pkg, *rel)))
+    assert found - listed == set(), "pyproject.toml [tool.setuptools] packages misses these"
