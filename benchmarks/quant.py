@@ -62,13 +62,10 @@ def convert_scheme(src: str | Path, out: Path, scheme: str, **kw: Any) -> tuple[
 def weight_bytes(bundle: Path, fmt: str = "onnx") -> int:
     """ONNX: the initializers' bytes (each shared tensor once); pte: the whole program file."""
     from edgeseq.bundle import read_manifest
-    from edgeseq.quant.onnx import weight_bytes_by_dtype
+    from edgeseq.registry import backend_name
+    from edgeseq.runtime import cost
 
-    man = read_manifest(bundle)
-    files = sorted({g.files[fmt] for g in man.graphs.values()})
-    if fmt == "pte":
-        return sum((bundle / f).stat().st_size for f in files)
-    return sum(weight_bytes_by_dtype(bundle, files).values())
+    return cost.weight_bytes(bundle, read_manifest(bundle), backend_name(fmt))
 
 
 def lm_speed(bundle: Path, n: int = 64, fmt: str = "onnx") -> float:

@@ -143,7 +143,7 @@ def bundle_sizes(bundle: Path, fmt: str) -> tuple[int, int]:
     on_disk = sum((bundle / f).stat().st_size for f in files)
     if fmt == "pte":
         return on_disk, on_disk
-    from edgeseq.quant.onnx import weight_bytes_by_dtype
+    from edgeseq.runtime.cost import weight_bytes_by_dtype
     from edgeseq.runtime.backends.onnxruntime import WEIGHTS_FILE
 
     if (bundle / WEIGHTS_FILE).is_file():

@@ -187,7 +187,7 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
                                        calibration)
     model = family.load(src)
     # a generation rule the runtime would not apply as transformers does: refused by name
-    generation.check(model, src, family.name, family.task)
+    generation.check(model, src, family)
     graphs = family.graphs(model, **opts)
     if early_exit is not None:
         if not hasattr(family, "exit_graph"):
@@ -241,7 +241,8 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
         quant_record = None
         if quant is not None:
             if "onnx" in formats:
-                from edgeseq.quant.onnx import quantize_bundle_graphs, weight_bytes_by_dtype
+                from edgeseq.quant.onnx import quantize_bundle_graphs
+                from edgeseq.runtime.cost import weight_bytes_by_dtype
 
                 onnx_files = {name: f["onnx"] for name, f in files.items()}
                 before = sum(weight_bytes_by_dtype(tmp, list(onnx_files.values())).values())

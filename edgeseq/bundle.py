@@ -23,7 +23,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -175,6 +175,22 @@ class GraphEntry:
                    d.get("max_chunk"))
 
 
+def shared_state_specs(entries: Mapping[str, GraphEntry]) -> list[StateSpec]:
+    """The state list every stateful graph of a bundle shares (same names, same order).
+
+    Stateless graphs (an encoder) are skipped. A graph may carry a prefix of the list (an
+    early-exit drafter runs the first layers only); the longest list is the bundle's."""
+    stateful = [e for e in entries.values() if e.state]
+    if not stateful:
+        return []
+    full = max(stateful, key=lambda e: len(e.state))
+    names = [s.name for s in full.state]
+    for e in stateful:
+        if [s.name for s in e.state] != names[:len(e.state)]:
+            raise ValueError(f"graph {e.name}: state is not a prefix of graph {full.name}'s")
+    return list(full.state)
+
+
 @dataclass
 class Manifest:
     """``manifest.json``: everything a runtime needs to drive the bundle's graphs."""
@@ -221,6 +237,11 @@ class Manifest:
                    config=d.get("config", {}), schema_version=d["schema_version"],
                    created_by=d.get("created_by", "edgeseq"), files=files)
 
+    @property
+    def state_specs(self) -> list[StateSpec]:
+        """The bundle's state list (``shared_state_specs`` of its graphs)."""
+        return shared_state_specs(self.graphs)
+
     def validate(self, root: Path | None = None) -> list[str]:
         """Every problem at once (an empty list means valid)."""
         problems = []
@@ -247,6 +268,10 @@ class Manifest:
                            for d in s.shape):
                     problems.append(f"graph {name}: {s.name} has a bad shape {list(s.shape)} "
                                     f"(named dims or integers 0..{MAX_DIM})")
+        try:
+            shared_state_specs(self.graphs)
+        except ValueError as e:
+            problems.append(str(e))
         if root is not None:
             problems += self._file_problems(Path(root))
         return problems

@@ -780,30 +780,29 @@ def _parity_record(path: Path) -> dict[str, Any] | None:
 
 def _inspect(root: Path, man: Any) -> dict[str, Any]:
     from edgeseq.bundle import size_problems
-    from edgeseq.quant.onnx import weight_bytes_by_dtype
+    from edgeseq.runtime.cost import (format_files, state_bytes, state_bytes_per_position,
+                                      weight_bytes_by_dtype)
 
     sizes = size_problems(root, man)
     if sizes:     # a truncated or swapped file: say so before any parser meets it
         raise BundleError(f"{root / 'manifest.json'}: " + "; ".join(sizes))
     graphs = {n: {"inputs": [t.to_json() for t in g.inputs], "outputs": [t.to_json() for t in g.outputs],
                   "files": g.files} for n, g in man.graphs.items()}
-    specs = next((g.state for g in man.graphs.values() if g.state), [])
     b1 = {"batch": 1, "past": 0, "source": 0}
-    tensors = [{**s.to_json(), "bytes_batch1": s.nbytes(b1)} for s in specs]
-    per_pos = sum(s.nbytes({"batch": 1, "past": 1, "source": 0}) - s.nbytes(b1) for s in specs)
+    tensors = [{**s.to_json(), "bytes_batch1": s.nbytes(b1)} for s in man.state_specs]
     weights: dict[str, dict[str, int]] = {}
-    onnx_files = sorted({g.files["onnx"] for g in man.graphs.values() if "onnx" in g.files})
+    onnx_files = format_files(man, "onnx")
     if onnx_files:
         weights["onnx"] = weight_bytes_by_dtype(root, onnx_files)
     for fmt in ("pte", "pt2"):
-        fs = sorted({g.files[fmt] for g in man.graphs.values() if fmt in g.files})
+        fs = format_files(man, fmt)
         if fs:
             weights[fmt] = {"file bytes": sum((root / f).stat().st_size for f in fs)}
     parity = _parity_record(root / "parity.json")
     return {"family": man.family, "task": man.task, "dtype": man.dtype, "target": man.target,
             "graphs": graphs,
-            "state": {"tensors": tensors, "bytes_batch1": sum(t["bytes_batch1"] for t in tensors),
-                      "bytes_per_position": per_pos},
+            "state": {"tensors": tensors, "bytes_batch1": state_bytes(man, b1),
+                      "bytes_per_position": state_bytes_per_position(man)},
             "weights": weights, "quantization": man.quantization, "parity": parity,
             "config": man.config}
 

@@ -7,8 +7,8 @@ is one of:
 
 - honoured: the runtime applies it exactly as transformers 4.57 does (``HONOURED``, per task);
 - no effect on the tokens (``NO_EFFECT``: output format, caching, speculative-decoding knobs),
-  or read by a family's own ``generate`` (``FAMILY_OWN``: Whisper's prompt and timestamp rules,
-  implemented by that family);
+  or read by a family's own ``generate`` (the family's ``generation_own``: Whisper's prompt and
+  timestamp rules, implemented by that family);
 - refused: a checkpoint that sets any other field away from transformers' default is refused
   by ``check`` at convert time, naming the field, so a bundle never decodes differently from
   its checkpoint in silence.
@@ -66,28 +66,6 @@ NO_EFFECT = frozenset({
 })
 NO_EFFECT_SPEECH = frozenset({"encoder_no_repeat_ngram_size"})
 
-#: Fields a family's own ``generate`` reads (WhisperForConditionalGeneration.generate); the
-#: family implements them (edgeseq.families.whisper, edgeseq.runtime.speech).
-FAMILY_OWN: dict[str, frozenset[str]] = {
-    "whisper": frozenset({"lang_to_id", "task_to_id", "is_multilingual", "alignment_heads",
-                          "no_timestamps_token_id", "max_initial_timestamp_index",
-                          "prev_sot_token_id", "forced_decoder_ids", "return_timestamps",
-                          "begin_suppress_tokens", "suppress_tokens", "language", "task"}),
-}
-
-#: Fields a family's own ``generate`` overrides, so the checkpoint's values never take effect:
-#: Whisper's sets ``do_sample`` from its ``temperature`` argument (default: greedy), whatever the
-#: config says (``WhisperGenerationMixin.generate``: ``do_sample = temperature is not None and
-#: temperature > 0``).
-OVERRIDDEN: dict[str, frozenset[str]] = {"whisper": frozenset({"do_sample", *SAMPLING})}
-
-#: Fields a family's own ``generate`` reads that edgeseq does not implement: refused when set
-#: (Whisper's long-form fallback: thresholds and conditioning on the previous window).
-FAMILY_UNSUPPORTED: dict[str, tuple[str, ...]] = {
-    "whisper": ("logprob_threshold", "compression_ratio_threshold", "no_speech_threshold",
-                "condition_on_prev_tokens"),
-}
-
 #: New tokens ``edgeseq run`` makes for a causal LM when not told (a causal checkpoint that
 #: sets a length limit is refused, so it never competes with one).
 CAUSAL_MAX_NEW_TOKENS = 64
@@ -100,12 +78,6 @@ DEFAULTS: dict[str, Any] = {
     "length_penalty": 1.0, "early_stopping": False, "repetition_penalty": 1.0,
     "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "renormalize_logits": False,
 }
-
-
-def effective(gen: dict[str, Any], family: str | None) -> dict[str, Any]:
-    """A manifest's generation fields less those the family's ``generate`` overrides."""
-    drop = OVERRIDDEN.get(family or "", frozenset())
-    return {k: v for k, v in gen.items() if k not in drop}
 
 
 def field(gen: dict[str, Any], name: str) -> Any:
@@ -132,11 +104,14 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def check(model: Any, folder: Path, family: str, task: str) -> None:
+def check(model: Any, folder: Path, family: Any) -> None:
     """Refuse a checkpoint whose generation config sets a field edgeseq's runtime does not
     apply as transformers does. ``model``: the loaded transformers model (its
     ``generation_config`` is what ``generate`` would use); families without one (edgeseq's own
-    models) are checked against ``generation_config.json`` if the folder has one."""
+    models) are checked against ``generation_config.json`` if the folder has one. ``family``:
+    the checkpoint's family (its task, and the fields its own ``generate`` reads, overrides or
+    that edgeseq refuses: ``edgeseq.families.base.Family.generation_*``)."""
+    task = family.task
     if task not in HONOURED:
         return  # classifiers do not generate
     from transformers import GenerationConfig
@@ -157,7 +132,7 @@ def check(model: Any, folder: Path, family: str, task: str) -> None:
     values = gen.to_dict()
     defaults = GenerationConfig().to_dict()
     honoured = HONOURED[task]
-    own = FAMILY_OWN.get(family, frozenset()) | OVERRIDDEN.get(family, frozenset())
+    own = family.generation_own | family.generation_overridden
     no_effect = NO_EFFECT | (NO_EFFECT_SPEECH if task == "speech_seq2seq" else frozenset())
     sampling = bool(values.get("do_sample"))
     # the fields transformers' generate reads; any other key (a model-config key copied by
@@ -175,10 +150,10 @@ def check(model: Any, folder: Path, family: str, task: str) -> None:
                               f"runtime ({task}); transformers' default is "
                               f"{_show(defaults.get(name))}, and decoding without it would "
                               f"differ from transformers' generate")
-    for name in FAMILY_UNSUPPORTED.get(family, ()):
+    for name in family.generation_unsupported:
         if values.get(name) not in (None, False):
             raise BundleError(f"{label}: {name} = {_show(values[name])} is not supported by "
-                              f"edgeseq's runtime ({family}'s long-form fallback); decoding "
+                              f"edgeseq's runtime ({family.name}'s long-form fallback); decoding "
                               f"without it would differ from transformers' generate")
     beams = values.get("num_beams") or 1
     if sampling and beams > 1 and "do_sample" not in own:

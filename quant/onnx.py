@@ -20,7 +20,6 @@ The exporter writes linear layers as ``Gemm(x, W, b, transB=1)``; ONNX Runtime's
 from __future__ import annotations
 
 import fnmatch
-import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -399,31 +398,3 @@ def rewrite_bundle_graphs(folder: Path, files: dict[str, str],
     for name, model in models.items():
         onnx.save_model(model, str(folder / files[name]))
     return reports
-
-
-def weight_bytes_by_dtype(folder: Path, files: list[str]) -> dict[str, int]:
-    """Bytes of the initializers of the given ONNX files by dtype, each shared tensor once.
-    Reads the initializer records only (``onnx_records``): a damaged graph is a BundleError
-    naming the file, not a protobuf traceback."""
-    from edgeseq.bundle import BundleError
-    from edgeseq.runtime.backends.onnx_records import ProtoError, initializers
-
-    seen: set[tuple] = set()
-    out: dict[str, int] = {}
-    for f in files:
-        try:
-            records = initializers((folder / f).read_bytes())
-            dtypes = [r.numpy_dtype() for r in records]
-        except ProtoError as e:
-            raise BundleError(f"{folder / f}: not an ONNX model ({e})") from None
-        for init, dt in zip(records, dtypes):
-            ext = init.external_data
-            key = (ext.get("location"), ext.get("offset")) if ext else (f, init.name)
-            if key in seen:
-                continue
-            seen.add(key)
-            length = ext.get("length", "")
-            nbytes = (int(length) if length.isdigit() else
-                      init.raw_bytes or max(0, math.prod(init.dims)) * dt.itemsize)
-            out[str(dt)] = out.get(str(dt), 0) + nbytes
-    return out

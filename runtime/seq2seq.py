@@ -146,9 +146,9 @@ class Seq2SeqSession:
     def sampling(self, do_sample: bool | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None) -> SamplingConfig:
         """The sampling settings: the arguments given, else the checkpoint's generation config
-        (which samples by default when it sets ``do_sample``, with transformers' top-k of 50)."""
-        gen = generation.effective(self.gen, self.config.get("architecture"))
-        return SamplingConfig.from_generation(gen, do_sample, temperature, top_k, top_p)
+        (which samples by default when it sets ``do_sample``, with transformers' top-k of 50;
+        fields a family's ``generate`` overrides were left out of it at convert)."""
+        return SamplingConfig.from_generation(self.gen, do_sample, temperature, top_k, top_p)
 
     def _processors(self, max_new: int, ignore_eos: bool, prompt_len: int | None = None,
                     extra: Sequence[Callable[[np.ndarray, np.ndarray], np.ndarray]] = ()

@@ -34,6 +34,19 @@ class Family:
     task: str = "causal_lm"
     #: ``model_type`` values of ``config.json`` that this family loads.
     model_types: tuple[str, ...] = ()
+    #: Generation-config fields this family's own ``generate`` reads and edgeseq implements for
+    #: it (``edgeseq.generation.check`` leaves them to the family).
+    generation_own: frozenset[str] = frozenset()
+    #: Fields its ``generate`` overrides, so a checkpoint's values never take effect: left out
+    #: of the manifest's generation record, so the runtime never applies them either.
+    generation_overridden: frozenset[str] = frozenset()
+    #: Fields its ``generate`` reads that edgeseq does not implement: refused when set.
+    generation_unsupported: tuple[str, ...] = ()
+
+    def effective_generation(self, gen: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint's generation fields less those this family's ``generate`` overrides:
+        what the manifest records and the runtime applies."""
+        return {k: v for k, v in gen.items() if k not in self.generation_overridden}
 
     def can_load(self, config: dict[str, Any]) -> bool:
         return config.get("model_type") in self.model_types

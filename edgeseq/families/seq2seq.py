@@ -479,7 +479,7 @@ class Seq2SeqFamily(Family):
                 "cache_layout": "fixed" if max_target_len else "dynamic",
                 "max_target_len": max_target_len or d.get("max_target"),
                 "decoder_prompt": self.decoder_prompt(model, gen),
-                "generation": gen, "architecture": self.name,
+                "generation": self.effective_generation(gen), "architecture": self.name,
                 # named tasks (T5's translation/summarization prefixes): edgeseq run --task
                 "task_specific_params": _jsonable(getattr(c, "task_specific_params", None))}
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from edgeseq.families.bart import BartLikeStep
 from edgeseq.families.seq2seq import CrossKV, DecoderStep, Seq2SeqFamily, fit_reversal
+from edgeseq.generation import SAMPLING
 from edgeseq.registry import register_family
 
 
@@ -55,6 +56,20 @@ class WhisperFamily(Seq2SeqFamily):
     model_types = ("whisper",)
     model_class = "WhisperForConditionalGeneration"
     speech = True
+    # WhisperForConditionalGeneration.generate reads these itself; the prompt and timestamp
+    # rules are implemented here and in edgeseq.runtime.whisper / speech
+    generation_own = frozenset({
+        "lang_to_id", "task_to_id", "is_multilingual", "alignment_heads",
+        "no_timestamps_token_id", "max_initial_timestamp_index", "prev_sot_token_id",
+        "forced_decoder_ids", "return_timestamps", "begin_suppress_tokens", "suppress_tokens",
+        "language", "task"})
+    # its generate sets do_sample from its temperature argument (default: greedy), whatever the
+    # config says (WhisperGenerationMixin.generate: do_sample = temperature is not None and
+    # temperature > 0)
+    generation_overridden = frozenset({"do_sample", *SAMPLING})
+    # the long-form fallback (thresholds, conditioning on the previous window) is not implemented
+    generation_unsupported = ("logprob_threshold", "compression_ratio_threshold",
+                              "no_speech_threshold", "condition_on_prev_tokens")
 
     def config_class(self) -> Any:
         from transformers import WhisperConfig

@@ -12,7 +12,8 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from edgeseq.bundle import BundleError, GraphEntry, Manifest, StateSpec, StreamingGraph
+from edgeseq.bundle import (BundleError, GraphEntry, Manifest, StateSpec, StreamingGraph,  # noqa: F401
+                            shared_state_specs)  # TODO(merge): backends import it from bundle
 
 
 #: set by ``edgeseq.runtime.speculative.session.bound_allocator``: glibc maps every buffer of
@@ -142,22 +143,6 @@ class Backend:
         decides, see ``speculative/plan.py``). Backends that always pack (XNNPACK) or never do
         ignore it."""
         raise NotImplementedError
-
-
-def shared_state_specs(entries: dict[str, GraphEntry]) -> list[StateSpec]:
-    """The state list every stateful graph of a bundle shares (same names, same order).
-
-    Stateless graphs (an encoder) are skipped. A graph may carry a prefix of the list (an
-    early-exit drafter runs the first layers only); the longest list is the bundle's."""
-    stateful = [e for e in entries.values() if e.state]
-    if not stateful:
-        return []
-    full = max(stateful, key=lambda e: len(e.state))
-    names = [s.name for s in full.state]
-    for e in stateful:
-        if [s.name for s in e.state] != names[:len(e.state)]:
-            raise ValueError(f"graph {e.name}: state is not a prefix of graph {full.name}'s")
-    return list(full.state)
 
 
 class LoadedModel:

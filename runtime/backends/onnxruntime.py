@@ -71,7 +71,7 @@ class OrtBackend(Backend):
             models = {name: onnx.load(paths[name]) for name in graphs}
         finally:
             shutil.rmtree(stage)
-        from edgeseq.runtime.speculative.plan import ACTIVATION_TABLE, activation_table
+        from edgeseq.runtime.cost import ACTIVATION_TABLE, activation_table
 
         _share_weights(models, out / WEIGHTS_FILE)
         files = {}

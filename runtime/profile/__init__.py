@@ -33,8 +33,8 @@ import numpy as np
 from edgeseq.bundle import Manifest, read_manifest
 from edgeseq.registry import format_of
 from edgeseq.runtime.profile.child import _worker_main, measure
-from edgeseq.runtime.profile.cost import (STATE_COPIES, GraphCost, _concrete, _scheme, analyze,
-                                          weight_bytes)
+from edgeseq.runtime.cost import (STATE_COPIES, GraphCost, _scheme, analyze,
+                                  state_bytes_per_position, weight_bytes)
 from edgeseq.runtime.profile.errors import ProfileError
 from edgeseq.runtime.profile.measure import (_import_backend, _pct, _rss, measure_in_process,
                                              synthetic_prompt)
@@ -44,12 +44,12 @@ from edgeseq.runtime.profile.project import (advise, device_roofline, host_effic
 
 #: what ``from edgeseq.runtime.profile import ...`` offers: the command's pieces, and the helpers
 #: other modules measure with (``_rss``, ``_import_backend``: the speculative memory tests and
-#: benchmark; ``_concrete``: the memory plan's activation tables)
+#: benchmark)
 __all__ = ["ProfileError", "ProfileOptions", "profile", "parse_size", "measure", "analyze",
            "project", "host_efficiency", "device_roofline", "advise", "memory_split",
            "weight_bytes", "GraphCost", "STATE_COPIES", "TOP_OPS", "measure_in_process",
            "ops_in_process", "read_etdump", "synthetic_prompt", "_rss", "_import_backend",
-           "_concrete", "check_bundle", "resolve_devices", "host_profile", "main"]
+           "check_bundle", "resolve_devices", "host_profile", "main"]
 
 SCHEMA = 1
 #: the backends the profiler drives (their formats: ``edgeseq.registry.format_of``)
@@ -182,14 +182,10 @@ def profile(bundle: str | Path, opts: ProfileOptions | None = None,
             raise ProfileError(f"the given measurement is not of {root} on {opts.backend} "
                                f"(it ran on {raw.get('backend')}, graphs "
                                f"{', '.join(raw.get('graphs') or []) or 'none'})")
-    costs = analyze(root, raw)
-    weights = weight_bytes(root, opts.backend)
+    costs = analyze(root, man, raw)
+    weights = weight_bytes(root, man, opts.backend)
     raw["memory"] = memory_split(raw, weights)
-    specs = next((g.state for g in man.graphs.values() if g.state), [])
-    raw["state_bytes_per_position"] = STATE_COPIES * sum(
-        s.nbytes({"batch": 1, "past": 1, "source": 0}) - s.nbytes({"batch": 1, "past": 0,
-                                                                     "source": 0})
-        for s in specs)
+    raw["state_bytes_per_position"] = STATE_COPIES * state_bytes_per_position(man)
     eff = host_efficiency(costs, raw, host)
     scheme = _scheme(man)
     from edgeseq.devices import load_profiles

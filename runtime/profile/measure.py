@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from edgeseq.bundle import Manifest, read_manifest
-from edgeseq.runtime.profile.cost import _state_bytes
+from edgeseq.runtime.cost import resident_state_bytes
 
 
 _PROGRESS_EVERY_S = 1.0
@@ -346,7 +346,7 @@ def measure_in_process(bundle: str | Path, backend: str = "ort", tokens: int = 1
     peak = _rss("VmHWM")
     res.update(load_ms=load_ms, baseline_rss_bytes=baseline, after_load_rss_bytes=after_load,
                peak_rss_bytes=peak, end_rss_bytes=_rss(), graphs=log.summary(),
-               state_bytes=_state_bytes(man, res.pop("state_dims")), backend=backend,
+               state_bytes=resident_state_bytes(man, res.pop("state_dims")), backend=backend,
                threads=_ort_threads(threads) if backend == "ort" else threads,
                pid=os.getpid())
     return res

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping
 
 from edgeseq.registry import runtime_memory
-from edgeseq.runtime.profile.cost import GraphCost
+from edgeseq.runtime.cost import GraphCost
 
 
 #: How much smaller quantized weights are than fp32 (measured at the Mamba-130M shape:

@@ -33,23 +33,18 @@ the smallest prefill chunk is refused: ``BundleError`` before loading.
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edgeseq.bundle import BundleError, Manifest, read_manifest
 from edgeseq.limits import max_source as max_source_tokens
-from edgeseq.registry import format_of, runtime_memory
+from edgeseq.registry import runtime_memory
+from edgeseq.runtime.cost import (MB, activation_bytes, file_bytes, prepack_bytes,
+                                  resident_state_bytes, resident_weight_bytes, state_bytes)
 
-MB = 1 << 20
 SOURCES = ("auto", "off", "input", "ngram", "recycle", "draft", "early-exit")
 PREFILL_CHUNKS = (128, 64, 32, 16, 8, 4, 1)
-# Measured packed copies exceeded the conversion's estimate (onnxruntime.prepacked_bytes) by up
-# to 7% (allocation headers, alignment); the plan counts this much more.
-PREPACK_MARGIN = 1.15
 RECYCLE_BYTES = 2 * MB
 
 
@@ -103,166 +98,12 @@ class MemoryPlan:
 
 
 # -- what the pieces cost ------------------------------------------------------------------------
-def _file(root: Path, name: str) -> int:
-    p = root / name
-    return p.stat().st_size if p.is_file() else 0
-
-
-def weights_bytes(root: Path, man: Manifest, backend: str, graphs: set[str]) -> int:
-    fmt = format_of(backend)
-    files = {man.graphs[g].files[fmt] for g in graphs if fmt in man.graphs[g].files}
-    total = sum(_file(root, f) for f in files)
-    if fmt == "onnx":
-        total += sum(p.stat().st_size for p in root.glob("*.onnx.data"))
-    if fmt == "pte":
-        total *= 2          # the program buffer and XNNPACK's packed weights
-    return total
-
-
-ACTIVATION_TABLE = "onnx_activation_table.json"
-SECONDARY = ("past", "source", "frames")
-
-
-def _intermediates(proto: Any, dims: dict[str, int]) -> int:
-    """Bytes of every tensor one call produces, by ONNX shape inference at concrete sizes."""
-    import onnx
-
-    from edgeseq.runtime.profile import _concrete
-
-    model = onnx.ModelProto()
-    model.CopyFrom(proto)
-    model = _concrete(model, dims)
-    try:
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:  # noqa: BLE001 - best effort; unresolved tensors count by the fallback
-        pass
-    total, unresolved = 0, 0
-    g = model.graph
-    for vi in [*g.value_info, *g.output]:
-        tt = vi.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-        if any(s is None for s in shape):
-            unresolved += 1
-            continue
-        size = {1: 4, 7: 8, 10: 2, 9: 1, 6: 4, 2: 1, 3: 1}.get(tt.elem_type, 4)
-        total += int(np.prod(shape)) * size
-    # a tensor whose shape stays unknown counts as an average known one
-    return total + unresolved * (total // max(1, len(g.value_info)))
-
-
-def _powers(lo: int, hi: int) -> list[int]:
-    out, v = [], 1
-    while v < hi:
-        if v >= lo:
-            out.append(v)
-        v *= 2
-    return out + [hi]
-
-
-def activation_table(proto: Any, graph: Any) -> dict[str, Any]:
-    """What one call of an ONNX graph allocates, as a function of its dynamic sizes, computed at
-    conversion so the runtime plans without the ``onnx`` package (or its memory).
-
-    The main dim (``chunk``, else ``source``/``frames``) is sampled at powers of two up to its
-    bound; at each, the cost is linear in the other dims (``past``, ``source``: every tensor
-    of one batch row grows linearly in each), so two more samples give the slopes. The runtime
-    reads the sample at or above the size it plans for, so the table never undercounts.
-    """
-    names = {d for s in [*graph.inputs, *graph.state] for d in s.shape if isinstance(d, str)}
-    names.discard("batch")
-    bounds = {k: (int(v[0]), int(v[1])) for k, v in graph.dim_bounds.items()}
-    if "chunk" in names:
-        bounds["chunk"] = (1, int(graph.max_chunk or 512))
-    main = next((d for d in ("chunk", "source", "frames") if d in names), None)
-    second = [d for d in SECONDARY if d in names and d != main and d in bounds]
-    base = {"batch": 1, **{d: max(bounds[d][0], 2 if d == "frames" else 1) for d in names
-                           if d in bounds}}
-    points = []
-    for v in (_powers(bounds[main][0], bounds[main][1]) if main else [None]):
-        at = dict(base)
-        if main:
-            at[main] = max(v, 4) if main == "frames" else v
-        a = _intermediates(proto, at)
-        slopes = {}
-        for d in second:
-            hi = dict(at)
-            hi[d] = bounds[d][1]
-            span = max(1, bounds[d][1] - at[d])
-            slopes[d] = max(0.0, (_intermediates(proto, hi) - a) / span)
-        points.append({"at": v, "base": a, "from": {d: at[d] for d in second},
-                       "slope": slopes})
-    return {"main": main, "points": points}
-
-
-def _from_table(table: dict[str, Any], dims: dict[str, int]) -> int:
-    main, pts = table["main"], table["points"]
-    pt = pts[-1]
-    if main:
-        want = dims.get(main, 1)
-        pt = next((p for p in pts if p["at"] >= want), None)
-        if pt is None:     # beyond the graph's bound: scale the last sample (not reached: the
-            pt = pts[-1]   # runtime never feeds more than the bound)
-    extra = sum(sl * max(0, dims.get(d, 0) - pt["from"][d]) for d, sl in pt["slope"].items())
-    return int(pt["base"] + extra)
-
-
-@functools.lru_cache(maxsize=64)
-def _tables(path: str) -> dict[str, Any]:
-    p = Path(path)
-    return json.loads(p.read_text()) if p.is_file() else {}
-
-
-def activation_bytes(root: Path, man: Manifest, backend: str, graph: str,
-                     dims: dict[str, int]) -> int:
-    fmt = format_of(backend)
-    if fmt == "pte":
-        planned = root / "pte_planned_memory.json"
-        if planned.is_file():
-            return int(json.loads(planned.read_text()).get(graph, 0))
-        return 8 * _file(root, man.graphs[graph].files["pte"])   # older bundle: a safe guess
-    if fmt == "onnx":
-        tables = _tables(str(root / ACTIVATION_TABLE))
-        if graph in tables:
-            return int(runtime_memory(backend).activation_factor
-                       * _from_table(tables[graph], dims))
-        return 16 * _file(root, man.graphs[graph].files["onnx"]) + 16 * MB   # older bundle
-    return 4 * weights_bytes(root, man, backend, {graph})
-
-
-def prepack_bytes(root: Path, man: Manifest, backend: str, graph: str) -> int:
-    """What packing ``graph``'s weights at load adds (ONNX Runtime), margin included; 0 where
-    there is nothing to choose: another backend (XNNPACK always packs), a quantized bundle (ORT
-    packs its kernels' weights anyway) or a bundle converted before the table recorded it."""
-    from edgeseq.runtime.backends.onnxruntime import packs_anyway
-
-    # the manifest in hand, not the file again: the plan asks this for every graph
-    if format_of(backend) != "onnx" or packs_anyway(man.quantization):
-        return 0
-    table = _tables(str(root / ACTIVATION_TABLE)).get(graph, {})
-    return int(PREPACK_MARGIN * int(table.get("prepack_bytes", 0)))
-
-
-def state_bytes(man: Manifest, dims: dict[str, int], prefix: int | None = None) -> int:
-    specs = None
-    for g in man.graphs.values():
-        if g.state and (specs is None or len(g.state) > len(specs)):
-            specs = g.state
-    specs = (specs or [])[:prefix] if prefix is not None else (specs or [])
-    return int(sum(s.nbytes(dims) for s in specs))
 
 
 def _planned_len(man: Manifest) -> int:
     cfg = man.config
     caps = [int(c) for c in (cfg.get("max_target_len"), cfg.get("max_target_positions")) if c]
     return min(caps) if caps else 1024
-
-
-def _cross_bytes(man: Manifest, src: int) -> int:
-    enc = man.graphs.get("encoder")
-    if enc is None:
-        return 0
-    return int(sum(np.prod(s.concrete_shape({"batch": 1, "source": src})) * 4
-                   for s in enc.outputs)) * 2
 
 
 class _Costs:
@@ -301,11 +142,10 @@ class _Costs:
             chunk = prefill_chunk if g == "prefill" else 1
             acts.append(activation_bytes(self.root, self.man, be, g, self.dims(chunk or 1)))
         act = sum(acts) if be == "executorch" else max(acts)
-        st = state_bytes(self.man, self.dims())
-        return {"weights": weights_bytes(self.root, self.man, be, graphs or set(also)),
+        return {"weights": resident_weight_bytes(self.root, self.man, be, graphs or set(also)),
                 "runtime": runtime_memory(be).runtime_bytes(len(graphs)),
                 "activations": act,
-                "state": 2 * st + _cross_bytes(self.man, self.source),
+                "state": resident_state_bytes(self.man, self.dims()),
                 "bindings": self.kept_bindings(graphs)}
 
     def kept_bindings(self, graphs: set[str]) -> int:
@@ -321,7 +161,7 @@ class _Costs:
     def extra_graph(self, graph: str, chunk: int) -> dict[str, int]:
         be = self.backend
         # ORT: the graph's proto only (the shared weights file is counted with the base graphs)
-        w = _file(self.root, self.man.graphs[graph].files["onnx"]) if be == "ort" else 0
+        w = file_bytes(self.root, self.man.graphs[graph].files["onnx"]) if be == "ort" else 0
         return {"runtime": runtime_memory(be).per_graph + w,
                 "activations": activation_bytes(self.root, self.man, be, graph,
                                                 self.dims(chunk)),

@@ -43,7 +43,8 @@ def test_the_packed_size_counts_constant_float_gemm_operands_in_16_column_panels
 
 def test_an_unconstrained_plan_packs_every_graph_and_tighter_ones_drop_only_that(
         bundle_of) -> None:
-    from edgeseq.runtime.speculative.plan import make_plan, prepack_bytes
+    from edgeseq.runtime.cost import prepack_bytes
+    from edgeseq.runtime.speculative.plan import make_plan
 
     for family, graph, kind in (("t5", "decoder_chunk", "input"), ("mamba", "verify", "ngram")):
         bundle = bundle_of(family)
@@ -73,7 +74,8 @@ def test_a_bundle_without_the_recorded_size_is_never_packed(bundle_of, tmp_path:
     import json
     import shutil
 
-    from edgeseq.runtime.speculative.plan import ACTIVATION_TABLE, make_plan
+    from edgeseq.runtime.cost import ACTIVATION_TABLE
+    from edgeseq.runtime.speculative.plan import make_plan
 
     old = tmp_path / "old"
     shutil.copytree(bundle_of("t5"), old)
@@ -153,7 +155,7 @@ def test_the_planned_size_covers_what_packing_allocates(mamba_bytes_bundle: Path
     import subprocess
     import sys
 
-    from edgeseq.runtime.speculative.plan import prepack_bytes
+    from edgeseq.runtime.cost import prepack_bytes
 
     r = subprocess.run([sys.executable, "-c", _MEASURE, str(mamba_bytes_bundle)],
                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

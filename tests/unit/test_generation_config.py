@@ -330,7 +330,7 @@ def test_typical_p_without_sampling_is_no_effect(checkpoints: dict[str, Path]) -
     fam = families()["t5"]()
     model = fam.load(checkpoints["t5"])
     model.generation_config = GenerationConfig(typical_p=0.5, top_k=3, decoder_start_token_id=0)
-    generation.check(model, checkpoints["t5"], "t5", "seq2seq")
+    generation.check(model, checkpoints["t5"], fam)
 
 
 def test_generation_fields_of_config_json_are_read(checkpoints: dict[str, Path],
@@ -358,12 +358,12 @@ def test_causal_lm_refuses_what_its_runtime_does_not_apply(tmp_path: Path) -> No
     class Model:  # what check() reads of a loaded model
         generation_config = GenerationConfig(eos_token_id=0, bos_token_id=0, pad_token_id=0)
 
-    generation.check(Model(), tmp_path, "mamba", "causal_lm")
+    generation.check(Model(), tmp_path, fam)
     Model.generation_config = GenerationConfig(eos_token_id=0, repetition_penalty=1.2)
     from edgeseq.bundle import BundleError
 
     with pytest.raises(BundleError, match=r"config.json: repetition_penalty = 1.2 .*causal_lm"):
-        generation.check(Model(), tmp_path, fam.name, fam.task)
+        generation.check(Model(), tmp_path, fam)
 
 
 # -- published generation configs ----------------------------------------------------------------
@@ -387,7 +387,7 @@ def test_published_generation_configs_are_accepted(folder: str) -> None:
     class Model:  # what check() reads of a loaded model
         generation_config = GenerationConfig.from_pretrained(path)
 
-    generation.check(Model(), path, fam.name, fam.task)
+    generation.check(Model(), path, fam)
 
 
 def test_published_bart_base_generation_config(arch: Arch) -> None:
@@ -415,14 +415,15 @@ def test_whisper_long_form_fallback_fields_are_refused_and_sampling_is_not_appli
     from edgeseq.bundle import BundleError
     from edgeseq.runtime.decoding import SamplingConfig
 
+    whisper = families()["whisper"]()
     for name, value in (("no_speech_threshold", 0.6), ("logprob_threshold", -1.0),
                         ("compression_ratio_threshold", 1.35), ("condition_on_prev_tokens", True)):
         model = SimpleNamespace(generation_config=GenerationConfig(**{name: value}))
         with pytest.raises(BundleError, match=name):
-            generation.check(model, tmp_path, "whisper", "speech_seq2seq")
+            generation.check(model, tmp_path, whisper)
     sampled = GenerationConfig(do_sample=True, temperature=0.7, top_k=5)
-    generation.check(SimpleNamespace(generation_config=sampled), tmp_path, "whisper",
-                     "speech_seq2seq")
+    generation.check(SimpleNamespace(generation_config=sampled), tmp_path, whisper)
     gen = {"do_sample": True, "temperature": 0.7, "top_k": 5}
-    assert SamplingConfig.from_generation(generation.effective(gen, "whisper")) == SamplingConfig()
-    assert SamplingConfig.from_generation(generation.effective(gen, "t5")).do_sample
+    # the manifest records what the runtime applies: Whisper's overridden fields are left out
+    assert SamplingConfig.from_generation(whisper.effective_generation(gen)) == SamplingConfig()
+    assert SamplingConfig.from_generation(families()["t5"]().effective_generation(gen)).do_sample
