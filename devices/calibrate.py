@@ -28,15 +28,15 @@ from typing import Any, Callable
 import psutil
 
 from edgeseq.devices.profile import ComputeUnit, DeviceError, DeviceProfile, Memory
+from edgeseq.paths import cache_root
 
 CACHE_SCHEMA = 1
 _MIN_ARRAY, _MAX_ARRAY = 64 * 2**20, 256 * 2**20  # bytes per array in the bandwidth test
 
 
 def cache_path() -> Path:
-    """``$XDG_CACHE_HOME/edgeseq/host.json`` (``~/.cache/edgeseq/host.json`` by default)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "edgeseq" / "host.json"
+    """``host.json`` in edgeseq's cache (``edgeseq.paths.cache_root``)."""
+    return cache_root() / "host.json"
 
 
 def cpu_model() -> str:

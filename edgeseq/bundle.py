@@ -27,14 +27,14 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from edgeseq.errors import BundleError
+from edgeseq.paths import cache_root
+from edgeseq.tokenize import files as tokenizer_files
+
 SCHEMA_VERSION = 1
 STATE_KINDS = ("kv", "recurrent", "window")
 DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
           "bool": np.bool_}
-
-
-class BundleError(Exception):
-    """A bundle or checkpoint is malformed; the message names the file and the problem."""
 
 
 @dataclass(frozen=True)
@@ -278,8 +278,6 @@ class Manifest:
 
     def referenced_files(self) -> dict[Any, str]:
         """{bundle-relative path: what refers to it} for every file the manifest names."""
-        from edgeseq.tokenize import files as tokenizer_files
-
         refs: dict[Any, str] = {}
 
         def add(f: Any, what: str) -> None:
@@ -398,8 +396,6 @@ MAX_TRUST_ENTRIES = 2048
 
 
 def _trust_path() -> Path:
-    from edgeseq.zoo import cache_root
-
     return cache_root() / TRUST_FILE
 
 

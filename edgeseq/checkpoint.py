@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeseq import limits
-from edgeseq.bundle import BundleError
+from edgeseq.errors import BundleError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.bin", "model.pt")
 #: sharded layouts: index file -> the glob its shards follow (transformers' ``save_pretrained``)

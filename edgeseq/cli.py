@@ -386,7 +386,7 @@ def _run_speculative(bundle: str, backend: str, threads: int | None, speculate: 
         if budget_text is not None:
             budget = parse_size(budget_text)
         elif device_id is not None:
-            from edgeseq.devices.profile import DeviceError, get_profile
+            from edgeseq.devices import DeviceError, get_profile
 
             try:
                 budget = get_profile(device_id).app_memory

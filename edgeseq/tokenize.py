@@ -31,7 +31,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from edgeseq.bundle import BundleError
+from edgeseq.errors import BundleError
 from edgeseq.checkpoint import read_json
 from edgeseq.limits import LimitError, check_file
 

@@ -7,19 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgeseq.bundle import BundleError
+from edgeseq.paths import cache_root
 
 ROOT = Path(__file__).parent
 PREFIX = "zoo:"
-
-
-def cache_root() -> Path:
-    """Where derived zoo models are written: ``$EDGESEQ_CACHE`` or ``~/.cache/edgeseq``."""
-    return Path(os.environ.get("EDGESEQ_CACHE") or Path.home() / ".cache" / "edgeseq")
 
 
 @dataclass(frozen=True)

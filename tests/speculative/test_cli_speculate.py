@@ -41,7 +41,7 @@ def plan_floor(bundle) -> int:
 
 
 def test_convert_early_exit_and_run_device(bundle_of, checkpoints, tmp_path) -> None:
-    from edgeseq.devices.profile import get_profile
+    from edgeseq.devices import get_profile
 
     # --early-exit must leave at least one layer out: refused before anything is written
     out = tmp_path / "b"
