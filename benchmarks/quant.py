@@ -62,7 +62,7 @@ def convert_scheme(src: str | Path, out: Path, scheme: str, **kw: Any) -> tuple[
 def weight_bytes(bundle: Path, fmt: str = "onnx") -> int:
     """ONNX: the initializers' bytes (each shared tensor once); pte: the whole program file."""
     from edgeseq.bundle import read_manifest
-    from edgeseq.quant.onnx import weight_bytes_by_dtype
+    from edgeseq.runtime.backends.onnxruntime.records import weight_bytes_by_dtype
 
     man = read_manifest(bundle)
     files = sorted({g.files[fmt] for g in man.graphs.values()})

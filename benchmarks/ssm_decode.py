@@ -143,8 +143,8 @@ def bundle_sizes(bundle: Path, fmt: str) -> tuple[int, int]:
     on_disk = sum((bundle / f).stat().st_size for f in files)
     if fmt == "pte":
         return on_disk, on_disk
-    from edgeseq.quant.onnx import weight_bytes_by_dtype
     from edgeseq.runtime.backends.onnxruntime import WEIGHTS_FILE
+    from edgeseq.runtime.backends.onnxruntime.records import weight_bytes_by_dtype
 
     if (bundle / WEIGHTS_FILE).is_file():
         on_disk += (bundle / WEIGHTS_FILE).stat().st_size

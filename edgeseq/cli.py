@@ -780,7 +780,7 @@ def _parity_record(path: Path) -> dict[str, Any] | None:
 
 def _inspect(root: Path, man: Any) -> dict[str, Any]:
     from edgeseq.bundle import size_problems
-    from edgeseq.quant.onnx import weight_bytes_by_dtype
+    from edgeseq.runtime.backends.onnxruntime.records import weight_bytes_by_dtype
 
     sizes = size_problems(root, man)
     if sizes:     # a truncated or swapped file: say so before any parser meets it

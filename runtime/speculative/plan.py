@@ -216,7 +216,9 @@ def activation_bytes(root: Path, man: Manifest, backend: str, graph: str,
                      dims: dict[str, int]) -> int:
     fmt = format_of(backend)
     if fmt == "pte":
-        planned = root / "pte_planned_memory.json"
+        from edgeseq.runtime.backends.executorch import PLANNED_FILE
+
+        planned = root / PLANNED_FILE
         if planned.is_file():
             return int(json.loads(planned.read_text()).get(graph, 0))
         return 8 * _file(root, man.graphs[graph].files["pte"])   # older bundle: a safe guess
@@ -233,7 +235,7 @@ def prepack_bytes(root: Path, man: Manifest, backend: str, graph: str) -> int:
     """What packing ``graph``'s weights at load adds (ONNX Runtime), margin included; 0 where
     there is nothing to choose: another backend (XNNPACK always packs), a quantized bundle (ORT
     packs its kernels' weights anyway) or a bundle converted before the table recorded it."""
-    from edgeseq.runtime.backends.onnxruntime import packs_anyway
+    from edgeseq.runtime.backends.onnxruntime.run import packs_anyway
 
     # the manifest in hand, not the file again: the plan asks this for every graph
     if format_of(backend) != "onnx" or packs_anyway(man.quantization):
@@ -313,7 +315,7 @@ class _Costs:
         per one-token graph over a fixed-shape state, ``onnxruntime.keeps_bindings``)."""
         if self.backend != "ort":
             return 0
-        from edgeseq.runtime.backends.onnxruntime import keeps_bindings
+        from edgeseq.runtime.backends.onnxruntime.run import keeps_bindings
 
         return sum(2 * activation_bytes(self.root, self.man, "ort", g, self.dims())
                    for g in graphs if keeps_bindings(self.man.graphs[g]))

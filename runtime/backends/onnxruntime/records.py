@@ -14,10 +14,14 @@ nesting is fixed (model -> graph -> initializer -> external-data entry), and any
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+from edgeseq.bundle import BundleError
 
 # onnx.proto field numbers (stable since the format's first release)
 _MODEL_GRAPH = 7
@@ -150,3 +154,28 @@ def _text(buf: memoryview, span: object) -> str:
         return bytes(buf[start:end]).decode("utf-8")
     except UnicodeDecodeError:
         raise ProtoError(f"a name that is not UTF-8 at byte {start}") from None
+
+
+def weight_bytes_by_dtype(folder: Path, files: list[str]) -> dict[str, int]:
+    """Bytes of the initializers of the given ONNX files by dtype, each shared tensor once.
+    Reads the initializer records only: a damaged graph is a BundleError naming the file, not
+    a protobuf traceback."""
+    seen: set[tuple] = set()
+    out: dict[str, int] = {}
+    for f in files:
+        try:
+            records = initializers((folder / f).read_bytes())
+            dtypes = [r.numpy_dtype() for r in records]
+        except ProtoError as e:
+            raise BundleError(f"{folder / f}: not an ONNX model ({e})") from None
+        for init, dt in zip(records, dtypes):
+            ext = init.external_data
+            key = (ext.get("location"), ext.get("offset")) if ext else (f, init.name)
+            if key in seen:
+                continue
+            seen.add(key)
+            length = ext.get("length", "")
+            nbytes = (int(length) if length.isdigit() else
+                      init.raw_bytes or max(0, math.prod(init.dims)) * dt.itemsize)
+            out[str(dt)] = out.get(str(dt), 0) + nbytes
+    return out
