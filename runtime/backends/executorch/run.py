@@ -102,7 +102,7 @@ def check_pte_header(path: Path) -> None:
 def _native(path: Path, what: str, call: Any) -> Any:
     """``call()`` with ExecuTorch's stderr log held back; its errors as one BundleError."""
     try:
-        with _captured_stderr(replay=False):
+        with captured_stderr(replay=False):
             return call()
     except (RuntimeError, ValueError) as e:
         raise BundleError(f"{path}: {what} ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})"
@@ -285,7 +285,7 @@ def _tensor(a: np.ndarray) -> Any:
 
 
 @contextmanager
-def _captured_stderr(replay: bool = True) -> Iterator[None]:
+def captured_stderr(replay: bool = True) -> Iterator[None]:
     """Hold back what native code writes to fd 2; replay it only if the body fails (and
     ``replay``: the caller may turn the failure into its own one-line error)."""
     sys.stderr.flush()
