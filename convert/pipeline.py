@@ -139,8 +139,8 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
         skip_parity: write without checking (not recommended); ``force`` writes despite a failure.
         max_target_len: encoder-decoders only: a fixed-capacity self-attention cache of this many
             positions (static shapes) instead of a growing one.
-        quant: ``int8``, ``int4`` (each backend's ``quantize.py``:
-            ``runtime/backends/onnxruntime/``, ``runtime/backends/executorch/``) or ``int4-tensor`` (ONNX only) weight quantization,
+        quant: ``int8``, ``int4`` (each backend's ``quantize.py``, its ``quant_schemes``) or
+            ``int4-tensor`` (ONNX only) weight quantization,
             checked per format by an accuracy gate (``edgeseq.quant.gates``) instead of exact
             parity; ``keep`` globs weights to leave in float (default: the
             family's sensitive layers, none with ``quantize_all``).

@@ -28,6 +28,8 @@ FP16_MIN_ELEMENTS = 1024
 
 
 def lower(graphs: dict[str, StreamingGraph], out: Path, dtype: str) -> dict[str, str]:
+    """``<graph>.onnx`` per graph and the shared weights file under ``out``, and the
+    activation table the memory plan reads; returns {graph: file}."""
     import onnx
 
     from edgeseq.convert.workers import job_count, run_jobs
