@@ -196,7 +196,7 @@ def stepper(engine: str, model: Any, file: Path | None, threads: int
         pass
     program = Runtime.get().load_program(file)
     try:  # XNNPACK's cpuinfo probe logs to fd 2 on first use; edgeseq's runtime holds it back
-        from edgeseq.runtime.backends.executorch import _captured_stderr
+        from edgeseq.runtime.backends.executorch.run import captured_stderr as _captured_stderr
     except ImportError:
         from contextlib import nullcontext as _captured_stderr
     with _captured_stderr():

@@ -44,10 +44,10 @@ def _check_quant(quant: str, formats: tuple[str, ...], dtype: str, family: str,
                  calibration: str | Path | None = None) -> tuple[list[str], list[str]]:
     """Refuse a scheme/format combination that does not exist; return the patterns of the
     weights kept in float (the user's ``--keep``) and of the family's sensitive ones."""
-    from edgeseq.quant.executorch import SCHEMES as ET_SCHEMES
-    from edgeseq.quant.onnx import SCHEMES as ORT_SCHEMES, sensitive_floor, sensitive_patterns
+    from edgeseq.quant.schemes import sensitive_floor, sensitive_patterns
 
-    ORT_SCHEMES = (*ORT_SCHEMES, "int8-static")
+    ORT_SCHEMES = get_backend(FORMATS["onnx"]).quant_schemes
+    ET_SCHEMES = get_backend(FORMATS["pte"]).quant_schemes
     if quant not in ORT_SCHEMES:
         raise BundleError(f"unknown quantization {quant!r}; known: fp16, {', '.join(ORT_SCHEMES)}")
     if quant == "int8-static" and calibration is None:
@@ -139,8 +139,8 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
         skip_parity: write without checking (not recommended); ``force`` writes despite a failure.
         max_target_len: encoder-decoders only: a fixed-capacity self-attention cache of this many
             positions (static shapes) instead of a growing one.
-        quant: ``int8``, ``int4`` (ONNX Runtime: ``edgeseq.quant.onnx``; ExecuTorch:
-            ``edgeseq.quant.executorch``) or ``int4-tensor`` (ONNX only) weight quantization,
+        quant: ``int8``, ``int4`` (each backend's ``quantize.py``, its ``quant_schemes``) or
+            ``int4-tensor`` (ONNX only) weight quantization,
             checked per format by an accuracy gate (``edgeseq.quant.gates``) instead of exact
             parity; ``keep`` globs weights to leave in float (default: the
             family's sensitive layers, none with ``quantize_all``).
@@ -221,9 +221,10 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
             say(f"[2/5] lowering to {fmt} ({i + 1}/{len(formats)}) ...")
             try:
                 if quant is not None and fmt == "pte":
-                    from edgeseq.quant.executorch import float_weight_bytes, quantize_graphs
+                    from edgeseq.runtime.backends.executorch.quantize import float_weight_bytes
 
-                    qgraphs, reports = quantize_graphs(graphs, quant, keep, group_size, sensitive)
+                    qgraphs, reports = backend.quantize_graphs(graphs, quant, keep, group_size,
+                                                               sensitive)
                     written = backend.lower(qgraphs, tmp, dtype, quantized=True)
                     q_formats["pte"] = {"weight_bytes_fp32": float_weight_bytes(graphs),
                                         "file_bytes": (tmp / written[next(iter(written))]).stat().st_size,
@@ -241,7 +242,6 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
         quant_record = None
         if quant is not None:
             if "onnx" in formats:
-                from edgeseq.quant.onnx import quantize_bundle_graphs
                 from edgeseq.runtime.cost import weight_bytes_by_dtype
 
                 onnx_files = {name: f["onnx"] for name, f in files.items()}
@@ -259,8 +259,8 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
                                               tokenizer)
                     reports = quantize_static_bundle(tmp, onnx_files, feeds, keep + sensitive)
                 else:
-                    reports = quantize_bundle_graphs(tmp, onnx_files, quant, keep, group_size,
-                                                     sensitive)
+                    reports = get_backend(FORMATS["onnx"]).quantize_files(
+                        tmp, onnx_files, quant, keep, group_size, sensitive)
                 after = weight_bytes_by_dtype(tmp, list(onnx_files.values()))
                 q_formats["onnx"] = {"weight_bytes_fp32": before, "weight_bytes": after,
                                      "graphs": reports}

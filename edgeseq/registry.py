@@ -15,7 +15,8 @@ _BACKENDS: dict[str, Any] = {}
 _FAMILY_MODULES = ("edgeseq.families.mamba", "edgeseq.families.mamba2", "edgeseq.families.s4d",
                    "edgeseq.families.lmu",
                    "edgeseq.families.t5", "edgeseq.families.bart", "edgeseq.families.whisper")
-# in the order their formats are listed and lowered (the deployable ones first)
+# One line per backend folder (runtime/backends/<name>/), in the order their formats are listed
+# and lowered (the deployable ones first)
 _BACKEND_MODULES = ("edgeseq.runtime.backends.onnxruntime", "edgeseq.runtime.backends.executorch",
                     "edgeseq.runtime.backends.reference")
 
@@ -56,8 +57,11 @@ def families() -> dict[str, Any]:
 
 
 def backends() -> dict[str, Any]:
+    """The registered backends: those of ``_BACKEND_MODULES`` in its order (the lowering
+    order), then any registered from elsewhere (the tests' example backend) as they came."""
     _load(_BACKEND_MODULES)
-    return dict(_BACKENDS)
+    rank = {m: i for i, m in enumerate(_BACKEND_MODULES)}
+    return dict(sorted(_BACKENDS.items(), key=lambda kv: rank.get(kv[1].__module__, len(rank))))
 
 
 def get_family(name: str) -> Any:
@@ -68,8 +72,8 @@ def get_family(name: str) -> Any:
 
 
 def backend_name(name: str) -> str:
-    """A backend's registered name from its name, its format (``onnx``) or an alias
-    (``onnxruntime``): each backend class declares its ``format`` and ``aliases``, the one
+    """A backend's registered name from its name, its format (``onnx``: the first backend
+    registered for it) or an alias (``onnxruntime``): each backend class declares its ``format`` and ``aliases``, the one
     place the backend <-> format map is written."""
     bks = backends()
     if name in bks:
@@ -86,8 +90,12 @@ def get_backend(name: str) -> Any:
 
 def formats() -> dict[str, str]:
     """Every bundle format and the backend that lowers and runs it, in lowering order:
-    ``{"onnx": "ort", "pte": "executorch", "pt2": "torch"}``."""
-    return {cls.format: name for name, cls in backends().items()}
+    ``{"onnx": "ort", "pte": "executorch", "pt2": "torch"}``. A backend registered later for a
+    format that exists (another runtime for the same files) runs it; the first one lowers it."""
+    out: dict[str, str] = {}
+    for name, cls in backends().items():
+        out.setdefault(cls.format, name)
+    return out
 
 
 def format_of(backend: str) -> str:
@@ -96,6 +104,6 @@ def format_of(backend: str) -> str:
 
 
 def runtime_memory(backend: str) -> Any:
-    """A backend's ``RuntimeMemory`` (``runtime/backends/base.py``): the one set of constants
+    """A backend's ``RuntimeMemory`` (``runtime/backends/base.py``, declared in its folder): the one set of constants
     for what its runtime holds besides weights, state and activations."""
     return backends()[backend_name(backend)].memory

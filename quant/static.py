@@ -102,7 +102,8 @@ def quantize_static_model(model: Any, feeds: list[dict[str, np.ndarray]], keep: 
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
 
-    from edgeseq.quant.onnx import gemm_to_matmul, matmul_weights, quantize_embeddings
+    from edgeseq.runtime.backends.onnxruntime.quantize import (gemm_to_matmul, matmul_weights,
+                                                               quantize_embeddings)
 
     gemm_to_matmul(model)
     tables = quantize_embeddings(model, 8, keep)
@@ -134,7 +135,8 @@ def quantize_static_bundle(folder: Path, files: dict[str, str],
                            feeds: dict[str, list[dict[str, np.ndarray]]], keep: list[str]
                            ) -> dict[str, Any]:
     """Quantize every ``<graph>.onnx`` of a bundle folder in place with its recorded feeds."""
-    from edgeseq.quant.onnx import quantize_model, rewrite_bundle_graphs
+    from edgeseq.registry import get_backend
+    from edgeseq.runtime.backends.onnxruntime.quantize import quantize_model
 
     def rewrite(name: str, model: Any) -> tuple[Any, dict[str, Any]]:
         if feeds.get(name):
@@ -146,4 +148,4 @@ def quantize_static_bundle(folder: Path, files: dict[str, str],
                          "speculative decoding calls)")
         return model, report
 
-    return rewrite_bundle_graphs(folder, files, rewrite)
+    return get_backend("ort").rewrite_files(folder, files, rewrite)

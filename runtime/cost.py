@@ -75,7 +75,7 @@ def _initializer_bytes(init: Any, file: str) -> tuple[tuple, int]:
 def _onnx_weights(folder: Path, files: list[str]) -> Iterator[tuple[tuple, str, int]]:
     """(identity, dtype, stored bytes) of every initializer of the given ONNX files, read from
     the records alone: a damaged graph is a BundleError naming the file."""
-    from edgeseq.runtime.backends.onnx_records import ProtoError, initializers
+    from edgeseq.runtime.backends.onnxruntime.records import ProtoError, initializers
 
     for f in files:
         try:
@@ -275,7 +275,9 @@ def activation_bytes(root: Path, man: Manifest, backend: str, graph: str,
                      dims: dict[str, int]) -> int:
     fmt = format_of(backend)
     if fmt == "pte":
-        planned = root / "pte_planned_memory.json"
+        from edgeseq.runtime.backends.executorch import PLANNED_FILE
+
+        planned = root / PLANNED_FILE
         if planned.is_file():
             return int(json.loads(planned.read_text()).get(graph, 0))
         return 8 * file_bytes(root, man.graphs[graph].files["pte"])   # older bundle: a safe guess
@@ -292,7 +294,7 @@ def prepack_bytes(root: Path, man: Manifest, backend: str, graph: str) -> int:
     """What packing ``graph``'s weights at load adds (ONNX Runtime), margin included; 0 where
     there is nothing to choose: another backend (XNNPACK always packs), a quantized bundle (ORT
     packs its kernels' weights anyway) or a bundle converted before the table recorded it."""
-    from edgeseq.runtime.backends.onnxruntime import packs_anyway
+    from edgeseq.runtime.backends.onnxruntime.run import packs_anyway
 
     # the manifest in hand, not the file again: the plan asks this for every graph
     if format_of(backend) != "onnx" or packs_anyway(man.quantization):

@@ -20,12 +20,22 @@ quiet_third_party()
 
 from edgeseq.registry import backends, families  # noqa: E402
 
+from .backends import example  # noqa: E402,F401  (registers the example backend, docs/architecture.md)
+
 #: causal-LM families (prefill + step graphs) and encoder-decoder families (encoder + decoder_step)
 FAMILIES = sorted(n for n, c in families().items() if c.task == "causal_lm")
 SEQ2SEQ = sorted(n for n, c in families().items() if c.task in ("seq2seq", "speech_seq2seq"))
 #: sequence classifiers (step + chunk graphs, running predictions)
 CLASSIFIERS = sorted(n for n, c in families().items() if c.task == "classification")
 BACKENDS = sorted(backends())
+
+
+def backend_cases(names: list[str]) -> list[tuple[str, str]]:
+    """(family, backend) pairs for a shared suite over the families ``names``: every backend on
+    every family, but a backend that names its ``suite_families`` (the slow example backend)
+    only on those."""
+    return [(f, b) for f in names for b in BACKENDS
+            if f in getattr(backends()[b], "suite_families", (f,))]
 # the fixed-capacity cache used by the encoder-decoder tests
 FIXED_LEN = 40
 

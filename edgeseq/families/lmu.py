@@ -516,7 +516,7 @@ class LMUFormerStream(nn.Module):
         self.blocks = model.block
         self.head = model.head
         # The Legendre matrices, transposed for the row-vector update m A^T + u B^T, under names
-        # that quantization can recognise and keep in float (edgeseq.quant.onnx.SENSITIVE).
+        # that quantization can recognise and keep in float (edgeseq.quant.schemes.SENSITIVE).
         self.memory_At = nn.ParameterList(nn.Parameter(b.attn.lmu.A.T.contiguous().clone(),
                                                        requires_grad=False) for b in model.block)
         self.memory_Bt = nn.ParameterList(nn.Parameter(b.attn.lmu.B.T.contiguous().clone(),

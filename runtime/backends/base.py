@@ -1,4 +1,5 @@
-"""The backend interface: lower a graph to a file, load files into runners.
+"""The backend interface (``Backend``): lower graphs to files, load files into runners,
+quantize, profile operators; shared pieces of the runners.
 
 A runner executes one graph: ``run(inputs, state) -> (outputs, state)``. State is an opaque,
 backend-owned handle (ONNX Runtime keeps it in preallocated OrtValues; ExecuTorch and torch in
@@ -8,12 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, ContextManager, Protocol
 
 import numpy as np
 
-from edgeseq.bundle import (BundleError, GraphEntry, Manifest, StateSpec, StreamingGraph,  # noqa: F401
-                            shared_state_specs)  # TODO(merge): backends import it from bundle
+from edgeseq.bundle import BundleError, GraphEntry, Manifest, StateSpec, StreamingGraph
 
 
 #: set by ``edgeseq.runtime.speculative.session.bound_allocator``: glibc maps every buffer of
@@ -116,8 +116,29 @@ class RuntimeMemory:
         return self.base + self.per_graph * graphs
 
 
+class OpsProfiler(Protocol):
+    """A backend's operator profiler (the ``ops.py`` of its folder; ``edgeseq profile`` runs it
+    in a child process of its own)."""
+
+    #: where the times come from, as the profile reports it
+    SOURCE: str
+
+    def profiling(self, tmp: Path) -> ContextManager[None]:
+        """Turn the runtime's profiler on for the sessions loaded inside the block; its
+        traces go under ``tmp``."""
+        ...
+
+    def collect(self, model: "LoadedModel", tmp: Path, sequence: list[str]) -> dict[str, Any]:
+        """Per graph, the time per operator type (``edgeseq.runtime.profile.ops.top_ops``) of
+        the calls made, ``sequence`` naming the graph of each call in order."""
+        ...
+
+
 class Backend:
-    """Base class; subclasses register with ``@register_backend("name")``."""
+    """The interface of one backend, one folder ``runtime/backends/<name>/`` whose
+    ``__init__.py`` holds the subclass, registered with ``@register_backend("name")``. Each
+    part the backend lacks is declared, not left out: no ``quant_schemes``, ``ops_profiler``
+    returns None (``tests/test_completeness.py`` checks every registered class)."""
 
     name: str = "?"
     #: the bundle format it lowers to and runs, the key under which a graph's file is recorded
@@ -125,13 +146,19 @@ class Backend:
     format: str = "?"
     aliases: tuple[str, ...] = ()       # other names a user may give for it (--backend)
     memory: RuntimeMemory = RuntimeMemory(16 * MB, 4 * MB)
+    #: the ``convert --quant`` schemes it implements, either on the torch graphs before lowering
+    #: (``quantize_graphs``) or on its lowered files (``quantize_files``); empty: it does not
+    #: quantize, and convert refuses ``--quant`` for its format
+    quant_schemes: tuple[str, ...] = ()
 
     def available(self) -> str | None:
         """None if usable here, else why not (a missing package, say)."""
         return None
 
-    def lower(self, graphs: dict[str, StreamingGraph], out: Path, dtype: str) -> dict[str, str]:
-        """Write the graphs under ``out``; return {graph name: file name relative to out}."""
+    def lower(self, graphs: dict[str, StreamingGraph], out: Path, dtype: str,
+              quantized: bool = False) -> dict[str, str]:
+        """Write the graphs under ``out``; return {graph name: file name relative to out}.
+        ``quantized``: the graphs come from ``quantize_graphs``."""
         raise NotImplementedError
 
     def load(self, root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
@@ -143,6 +170,33 @@ class Backend:
         decides, see ``speculative/plan.py``). Backends that always pack (XNNPACK) or never do
         ignore it."""
         raise NotImplementedError
+
+    def quantize_graphs(self, graphs: dict[str, StreamingGraph], scheme: str, keep: list[str],
+                        group_size: int, sensitive: list[str]
+                        ) -> tuple[dict[str, StreamingGraph], dict[str, Any]]:
+        """Quantized copies of ``graphs`` for ``lower(..., quantized=True)``, and a report per
+        graph. ``keep``: weights left in float; ``sensitive``: one step above the scheme."""
+        raise NotImplementedError(f"{self.name} does not quantize torch graphs")
+
+    def quantize_files(self, folder: Path, files: dict[str, str], scheme: str, keep: list[str],
+                       group_size: int, sensitive: list[str]) -> dict[str, Any]:
+        """Quantize the lowered graph ``files`` under ``folder`` in place; a report per
+        graph."""
+        raise NotImplementedError(f"{self.name} does not quantize its files")
+
+    def ops_profiler(self) -> OpsProfiler | None:
+        """Its operator profiler (``ops.py`` in its folder), or None: it has none, and
+        ``edgeseq profile`` refuses it."""
+        return None
+
+    def import_runtime(self) -> None:
+        """Import the runtime's libraries now (a measurement takes its baseline after, so they
+        count as the process's, not as the bundle's)."""
+
+    def threads(self, threads: int | None) -> int | None:
+        """The intra-op threads a load with ``threads`` runs with (None: the runtime's own
+        choice)."""
+        return threads
 
 
 class LoadedModel:

@@ -31,14 +31,14 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from edgeseq.bundle import Manifest, read_manifest
-from edgeseq.registry import format_of
+from edgeseq.registry import backends, format_of
 from edgeseq.runtime.profile.child import _worker_main, measure
 from edgeseq.runtime.cost import (STATE_COPIES, GraphCost, _scheme, analyze,
                                   state_bytes_per_position, weight_bytes)
 from edgeseq.runtime.profile.errors import ProfileError
 from edgeseq.runtime.profile.measure import (_import_backend, _pct, _rss, measure_in_process,
                                              synthetic_prompt)
-from edgeseq.runtime.profile.ops import TOP_OPS, ops_in_process, read_etdump
+from edgeseq.runtime.profile.ops import TOP_OPS, ops_in_process
 from edgeseq.runtime.profile.project import (advise, device_roofline, host_efficiency,
                                              memory_split, project)
 
@@ -48,12 +48,10 @@ from edgeseq.runtime.profile.project import (advise, device_roofline, host_effic
 __all__ = ["ProfileError", "ProfileOptions", "profile", "parse_size", "measure", "analyze",
            "project", "host_efficiency", "device_roofline", "advise", "memory_split",
            "weight_bytes", "GraphCost", "STATE_COPIES", "TOP_OPS", "measure_in_process",
-           "ops_in_process", "read_etdump", "synthetic_prompt", "_rss", "_import_backend",
+           "ops_in_process", "synthetic_prompt", "_rss", "_import_backend",
            "check_bundle", "resolve_devices", "host_profile", "main"]
 
 SCHEMA = 1
-#: the backends the profiler drives (their formats: ``edgeseq.registry.format_of``)
-PROFILED_BACKENDS = ("ort", "executorch")
 TASKS = ("causal_lm", "seq2seq", "speech_seq2seq", "classification")
 
 
@@ -100,6 +98,12 @@ class ProfileOptions:
     device_paths: list[Path] = field(default_factory=list)
 
 
+def profiled_backends() -> tuple[str, ...]:
+    """The backends the profiler drives: those with an operator profiler
+    (``Backend.ops_profiler``), in registration order."""
+    return tuple(name for name, cls in backends().items() if cls().ops_profiler() is not None)
+
+
 def check_bundle(bundle: str | Path, backend: str) -> Manifest:
     """Fail early, before any child runs: a readable bundle, lowered for ``backend``, with a task
     the profiler drives.
@@ -108,8 +112,9 @@ def check_bundle(bundle: str | Path, backend: str) -> Manifest:
         BundleError: a missing or malformed bundle. ProfileError: wrong backend or task.
     """
     man = read_manifest(bundle)
-    if backend not in PROFILED_BACKENDS:
-        raise ProfileError(f"unknown backend {backend!r}; known: {', '.join(PROFILED_BACKENDS)}")
+    known = profiled_backends()
+    if backend not in known:
+        raise ProfileError(f"unknown backend {backend!r}; known: {', '.join(known)}")
     fmt = format_of(backend)
     missing = [n for n, g in man.graphs.items() if fmt not in g.files]
     if missing:

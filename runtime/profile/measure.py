@@ -297,27 +297,9 @@ _DRIVERS = {"causal_lm": _drive_causal_lm, "seq2seq": _drive_seq2seq,
 def _import_backend(backend: str) -> None:
     """Import the backend's libraries before the baseline RSS is taken, so that they count as
     ``other`` rather than as arena."""
-    from edgeseq.registry import backends
+    from edgeseq.registry import get_backend
 
-    backends()
-    if backend == "ort":
-        import onnxruntime  # noqa: F401
-    elif backend == "executorch":
-        import torch  # noqa: F401  (the ExecuTorch runner passes torch tensors)
-        from executorch.runtime import Runtime
-
-        Runtime.get()
-
-
-def _ort_threads(threads: int | None) -> int | None:
-    if threads:
-        return threads
-    try:
-        from edgeseq.runtime.backends.onnxruntime import _default_threads
-
-        return _default_threads()
-    except ImportError:
-        return None
+    get_backend(backend).import_runtime()
 
 
 def measure_in_process(bundle: str | Path, backend: str = "ort", tokens: int = 128,
@@ -331,6 +313,7 @@ def measure_in_process(bundle: str | Path, backend: str = "ort", tokens: int = 1
     """
     import edgeseq
     from edgeseq.quiet import quiet_third_party
+    from edgeseq.registry import get_backend
 
     quiet_third_party()
     _import_backend(backend)
@@ -347,6 +330,6 @@ def measure_in_process(bundle: str | Path, backend: str = "ort", tokens: int = 1
     res.update(load_ms=load_ms, baseline_rss_bytes=baseline, after_load_rss_bytes=after_load,
                peak_rss_bytes=peak, end_rss_bytes=_rss(), graphs=log.summary(),
                state_bytes=resident_state_bytes(man, res.pop("state_dims")), backend=backend,
-               threads=_ort_threads(threads) if backend == "ort" else threads,
+               threads=get_backend(backend).threads(threads),
                pid=os.getpid())
     return res

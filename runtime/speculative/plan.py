@@ -153,7 +153,7 @@ class _Costs:
         per one-token graph over a fixed-shape state, ``onnxruntime.keeps_bindings``)."""
         if self.backend != "ort":
             return 0
-        from edgeseq.runtime.backends.onnxruntime import keeps_bindings
+        from edgeseq.runtime.backends.onnxruntime.run import keeps_bindings
 
         return sum(2 * activation_bytes(self.root, self.man, "ort", g, self.dims())
                    for g in graphs if keeps_bindings(self.man.graphs[g]))

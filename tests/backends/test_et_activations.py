@@ -9,7 +9,7 @@ def test_gelu_new_as_products_is_the_same_function_and_is_restored():
     pytest.importorskip("executorch")
     from transformers.activations import NewGELUActivation
 
-    from edgeseq.runtime.backends.executorch import _xnnpack_friendly_activations
+    from edgeseq.runtime.backends.executorch.lower import _xnnpack_friendly_activations
 
     act = NewGELUActivation()
     x = torch.linspace(-12, 12, 4001)

@@ -1,4 +1,4 @@
-"""XNNPACK's weight cache (``runtime/backends/executorch.py: _share_packed_weights``): one packed
+"""XNNPACK's weight cache (``runtime/backends/executorch/run.py: _share_packed_weights``): one packed
 copy of the weights for all of a program's methods, the same tokens as private copies."""
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def rss():
 
 import torch  # noqa: F401  (the libraries loaded before the baseline)
 from executorch.runtime import Runtime
-import edgeseq.runtime.backends.executorch as et
+import edgeseq.runtime.backends.executorch.run as et
 from edgeseq.bundle import read_manifest
 from edgeseq.runtime.session import load
 

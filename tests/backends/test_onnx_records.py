@@ -1,4 +1,4 @@
-"""``runtime/backends/onnx_records.py``: the initializer records of a graph file read without
+"""``runtime/backends/onnxruntime/records.py``: the initializer records of a graph file read without
 the ``onnx`` package, as ``onnx`` reads them; malformed bytes are a ``ProtoError``; running a
 bundle on ONNX Runtime imports no ``onnx``."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from edgeseq.runtime.backends.onnx_records import ProtoError, initializers
+from edgeseq.runtime.backends.onnxruntime.records import ProtoError, initializers
 
 onnx = pytest.importorskip("onnx")
 

@@ -74,10 +74,11 @@ def test_quantized_sessions_give_back_the_mapped_weights(lm_bundles, monkeypatch
     """Every session of a quantized bundle packs its weights at load, so the runtime drops the
     mapped originals' pages (they fault back in where a kernel reads them): the same tokens, and
     fewer resident pages of the weights file."""
-    from edgeseq.runtime.backends import onnxruntime as ob
+    from edgeseq.runtime.backends.onnxruntime import WEIGHTS_FILE
+    from edgeseq.runtime.backends.onnxruntime import run as ob
 
     def resident_weight_kb(bundle) -> int:
-        name = str(bundle / ob.WEIGHTS_FILE)
+        name = str(bundle / WEIGHTS_FILE)
         kb, inside = 0, False
         for line in open("/proc/self/smaps"):
             if line[0] in "0123456789abcdef" and " " in line:

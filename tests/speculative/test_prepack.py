@@ -36,7 +36,7 @@ def _gemm_model():
 
 
 def test_the_packed_size_counts_constant_float_gemm_operands_in_16_column_panels() -> None:
-    from edgeseq.runtime.backends.onnxruntime import prepacked_bytes
+    from edgeseq.runtime.backends.onnxruntime.lower import prepacked_bytes
 
     assert prepacked_bytes(_gemm_model()) == 4 * (32 * 5 + 16 * 7 + 32 * 9)
 

@@ -7,6 +7,10 @@ core -> runtime -> build -> cli, and every module imports on its own (docs/archi
 - build: making bundles (families, ``convert``, ``quant``, the zoo's training scripts, and a
   backend's own lowering and quantizing modules);
 - cli: the command line, and the package's public facade (``edgeseq``: ``edgeseq.load``).
+
+A package and its own modules are one unit here: a package naming its parts (a backend
+class importing its ``lower`` or ``run`` module when asked to lower or load) is neither a
+circle nor an upward import.
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
+
 # onnx.proto field numbers (stable since the format's first release)
 _MODEL_GRAPH = 7
 _GRAPH_INITIALIZER = 5

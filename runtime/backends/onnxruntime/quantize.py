@@ -1,4 +1,4 @@
-"""Weight quantization of a bundle's ONNX graphs (ONNX Runtime).
+"""Weight quantization of a bundle's ONNX graphs (ONNX Runtime): the build side, imports ``onnx``.
 
 Schemes:
 
@@ -25,25 +25,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-SCHEMES = ("int8", "int4", "int4-tensor")
+from edgeseq.runtime.backends.onnxruntime import OrtBackend
+
+#: what ``quantize_model`` implements: the backend's schemes but ``int8-static``, which
+#: calibrates first (``edgeseq.quant.static``)
+SCHEMES = tuple(s for s in OrtBackend.quant_schemes if s != "int8-static")
 DEFAULT_GROUP = 32
-#: weights kept above the scheme by default, per family, and the lowest precision measured safe
-#: for them. Mamba's x_proj/dt_proj produce the step size dt that scales the whole state update
-#: (exp(dt A)); errors there compound along the stream: float under int8, int8 under int4 (the
-#: gate agreement of the zoo Mamba did not drop against float). LMUFormer's Legendre matrices A
-#: and B define the memory itself: a 4-bit A is no longer a delay line (digits agreement 0.35),
-#: and even int8 A/B under int4 flipped 2 of 32 gate sequences: float always.
-SENSITIVE = {"mamba": (["*x_proj*", "*dt_proj*"], "int8"),
-             "lmuformer": (["memory_At*", "memory_Bt*"], "float")}
-
-
-def sensitive_patterns(family: str) -> list[str]:
-    return list(SENSITIVE.get(family, ([], "float"))[0])
-
-
-def sensitive_floor(family: str) -> str:
-    """``int8`` or ``float``: the lowest precision the family's sensitive layers may take."""
-    return SENSITIVE.get(family, ([], "float"))[1]
 
 
 def _drop_unused_initializers(g: Any) -> None:
@@ -387,14 +374,15 @@ def rewrite_bundle_graphs(folder: Path, files: dict[str, str],
     save them back with their weights shared once; returns the reports by graph."""
     import onnx
 
-    from edgeseq.runtime.backends.onnxruntime import WEIGHTS_FILE, _share_weights
+    from edgeseq.runtime.backends.onnxruntime import WEIGHTS_FILE
+    from edgeseq.runtime.backends.onnxruntime.lower import share_weights
 
     models, reports = {}, {}
     for name, f in files.items():
         model = onnx.load(str(folder / f), load_external_data=True)
         models[name], reports[name] = rewrite(name, model)
     (folder / WEIGHTS_FILE).unlink(missing_ok=True)
-    _share_weights(models, folder / WEIGHTS_FILE)
+    share_weights(models, folder / WEIGHTS_FILE)
     for name, model in models.items():
         onnx.save_model(model, str(folder / files[name]))
     return reports

@@ -1,4 +1,5 @@
-"""Weight quantization of a bundle's graphs for ExecuTorch (XNNPACK), through torchao.
+"""Weight quantization of a bundle's graphs for ExecuTorch (XNNPACK), through torchao: the
+build side, on the torch graphs before ``lower.py``.
 
 Schemes (the same names as ONNX Runtime's, the same promise):
 
@@ -32,8 +33,8 @@ import torch
 from torch import nn
 
 from edgeseq.bundle import StreamingGraph
+from edgeseq.runtime.backends.executorch import ExecuTorchBackend
 
-SCHEMES = ("int8", "int4")
 
 
 def _configs(scheme: str, group_size: int) -> tuple[Any, Any, str]:
@@ -61,12 +62,13 @@ def quantize_graphs(graphs: dict[str, StreamingGraph], scheme: str, keep: list[s
     """Quantized deep copies of ``graphs``; returns them and a per-graph report.
 
     ``keep``: layers left in float; ``sensitive``: one step above the scheme (``8da8w`` under
-    int4, float under int8), as ``edgeseq.quant.onnx`` does."""
+    int4, float under int8), as the ONNX Runtime backend's ``quantize.py`` does."""
     from torchao.quantization import quantize_
 
-    if scheme not in SCHEMES:
+    schemes = ExecuTorchBackend.quant_schemes
+    if scheme not in schemes:
         raise ValueError(f"--quant {scheme} is not available on ExecuTorch (known: "
-                         f"{', '.join(SCHEMES)}); use --format onnx")
+                         f"{', '.join(schemes)}); use --format onnx")
     sensitive = list(sensitive or [])
     if scheme != "int4":
         keep, sensitive = keep + sensitive, []

@@ -1,14 +1,10 @@
-"""ExecuTorch backend: all graphs as methods of one ``.pte`` program, delegated to XNNPACK.
+"""ExecuTorch's run side: the ``.pte`` program's methods as runners (XNNPACK).
 
-One program with a method per graph lets ExecuTorch store weights that several methods read once
-(its named data store deduplicates them). ExecuTorch plans memory ahead of time for the upper
-bound of every dynamic dimension, so the batch is fixed to 1 (one stream per state; a loaded
-program serves many streams; a batch such as beam search runs row by row) and the prefill chunk
-is bounded by the graph's ``max_chunk``.
+Light by design: it imports the ExecuTorch runtime's pybindings, never ``executorch.exir`` or
+the exporters (``lower.py``).
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -18,92 +14,48 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from edgeseq.bundle import BundleError, GraphEntry, Manifest, StreamingGraph
-from edgeseq.registry import register_backend
-from edgeseq.runtime.backends.base import (MB, Backend, LoadedModel, RuntimeMemory,
-                                           check_io, fed_length, shared_state_specs,
-                                           static_traces)
-
-PTE_FILE = "model.pte"
-PLANNED_FILE = "pte_planned_memory.json"
+from edgeseq.bundle import BundleError, GraphEntry, Manifest, shared_state_specs
+from edgeseq.runtime.backends.base import LoadedModel, check_io, fed_length, static_traces
+from edgeseq.runtime.backends.executorch import ExecuTorchBackend
 
 
-@register_backend("executorch")
-class ExecuTorchBackend(Backend):
-    format = "pte"
-    aliases = ("et",)
-    memory = RuntimeMemory(base=24 * MB, per_graph=3 * MB, activation_factor=1.0)
+def load(root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
+         threads: int | None = None,
+         prepack: frozenset[str] = frozenset()) -> LoadedModel:
+    from executorch.runtime import Runtime
 
-    def available(self) -> str | None:
-        try:
-            import executorch.runtime  # noqa: F401
-        except ImportError as e:
-            return f"executorch is not installed ({e})"
-        return None
-
-    def lower(self, graphs: dict[str, StreamingGraph], out: Path, dtype: str,
-              quantized: bool = False) -> dict[str, str]:
-        """``quantized``: the graphs hold torchao-quantized layers (``edgeseq.quant.executorch``);
-        their quantized embeddings are fused into ``quantized_decomposed`` kernels."""
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-        from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
-
-        from edgeseq.convert.export import export_graph, half_precision
-
-        if dtype == "fp16":  # XNNPACK has fp16 kernels: weights and compute in fp16
-            graphs = half_precision(graphs)
-        elif dtype != "fp32":
-            raise ValueError(f"unsupported dtype {dtype}")
-        with _xnnpack_friendly_activations():
-            programs = {name: export_graph(g, dynamic_batch=False, batch=1,
-                                           chunk_max=g.max_chunk) for name, g in graphs.items()}
-        et = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()])
-        config = ExecutorchBackendConfig(do_quant_fusion_and_const_prop=quantized)
-        prog = et.to_executorch(config)
-        (out / PTE_FILE).write_bytes(prog.buffer)
-        # Planned activation memory per method (allocated when a method loads): the runtime's
-        # pybindings do not expose it, and speculative decoding's memory plan needs it before
-        # loading anything.
-        planned = {plan.name: int(sum(plan.non_const_buffer_sizes))
-                   for plan in prog.executorch_program.execution_plan}
-        (out / PLANNED_FILE).write_text(json.dumps(planned, indent=1))
-        return {name: PTE_FILE for name in graphs}
-
-    def load(self, root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
-             threads: int | None = None,
-             prepack: frozenset[str] = frozenset()) -> LoadedModel:
-        from executorch.runtime import Runtime
-
-        _register_quantized_kernels()
-        _share_packed_weights()
-        _set_threads(threads)
-        files = {e.files[self.format] for e in entries.values()}
-        programs = {}
-        for f in files:
-            check_pte_header(root / f)
-            programs[f] = _native(root / f, "not a loadable ExecuTorch program",
-                                  lambda: Runtime.get().load_program(root / f))
-        runners = {}
-        for name, e in entries.items():
-            path = root / e.files[self.format]
-            # XNNPACK's cpuinfo probe logs to fd 2 on first use
-            method = _native(path, f"cannot load method {name}",
-                             lambda: programs[e.files[self.format]].load_method(name))
-            meta = method.metadata
-            names = [s.name for s in e.inputs] + [s.input_name for s in e.state]
-            check_io(path, e, {n: (_ET_DTYPES.get(int(t.dtype()), f"type {int(t.dtype())}"),
-                                   list(t.sizes()))
-                               for n, t in zip(names, (meta.input_tensor_meta(i)
-                                                       for i in range(meta.num_inputs())))})
-            runners[name] = _EtRunner(e, method)
-        model = _EtModel(runners, shared_state_specs(entries))
-        # A method reads its program's memory: the program must live as long as the methods.
-        model.programs = programs
-        return model
+    _register_quantized_kernels()
+    _share_packed_weights()
+    _set_threads(threads)
+    files = {e.files[ExecuTorchBackend.format] for e in entries.values()}
+    programs = {}
+    for f in files:
+        check_pte_header(root / f)
+        programs[f] = _native(root / f, "not a loadable ExecuTorch program",
+                              lambda: Runtime.get().load_program(root / f))
+    runners = {}
+    for name, e in entries.items():
+        path = root / e.files[ExecuTorchBackend.format]
+        # XNNPACK's cpuinfo probe logs to fd 2 on first use
+        method = _native(path, f"cannot load method {name}",
+                         lambda: programs[e.files[ExecuTorchBackend.format]].load_method(name))
+        meta = method.metadata
+        names = [s.name for s in e.inputs] + [s.input_name for s in e.state]
+        check_io(path, e, {n: (_ET_DTYPES.get(int(t.dtype()), f"type {int(t.dtype())}"),
+                               list(t.sizes()))
+                           for n, t in zip(names, (meta.input_tensor_meta(i)
+                                                   for i in range(meta.num_inputs())))})
+        runners[name] = _EtRunner(e, method)
+    model = _EtModel(runners, shared_state_specs(entries))
+    # A method reads its program's memory: the program must live as long as the methods.
+    model.programs = programs
+    return model
 
 
 #: ExecuTorch's ScalarType codes of the dtypes a manifest names
 _ET_DTYPES = {6: "float32", 5: "float16", 4: "int64", 3: "int32", 11: "bool"}
+
+
 #: a .pte starts with the flatbuffer's root offset (uint32) and file identifier ("ET" and a
 #: two-digit version), then ExecuTorch's extended header: magic "eh00", its length (uint32),
 #: the program's size, the segments' offset and (from 32 bytes of header on) their size (uint64
@@ -149,7 +101,7 @@ def check_pte_header(path: Path) -> None:
 def _native(path: Path, what: str, call: Any) -> Any:
     """``call()`` with ExecuTorch's stderr log held back; its errors as one BundleError."""
     try:
-        with _captured_stderr(replay=False):
+        with captured_stderr(replay=False):
             return call()
     except (RuntimeError, ValueError) as e:
         raise BundleError(f"{path}: {what} ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})"
@@ -255,31 +207,6 @@ def _executorch_lib(name: str) -> Path | None:
                 None)
 
 
-@contextmanager
-def _xnnpack_friendly_activations() -> Iterator[None]:
-    """Export transformers' tanh GELU (``gelu_new``: T5 v1.1, ByT5, the zoo typo fixer) with
-    x * x * x for its x ** 3. XNNPACK has no cube: ``pow`` stays an ExecuTorch portable kernel,
-    which calls std::pow per element and splits the delegated graph around it (the zoo typo
-    fixer's encoder: 0.37 ms of its 1.5 ms call). The same function; ONNX export is left as it
-    is (ONNX Runtime fuses the Pow form)."""
-    import math
-
-    import torch
-    from transformers.activations import NewGELUActivation
-
-    orig = NewGELUActivation.forward
-    c = math.sqrt(2.0 / math.pi)
-
-    def forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-        return 0.5 * x * (1.0 + torch.tanh(c * (x + 0.044715 * (x * x * x))))
-
-    NewGELUActivation.forward = forward
-    try:
-        yield
-    finally:
-        NewGELUActivation.forward = orig
-
-
 class _EtRunner:
     def __init__(self, entry: GraphEntry, method: Any):
         self.entry = entry
@@ -357,7 +284,7 @@ def _tensor(a: np.ndarray) -> Any:
 
 
 @contextmanager
-def _captured_stderr(replay: bool = True) -> Iterator[None]:
+def captured_stderr(replay: bool = True) -> Iterator[None]:
     """Hold back what native code writes to fd 2; replay it only if the body fails (and
     ``replay``: the caller may turn the failure into its own one-line error)."""
     sys.stderr.flush()

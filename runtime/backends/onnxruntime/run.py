@@ -1,9 +1,9 @@
-"""ONNX Runtime backend: lowering with ``torch.onnx.export(dynamo=True)`` and IO-bound runners.
+"""ONNX Runtime's run side: IO-bound runners over the bundle's ONNX files.
 
-Weights are stored once for all graphs: every large initializer goes, deduplicated by content,
-into one ``weights.onnx.data`` file that each ``<graph>.onnx`` references as standard ONNX external
-data (so plain ONNX Runtime opens the files too, and no graph nears protobuf's 2 GB limit). At
-load, edgeseq maps that file once and hands the same buffers to every session
+Light by design: it imports ``onnxruntime`` and the initializer reader (``records.py``), never
+``onnx`` or the exporters (``lower.py``), so a process that only runs a bundle stays small.
+
+At load, the weights file is mapped once and the same buffers are handed to every session
 (``SessionOptions.add_initializer`` does not copy), with prepacking off so sessions do not make
 private copies either: the weights are in memory once however many graphs read them.
 
@@ -12,190 +12,84 @@ and writes the other through IO binding (ping-pong), so steps never copy state t
 """
 from __future__ import annotations
 
-import functools
-import json
 import os
-import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgeseq.bundle import BundleError, GraphEntry, Manifest, StreamingGraph
-from edgeseq.registry import register_backend
+from edgeseq.bundle import BundleError, GraphEntry, Manifest, shared_state_specs
 from edgeseq.runtime.backends import base as backend_base
-from edgeseq.runtime.backends.base import (MB, Backend, KeptBuffers, LoadedModel,
-                                           RuntimeMemory, check_io, shared_state_specs,
-                                           static_traces)
-
-OPSET = 18
-WEIGHTS_FILE = "weights.onnx.data"
-# initializers at least this large go to the shared weights file; smaller ones stay inline
-EXTERNAL_MIN_BYTES = 1024
-ALIGN = 64
-# weights of at least this many elements are stored in fp16 under --dtype fp16
-FP16_MIN_ELEMENTS = 1024
+from edgeseq.runtime.backends.base import KeptBuffers, LoadedModel, check_io, static_traces
+from edgeseq.runtime.backends.onnxruntime import WEIGHTS_FILE, OrtBackend
 
 
-@register_backend("ort")
-class OrtBackend(Backend):
-    format = "onnx"
-    aliases = ("onnxruntime",)
-    memory = RuntimeMemory(base=20 * MB, per_graph=4 * MB, activation_factor=1.5)
+def load(root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
+         threads: int | None = None,
+         prepack: frozenset[str] = frozenset()) -> LoadedModel:
+    import onnxruntime as ort
 
-    def available(self) -> str | None:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or default_threads()
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    # No arena: it keeps the encoder's largest activations (a Whisper encoder's attention
+    # maps: ~100 MB for 30 s) for the life of the session and grows by powers of two;
+    # without it they go back to the system after each run. Measured: Whisper-tiny peak RSS
+    # 486 -> 398 MB, decode speed unchanged (docs/benchmarks.md).
+    opts.enable_cpu_mem_arena = False
+    # The memory pattern is one block per call for all intermediates: under a memory budget
+    # (a fixed 64 KiB mmap threshold) a fresh mapping each call (2.2 MB for mamba-bytes'
+    # verify) whose pages fault in zeroed; without it the (small) intermediates come from
+    # the heap. Measured on the code workload's budgeted draft: 2018 -> 2311 tokens/s, peak
+    # 31.2 -> 30.0 MiB. Without a budget the pattern is faster (2970 against 2537).
+    opts.enable_mem_pattern = not backend_base.ALLOCATOR_BOUNDED
+    # Private prepacked copies per session would undo the sharing; for decoding (one row per
+    # step) prepacking did not change speed on our CPUs. Graphs that take many rows a call
+    # (a speculative chunk) gain from it, and a memory plan that affords the packed copy
+    # names them in ``prepack`` (measured on the zoo's typo fixer, ORT, 1 thread:
+    # decoder_chunk at 16 tokens 527 -> 479 us; the input-guided loop ~10% faster).
+    # Quantized kernels (MatMulNBits, DynamicQuantizeMatMul) pack their weights once at load;
+    # without prepacking they repack on every call (measured at the Mamba-130M shape: int4
+    # decode at 0.13x of fp32 instead of 2.9x). Each session then holds its packed copy of
+    # the (small) quantized weights.
+    packs = packs_anyway(manifest.quantization)
+    opts.add_session_config_entry("session.disable_prepacking", "0" if packs else "1")
+    # Recurrent states can decay into denormal floats, which CPUs process many times slower
+    # (training the zoo model hit this); they carry no signal (< 1.2e-38), so the session's
+    # threads flush them. No effect on the speed of healthy states.
+    opts.add_session_config_entry("session.set_denormal_as_zero", "1")
+    weights = _SharedWeights(root / WEIGHTS_FILE)
+    runners = {}
+    for name, e in entries.items():
+        path = root / e.files[OrtBackend.format]
+        sess_opts = weights.bind(path, opts, prepack=name in prepack)
         try:
-            import onnxruntime  # noqa: F401
-        except ImportError as e:
-            return f"onnxruntime is not installed ({e})"
-        return None
-
-    def lower(self, graphs: dict[str, StreamingGraph], out: Path, dtype: str) -> dict[str, str]:
-        import onnx
-
-        from edgeseq.convert.workers import job_count, run_jobs
-
-        # Each graph is exported on its own (in parallel workers where the machine allows,
-        # ``edgeseq.convert.workers``), written to a staging folder inside the bundle's
-        # temporary folder, then read back here to share the weights across graphs.
-        stage = out / ".lowering"
-        stage.mkdir()
-        # longest first: the graphs with a chunk dimension carry the most nodes
-        order = sorted(graphs, key=lambda n: not _has_chunk(graphs[n]))
-        jobs = {name: functools.partial(_lower_graph, graphs[name], dtype, stage / name)
-                for name in order}
-        weight_bytes = max((_param_bytes(g) for g in graphs.values()), default=0)
-        try:
-            paths = run_jobs(jobs, job_count(len(jobs), weight_bytes), warm_up=_warm_up)
-            models = {name: onnx.load(paths[name]) for name in graphs}
-        finally:
-            shutil.rmtree(stage)
-        from edgeseq.runtime.cost import ACTIVATION_TABLE, activation_table
-
-        _share_weights(models, out / WEIGHTS_FILE)
-        files = {}
-        for name, model in models.items():
-            onnx.save_model(model, str(out / f"{name}.onnx"))
-            files[name] = f"{name}.onnx"
-        del models
-        # What each call allocates, for memory plans made without onnx at run time. Read back
-        # from the files: shape inference on the in-memory protos resolves nothing.
-        tables = {}
-        for name, f in files.items():
-            proto = onnx.load(str(out / f), load_external_data=False)
-            tables[name] = activation_table(proto, graphs[name])
-            tables[name]["prepack_bytes"] = prepacked_bytes(proto)
-        (out / ACTIVATION_TABLE).write_text(json.dumps(tables))
-        return files
-
-    def load(self, root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
-             threads: int | None = None,
-             prepack: frozenset[str] = frozenset()) -> LoadedModel:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or _default_threads()
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        # No arena: it keeps the encoder's largest activations (a Whisper encoder's attention
-        # maps: ~100 MB for 30 s) for the life of the session and grows by powers of two;
-        # without it they go back to the system after each run. Measured: Whisper-tiny peak RSS
-        # 486 -> 398 MB, decode speed unchanged (docs/benchmarks.md).
-        opts.enable_cpu_mem_arena = False
-        # The memory pattern is one block per call for all intermediates: under a memory budget
-        # (a fixed 64 KiB mmap threshold) a fresh mapping each call (2.2 MB for mamba-bytes'
-        # verify) whose pages fault in zeroed; without it the (small) intermediates come from
-        # the heap. Measured on the code workload's budgeted draft: 2018 -> 2311 tokens/s, peak
-        # 31.2 -> 30.0 MiB. Without a budget the pattern is faster (2970 against 2537).
-        opts.enable_mem_pattern = not backend_base.ALLOCATOR_BOUNDED
-        # Private prepacked copies per session would undo the sharing; for decoding (one row per
-        # step) prepacking did not change speed on our CPUs. Graphs that take many rows a call
-        # (a speculative chunk) gain from it, and a memory plan that affords the packed copy
-        # names them in ``prepack`` (measured on the zoo's typo fixer, ORT, 1 thread:
-        # decoder_chunk at 16 tokens 527 -> 479 us; the input-guided loop ~10% faster).
-        # Quantized kernels (MatMulNBits, DynamicQuantizeMatMul) pack their weights once at load;
-        # without prepacking they repack on every call (measured at the Mamba-130M shape: int4
-        # decode at 0.13x of fp32 instead of 2.9x). Each session then holds its packed copy of
-        # the (small) quantized weights.
-        packs = packs_anyway(manifest.quantization)
-        opts.add_session_config_entry("session.disable_prepacking", "0" if packs else "1")
-        # Recurrent states can decay into denormal floats, which CPUs process many times slower
-        # (training the zoo model hit this); they carry no signal (< 1.2e-38), so the session's
-        # threads flush them. No effect on the speed of healthy states.
-        opts.add_session_config_entry("session.set_denormal_as_zero", "1")
-        weights = _SharedWeights(root / WEIGHTS_FILE)
-        runners = {}
-        for name, e in entries.items():
-            path = root / e.files[self.format]
-            sess_opts = weights.bind(path, opts, prepack=name in prepack)
-            try:
-                sess = ort.InferenceSession(str(path), sess_options=sess_opts,
-                                            providers=["CPUExecutionProvider"])
-            except Exception as err:  # ORT's own types (Fail, InvalidGraph, ...) name no file
-                raise BundleError(f"{path}: ONNX Runtime cannot load it ("
-                                  f"{_first_line(err)})") from None
-            check_io(path, e, {i.name: (_ORT_DTYPES.get(i.type, i.type), list(i.shape))
-                               for i in sess.get_inputs()})
-            runners[name] = _OrtRunner(e, sess)
-        if packs:
-            weights.release_pages()
-        model = _OrtModel(runners, shared_state_specs(entries))
-        model.weights = weights  # the sessions read these buffers: keep them alive
-        return model
-
-
-def _lower_graph(g: StreamingGraph, dtype: str, path: Path) -> str:
-    """One graph to an ONNX file at ``path`` (weights beside it): export, translation, the
-    bundle's dimension names, fp16 weights under ``dtype == "fp16"``."""
-    import onnx
-    import torch
-
-    from edgeseq.convert.export import export_graph
-
-    ep = export_graph(g, dynamic_batch=True, chunk_max=g.max_chunk)
-    names_in = [s.name for s in g.inputs] + [s.input_name for s in g.state]
-    names_out = [s.name for s in g.outputs] + [s.output_name for s in g.state]
-    prog = torch.onnx.export(ep, input_names=names_in, output_names=names_out,
-                             opset_version=OPSET, dynamo=True, verbose=False, optimize=True)
-    model = _strip_node_metadata(_name_dynamic_dims(prog.model_proto, g))
-    if dtype == "fp16":
-        model = weights_to_fp16(model)
-    onnx.save_model(model, str(path), save_as_external_data=True,
-                    location=f"{path.name}.data", size_threshold=EXTERNAL_MIN_BYTES)
-    return str(path)
-
-
-def _warm_up() -> None:
-    """Export a one-op module: the exporters' one-time set-up, done before workers fork."""
-    import torch
-
-    class Twice(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x * 2
-
-    ep = torch.export.export(Twice(), (torch.ones(2),))
-    torch.onnx.export(ep, dynamo=True, verbose=False, optimize=True)
-
-
-def _has_chunk(g: StreamingGraph) -> bool:
-    return any("chunk" in s.shape for s in [*g.inputs, *g.state])
-
-
-def _param_bytes(g: StreamingGraph) -> int:
-    return sum(p.numel() * p.element_size() for p in g.module.parameters())
+            sess = ort.InferenceSession(str(path), sess_options=sess_opts,
+                                        providers=["CPUExecutionProvider"])
+        except Exception as err:  # ORT's own types (Fail, InvalidGraph, ...) name no file
+            raise BundleError(f"{path}: ONNX Runtime cannot load it ("
+                              f"{_first_line(err)})") from None
+        check_io(path, e, {i.name: (_ORT_DTYPES.get(i.type, i.type), list(i.shape))
+                           for i in sess.get_inputs()})
+        runners[name] = _OrtRunner(e, sess)
+    if packs:
+        weights.release_pages()
+    model = _OrtModel(runners, shared_state_specs(entries))
+    model.weights = weights  # the sessions read these buffers: keep them alive
+    return model
 
 
 def packs_anyway(quantization: Any) -> bool:
     """Whether every session of a bundle with this ``quantization`` (the manifest's entry)
-    packs its weights (an int-quantized bundle, see ``OrtBackend.load``): a memory plan then
+    packs its weights (an int-quantized bundle, see ``load``): a memory plan then
     has no packing to choose."""
     q = quantization
     return isinstance(q, dict) and str(q.get("scheme", "")).startswith("int")
 
 
-def _default_threads() -> int:
+def default_threads() -> int:
     """``EDGESEQ_THREADS`` if set (several processes sharing the cores, e.g. parallel tests),
     else the physical cores."""
     env = os.environ.get("EDGESEQ_THREADS", "")
@@ -403,109 +297,6 @@ class _OrtModel(LoadedModel):
         return [v.numpy() for v in state.live]
 
 
-def weights_to_fp16(model: Any) -> Any:
-    """Store large float32 initializers as float16, cast back to float32 where they are read.
-
-    Compute and state stay float32 (ONNX Runtime's CPU provider lacks fp16 kernels for most ops,
-    and recurrent state accumulates rounding error); the weights, which dominate the bytes read per
-    token, halve.
-    """
-    import onnx
-    from onnx import helper, numpy_helper
-
-    g = model.graph
-    new_inits, casts = [], []
-    for init in g.initializer:
-        arr = numpy_helper.to_array(init)
-        if arr.dtype == np.float32 and arr.size >= FP16_MIN_ELEMENTS:
-            half_name = f"{init.name}__fp16"
-            new_inits.append(numpy_helper.from_array(arr.astype(np.float16), half_name))
-            casts.append(helper.make_node("Cast", [half_name], [init.name], to=onnx.TensorProto.FLOAT,
-                                          name=f"{init.name}__cast"))
-        else:
-            new_inits.append(init)
-    del g.initializer[:]
-    g.initializer.extend(new_inits)
-    nodes = list(g.node)
-    del g.node[:]
-    g.node.extend(casts + nodes)
-    return model
-
-
-def _strip_node_metadata(model: Any) -> Any:
-    """Drop the exporter's per-node metadata (the FX node, its Python stack trace with the
-    converting machine's paths, name scopes): three quarters of a Mamba prefill graph's bytes
-    (479 of 659 kB), read by nothing at run time."""
-    for node in model.graph.node:
-        del node.metadata_props[:]
-    return model
-
-
-def _name_dynamic_dims(model: Any, graph: StreamingGraph) -> Any:
-    """Give dynamic axes the bundle's names (``batch``, ``chunk``) instead of the exporter's
-    symbols (``s1``, ``s70``), so the ONNX file reads like its manifest.
-
-    Inputs and plain outputs (an encoder's ``cross.*``) are named as their specs name them. A
-    state output is not: a growing cache comes out longer than it went in (``s70 + s22``), so
-    only the symbols inside its expression are renamed (``past + chunk``). Giving two sizes one
-    name would tell ONNX Runtime they are equal, and it then plans buffers of the wrong size."""
-    g = model.graph
-    specs = {s.name: s for s in [*graph.inputs, *graph.outputs]}
-    specs.update({s.input_name: s for s in graph.state})
-    rename: dict[str, str] = {}
-    for vi in [*g.input, *g.output]:
-        spec = specs.get(vi.name)
-        for dim, want in zip(vi.type.tensor_type.shape.dim, spec.shape if spec else ()):
-            if isinstance(want, str) and _SYMBOL.fullmatch(dim.dim_param):
-                rename.setdefault(dim.dim_param, want)
-
-    def sub(expr: str) -> str:
-        return _SYMBOL.sub(lambda m: rename.get(m.group(0), m.group(0)), expr)
-
-    state_out = {s.output_name for s in graph.state}
-    for vi in [*g.input, *g.output, *g.value_info]:
-        spec = None if vi.name in state_out else specs.get(vi.name)
-        wants = spec.shape if spec else ()
-        for i, dim in enumerate(vi.type.tensor_type.shape.dim):
-            if not dim.dim_param:
-                continue
-            want = wants[i] if i < len(wants) else None
-            dim.dim_param = want if isinstance(want, str) else sub(dim.dim_param)
-    return model
-
-
-_SYMBOL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def _share_weights(models: dict[str, Any], data_path: Path) -> None:
-    """Move every large initializer of every model into one file, each distinct tensor once."""
-    import hashlib
-
-    from onnx import TensorProto
-
-    offsets: dict[bytes, tuple[int, int]] = {}
-    with open(data_path, "wb") as f:
-        for model in models.values():
-            for init in model.graph.initializer:
-                raw = init.raw_data
-                if len(raw) < EXTERNAL_MIN_BYTES:
-                    continue
-                key = hashlib.sha1(raw).digest() + bytes(str((init.data_type, list(init.dims))), "ascii")
-                if key not in offsets:
-                    pad = -f.tell() % ALIGN
-                    f.write(b"\0" * pad)
-                    offsets[key] = (f.tell(), len(raw))
-                    f.write(raw)
-                offset, length = offsets[key]
-                init.ClearField("raw_data")
-                init.data_location = TensorProto.EXTERNAL
-                del init.external_data[:]
-                for k, v in (("location", data_path.name), ("offset", str(offset)),
-                             ("length", str(length))):
-                    entry = init.external_data.add()
-                    entry.key, entry.value = k, v
-
-
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16",
                "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
 
@@ -552,7 +343,7 @@ class _SharedWeights:
     def bind(self, model_path: Path, base: Any, prepack: bool = False) -> Any:
         import onnxruntime as ort
 
-        from edgeseq.runtime.backends.onnx_records import EXTERNAL, ProtoError, initializers
+        from edgeseq.runtime.backends.onnxruntime.records import EXTERNAL, ProtoError, initializers
 
         opts = _clone_options(base, prepack)
         try:
@@ -603,40 +394,3 @@ def _clone_options(base: Any, prepack: bool = False) -> Any:
             value = "0"
         opts.add_session_config_entry(key, value)
     return opts
-
-
-# MLAS packs a float GEMM's constant B (K x N) into panels of 16 columns
-_PACK_COLUMNS = 16
-
-
-def prepacked_bytes(proto: Any) -> int:
-    """Bytes ONNX Runtime's CPU kernels allocate when a session prepacks this graph's weights:
-    the constant B of every float MatMul / Gemm (an initializer, or one transposed or cast,
-    which ORT folds first), padded to MLAS's 16-column panels. Measured against RSS on the zoo
-    bundles: mamba-bytes' verify 3.91 MiB estimated, 4.0 measured; the typo fixer's
-    decoder_chunk 1.63 and 1.75 (``speculative/plan.py`` adds a margin)."""
-    from onnx import TensorProto
-
-    inits = {i.name: i for i in proto.graph.initializer}
-    producer = {o: n for n in proto.graph.node for o in n.output}
-    total = 0
-    for node in proto.graph.node:
-        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
-            continue
-        attrs = {a.name: a for a in node.attribute}
-        trans_b = node.op_type == "Gemm" and "transB" in attrs and attrs["transB"].i
-        # B as ORT sees it after constant folding: an initializer through Transposes and Casts
-        src, flip, cast = node.input[1], False, False
-        while src not in inits and src in producer \
-                and producer[src].op_type in ("Transpose", "Cast"):
-            flip ^= producer[src].op_type == "Transpose"
-            cast |= producer[src].op_type == "Cast"
-            src = producer[src].input[0]
-        if src not in inits or len(inits[src].dims) != 2:
-            continue
-        if not cast and inits[src].data_type != TensorProto.FLOAT:
-            continue
-        dims = list(inits[src].dims)[::-1] if flip else list(inits[src].dims)
-        k, n = (dims[1], dims[0]) if trans_b else (dims[0], dims[1])
-        total += -(-n // _PACK_COLUMNS) * _PACK_COLUMNS * k * 4
-    return total

@@ -1,0 +1,78 @@
+"""The ONNX Runtime backend: ``lower.py`` (torch -> ONNX, the build side), ``run.py`` (the
+runners), ``records.py`` (the graph files' initializer records, read without ``onnx``),
+``quantize.py`` (int8/int4 weights), ``ops.py`` (time per operator from ONNX Runtime's profiler).
+
+This module holds only the registered class: importing it (every ``registry.backends()`` does)
+loads neither ``onnxruntime`` nor ``onnx``. Each method imports its module when called, the one
+deliberate lazy import per concern, so running a bundle never pays for the exporters and
+lowering never pays for a runtime session.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from edgeseq.bundle import GraphEntry, Manifest, StreamingGraph
+from edgeseq.registry import register_backend
+from edgeseq.runtime.backends.base import MB, Backend, LoadedModel, OpsProfiler, RuntimeMemory
+
+#: the one file every graph of a bundle reads its large initializers from
+WEIGHTS_FILE = "weights.onnx.data"
+
+
+@register_backend("ort")
+class OrtBackend(Backend):
+    format = "onnx"
+    aliases = ("onnxruntime",)
+    memory = RuntimeMemory(base=20 * MB, per_graph=4 * MB, activation_factor=1.5)
+    #: ``int8-static`` calibrates on the user's data (``edgeseq.quant.static``), then rewrites
+    #: the files through ``rewrite_files``; the others are ``quantize.quantize_model``'s
+    quant_schemes = ("int8", "int4", "int4-tensor", "int8-static")
+
+    def available(self) -> str | None:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as e:
+            return f"onnxruntime is not installed ({e})"
+        return None
+
+    def lower(self, graphs: dict[str, StreamingGraph], out: Path, dtype: str,
+              quantized: bool = False) -> dict[str, str]:
+        from edgeseq.runtime.backends.onnxruntime.lower import lower
+
+        return lower(graphs, out, dtype)
+
+    def load(self, root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
+             threads: int | None = None,
+             prepack: frozenset[str] = frozenset()) -> LoadedModel:
+        from edgeseq.runtime.backends.onnxruntime.run import load
+
+        return load(root, manifest, entries, threads, prepack)
+
+    def quantize_files(self, folder: Path, files: dict[str, str], scheme: str, keep: list[str],
+                       group_size: int, sensitive: list[str]) -> dict[str, Any]:
+        from edgeseq.runtime.backends.onnxruntime.quantize import quantize_bundle_graphs
+
+        return quantize_bundle_graphs(folder, files, scheme, keep, group_size, sensitive)
+
+    def rewrite_files(self, folder: Path, files: dict[str, str],
+                      rewrite: Callable[[str, Any], tuple[Any, Any]]) -> dict[str, Any]:
+        """Load each ONNX graph of a bundle folder, ``rewrite(name, model) -> (model, report)``
+        it, and save them back with their weights shared once (a quantizer outside this folder
+        uses it: ``edgeseq.quant.static``); returns the reports by graph."""
+        from edgeseq.runtime.backends.onnxruntime.quantize import rewrite_bundle_graphs
+
+        return rewrite_bundle_graphs(folder, files, rewrite)
+
+    def ops_profiler(self) -> OpsProfiler:
+        from edgeseq.runtime.backends.onnxruntime import ops
+
+        return ops
+
+    def import_runtime(self) -> None:
+        import onnxruntime  # noqa: F401
+
+    def threads(self, threads: int | None) -> int | None:
+        from edgeseq.runtime.backends.onnxruntime.run import default_threads
+
+        return threads or default_threads()
