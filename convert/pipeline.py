@@ -39,13 +39,12 @@ def _decoder_room(config: dict[str, Any]) -> int:
     return (min(caps) if caps else 1 << 30) - len(config.get("decoder_prompt", [0]))
 
 
-def _check_quant(quant: str, formats: tuple[str, ...], dtype: str, family: str,
+def _check_quant(quant: str, formats: tuple[str, ...], dtype: str, family: Any,
                  keep: list[str] | None, quantize_all: bool,
                  calibration: str | Path | None = None) -> tuple[list[str], list[str]]:
     """Refuse a scheme/format combination that does not exist; return the patterns of the
-    weights kept in float (the user's ``--keep``) and of the family's sensitive ones."""
-    from edgeseq.quant.schemes import sensitive_floor, sensitive_patterns
-
+    weights kept in float (the user's ``--keep``) and of the family's sensitive ones
+    (``Family.quant_sensitive``)."""
     ORT_SCHEMES = get_backend(FORMATS["onnx"]).quant_schemes
     ET_SCHEMES = get_backend(FORMATS["pte"]).quant_schemes
     if quant not in ORT_SCHEMES:
@@ -64,8 +63,8 @@ def _check_quant(quant: str, formats: tuple[str, ...], dtype: str, family: str,
                           f"{', '.join(ET_SCHEMES)}); use --format onnx")
     if dtype != "fp32":
         raise BundleError(f"--quant {quant} starts from fp32 graphs: drop --dtype fp16")
-    sensitive = [] if quantize_all else sensitive_patterns(family)
-    if sensitive_floor(family) == "float":
+    sensitive = [] if quantize_all else list(family.quant_sensitive)
+    if family.quant_sensitive_floor == "float":
         return list(keep or []) + sensitive, []
     return list(keep or []), sensitive
 
@@ -183,7 +182,7 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
                           f"{family.name} has no attention cache")
     opts = {"max_target_len": max_target_len} if seq2seq else {}
     if quant is not None:
-        keep, sensitive = _check_quant(quant, formats, dtype, family.name, keep, quantize_all,
+        keep, sensitive = _check_quant(quant, formats, dtype, family, keep, quantize_all,
                                        calibration)
     model = family.load(src)
     # a generation rule the runtime would not apply as transformers does: refused by name

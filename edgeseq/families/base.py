@@ -42,6 +42,11 @@ class Family:
     generation_overridden: frozenset[str] = frozenset()
     #: Fields its ``generate`` reads that edgeseq does not implement: refused when set.
     generation_unsupported: tuple[str, ...] = ()
+    #: Glob patterns of the weights quantization keeps above the scheme by default (``--keep``
+    #: adds to them, ``--quantize-all`` drops them), and the lowest precision measured safe for
+    #: them: ``int8`` (kept at int8 under int4) or ``float``.
+    quant_sensitive: tuple[str, ...] = ()
+    quant_sensitive_floor: str = "float"
 
     def effective_generation(self, gen: dict[str, Any]) -> dict[str, Any]:
         """A checkpoint's generation fields less those this family's ``generate`` overrides:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -516,7 +515,7 @@ class LMUFormerStream(nn.Module):
         self.blocks = model.block
         self.head = model.head
         # The Legendre matrices, transposed for the row-vector update m A^T + u B^T, under names
-        # that quantization can recognise and keep in float (edgeseq.quant.schemes.SENSITIVE).
+        # that quantization can recognise and keep in float (LMUFormerFamily.quant_sensitive).
         self.memory_At = nn.ParameterList(nn.Parameter(b.attn.lmu.A.T.contiguous().clone(),
                                                        requires_grad=False) for b in model.block)
         self.memory_Bt = nn.ParameterList(nn.Parameter(b.attn.lmu.B.T.contiguous().clone(),
@@ -774,6 +773,10 @@ class LMUFormerFamily(Family):
     script saves it, a DataParallel state dict) given as the file itself: the sizes are read from
     the weights, the rest from an optional ``config.json`` beside it in upstream's terms
     (``UPSTREAM_NAMES``, docs/lmu.md)."""
+    # the Legendre matrices A and B define the memory itself: a 4-bit A is no longer a delay
+    # line (digits agreement 0.35), and even int8 A/B under int4 flipped 2 of 32 gate sequences
+    quant_sensitive = ("memory_At*", "memory_Bt*")
+    quant_sensitive_floor = "float"
 
     task = "classification"
     model_types = ("edgeseq_lmuformer",)

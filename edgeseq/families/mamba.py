@@ -225,6 +225,11 @@ class MambaPrefill(_MambaGraph):
 class MambaFamily(TransformersCausalLM):
     """transformers ``MambaForCausalLM`` checkpoint folders, and the original ``mamba_ssm``
     layout (state-spaces/mamba-*: ``ssm_cfg`` without a Mamba2 layer, ``backbone.embedding``)."""
+    # x_proj/dt_proj produce the step size dt that scales the whole state update (exp(dt A));
+    # errors there compound along the stream: float under int8, int8 under int4 (the gate
+    # agreement of the zoo Mamba did not drop against float)
+    quant_sensitive = ("*x_proj*", "*dt_proj*")
+    quant_sensitive_floor = "int8"
 
     task = "causal_lm"
     model_types = ("mamba",)

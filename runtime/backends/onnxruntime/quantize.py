@@ -12,7 +12,7 @@ Schemes:
 
 Only matrix products with constant weights are quantized. State tensors are graph inputs and
 outputs and stay float32; so do normalisations, convolutions, SSM parameters (A, D, dt), and the
-families' sensitive layers (``sensitive_patterns``) unless the user includes them.
+families' sensitive layers (``Family.quant_sensitive``) unless the user includes them.
 
 The exporter writes linear layers as ``Gemm(x, W, b, transB=1)``; ONNX Runtime's quantizers take
 ``MatMul`` with a (in, out) weight, so those Gemms are first rewritten to ``MatMul`` + ``Add``.
