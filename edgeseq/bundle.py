@@ -191,6 +191,41 @@ def shared_state_specs(entries: Mapping[str, GraphEntry]) -> list[StateSpec]:
     return list(full.state)
 
 
+@dataclass(frozen=True)
+class Quantization:
+    """What a runtime reads of the manifest's ``quantization`` record (``Manifest.quant``); the
+    whole record (per-format, per-graph reports) stays in ``Manifest.quantization`` for
+    ``inspect``."""
+
+    scheme: str                  # fp16 | int8 | int8-static | int4 | int4-tensor
+    group_size: int | None = None
+
+    @property
+    def integer(self) -> bool:
+        """Integer weights (every ``int*`` scheme): kernels that pack them at load."""
+        return self.scheme.startswith("int")
+
+    @property
+    def compute(self) -> str:
+        """The arithmetic the scheme's kernels run: ``int8``, ``int4`` or ``fp16``."""
+        for kind in ("int4", "int8"):
+            if self.scheme.startswith(kind):
+                return kind
+        return self.scheme
+
+    @classmethod
+    def from_record(cls, record: Any) -> "Quantization | None":
+        """The typed view of a manifest's record; ValueError for one convert does not write."""
+        if record is None:
+            return None
+        if not isinstance(record, dict) or not isinstance(record.get("scheme"), str):
+            raise ValueError('"quantization" must be null or a record with a "scheme" string')
+        group = record.get("group_size")
+        if group is not None and not (type(group) is int and group > 0):
+            raise ValueError('"quantization.group_size" must be a positive integer or null')
+        return cls(record["scheme"].lower(), group)
+
+
 @dataclass
 class Manifest:
     """``manifest.json``: everything a runtime needs to drive the bundle's graphs."""
@@ -238,6 +273,11 @@ class Manifest:
                    created_by=d.get("created_by", "edgeseq"), files=files)
 
     @property
+    def quant(self) -> Quantization | None:
+        """The quantization as a typed record (None: float weights), checked by ``validate``."""
+        return Quantization.from_record(self.quantization)
+
+    @property
     def state_specs(self) -> list[StateSpec]:
         """The bundle's state list (``shared_state_specs`` of its graphs)."""
         return shared_state_specs(self.graphs)
@@ -268,10 +308,11 @@ class Manifest:
                            for d in s.shape):
                     problems.append(f"graph {name}: {s.name} has a bad shape {list(s.shape)} "
                                     f"(named dims or integers 0..{MAX_DIM})")
-        try:
-            shared_state_specs(self.graphs)
-        except ValueError as e:
-            problems.append(str(e))
+        for check in (lambda: shared_state_specs(self.graphs), lambda: self.quant):
+            try:
+                check()
+            except ValueError as e:
+                problems.append(str(e))
         if root is not None:
             problems += self._file_problems(Path(root))
         return problems

@@ -297,7 +297,7 @@ def prepack_bytes(root: Path, man: Manifest, backend: str, graph: str) -> int:
     from edgeseq.runtime.backends.onnxruntime.run import packs_anyway
 
     # the manifest in hand, not the file again: the plan asks this for every graph
-    if format_of(backend) != "onnx" or packs_anyway(man.quantization):
+    if format_of(backend) != "onnx" or packs_anyway(man.quant):
         return 0
     table = _tables(str(root / ACTIVATION_TABLE)).get(graph, {})
     return int(PREPACK_MARGIN * int(table.get("prepack_bytes", 0)))
@@ -473,10 +473,9 @@ def _pte_cost(root: Path, man: Manifest, entry: GraphEntry, dims: Mapping[str, i
 
 
 def _scheme(man: Manifest) -> str:
-    q = man.quantization
-    if isinstance(q, dict) and q.get("scheme"):
-        s = str(q["scheme"]).lower()
-        return "int4" if s.startswith("int4") else ("int8" if s.startswith("int8") else s)
+    """The arithmetic of the bundle's weights: its quantization's, else its dtype's."""
+    if man.quant is not None:
+        return man.quant.compute
     return "fp16" if str(man.dtype) in ("fp16", "float16") else "fp32"
 
 

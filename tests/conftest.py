@@ -121,6 +121,19 @@ def bundle_of(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.fixture(scope="session")
+def draft_loop_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Mamba (another seed than the targets') converted with a 4-token ``draft_loop``
+    graph, once per run for every module that drafts with it."""
+    from edgeseq.convert.pipeline import convert
+
+    def build(out: Path) -> Path:
+        ckpt = families()["mamba"]().make_test_checkpoint(out.with_name(out.name + "-ckpt"),
+                                                          seed=1)
+        return convert(ckpt, out, formats=("onnx",), parity_tokens=16, draft_loop=4)
+    return shared_build(_shared_root(tmp_path_factory), "draft-loop-mamba", build)
+
+
+@pytest.fixture(scope="session")
 def mamba_bytes_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """zoo:mamba-bytes converted once per run for every module that only reads it (the
     profiler's tests, the quantization tests' fp32 baseline): ONNX and ExecuTorch, with parity."""

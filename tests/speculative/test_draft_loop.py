@@ -11,18 +11,14 @@ import numpy as np
 import pytest
 
 from edgeseq.bundle import BundleError, read_manifest
-from edgeseq.registry import families
 
 K = 4
 
 
 @pytest.fixture(scope="module")
-def draft(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from edgeseq.convert.pipeline import convert
-
-    root = tmp_path_factory.mktemp("draft_loop")
-    ckpt = families()["mamba"]().make_test_checkpoint(root / "ckpt", seed=1)
-    return convert(ckpt, root / "bundle", formats=("onnx",), parity_tokens=16, draft_loop=K)
+def draft(draft_loop_bundle: Path) -> Path:
+    assert read_manifest(draft_loop_bundle).config["draft_loop_tokens"] == K
+    return draft_loop_bundle
 
 
 def test_conversion_checks_it_against_the_reference(draft: Path) -> None:

@@ -20,13 +20,8 @@ WORKER = Path(__file__).with_name("memory_worker.py")
 
 
 @pytest.fixture(scope="module")
-def draft(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from edgeseq.convert.pipeline import convert
-    from edgeseq.registry import families
-
-    root = tmp_path_factory.mktemp("lean_draft")
-    ckpt = families()["mamba"]().make_test_checkpoint(root / "ckpt", seed=1)
-    return convert(ckpt, root / "bundle", formats=("onnx",), parity_tokens=16, draft_loop=4)
+def draft(draft_loop_bundle: Path) -> Path:
+    return draft_loop_bundle
 
 
 def _budget_for(bundle: Path, kind: str, want, **kw) -> tuple[int, object]:

@@ -67,3 +67,20 @@ def test_atomic_folder_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(BundleError, match="already exists"):
         with atomic_folder(dest):
             pass
+
+
+@pytest.mark.parametrize("scheme,compute,integer", [
+    ("int8", "int8", True), ("int8-static", "int8", True), ("int4", "int4", True),
+    ("int4-tensor", "int4", True), ("fp16", "fp16", False)])
+def test_quantization_is_a_typed_record(scheme, compute, integer):
+    m = _manifest(quantization={"scheme": scheme, "group_size": 32, "formats": {}})
+    assert m.validate() == []
+    assert (m.quant.scheme, m.quant.compute, m.quant.integer) == (scheme, compute, integer)
+    assert _manifest().quant is None
+
+
+@pytest.mark.parametrize("record", ["int8", {"scheme": 8}, {"formats": 5},
+                                    {"scheme": "int4", "group_size": "32"}])
+def test_a_quantization_record_convert_does_not_write_is_a_problem(record):
+    problems = _manifest(quantization=record).validate()
+    assert any('"quantization' in p for p in problems), problems

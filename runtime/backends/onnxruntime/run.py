@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeseq.bundle import BundleError, GraphEntry, Manifest, shared_state_specs
+from edgeseq.bundle import BundleError, GraphEntry, Manifest, Quantization, shared_state_specs
 from edgeseq.runtime.backends import base as backend_base
 from edgeseq.runtime.backends.base import KeptBuffers, LoadedModel, check_io, static_traces
 from edgeseq.runtime.backends.onnxruntime import WEIGHTS_FILE, OrtBackend
@@ -54,7 +54,7 @@ def load(root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
     # without prepacking they repack on every call (measured at the Mamba-130M shape: int4
     # decode at 0.13x of fp32 instead of 2.9x). Each session then holds its packed copy of
     # the (small) quantized weights.
-    packs = packs_anyway(manifest.quantization)
+    packs = packs_anyway(manifest.quant)
     opts.add_session_config_entry("session.disable_prepacking", "0" if packs else "1")
     # Recurrent states can decay into denormal floats, which CPUs process many times slower
     # (training the zoo model hit this); they carry no signal (< 1.2e-38), so the session's
@@ -81,12 +81,10 @@ def load(root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
     return model
 
 
-def packs_anyway(quantization: Any) -> bool:
-    """Whether every session of a bundle with this ``quantization`` (the manifest's entry)
-    packs its weights (an int-quantized bundle, see ``load``): a memory plan then
-    has no packing to choose."""
-    q = quantization
-    return isinstance(q, dict) and str(q.get("scheme", "")).startswith("int")
+def packs_anyway(quant: Quantization | None) -> bool:
+    """Whether every session of a bundle quantized so (``Manifest.quant``) packs its weights
+    (integer weights, see ``load``): a memory plan then has no packing to choose."""
+    return quant is not None and quant.integer
 
 
 def default_threads() -> int:
