@@ -11,6 +11,7 @@ T = TypeVar("T")
 
 _FAMILIES: dict[str, Any] = {}
 _BACKENDS: dict[str, Any] = {}
+_TASKS: dict[str, Any] = {}
 # Modules that register on import; imported lazily so `import edgeseq` stays light.
 _FAMILY_MODULES = ("edgeseq.families.mamba", "edgeseq.families.mamba2", "edgeseq.families.s4d",
                    "edgeseq.families.lmu",
@@ -18,6 +19,9 @@ _FAMILY_MODULES = ("edgeseq.families.mamba", "edgeseq.families.mamba2", "edgeseq
 # in the order their formats are listed and lowered (the deployable ones first)
 _BACKEND_MODULES = ("edgeseq.runtime.backends.onnxruntime", "edgeseq.runtime.backends.executorch",
                     "edgeseq.runtime.backends.reference")
+# one plug-in file per task (``edgeseq/tasks/``), in the order error messages list them
+_TASK_MODULES = ("edgeseq.tasks.causal_lm", "edgeseq.tasks.seq2seq",
+                 "edgeseq.tasks.speech_seq2seq", "edgeseq.tasks.classification")
 
 
 class UnknownNameError(KeyError):
@@ -41,6 +45,15 @@ def register_backend(name: str) -> Callable[[T], T]:
     return deco
 
 
+def register_task(name: str) -> Callable[[T], T]:
+    """Register a ``edgeseq.tasks.Task`` subclass; ``get_task`` returns an instance of it."""
+    def deco(cls: T) -> T:
+        _TASKS[name] = cls
+        cls.name = name  # type: ignore[attr-defined]
+        return cls
+    return deco
+
+
 def _load(modules: tuple[str, ...]) -> None:
     for m in modules:
         try:
@@ -58,6 +71,20 @@ def families() -> dict[str, Any]:
 def backends() -> dict[str, Any]:
     _load(_BACKEND_MODULES)
     return dict(_BACKENDS)
+
+
+def tasks() -> dict[str, Any]:
+    """Every registered task, ``{name: Task}``, in ``_TASK_MODULES`` order."""
+    _load(_TASK_MODULES)
+    return {name: cls() for name, cls in _TASKS.items()}
+
+
+def get_task(name: str) -> Any:
+    """The task a manifest or family names (``Manifest.task``, ``Family.task``)."""
+    _load(_TASK_MODULES)
+    if name not in _TASKS:
+        raise UnknownNameError(f"unknown task {name!r}; known: {', '.join(_TASKS)}")
+    return _TASKS[name]()
 
 
 def get_family(name: str) -> Any:
