@@ -6,9 +6,10 @@ decoding through the bundle yields exactly the reference library's tokens.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -370,3 +371,108 @@ def check_classifier_bundle(root: Path, backend: str, ref: ClassifierParityInput
         rec["spike_rates"] = ref.spike_rates
         rec["spike_rate_min"] = min(r for q in ref.spike_rates.values() for r in q)
     return rec
+
+
+# -- the tasks' parity parts (edgeseq/tasks/<task>.py names them) ---------------------------------
+Say = Callable[[str], None]
+
+
+class TaskParity:
+    """One task's parity: the reference outputs of the original model (``reference``: a job that
+    needs nothing of the bundle, so it runs while the graphs are lowered) and the bundle's check
+    against them per format (``check``: adds ``checks`` and the reference's own fields to
+    ``parity``, prints one line per format, returns the reference outputs)."""
+
+    def reference(self, family: Any, model: Any, tokenizer: Any, config: dict[str, Any],
+                  parity_tokens: int) -> Callable[[], Any]:
+        raise NotImplementedError
+
+    def check(self, root: Path, backends: dict[str, str], reference: Any, dtype: str,
+              config: dict[str, Any], parity_tokens: int, parity: dict[str, Any],
+              say: Say) -> Any:
+        raise NotImplementedError
+
+
+class _CausalParity(TaskParity):
+    def reference(self, family: Any, model: Any, tokenizer: Any, config: dict[str, Any],
+                  parity_tokens: int) -> Callable[[], Any]:
+        prompt = default_prompt(tokenizer, config["vocab_size"])
+        return functools.partial(reference_run, family, model, prompt, parity_tokens)
+
+    def check(self, root: Path, backends: dict[str, str], reference: Any, dtype: str,
+              config: dict[str, Any], parity_tokens: int, parity: dict[str, Any],
+              say: Say) -> Any:
+        say(f"[4/5] parity: reference greedy ({parity_tokens} tokens) ...")
+        ref = reference.result()
+        parity["prompt"] = ref.prompt
+        parity["reference_tokens"] = ref.reference_tokens
+        for fmt, backend in backends.items():
+            rec = check_bundle(root, backend, ref, dtype)
+            parity["checks"].append({"format": fmt, **rec})
+            say(f"      {fmt:5s} tokens identical: {rec['tokens_identical']} "
+                f"({rec['tokens_compared']}), max |dlogits| prefill "
+                f"{rec['prefill_logits_max_abs_err']:.2e} step "
+                f"{rec['step_logits_max_abs_err']:.2e} -> {'ok' if rec['passed'] else 'FAILED'}")
+        return ref
+
+
+def _decoder_room(config: dict[str, Any]) -> int:
+    """How many new tokens the decoder's cache and position table allow."""
+    caps = [c for c in (config.get("max_target_len"), config.get("max_target_positions")) if c]
+    return (min(caps) if caps else 1 << 30) - len(config.get("decoder_prompt", [0]))
+
+
+def seq2seq_tokens(config: dict[str, Any], parity_tokens: int) -> int:
+    """Tokens an encoder-decoder's parity compares: at most 32 (each is a beam-search step)."""
+    return min(parity_tokens, 32, _decoder_room(config))
+
+
+class _Seq2SeqParity(TaskParity):
+    def reference(self, family: Any, model: Any, tokenizer: Any, config: dict[str, Any],
+                  parity_tokens: int) -> Callable[[], Any]:
+        source = family.parity_source(model, tokenizer)
+        return functools.partial(reference_seq2seq, family, model, source,
+                                 seq2seq_tokens(config, parity_tokens))
+
+    def check(self, root: Path, backends: dict[str, str], reference: Any, dtype: str,
+              config: dict[str, Any], parity_tokens: int, parity: dict[str, Any],
+              say: Say) -> Any:
+        say(f"[4/5] parity: reference greedy and {4}-beam search "
+            f"({seq2seq_tokens(config, parity_tokens)} tokens) ...")
+        ref = reference.result()
+        parity["reference_tokens"] = ref.reference_tokens
+        parity["reference_beam_tokens"] = ref.beam_tokens
+        for fmt, backend in backends.items():
+            rec = check_seq2seq_bundle(root, backend, ref, dtype)
+            parity["checks"].append({"format": fmt, **rec})
+            say(f"      {fmt:5s} greedy identical: {rec['tokens_identical']} "
+                f"({rec['tokens_compared']}), 4-beam identical: "
+                f"{rec['beam_tokens_identical']}, max |dlogits| step "
+                f"{rec['step_logits_max_abs_err']:.2e} -> {'ok' if rec['passed'] else 'FAILED'}")
+        return ref
+
+
+class _ClassifierParity(TaskParity):
+    def reference(self, family: Any, model: Any, tokenizer: Any, config: dict[str, Any],
+                  parity_tokens: int) -> Callable[[], Any]:
+        return functools.partial(reference_classifier, family, model)
+
+    def check(self, root: Path, backends: dict[str, str], reference: Any, dtype: str,
+              config: dict[str, Any], parity_tokens: int, parity: dict[str, Any],
+              say: Say) -> Any:
+        ref = reference.result()
+        n, frames = ref.inputs.shape[:2]
+        say(f"[4/5] parity: running predictions of {n} sequences x {frames} frames, "
+            f"in chunks and frame by frame ...")
+        for fmt, backend in backends.items():
+            rec = check_classifier_bundle(root, backend, ref, dtype)
+            parity["checks"].append({"format": fmt, **rec})
+            say(f"      {fmt:5s} predictions identical: {rec['predictions_identical']}, "
+                f"max |dlogits| {rec['running_logits_max_abs_err']:.2e} -> "
+                f"{'ok' if rec['passed'] else 'FAILED'}")
+        return ref
+
+
+CAUSAL = _CausalParity()
+SEQ2SEQ = _Seq2SeqParity()
+CLASSIFICATION = _ClassifierParity()

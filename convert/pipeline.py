@@ -1,14 +1,20 @@
-"""``edgeseq convert``: load -> build graphs -> lower per backend -> parity -> write bundle.
+"""``edgeseq convert``: one linear pipeline of named stages,
+
+    validate -> load -> build graphs -> lower per format -> [quantize] -> manifest
+    -> parity (or, quantized, the accuracy gates) -> write
+
+where the task-specific parts (the parity check and its reference, the accuracy gate, the
+calibration reader) come from the checkpoint's task plug-in (``edgeseq/tasks/<task>.py``).
 
 The bundle is written into a temporary folder beside the destination and renamed into place only
 when every step, parity included, has succeeded: a failed conversion leaves nothing behind.
 """
 from __future__ import annotations
 
-import functools
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,7 +25,7 @@ from edgeseq.checkpoint import (checkpoint_folder, read_config, source_files, st
                                  weight_files)
 from edgeseq.convert.workers import Beside
 from edgeseq.families.base import detect_family
-from edgeseq.registry import formats, get_backend
+from edgeseq.registry import formats, get_backend, get_task
 
 FORMATS = formats()        # {format: backend}, as the backend classes declare them
 ALL_FORMATS = tuple(FORMATS)
@@ -31,12 +37,6 @@ FP16_NOTE = {"scheme": "fp16",
              "pt2": "fp16 weights and compute, fp32 state at the interface"}
 
 Progress = Callable[[str], None]
-
-
-def _decoder_room(config: dict[str, Any]) -> int:
-    """How many new tokens the decoder's cache and position table allow."""
-    caps = [c for c in (config.get("max_target_len"), config.get("max_target_positions")) if c]
-    return (min(caps) if caps else 1 << 30) - len(config.get("decoder_prompt", [0]))
 
 
 def _check_quant(quant: str, formats: tuple[str, ...], dtype: str, family: Any,
@@ -80,40 +80,17 @@ def _gate_summary(g: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _manifest(family: Any, graphs: dict[str, Any], files: dict[str, dict[str, str]],
-              src_label: str, src: Path, weights: list[Path], tok_spec: Any, dtype: str,
-              target: str, config: dict[str, Any], quantization: Any) -> Manifest:
+def _manifest(c: "_Conversion", quantization: Any) -> Manifest:
     return Manifest(
-        family=family.name, task=family.task,
-        source={"path": src_label, "sha256": sha256_of(source_files(src)),
-                "files": [w.name for w in weights],
+        family=c.family.name, task=c.family.task,
+        source={"path": c.src_label, "sha256": sha256_of(source_files(c.src)),
+                "files": [w.name for w in c.weights],
                 # what the checkpoint held; the graphs and parity use it upcast to float32
-                "dtype": stored_dtype(src)},
-        graphs={name: GraphEntry(name, g.inputs, g.outputs, g.state, files[name], g.max_chunk)
-                for name, g in graphs.items()},
-        tokenizer=tok_spec, dtype=dtype, target=target,
-        config=dict(config), quantization=quantization)
-
-
-def _seq2seq_tokens(config: dict[str, Any], parity_tokens: int) -> int:
-    """Tokens an encoder-decoder's parity compares: at most 32 (each is a beam-search step)."""
-    return min(parity_tokens, 32, _decoder_room(config))
-
-
-def _reference_job(family: Any, model: Any, tokenizer: Any, config: dict[str, Any],
-                   parity_tokens: int) -> Callable[[], Any]:
-    """What the original model answers on the parity inputs (``edgeseq.convert.parity``), as a
-    job that needs nothing of the bundle, so it can run while the graphs are lowered."""
-    from edgeseq.convert import parity
-
-    if family.task == "classification":
-        return functools.partial(parity.reference_classifier, family, model)
-    if family.task in ("seq2seq", "speech_seq2seq"):
-        source = family.parity_source(model, tokenizer)
-        return functools.partial(parity.reference_seq2seq, family, model, source,
-                                 _seq2seq_tokens(config, parity_tokens))
-    prompt = parity.default_prompt(tokenizer, config["vocab_size"])
-    return functools.partial(parity.reference_run, family, model, prompt, parity_tokens)
+                "dtype": stored_dtype(c.src)},
+        graphs={name: GraphEntry(name, g.inputs, g.outputs, g.state, c.files[name], g.max_chunk)
+                for name, g in c.graphs.items()},
+        tokenizer=c.tok_spec, dtype=c.dtype, target=c.target,
+        config=dict(c.model_config), quantization=quantization)
 
 
 class ConversionError(BundleError):
@@ -154,9 +131,70 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
         ConversionError: a backend failed to lower or parity failed.
     """
     say = progress or (lambda msg: None)
-    t0 = time.perf_counter()
-    src_label = str(src)
-    src = zoo.resolve(src)
+    c = _Conversion(src_label=str(src), t0=time.perf_counter(), say=say, formats=formats,
+                    dtype=dtype, target=target, quant=quant, group_size=group_size,
+                    calibration=calibration)
+    _validate(c, out, overwrite)
+    _load(c, max_target_len, keep, quantize_all)
+    _build_graphs(c, early_exit, draft_loop)
+    # the original model's reference outputs, computed while the graphs are lowered
+    reference = None if skip_parity or quant is not None else Beside(
+        c.task.part("parity").reference(c.family, c.model, c.tokenizer, c.model_config,
+                                        parity_tokens))
+    with atomic_folder(c.out, overwrite=overwrite) as tmp, reference or nullcontext():
+        _lower(c, tmp)
+        if quant is not None:
+            _quantize(c, tmp)
+        manifest = _write_manifest(c, tmp, early_exit, draft_loop)
+        if skip_parity:
+            parity: dict[str, Any] = {"dtype": dtype, "checks": [], "skipped": True}
+            say("[4/5] parity skipped (--skip-parity)")
+        elif quant is not None:
+            parity = _gates(c, tmp, manifest, eval_file, max_drop)
+        else:
+            parity = _parity(c, tmp, manifest, reference, parity_tokens, early_exit, draft_loop)
+        _write(c, tmp, manifest, parity, skip_parity, force)
+    record_converted(c.out)
+    return c.out
+
+
+@dataclass
+class _Conversion:
+    """What the stages of one conversion hand on to each other."""
+
+    src_label: str
+    t0: float
+    say: Progress
+    formats: tuple[str, ...]
+    dtype: str
+    target: str
+    quant: str | None
+    group_size: int
+    calibration: str | Path | None
+    out: Path = Path()
+    src: Path = Path()
+    config: dict[str, Any] = field(default_factory=dict)
+    family: Any = None
+    task: Any = None
+    weights: list[Path] = field(default_factory=list)
+    opts: dict[str, Any] = field(default_factory=dict)
+    keep: list[str] = field(default_factory=list)
+    sensitive: list[str] = field(default_factory=list)
+    model: Any = None
+    graphs: dict[str, Any] = field(default_factory=dict)
+    folder: Path = Path()
+    tok_spec: Any = None
+    tokenizer: Any = None
+    model_config: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, dict[str, str]] = field(default_factory=dict)
+    q_formats: dict[str, Any] = field(default_factory=dict)
+    quant_record: dict[str, Any] | None = None
+
+
+def _validate(c: _Conversion, out: str | Path, overwrite: bool) -> None:
+    """Refuse bad arguments before the checkpoint is read."""
+    c.src = zoo.resolve(c.src_label)
+    formats = c.formats
     if isinstance(formats, str):   # "onnx" would iterate as letters
         formats = (formats,)
     bad = [f for f in formats if f not in FORMATS]
@@ -165,258 +203,235 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
     # a bundle without graphs would convert, check nothing and report parity "passed"
     if not formats:
         raise BundleError(f"--format: no format given; known: {', '.join(FORMATS)}, all")
-    formats = tuple(dict.fromkeys(formats))
-    if dtype not in DTYPES:
-        raise BundleError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise BundleError(f"{out}: already exists (use --overwrite to replace it)")
+    c.formats = tuple(dict.fromkeys(formats))
+    if c.dtype not in DTYPES:
+        raise BundleError(f"unknown dtype {c.dtype!r}; known: {', '.join(DTYPES)}")
+    c.out = Path(out)
+    if c.out.exists() and not overwrite:
+        raise BundleError(f"{c.out}: already exists (use --overwrite to replace it)")
 
-    config = read_config(src)
-    family = detect_family(config, src)
-    weights = weight_files(src)
-    say(f"[1/5] loading {src_label} ({family.name}, {sum(w.stat().st_size for w in weights) / 1e6:.1f} MB)")
-    seq2seq = family.task in ("seq2seq", "speech_seq2seq")
-    if max_target_len is not None and not seq2seq:
-        raise BundleError(f"{src_label}: --max-target-len applies to encoder-decoder models; "
-                          f"{family.name} has no attention cache")
-    opts = {"max_target_len": max_target_len} if seq2seq else {}
-    if quant is not None:
-        keep, sensitive = _check_quant(quant, formats, dtype, family, keep, quantize_all,
-                                       calibration)
-    model = family.load(src)
+
+def _load(c: _Conversion, max_target_len: int | None, keep: list[str] | None,
+          quantize_all: bool) -> None:
+    """The checkpoint's family and task (the options checked against them), the reference
+    model with its generation config checked, and the checkpoint's tokenizer."""
+    c.config = read_config(c.src)
+    c.family = detect_family(c.config, c.src)
+    c.task = get_task(c.family.task)
+    c.weights = weight_files(c.src)
+    c.say(f"[1/5] loading {c.src_label} ({c.family.name}, "
+          f"{sum(w.stat().st_size for w in c.weights) / 1e6:.1f} MB)")
+    if max_target_len is not None and not c.task.encoder:
+        raise BundleError(f"{c.src_label}: --max-target-len applies to encoder-decoder models; "
+                          f"{c.family.name} has no attention cache")
+    c.opts = {"max_target_len": max_target_len} if c.task.encoder else {}
+    c.keep = list(keep or [])
+    if c.quant is not None:
+        c.keep, c.sensitive = _check_quant(c.quant, c.formats, c.dtype, c.family, keep,
+                                           quantize_all, c.calibration)
+    c.model = c.family.load(c.src)
     # a generation rule the runtime would not apply as transformers does: refused by name
-    generation.check(model, src, family)
-    graphs = family.graphs(model, **opts)
+    generation.check(c.model, c.src, c.family)
+    c.folder = checkpoint_folder(c.src)   # the side files of a checkpoint given as its weights
+    c.tok_spec = tokenize.detect(c.folder, c.config)
+    c.tokenizer = tokenize.load(c.folder, c.tok_spec)
+
+
+def _build_graphs(c: _Conversion, early_exit: int | None, draft_loop: int | None) -> None:
+    """The family's streaming graphs, plus the optional drafting graphs."""
+    c.graphs = c.family.graphs(c.model, **c.opts)
     if early_exit is not None:
-        if not hasattr(family, "exit_graph"):
-            raise BundleError(f"{src_label}: --early-exit applies to generating models; "
-                              f"{family.name} ({family.task}) does not generate")
-        graphs["exit_step"] = family.exit_graph(model, early_exit, **opts)
+        if not hasattr(c.family, "exit_graph"):
+            raise BundleError(f"{c.src_label}: --early-exit applies to generating models; "
+                              f"{c.family.name} ({c.family.task}) does not generate")
+        c.graphs["exit_step"] = c.family.exit_graph(c.model, early_exit, **c.opts)
     if draft_loop is not None:
-        if family.task != "causal_lm":
-            raise BundleError(f"{src_label}: --draft-loop applies to causal language models; "
-                              f"{family.name} is {family.task}")
+        if not c.task.decoder_only:
+            raise BundleError(f"{c.src_label}: --draft-loop applies to causal language models; "
+                              f"{c.family.name} is {c.family.task}")
         from edgeseq.families.base import draft_loop_from_step
 
-        graphs["draft_loop"] = draft_loop_from_step(graphs["step"], draft_loop)
-    folder = checkpoint_folder(src)   # the side files of a checkpoint given as its weights file
-    tok_spec = tokenize.detect(folder, config)
-    tokenizer = tokenize.load(folder, tok_spec)
-    model_config = family.model_config(model, **opts)
-    # the original model's reference outputs, computed while the graphs are lowered
-    reference = None if skip_parity or quant is not None else Beside(
-        _reference_job(family, model, tokenizer, model_config, parity_tokens))
+        c.graphs["draft_loop"] = draft_loop_from_step(c.graphs["step"], draft_loop)
+    c.model_config = c.family.model_config(c.model, **c.opts)
 
-    with atomic_folder(out, overwrite=overwrite) as tmp, reference or nullcontext():
-        files: dict[str, dict[str, str]] = {name: {} for name in graphs}
-        q_formats: dict[str, Any] = {}
-        for i, fmt in enumerate(formats):
-            backend = get_backend(FORMATS[fmt])
-            why = backend.available()
-            if why:
-                raise ConversionError(f"cannot write {fmt}: {why}")
-            t = time.perf_counter()
-            say(f"[2/5] lowering to {fmt} ({i + 1}/{len(formats)}) ...")
-            try:
-                if quant is not None and fmt == "pte":
-                    from edgeseq.runtime.backends.executorch.quantize import float_weight_bytes
 
-                    qgraphs, reports = backend.quantize_graphs(graphs, quant, keep, group_size,
-                                                               sensitive)
-                    written = backend.lower(qgraphs, tmp, dtype, quantized=True)
-                    q_formats["pte"] = {"weight_bytes_fp32": float_weight_bytes(graphs),
-                                        "file_bytes": (tmp / written[next(iter(written))]).stat().st_size,
-                                        "graphs": reports}
-                    del qgraphs
-                else:
-                    written = backend.lower(graphs, tmp, dtype)
-            except ValueError as e:
-                raise ConversionError(f"{src_label}: cannot lower to {fmt}: {e}") from None
-            for name, f in written.items():
-                files[name][fmt] = f
-            say(f"      {fmt}: {', '.join(sorted(set(written.values())))} "
-                f"in {time.perf_counter() - t:.1f}s")
-        tokenize.copy_files(folder, tok_spec, tmp)
-        quant_record = None
-        if quant is not None:
-            if "onnx" in formats:
-                from edgeseq.runtime.cost import weight_bytes_by_dtype
+def _lower(c: _Conversion, tmp: Path) -> None:
+    """Every graph lowered per format (ExecuTorch quantizes while lowering), and the tokenizer
+    files copied."""
+    c.files = {name: {} for name in c.graphs}
+    for i, fmt in enumerate(c.formats):
+        backend = get_backend(FORMATS[fmt])
+        why = backend.available()
+        if why:
+            raise ConversionError(f"cannot write {fmt}: {why}")
+        t = time.perf_counter()
+        c.say(f"[2/5] lowering to {fmt} ({i + 1}/{len(c.formats)}) ...")
+        try:
+            if c.quant is not None and fmt == "pte":
+                from edgeseq.runtime.backends.executorch.quantize import float_weight_bytes
 
-                onnx_files = {name: f["onnx"] for name, f in files.items()}
-                before = sum(weight_bytes_by_dtype(tmp, list(onnx_files.values())).values())
-                if quant == "int8-static":
-                    from edgeseq.quant.static import calibration_feeds, quantize_static_bundle
+                qgraphs, reports = backend.quantize_graphs(c.graphs, c.quant, c.keep,
+                                                           c.group_size, c.sensitive)
+                written = backend.lower(qgraphs, tmp, c.dtype, quantized=True)
+                c.q_formats["pte"] = {
+                    "weight_bytes_fp32": float_weight_bytes(c.graphs),
+                    "file_bytes": (tmp / written[next(iter(written))]).stat().st_size,
+                    "graphs": reports}
+                del qgraphs
+            else:
+                written = backend.lower(c.graphs, tmp, c.dtype)
+        except ValueError as e:
+            raise ConversionError(f"{c.src_label}: cannot lower to {fmt}: {e}") from None
+        for name, f in written.items():
+            c.files[name][fmt] = f
+        c.say(f"      {fmt}: {', '.join(sorted(set(written.values())))} "
+              f"in {time.perf_counter() - t:.1f}s")
+    tokenize.copy_files(c.folder, c.tok_spec, tmp)
 
-                    # the fp32 graphs stream the calibration data once, with a provisional
-                    # manifest, and every call is recorded
-                    say(f"      calibrating activation ranges on {calibration} ...")
-                    write_json(tmp / "manifest.json", _manifest(
-                        family, graphs, files, src_label, src, weights, tok_spec, dtype,
-                        target, model_config, None).to_json())
-                    feeds = calibration_feeds(family, model, tmp, family.task, Path(calibration),
-                                              tokenizer)
-                    reports = quantize_static_bundle(tmp, onnx_files, feeds, keep + sensitive)
-                else:
-                    reports = get_backend(FORMATS["onnx"]).quantize_files(
-                        tmp, onnx_files, quant, keep, group_size, sensitive)
-                after = weight_bytes_by_dtype(tmp, list(onnx_files.values()))
-                q_formats["onnx"] = {"weight_bytes_fp32": before, "weight_bytes": after,
-                                     "graphs": reports}
-            for fmt, rec in q_formats.items():
-                before = rec["weight_bytes_fp32"]
-                after = sum(rec["weight_bytes"].values()) if "weight_bytes" in rec else rec["file_bytes"]
-                if fmt == "pte":  # the program file holds more than weights: no ratio
-                    say(f"      quantized pte ({quant}): program file {after / 1e6:.2f} MB "
-                        f"(fp32 weights {before / 1e6:.2f} MB)")
-                else:
-                    say(f"      quantized {fmt} ({quant}): weights {before / 1e6:.2f} MB -> "
-                        f"{after / 1e6:.2f} MB ({before / max(1, after):.2f}x smaller)")
-            floats = keep + (sensitive if quant != "int4" else [])
-            if quant == "int8-static":
-                q_formats["onnx"]["calibration"] = str(calibration)
-            say(f"      kept in float: {', '.join(floats) or 'nothing'}"
-                + (f"; int8 (sensitive): {', '.join(sensitive)}" if quant == "int4" and sensitive
-                   else ""))
-            quant_record = {"scheme": quant, "group_size": group_size if "int4" in quant else None,
-                            "keep_float": floats,
-                            "int8_sensitive": sensitive if quant == "int4" else [],
-                            "state": "float32 (every state tensor)",
-                            "formats": {f: q_formats[f] for f in formats}}
-        manifest = _manifest(family, graphs, files, src_label, src, weights, tok_spec,
-                             dtype, target, model_config,
-                             quant_record or (FP16_NOTE if dtype == "fp16" else None))
-        if early_exit is not None:
-            manifest.config["early_exit_layers"] = int(early_exit)
-        if draft_loop is not None:
-            manifest.config["draft_loop_tokens"] = int(draft_loop)
-        write_json(tmp / "manifest.json", manifest.to_json())
-        say("[3/5] manifest written")
 
-        parity: dict[str, Any] = {"dtype": dtype, "checks": []}
-        if skip_parity:
-            parity["skipped"] = True
-            say("[4/5] parity skipped (--skip-parity)")
-        elif quant is not None:
-            from edgeseq.quant import gates
+def _quantize(c: _Conversion, tmp: Path) -> None:
+    """ONNX graphs quantized in place (int8-static: calibrated through the task's calibration
+    reader); the quantization record of every format."""
+    quant, keep, sensitive = c.quant, c.keep, c.sensitive
+    if "onnx" in c.formats:
+        from edgeseq.runtime.cost import weight_bytes_by_dtype
 
-            parity.update({"quantization": quant, "gates": {}})
-            for fmt in formats:
-                say(f"[4/5] accuracy gate: {fmt} {quant} against the fp32 model ...")
-                try:
-                    if family.task == "classification":
-                        res = gates.classifier_gate(family, model, tmp, FORMATS[fmt], eval_file,
-                                                    max_drop)
-                    elif seq2seq:
-                        res = gates.seq2seq_gate(family, model, tmp, FORMATS[fmt], eval_file,
-                                                 max_drop)
-                    else:
-                        res = gates.lm_gate(family, model, tmp, FORMATS[fmt], tokenizer,
-                                            manifest.config["vocab_size"], eval_file=eval_file,
-                                            max_drop=max_drop)
-                except (ValueError, OSError) as e:
-                    raise BundleError(str(e)) from None
-                parity["gates"][fmt] = res
-                parity["checks"].append({"format": fmt, **res})
-                say(f"      {fmt:5s} " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()
-                                                if isinstance(v, float))
-                    + f" -> {'ok' if res['passed'] else 'FAILED'}")
-            parity["passed"] = all(c["passed"] for c in parity["checks"])
-        elif family.task == "classification":
-            from edgeseq.convert.parity import check_classifier_bundle
+        onnx_files = {name: f["onnx"] for name, f in c.files.items()}
+        before = sum(weight_bytes_by_dtype(tmp, list(onnx_files.values())).values())
+        if quant == "int8-static":
+            from edgeseq.quant.static import calibration_feeds, quantize_static_bundle
 
-            ref = reference.result()
-            n, frames = ref.inputs.shape[:2]
-            say(f"[4/5] parity: running predictions of {n} sequences x {frames} frames, "
-                f"in chunks and frame by frame ...")
-            for fmt in formats:
-                rec = check_classifier_bundle(tmp, FORMATS[fmt], ref, dtype)
-                parity["checks"].append({"format": fmt, **rec})
-                say(f"      {fmt:5s} predictions identical: {rec['predictions_identical']}, "
-                    f"max |dlogits| {rec['running_logits_max_abs_err']:.2e} -> "
-                    f"{'ok' if rec['passed'] else 'FAILED'}")
-            parity["passed"] = all(c["passed"] for c in parity["checks"])
-        elif seq2seq:
-            from edgeseq.convert.parity import check_seq2seq_bundle
-
-            say(f"[4/5] parity: reference greedy and {4}-beam search "
-                f"({_seq2seq_tokens(manifest.config, parity_tokens)} tokens) ...")
-            ref = reference.result()
-            parity["reference_tokens"] = ref.reference_tokens
-            parity["reference_beam_tokens"] = ref.beam_tokens
-            for fmt in formats:
-                rec = check_seq2seq_bundle(tmp, FORMATS[fmt], ref, dtype)
-                parity["checks"].append({"format": fmt, **rec})
-                say(f"      {fmt:5s} greedy identical: {rec['tokens_identical']} "
-                    f"({rec['tokens_compared']}), 4-beam identical: "
-                    f"{rec['beam_tokens_identical']}, max |dlogits| step "
-                    f"{rec['step_logits_max_abs_err']:.2e} -> {'ok' if rec['passed'] else 'FAILED'}")
-            parity["passed"] = all(c["passed"] for c in parity["checks"])
+            # the fp32 graphs stream the calibration data once, with a provisional
+            # manifest, and every call is recorded
+            c.say(f"      calibrating activation ranges on {c.calibration} ...")
+            write_json(tmp / "manifest.json", _manifest(c, None).to_json())
+            feeds = calibration_feeds(c.family, c.model, tmp, c.family.task,
+                                      Path(c.calibration), c.tokenizer)
+            reports = quantize_static_bundle(tmp, onnx_files, feeds, keep + sensitive)
         else:
-            from edgeseq.convert.parity import check_bundle
+            reports = get_backend(FORMATS["onnx"]).quantize_files(
+                tmp, onnx_files, quant, keep, c.group_size, sensitive)
+        after = weight_bytes_by_dtype(tmp, list(onnx_files.values()))
+        c.q_formats["onnx"] = {"weight_bytes_fp32": before, "weight_bytes": after,
+                               "graphs": reports}
+    for fmt, rec in c.q_formats.items():
+        before = rec["weight_bytes_fp32"]
+        after = sum(rec["weight_bytes"].values()) if "weight_bytes" in rec else rec["file_bytes"]
+        if fmt == "pte":  # the program file holds more than weights: no ratio
+            c.say(f"      quantized pte ({quant}): program file {after / 1e6:.2f} MB "
+                  f"(fp32 weights {before / 1e6:.2f} MB)")
+        else:
+            c.say(f"      quantized {fmt} ({quant}): weights {before / 1e6:.2f} MB -> "
+                  f"{after / 1e6:.2f} MB ({before / max(1, after):.2f}x smaller)")
+    floats = keep + (sensitive if quant != "int4" else [])
+    if quant == "int8-static":
+        c.q_formats["onnx"]["calibration"] = str(c.calibration)
+    c.say(f"      kept in float: {', '.join(floats) or 'nothing'}"
+          + (f"; int8 (sensitive): {', '.join(sensitive)}" if quant == "int4" and sensitive
+             else ""))
+    c.quant_record = {"scheme": quant, "group_size": c.group_size if "int4" in quant else None,
+                      "keep_float": floats,
+                      "int8_sensitive": sensitive if quant == "int4" else [],
+                      "state": "float32 (every state tensor)",
+                      "formats": {f: c.q_formats[f] for f in c.formats}}
 
-            say(f"[4/5] parity: reference greedy ({parity_tokens} tokens) ...")
-            ref = reference.result()
-            parity["prompt"] = ref.prompt
-            parity["reference_tokens"] = ref.reference_tokens
-            for fmt in formats:
-                rec = check_bundle(tmp, FORMATS[fmt], ref, dtype)
-                parity["checks"].append({"format": fmt, **rec})
-                say(f"      {fmt:5s} tokens identical: {rec['tokens_identical']} "
-                    f"({rec['tokens_compared']}), max |dlogits| prefill "
-                    f"{rec['prefill_logits_max_abs_err']:.2e} step "
-                    f"{rec['step_logits_max_abs_err']:.2e} -> {'ok' if rec['passed'] else 'FAILED'}")
-            parity["passed"] = all(c["passed"] for c in parity["checks"])
-        if "exit_step" in graphs and not skip_parity and quant is None:
-            from edgeseq.convert.parity import check_graph_module
 
-            parity.setdefault("graph_checks", [])
-            for fmt in formats:
-                rec = check_graph_module(tmp, FORMATS[fmt], graphs["exit_step"])
-                parity["graph_checks"].append({"format": fmt, **rec})
-                say(f"      {fmt:5s} exit_step (first {early_exit} layers) against its PyTorch "
-                    f"module: max |dlogits| {rec['logits_max_abs_err']:.2e} -> "
-                    f"{'ok' if rec['passed'] else 'FAILED'}")
-        if "draft_loop" in graphs and not skip_parity and quant is None:
-            from edgeseq.convert.parity import check_draft_loop
+def _write_manifest(c: _Conversion, tmp: Path, early_exit: int | None,
+                    draft_loop: int | None) -> Manifest:
+    manifest = _manifest(c, c.quant_record or (FP16_NOTE if c.dtype == "fp16" else None))
+    if early_exit is not None:
+        manifest.config["early_exit_layers"] = int(early_exit)
+    if draft_loop is not None:
+        manifest.config["draft_loop_tokens"] = int(draft_loop)
+    write_json(tmp / "manifest.json", manifest.to_json())
+    c.say("[3/5] manifest written")
+    return manifest
 
-            parity.setdefault("graph_checks", [])
-            for fmt in formats:
-                rec = check_draft_loop(tmp, FORMATS[fmt], ref)
-                parity["graph_checks"].append({"format": fmt, **rec})
-                say(f"      {fmt:5s} draft_loop ({draft_loop} tokens in one call): tokens "
-                    f"identical to the reference: {rec['tokens_identical']}, max |dstate| "
-                    f"{rec['state_max_abs_err']:.2e} -> {'ok' if rec['passed'] else 'FAILED'}")
-        if parity.get("graph_checks"):
-            parity["passed"] = all(c["passed"] for c in parity["checks"] + parity["graph_checks"])
-        parity["cost"] = conversion_cost(t0)
-        write_json(tmp / "parity.json", parity)
-        # the bundle is complete: record every file's size and hash (checked at load)
-        manifest.files = file_records(tmp)
-        write_json(tmp / "manifest.json", manifest.to_json())
-        if not skip_parity and not parity["passed"] and not force:
-            if quant is not None:
-                raise ConversionError(
-                    f"{src_label}: --quant {quant} failed its accuracy gate: "
-                    + "; ".join(f"{fmt}: {_gate_summary(g)}" for fmt, g in parity["gates"].items()
-                                if not g["passed"])
-                    + "; keep more layers in float (--keep), use a milder scheme, raise "
-                      "--max-drop, or --force to write it anyway")
-            failed = [c["format"] + (f" ({c['graph']})" if "graph" in c else "")
-                      for c in parity["checks"] + parity.get("graph_checks", [])
-                      if not c["passed"]]
-            raise ConversionError(f"{src_label}: parity failed on {', '.join(failed)} (see the "
-                                  f"errors above; --force writes the bundle anyway)")
-        cost = conversion_cost(t0)
-        # a child is named only when its mark exceeds ours: a helper forked from this process
-        # (ExecuTorch runs flatc) counts the pages it shared with us at the fork
-        child = cost["children_peak_rss_bytes"]
-        say(f"[5/5] wrote {out} in {cost['wall_s']:.1f}s, peak memory "
-            f"{cost['peak_rss_bytes'] / 2**20:.0f} MiB (RSS high-water mark"
-            + (f"; a child process {child / 2**20:.0f} MiB"
-               if child > cost["peak_rss_bytes"] else "") + ")")
-    record_converted(out)
-    return out
+
+def _gates(c: _Conversion, tmp: Path, manifest: Manifest, eval_file: str | Path | None,
+           max_drop: float | None) -> dict[str, Any]:
+    """A quantized bundle: the task's accuracy gate per format, against the fp32 model."""
+    gate = c.task.part("gate")
+    parity: dict[str, Any] = {"dtype": c.dtype, "checks": [], "quantization": c.quant,
+                              "gates": {}}
+    for fmt in c.formats:
+        c.say(f"[4/5] accuracy gate: {fmt} {c.quant} against the fp32 model ...")
+        try:
+            res = gate(c.family, c.model, tmp, FORMATS[fmt], c.tokenizer, manifest.config,
+                       eval_file=eval_file, max_drop=max_drop)
+        except (ValueError, OSError) as e:
+            raise BundleError(str(e)) from None
+        parity["gates"][fmt] = res
+        parity["checks"].append({"format": fmt, **res})
+        c.say(f"      {fmt:5s} " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()
+                                            if isinstance(v, float))
+              + f" -> {'ok' if res['passed'] else 'FAILED'}")
+    parity["passed"] = all(g["passed"] for g in parity["checks"])
+    return parity
+
+
+def _parity(c: _Conversion, tmp: Path, manifest: Manifest, reference: Any, parity_tokens: int,
+            early_exit: int | None, draft_loop: int | None) -> dict[str, Any]:
+    """A float bundle: the task's parity check per format, then the drafting graphs'."""
+    parity: dict[str, Any] = {"dtype": c.dtype, "checks": []}
+    backends = {fmt: FORMATS[fmt] for fmt in c.formats}
+    ref = c.task.part("parity").check(tmp, backends, reference, c.dtype, manifest.config,
+                                      parity_tokens, parity, c.say)
+    parity["passed"] = all(g["passed"] for g in parity["checks"])
+    if "exit_step" in c.graphs:
+        from edgeseq.convert.parity import check_graph_module
+
+        parity.setdefault("graph_checks", [])
+        for fmt, backend in backends.items():
+            rec = check_graph_module(tmp, backend, c.graphs["exit_step"])
+            parity["graph_checks"].append({"format": fmt, **rec})
+            c.say(f"      {fmt:5s} exit_step (first {early_exit} layers) against its PyTorch "
+                  f"module: max |dlogits| {rec['logits_max_abs_err']:.2e} -> "
+                  f"{'ok' if rec['passed'] else 'FAILED'}")
+    if "draft_loop" in c.graphs:
+        from edgeseq.convert.parity import check_draft_loop
+
+        parity.setdefault("graph_checks", [])
+        for fmt, backend in backends.items():
+            rec = check_draft_loop(tmp, backend, ref)
+            parity["graph_checks"].append({"format": fmt, **rec})
+            c.say(f"      {fmt:5s} draft_loop ({draft_loop} tokens in one call): tokens "
+                  f"identical to the reference: {rec['tokens_identical']}, max |dstate| "
+                  f"{rec['state_max_abs_err']:.2e} -> {'ok' if rec['passed'] else 'FAILED'}")
+    if parity.get("graph_checks"):
+        parity["passed"] = all(g["passed"] for g in parity["checks"] + parity["graph_checks"])
+    return parity
+
+
+def _write(c: _Conversion, tmp: Path, manifest: Manifest, parity: dict[str, Any],
+           skip_parity: bool, force: bool) -> None:
+    """``parity.json`` and the final manifest (every file's size and hash), or the failure."""
+    parity["cost"] = conversion_cost(c.t0)
+    write_json(tmp / "parity.json", parity)
+    # the bundle is complete: record every file's size and hash (checked at load)
+    manifest.files = file_records(tmp)
+    write_json(tmp / "manifest.json", manifest.to_json())
+    if not skip_parity and not parity["passed"] and not force:
+        if c.quant is not None:
+            raise ConversionError(
+                f"{c.src_label}: --quant {c.quant} failed its accuracy gate: "
+                + "; ".join(f"{fmt}: {_gate_summary(g)}" for fmt, g in parity["gates"].items()
+                            if not g["passed"])
+                + "; keep more layers in float (--keep), use a milder scheme, raise "
+                  "--max-drop, or --force to write it anyway")
+        failed = [g["format"] + (f" ({g['graph']})" if "graph" in g else "")
+                  for g in parity["checks"] + parity.get("graph_checks", [])
+                  if not g["passed"]]
+        raise ConversionError(f"{c.src_label}: parity failed on {', '.join(failed)} (see the "
+                              f"errors above; --force writes the bundle anyway)")
+    cost = conversion_cost(c.t0)
+    # a child is named only when its mark exceeds ours: a helper forked from this process
+    # (ExecuTorch runs flatc) counts the pages it shared with us at the fork
+    child = cost["children_peak_rss_bytes"]
+    c.say(f"[5/5] wrote {c.out} in {cost['wall_s']:.1f}s, peak memory "
+          f"{cost['peak_rss_bytes'] / 2**20:.0f} MiB (RSS high-water mark"
+          + (f"; a child process {child / 2**20:.0f} MiB"
+             if child > cost["peak_rss_bytes"] else "") + ")")
 
 
 def conversion_cost(t0: float) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -282,7 +283,6 @@ def run(bundle: str, prompt: str | None, prompt_file: str | None, prompt_ids: st
     transcribe a WAV file (speech)."""
     import edgeseq
     from edgeseq.limits import NumericError
-    from edgeseq.runtime.streaming import TextStream, timed_stream
 
     given = [x for x in (prompt, prompt_file, prompt_ids, audio, input_npy) if x is not None]
     if len(given) != 1:
@@ -314,54 +314,91 @@ def run(bundle: str, prompt: str | None, prompt_file: str | None, prompt_ids: st
                          prompt, prompt_ids, max_new_tokens, do_sample, temperature, top_k,
                          top_p, seed, as_json, source_name=source_name)
         return
+    opts = RunOptions(bundle, prompt, prompt_ids, audio, input_npy, early_exit, stream_audio,
+                      chunk_seconds, window_s, agreement, language, task, timestamps, num_beams,
+                      num_beam_groups, diversity_penalty, length_penalty, max_new_tokens,
+                      do_sample, temperature, top_k, top_p, seed, as_json, source_name)
     try:
         sess = edgeseq.load(bundle, backend=backend, threads=threads)
-        if hasattr(sess, "classify") or input_npy is not None:
-            _run_classify(sess, input_npy, early_exit, as_json)
-            return
-        if getattr(sess, "speech", False) or audio is not None:
-            _run_speech(sess, audio, stream_audio, chunk_seconds, window_s, num_beams, as_json,
-                        agreement, language=language, task=task, timestamps=timestamps)
-            return
-        if hasattr(sess, "encode_text"):
-            _run_seq2seq(sess, prompt, prompt_ids, max_new_tokens, num_beams, num_beam_groups,
-                         diversity_penalty, length_penalty, do_sample, temperature, top_k,
-                         top_p, seed, as_json, task=task, source_name=source_name)
-            return
-        if prompt_ids is not None:
-            try:
-                ids = [int(x) for x in prompt_ids.split(",") if x.strip()]
-            except ValueError:
-                _fail(f"--prompt-ids: expected comma-separated integers, got {prompt_ids!r}")
-            vocab = sess.manifest.config.get("vocab_size")
-            if vocab and any(not 0 <= i < vocab for i in ids):
-                _fail(f"--prompt-ids: ids must be in [0, {vocab})")
-        else:
-            ids = sess.encode_array(prompt)
-        if len(ids) == 0:
-            _fail("the prompt is empty")
-        out = TextStream(sess.decode)
-
-        def show(tok: int) -> None:
-            _write(out.push(tok))
-
-        if not as_json and prompt is not None:
-            click.echo(prompt, nl=False)
-        cfg = _causal_sampling(do_sample, temperature, top_k, top_p)
-        res = timed_stream(sess, ids, CAUSAL_MAX_NEW_TOKENS if max_new_tokens is None
-                           else max_new_tokens, on_token=None if as_json else show,
-                           do_sample=cfg.do_sample, temperature=cfg.temperature,
-                           top_k=cfg.top_k, top_p=cfg.top_p, seed=seed)
+        kind = sess.task
+        # an input option the bundle's task does not read: named before anything runs
+        if input_npy is not None and kind.cli_input != "frames":
+            _fail("--input needs a sequence-classifier bundle (this one generates tokens)")
+        if audio is not None and kind.cli_input == "text":
+            _fail("--audio needs a speech model bundle (this one takes text)")
+        kind.part("cli_runner")(sess, opts)
     except (BundleError, ValueError) as e:
         _fail(str(e))
     except NumericError as e:  # the model produced NaN: its weights or state are broken
         _fail(f"{bundle}: {e}", 1)
+
+
+@dataclass
+class RunOptions:
+    """``edgeseq run``'s options, as each task's runner (``edgeseq/tasks/``) reads them."""
+
+    bundle: str
+    prompt: str | None
+    prompt_ids: str | None
+    audio: str | None
+    input_npy: str | None
+    early_exit: float | None
+    stream_audio: bool
+    chunk_seconds: float
+    window_s: float | None
+    agreement: int
+    language: str | None
+    task: str | None
+    timestamps: bool
+    num_beams: int | None
+    num_beam_groups: int | None
+    diversity_penalty: float | None
+    length_penalty: float | None
+    max_new_tokens: int | None
+    do_sample: bool | None
+    temperature: float | None
+    top_k: int | None
+    top_p: float | None
+    seed: int | None
+    as_json: bool
+    source_name: str
+
+
+def run_causal(sess: Any, o: RunOptions) -> None:
+    """``edgeseq run`` for a causal LM: stream a completion of the prompt."""
+    from edgeseq.runtime.streaming import TextStream, timed_stream
+
+    prompt, prompt_ids, as_json = o.prompt, o.prompt_ids, o.as_json
+    if prompt_ids is not None:
+        try:
+            ids = [int(x) for x in prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            _fail(f"--prompt-ids: expected comma-separated integers, got {prompt_ids!r}")
+        vocab = sess.manifest.config.get("vocab_size")
+        if vocab and any(not 0 <= i < vocab for i in ids):
+            _fail(f"--prompt-ids: ids must be in [0, {vocab})")
+    else:
+        ids = sess.encode_array(prompt)
+    if len(ids) == 0:
+        _fail("the prompt is empty")
+    out = TextStream(sess.decode)
+
+    def show(tok: int) -> None:
+        _write(out.push(tok))
+
+    if not as_json and prompt is not None:
+        click.echo(prompt, nl=False)
+    cfg = _causal_sampling(o.do_sample, o.temperature, o.top_k, o.top_p)
+    res = timed_stream(sess, ids, CAUSAL_MAX_NEW_TOKENS if o.max_new_tokens is None
+                       else o.max_new_tokens, on_token=None if as_json else show,
+                       do_sample=cfg.do_sample, temperature=cfg.temperature,
+                       top_k=cfg.top_k, top_p=cfg.top_p, seed=o.seed)
     if as_json:
         _json({
             "tokens": res.tokens, "text": sess.decode(res.tokens), "prompt_tokens": len(ids),
             "backend": sess.backend, "first_token_ms": round(res.first_token_ms, 3),
             "tokens_per_s": round(res.tokens_per_s, 3), "total_ms": round(res.total_ms, 3)},
-            bundle)
+            o.bundle)
     else:
         _write(out.finish())
         click.echo("")
@@ -396,12 +433,16 @@ def _run_speculative(bundle: str, backend: str, threads: int | None, speculate: 
         _fail(f"--memory-budget: {e}")
     from edgeseq import tokenize
     from edgeseq.bundle import read_manifest
+    from edgeseq.registry import tasks
 
     try:
         # the source is known before loading: the plan is made for its length
         man = read_manifest(Path(bundle))
-        seq2seq = man.task != "causal_lm"
-        if man.task == "speech_seq2seq":
+        kind = tasks().get(man.task)
+        if kind is None:
+            _fail(f"{bundle}: task {man.task!r} has no session type in this edgeseq")
+        seq2seq = kind.encoder
+        if kind.audio:  # the command's speculative path reads text only
             _fail("--speculate with a speech bundle: use the library (edgeseq.runtime.speculative)")
         if ids_text is not None:
             ids = _parse_ids(ids_text, man.config.get("vocab_size"))
@@ -492,15 +533,16 @@ def _causal_sampling(do_sample: bool | None, temperature: float | None, top_k: i
                           top_k or 0, 1.0 if top_p is None else top_p)
 
 
-def _run_seq2seq(sess: Any, text: str | None, ids_text: str | None, max_new_tokens: int | None,
-                 num_beams: int | None, groups: int | None, diversity: float | None,
-                 length_penalty: float | None, do_sample: bool | None, temperature: float | None,
-                 top_k: int | None, top_p: float | None, seed: int | None, as_json: bool,
-                 task: str | None = None, source_name: str = "--text") -> None:
+def run_seq2seq(sess: Any, o: RunOptions) -> None:
+    """``edgeseq run`` for a text encoder-decoder: translate or correct the source text."""
     import time
 
     from edgeseq.runtime.streaming import TextStream
 
+    text, ids_text, max_new_tokens, num_beams = o.prompt, o.prompt_ids, o.max_new_tokens, o.num_beams
+    groups, diversity, length_penalty = o.num_beam_groups, o.diversity_penalty, o.length_penalty
+    do_sample, temperature, top_k, top_p = o.do_sample, o.temperature, o.top_k, o.top_p
+    seed, as_json, task, source_name = o.seed, o.as_json, o.task, o.source_name
     if task is not None:  # T5's task_specific_params: its prefix and generation settings
         try:
             sess.use_task(task)
@@ -512,8 +554,7 @@ def _run_seq2seq(sess: Any, text: str | None, ids_text: str | None, max_new_toke
         else sess.encode_text(text or "")
     if not ids or (text is not None and not text.strip()):
         _fail("the source is empty")
-    if not sess.speech:
-        _check_source(len(ids), sess.config, source_name)
+    _check_source(len(ids), sess.config, source_name)
     t0 = time.perf_counter()
     sess.encode(ids)
     beams = num_beams if num_beams is not None else int(sess.gen.get("num_beams") or 1)
@@ -555,13 +596,13 @@ def _run_seq2seq(sess: Any, text: str | None, ids_text: str | None, max_new_toke
                    f"{first}{rate:.1f} tokens/s, {total * 1e3:.0f} ms in all", err=True)
 
 
-def _run_classify(sess: Any, path: str | None, early_exit: float | None, as_json: bool) -> None:
+def run_classify(sess: Any, o: RunOptions) -> None:
+    """``edgeseq run`` for a sequence classifier: classify the frames of ``--input``."""
     import time
 
     from edgeseq.limits import NumericError
 
-    if not hasattr(sess, "classify"):
-        _fail("--input needs a sequence-classifier bundle (this one generates tokens)")
+    path, early_exit, as_json = o.input_npy, o.early_exit, o.as_json
     if path is None:
         _fail("this is a sequence classifier: give --input FILE.npy (frames x features)")
     from edgeseq.limits import read_npy
@@ -605,17 +646,16 @@ def _run_classify(sess: Any, path: str | None, early_exit: float | None, as_json
                f"(lookahead {sess.lookahead} frames)", err=True)
 
 
-def _run_speech(sess: Any, path: str | None, stream: bool, chunk_s: float,
-                window_s: float | None, num_beams: int | None, as_json: bool,
-                agreement: int = 3, language: str | None = None, task: str | None = None,
-                timestamps: bool = False) -> None:
+def run_speech(sess: Any, o: RunOptions) -> None:
+    """``edgeseq run`` for a speech model: transcribe (or stream) the WAV file of ``--audio``."""
     from edgeseq import audio as A
     from edgeseq.runtime.speech import Transcriber, chunked
 
+    path, stream, chunk_s, window_s = o.audio, o.stream_audio, o.chunk_seconds, o.window_s
+    num_beams, as_json, agreement, timestamps = o.num_beams, o.as_json, o.agreement, o.timestamps
+    language, task = o.language, o.task
     if path is None:
         _fail("this is a speech model: give --audio FILE.wav")
-    if not getattr(sess, "speech", False):
-        _fail("--audio needs a speech model bundle (this one takes text)")
     if timestamps and window_s is not None:
         _fail("--window does not combine with --timestamps: timestamped decoding seeks through "
               "the audio in the encoder's full window, as transformers does")

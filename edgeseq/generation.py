@@ -5,7 +5,8 @@ the checkpoint has one, else the generation fields of ``config.json``
 (``GenerationConfig.from_model_config``, as the model's constructor does). Every field of it
 is one of:
 
-- honoured: the runtime applies it exactly as transformers 4.57 does (``HONOURED``, per task);
+- honoured: the runtime applies it exactly as transformers 4.57 does (per task: its
+  ``honoured_generation``, ``edgeseq/tasks/``);
 - no effect on the tokens (``NO_EFFECT``: output format, caching, speculative-decoding knobs),
   or read by a family's own ``generate`` (the family's ``generation_own``: Whisper's prompt and
   timestamp rules, implemented by that family);
@@ -39,16 +40,6 @@ GENERATION_FIELDS = (
 #: Sampling warpers: transformers applies them only when ``do_sample`` is set.
 SAMPLING = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff",
             "eta_cutoff")
-
-#: What each task's runtime honours. Causal LMs (``edgeseq.runtime.session``) stop at EOS and
-#: nothing more; a causal checkpoint that asks for more is refused.
-HONOURED: dict[str, frozenset[str]] = {
-    "seq2seq": frozenset(GENERATION_FIELDS),
-    # transformers ignores encoder n-grams when the encoder input is not token ids (Whisper's
-    # log-mel features): NO_EFFECT_SPEECH
-    "speech_seq2seq": frozenset(GENERATION_FIELDS) - {"encoder_no_repeat_ngram_size"},
-    "causal_lm": frozenset({"eos_token_id", "bos_token_id", "pad_token_id"}),
-}
 
 #: Fields that do not change the tokens transformers' ``generate`` returns (the best sequence).
 NO_EFFECT = frozenset({
@@ -111,8 +102,11 @@ def check(model: Any, folder: Path, family: Any) -> None:
     models) are checked against ``generation_config.json`` if the folder has one. ``family``:
     the checkpoint's family (its task, and the fields its own ``generate`` reads, overrides or
     that edgeseq refuses: ``edgeseq.families.base.Family.generation_*``)."""
+    from edgeseq.registry import tasks
+
     task = family.task
-    if task not in HONOURED:
+    kind = tasks().get(task)
+    if kind is None or not kind.generates:
         return  # classifiers do not generate
     from transformers import GenerationConfig
 
@@ -131,9 +125,9 @@ def check(model: Any, folder: Path, family: Any) -> None:
     label = path if path.is_file() else folder / "config.json"
     values = gen.to_dict()
     defaults = GenerationConfig().to_dict()
-    honoured = HONOURED[task]
+    honoured = kind.honoured_generation
     own = family.generation_own | family.generation_overridden
-    no_effect = NO_EFFECT | (NO_EFFECT_SPEECH if task == "speech_seq2seq" else frozenset())
+    no_effect = NO_EFFECT | (NO_EFFECT_SPEECH if kind.audio else frozenset())
     sampling = bool(values.get("do_sample"))
     # the fields transformers' generate reads; any other key (a model-config key copied by
     # from_model_config, an unknown one) is never read, and the family's own are its business

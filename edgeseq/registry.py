@@ -11,6 +11,7 @@ T = TypeVar("T")
 
 _FAMILIES: dict[str, Any] = {}
 _BACKENDS: dict[str, Any] = {}
+_TASKS: dict[str, Any] = {}
 # Modules that register on import; imported lazily so `import edgeseq` stays light.
 _FAMILY_MODULES = ("edgeseq.families.mamba", "edgeseq.families.mamba2", "edgeseq.families.s4d",
                    "edgeseq.families.lmu",
@@ -19,6 +20,9 @@ _FAMILY_MODULES = ("edgeseq.families.mamba", "edgeseq.families.mamba2", "edgeseq
 # and lowered (the deployable ones first)
 _BACKEND_MODULES = ("edgeseq.runtime.backends.onnxruntime", "edgeseq.runtime.backends.executorch",
                     "edgeseq.runtime.backends.reference")
+# one plug-in file per task (``edgeseq/tasks/``), in the order error messages list them
+_TASK_MODULES = ("edgeseq.tasks.causal_lm", "edgeseq.tasks.seq2seq",
+                 "edgeseq.tasks.speech_seq2seq", "edgeseq.tasks.classification")
 
 
 class UnknownNameError(KeyError):
@@ -37,6 +41,15 @@ def register_family(name: str) -> Callable[[T], T]:
 def register_backend(name: str) -> Callable[[T], T]:
     def deco(cls: T) -> T:
         _BACKENDS[name] = cls
+        cls.name = name  # type: ignore[attr-defined]
+        return cls
+    return deco
+
+
+def register_task(name: str) -> Callable[[T], T]:
+    """Register a ``edgeseq.tasks.Task`` subclass; ``get_task`` returns an instance of it."""
+    def deco(cls: T) -> T:
+        _TASKS[name] = cls
         cls.name = name  # type: ignore[attr-defined]
         return cls
     return deco
@@ -62,6 +75,20 @@ def backends() -> dict[str, Any]:
     _load(_BACKEND_MODULES)
     rank = {m: i for i, m in enumerate(_BACKEND_MODULES)}
     return dict(sorted(_BACKENDS.items(), key=lambda kv: rank.get(kv[1].__module__, len(rank))))
+
+
+def tasks() -> dict[str, Any]:
+    """Every registered task, ``{name: Task}``, in ``_TASK_MODULES`` order."""
+    _load(_TASK_MODULES)
+    return {name: cls() for name, cls in _TASKS.items()}
+
+
+def get_task(name: str) -> Any:
+    """The task a manifest or family names (``Manifest.task``, ``Family.task``)."""
+    _load(_TASK_MODULES)
+    if name not in _TASKS:
+        raise UnknownNameError(f"unknown task {name!r}; known: {', '.join(_TASKS)}")
+    return _TASKS[name]()
 
 
 def get_family(name: str) -> Any:

@@ -16,6 +16,10 @@
   sequences or the user's ``--eval`` ``.npz`` (``x`` (n, frames, features), optional ``y``):
   agreement, and accuracy against ``y`` when given.
 
+Each task's gate is one of the three (``edgeseq/tasks/<task>.py`` names it) and is called as
+``gate(family, model, bundle, backend, tokenizer, config, eval_file, max_drop)``; the default
+``max_drop`` is the task's (``Task.max_drop``).
+
 A gate passes when agreement (exact match for encoder-decoders) >= 1 - max_drop (and accuracy
 >= fp32 accuracy - max_drop), the mean KL <= ``max_kl`` and the CER <= ``max_cer`` (with
 references: the CER rises by at most ``max_cer``).
@@ -28,7 +32,6 @@ from typing import Any
 
 import numpy as np
 
-DEFAULT_MAX_DROP = {"causal_lm": 0.10, "classification": 0.02, "seq2seq": 0.10}
 DEFAULT_MAX_KL = 0.10
 DEFAULT_MAX_CER = 0.05
 DEFAULT_TOKENS = 1024
@@ -52,9 +55,16 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
+def _max_drop(family: Any, max_drop: float | None) -> float:
+    from edgeseq.registry import get_task
+
+    return get_task(family.task).max_drop if max_drop is None else max_drop
+
+
 def lm_gate(family: Any, model: Any, bundle: Path, backend: str, tokenizer: Any,
-            vocab_size: int, tokens: int = DEFAULT_TOKENS, eval_file: Path | None = None,
-            max_drop: float | None = None, max_kl: float = DEFAULT_MAX_KL) -> dict[str, Any]:
+            config: dict[str, Any], eval_file: Path | None = None,
+            max_drop: float | None = None, tokens: int = DEFAULT_TOKENS,
+            max_kl: float = DEFAULT_MAX_KL) -> dict[str, Any]:
     import torch
 
     from edgeseq.runtime.session import load
@@ -67,7 +77,7 @@ def lm_gate(family: Any, model: Any, bundle: Path, backend: str, tokenizer: Any,
     if tokenizer is not None:
         ids = tokenizer.encode(text)
     else:
-        ids = np.random.default_rng(0).integers(0, vocab_size, tokens).tolist()
+        ids = np.random.default_rng(0).integers(0, config["vocab_size"], tokens).tolist()
         source = "random token ids (the bundle has no tokenizer)"
     if not ids:
         raise ValueError(f"{source}: no tokens to evaluate on")
@@ -83,7 +93,7 @@ def lm_gate(family: Any, model: Any, bundle: Path, backend: str, tokenizer: Any,
     kl = (np.exp(lp) * (lp - lq)).sum(-1)
     agree = ref.argmax(-1) == got.argmax(-1)
     tail = slice(3 * len(ids) // 4, None)
-    drop = DEFAULT_MAX_DROP["causal_lm"] if max_drop is None else max_drop
+    drop = _max_drop(family, max_drop)
     res = {"metric": "next-token agreement and KL(fp32 || quantized)", "data": source,
            "tokens": len(ids), "agreement": float(agree.mean()), "kl_mean": float(kl.mean()),
            "agreement_last_quarter": float(agree[tail].mean()),
@@ -93,9 +103,9 @@ def lm_gate(family: Any, model: Any, bundle: Path, backend: str, tokenizer: Any,
     return res
 
 
-def classifier_gate(family: Any, model: Any, bundle: Path, backend: str,
-                    eval_file: Path | None = None, max_drop: float | None = None
-                    ) -> dict[str, Any]:
+def classifier_gate(family: Any, model: Any, bundle: Path, backend: str, tokenizer: Any,
+                    config: dict[str, Any], eval_file: Path | None = None,
+                    max_drop: float | None = None) -> dict[str, Any]:
     import torch
 
     from edgeseq.runtime.session import load
@@ -120,7 +130,7 @@ def classifier_gate(family: Any, model: Any, bundle: Path, backend: str,
     sess.push(x)
     sess.finish()
     pred = sess.running()[:, -1].argmax(-1)
-    drop = DEFAULT_MAX_DROP["classification"] if max_drop is None else max_drop
+    drop = _max_drop(family, max_drop)
     res = {"metric": "prediction agreement with fp32" + (" and accuracy" if y is not None else ""),
            "data": source, "sequences": int(len(x)), "agreement": float((pred == ref).mean()),
            "max_drop": drop}
@@ -183,9 +193,10 @@ def seq2seq_sources(family: Any, model: Any, sess: Any, eval_file: Path | None
     return sources, refs, str(path)
 
 
-def seq2seq_gate(family: Any, model: Any, bundle: Path, backend: str,
-                 eval_file: Path | None = None, max_drop: float | None = None,
-                 max_cer: float = DEFAULT_MAX_CER, max_new_tokens: int = 48) -> dict[str, Any]:
+def seq2seq_gate(family: Any, model: Any, bundle: Path, backend: str, tokenizer: Any,
+                 config: dict[str, Any], eval_file: Path | None = None,
+                 max_drop: float | None = None, max_cer: float = DEFAULT_MAX_CER,
+                 max_new_tokens: int = 48) -> dict[str, Any]:
     from edgeseq.runtime.session import load
 
     sess = load(bundle, backend=backend)
@@ -200,7 +211,7 @@ def seq2seq_gate(family: Any, model: Any, bundle: Path, backend: str,
     # decode() drops EOS/pad/start ids (generate() keeps the EOS, transformers' Whisper does not)
     decode = (lambda t: sess.decode(t)) if text else (lambda t: sess.decode(t).split())
     ref_out, got_out = [decode(t) for t in ref_toks], [decode(t) for t in got_toks]
-    drop = DEFAULT_MAX_DROP["seq2seq"] if max_drop is None else max_drop
+    drop = _max_drop(family, max_drop)
     res: dict[str, Any] = {
         "metric": "greedy output vs fp32: exact match and " + ("CER" if text else "token error rate"),
         "data": data, "sources": len(sources),

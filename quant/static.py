@@ -47,8 +47,9 @@ class _Recorder:
 
 def calibration_feeds(family: Any, model: Any, bundle: Path, task: str, calib: Path,
                       tokenizer: Any = None, tokens: int = 512) -> dict[str, list[dict]]:
-    """Run the fp32 bundle over the calibration data; the recorded feeds per graph."""
-    from edgeseq.quant import gates
+    """Run the fp32 bundle over the calibration data (the task's calibration reader:
+    ``edgeseq/tasks/<task>.py``); the recorded feeds per graph."""
+    from edgeseq.registry import get_task
     from edgeseq.runtime.session import load
 
     sess = load(bundle, backend="ort")
@@ -56,36 +57,53 @@ def calibration_feeds(family: Any, model: Any, bundle: Path, task: str, calib: P
     calib = Path(calib)
     if not calib.is_file():
         raise ValueError(f"{calib}: calibration file not found")
-    if task == "classification":
-        try:
-            x = np.asarray(np.load(calib, allow_pickle=False)["x"], dtype=np.float32)
-        except (KeyError, ValueError, OSError) as e:
-            raise ValueError(f"{calib}: expected an .npz with x (n, frames, features) ({e})") from None
-        # whole chunks and then single frames, so both the chunk and the step graph are seen
-        split = x.shape[1] // 2
-        sess.reset(len(x))
-        sess.push(x[:, :split])
-        for i in range(split, x.shape[1]):
-            sess.push(x[:, i:i + 1])
-        sess.finish()
-    elif task in ("seq2seq", "speech_seq2seq"):
-        sources, _, _ = gates.seq2seq_sources(family, model, sess, calib)
-        for src in sources:
-            sess.generate(np.asarray(src), 32, num_beams=1, do_sample=False)
-    else:
-        text = calib.read_text(encoding="utf-8", errors="replace")
-        ids = tokenizer.encode(text) if tokenizer is not None else []
-        if not ids:
-            raise ValueError(f"{calib}: no tokens to calibrate on")
-        ids = ids[:tokens]
-        sess.prefill(np.array([ids[:gates.PREFILL]], dtype=np.int64))
-        for t in ids[gates.PREFILL:]:
-            sess.step(np.array([t], dtype=np.int64))
+    get_task(task).part("calibration")(family, model, sess, calib, tokenizer, tokens)
     out = {}
     for graph, feeds in rec.feeds.items():
         idx = np.unique(np.linspace(0, len(feeds) - 1, min(MAX_FEEDS, len(feeds))).astype(int))
         out[graph] = [feeds[i] for i in idx]
     return out
+
+
+def calibrate_classifier(family: Any, model: Any, sess: Any, calib: Path, tokenizer: Any,
+                         tokens: int) -> None:
+    """An ``.npz`` with x (n, frames, features): whole chunks and then single frames, so both
+    the chunk and the step graph are seen."""
+    try:
+        x = np.asarray(np.load(calib, allow_pickle=False)["x"], dtype=np.float32)
+    except (KeyError, ValueError, OSError) as e:
+        raise ValueError(f"{calib}: expected an .npz with x (n, frames, features) ({e})") from None
+    split = x.shape[1] // 2
+    sess.reset(len(x))
+    sess.push(x[:, :split])
+    for i in range(split, x.shape[1]):
+        sess.push(x[:, i:i + 1])
+    sess.finish()
+
+
+def calibrate_seq2seq(family: Any, model: Any, sess: Any, calib: Path, tokenizer: Any,
+                      tokens: int) -> None:
+    """One source per line (text, or a WAV path for speech), each decoded greedily."""
+    from edgeseq.quant import gates
+
+    sources, _, _ = gates.seq2seq_sources(family, model, sess, calib)
+    for src in sources:
+        sess.generate(np.asarray(src), 32, num_beams=1, do_sample=False)
+
+
+def calibrate_causal(family: Any, model: Any, sess: Any, calib: Path, tokenizer: Any,
+                     tokens: int) -> None:
+    """Text: its first ``tokens`` tokens, a short prefill and then one step per token."""
+    from edgeseq.quant import gates
+
+    text = calib.read_text(encoding="utf-8", errors="replace")
+    ids = tokenizer.encode(text) if tokenizer is not None else []
+    if not ids:
+        raise ValueError(f"{calib}: no tokens to calibrate on")
+    ids = ids[:tokens]
+    sess.prefill(np.array([ids[:gates.PREFILL]], dtype=np.int64))
+    for t in ids[gates.PREFILL:]:
+        sess.step(np.array([t], dtype=np.int64))
 
 
 class _Reader:

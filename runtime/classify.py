@@ -23,6 +23,7 @@ import numpy as np
 from edgeseq.bundle import Manifest
 from edgeseq.limits import check_finite_array
 from edgeseq.runtime.backends.base import LoadedModel
+from edgeseq.runtime.base_session import BaseSession, StateError, read_float, read_int
 
 
 @dataclass
@@ -52,15 +53,14 @@ class Classification:
         return int(ok[0]) if ok.size else None
 
 
-class ClassifierSession:
-    """One stream (batch of rows) through a classification bundle."""
+class ClassifierSession(BaseSession):
+    """One stream (batch of rows) through a classification bundle.
+
+    The stream is the graphs' state, the running logits of the frames ready so far (``running``
+    returns all of them) and the count of frames fed: ``state_dict`` saves all three."""
 
     def __init__(self, root: Path, manifest: Manifest, backend: str, model: LoadedModel):
-        self.root = root
-        self.manifest = manifest
-        self.backend = backend
-        self.model = model
-        self.config = manifest.config
+        super().__init__(root, manifest, backend, model)
         self.features = int(self.config["input"]["features"])
         self.lookahead = int(self.config["lookahead"])
         self.chunk = int(self.config.get("chunk") or 1)
@@ -73,6 +73,27 @@ class ClassifierSession:
         self._out: list[np.ndarray] = []  # logits of frames whose prediction is ready
         self.frames_in = 0
         self.finished = False
+
+    def _stream_state(self) -> dict[str, np.ndarray]:
+        return {"running": self.running(),
+                "frames_in": np.array([self.frames_in], dtype=np.int64),
+                "finished": np.array([int(self.finished)], dtype=np.int64)}
+
+    def _read_stream_state(self, sd: dict[str, np.ndarray], batch: int) -> dict[str, Any]:
+        frames_in = read_int(sd, "frames_in", 0)
+        running = (read_float(sd, "running", (batch, None, int(self.config["num_classes"])))
+                   if "running" in sd else np.zeros((batch, 0, int(self.config["num_classes"])),
+                                                    np.float32))
+        if running.shape[1] > frames_in + self.lookahead:
+            raise StateError(f"state_dict running: {running.shape[1]} ready frames, more than "
+                             f"the {frames_in} fed and {self.lookahead} flushed")
+        return {"running": running.astype(np.float32), "frames_in": frames_in,
+                "finished": bool(read_int(sd, "finished", 0, 1))}
+
+    def _resume(self, batch: int, extra: dict[str, Any]) -> None:
+        self.rows = batch
+        self._out = [extra["running"]] if extra["running"].shape[1] else []
+        self.frames_in, self.finished = extra["frames_in"], extra["finished"]
 
     def _run(self, frames: np.ndarray, valid: np.ndarray) -> None:
         graph = "step" if frames.shape[1] == 1 else "chunk"

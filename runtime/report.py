@@ -7,6 +7,8 @@ import html
 import math
 from typing import Any, Iterable, Mapping, Sequence
 
+from edgeseq.registry import get_task
+
 COLORS = {"weights": "#4e79a7", "state": "#f28e2b", "arena": "#59a14f", "other": "#bab0ac",
           "runtime": "#b07aa1"}
 
@@ -23,9 +25,8 @@ def _mb(n: Any) -> str:
 
 
 def _rate_key(task: str) -> tuple[str, str]:
-    if task == "classification":
-        return "frames_per_s", "frames/s"
-    return "tokens_per_s", "tokens/s"
+    unit = get_task(task).step_unit
+    return f"{unit}s_per_s", f"{unit}s/s"
 
 
 # -- text --------------------------------------------------------------------------------------
@@ -104,12 +105,13 @@ def text(rep: Mapping[str, Any]) -> str:
         lines += ["", f"top operators: {rep.get('op_breakdown_note') or 'none'}"]
 
     lines += ["", "projected (never below the device's roofline bound)"]
-    rows = [["device", f"ms/{unit}", rl] + (["rtf"] if task == "speech_seq2seq" else [])
+    windowed = get_task(task).latency_unit == "window"
+    rows = [["device", f"ms/{unit}", rl] + (["rtf"] if windowed else [])
             + [f"{first} ms", "peak MB", "budget MB", "fits", "latency"]]
     for p in rep["projections"]:
         lat = "-" if p.get("meets_latency") is None else ("ok" if p["meets_latency"] else "MISS")
         rows.append([p["device"], _f(p.get("step_ms"), ".4g"), _f(p.get(rk), ".1f")]
-                    + ([_f(p.get("rtf"), ".4f")] if task == "speech_seq2seq" else [])
+                    + ([_f(p.get("rtf"), ".4f")] if windowed else [])
                     + [_f(p.get("first_token_ms"), ".4g"), _mb(p["peak_bytes"]),
                        _mb(p["budget_bytes"]), "yes" if p["fits"] else "NO", lat])
     lines += _table(rows)
@@ -122,7 +124,7 @@ def verdict(p: Mapping[str, Any], task: str) -> str:
     """One line: does it fit, does it meet the target."""
     fit = (f"fits ({_mb(p['peak_bytes'])} of {_mb(p['budget_bytes'])} MB)" if p["fits"]
            else f"does NOT fit ({_mb(p['peak_bytes'])} MB > budget {_mb(p['budget_bytes'])} MB)")
-    what = "window" if task == "speech_seq2seq" else "step"
+    what = get_task(task).latency_unit
     lat = f"{what} {_f(p.get('latency_ms'), '.4g')} ms"
     if p.get("target_latency_ms") is not None:
         lat += (" meets" if p["meets_latency"] else " MISSES") + \

@@ -17,33 +17,97 @@ from edgeseq import generation, tokenize
 from edgeseq.bundle import BundleError, Manifest
 from edgeseq.limits import check_finite, check_finite_array, check_source
 from edgeseq.runtime.backends.base import LoadedModel
+from edgeseq.runtime.base_session import BaseSession, StateError, read_float, read_int
 from edgeseq.runtime.beam import Hypothesis, beam_search
 from edgeseq.runtime.decoding import SamplingConfig, next_token
 from edgeseq.runtime.processors import Processors
 
 
-class Seq2SeqSession:
-    """One decoding stream (a source and its rows: beams or a batch) of a seq2seq bundle."""
+class Seq2SeqSession(BaseSession):
+    """One decoding stream (a source and its rows: beams or a batch) of a seq2seq bundle.
+
+    The stream is the encoded source (its cross-attention K/V, mask and ids) and the decoder's
+    self-attention caches at ``position``: ``state_dict`` saves both, so a decode paused between
+    ``step`` calls resumes in another session (or process) where it stood."""
 
     def __init__(self, root: Path, manifest: Manifest, backend: str, model: LoadedModel):
-        self.root = root
-        self.manifest = manifest
-        self.backend = backend
-        self.model = model
-        self.tokenizer = tokenize.load(root, manifest.tokenizer)
-        self.config = manifest.config
+        super().__init__(root, manifest, backend, model)
         self.gen = dict(self.config.get("generation") or {})
-        self.speech = manifest.task == "speech_seq2seq"
+        self.speech = self.task.audio
         enc = manifest.graphs["encoder"]
         self.encoder_inputs = [s.name for s in enc.inputs]
         self.cross_names = [s.name for s in enc.outputs]
+        self._cross_specs = {s.name: s for s in enc.outputs}
         self.capacity = int(self.config.get("max_target_len") or 1 << 30)
+        self.task_prefix = ""                   # a declared task's source prefix (use_task)
+        self.reset()
+
+    # -- the stream ------------------------------------------------------------------------
+    def reset(self, batch: int = 1) -> None:
+        """Start a fresh stream: nothing encoded, empty caches for ``batch`` rows. The settings
+        ``use_task`` chose stay (they belong to the session, not to one source)."""
         self._cross: dict[str, np.ndarray] = {}
         self._mask: np.ndarray | None = None
         self._source: list[int] | None = None   # encoder input ids (encoder n-gram rule)
-        self.task_prefix = ""                   # a declared task's source prefix (use_task)
-        self._state: Any = None
+        self._rows = batch
+        self._feeds: dict[str, np.ndarray] = {}
+        self._state = self.model.init_state(batch)
         self.position = 0
+
+    def _stream_state(self) -> dict[str, np.ndarray]:
+        out = {f"encoded.{k}": v.copy() for k, v in self._cross.items()}
+        if self._mask is not None:
+            out["encoder_attention_mask"] = self._mask.copy()
+        if self._source is not None:
+            out["source"] = np.asarray(self._source, dtype=np.int64)
+        out["position"] = np.array([self.position], dtype=np.int64)
+        return out
+
+    def _read_stream_state(self, sd: dict[str, np.ndarray], batch: int) -> dict[str, Any]:
+        cross = {}
+        length: int | None = None
+        for name in self.cross_names if any(k.startswith("encoded.") for k in sd) else ():
+            key = f"encoded.{name}"
+            if key not in sd:
+                raise StateError(f"state_dict lacks {key}")
+            a = read_float(sd, key, (1, *(None if isinstance(d, str) else d
+                                          for d in self._cross_specs[name].shape[1:])))
+            # the source length is the one dimension the specs leave open
+            open_dims = [n for n, d in zip(a.shape[1:], self._cross_specs[name].shape[1:])
+                         if isinstance(d, str)]
+            for n in open_dims:
+                if length is None:
+                    length = n
+                elif n != length:
+                    raise StateError(f"state_dict {key}: source length {n}, the other encoded "
+                                     f"entries have {length}")
+            cross[name] = a
+        mask = source = None
+        if "encoder_attention_mask" in sd:
+            mask = np.asarray(sd["encoder_attention_mask"])
+            if mask.dtype.kind not in "iu" or mask.ndim != 2 or mask.shape[0] != 1 \
+                    or (length is not None and mask.shape[1] != length) or not cross:
+                raise StateError(f"state_dict encoder_attention_mask: shape {mask.shape} dtype "
+                                 f"{mask.dtype}; expected integer (1, {length or 'source'}) "
+                                 f"beside the encoded source")
+            mask = mask.astype(np.int64)
+        if "source" in sd:
+            ids = np.asarray(sd["source"])
+            vocab = self._vocab_size()
+            if ids.dtype.kind not in "iu" or ids.ndim != 1 or not cross:
+                raise StateError(f"state_dict source: shape {ids.shape} dtype {ids.dtype}; "
+                                 f"expected integer token ids (n,) beside the encoded source")
+            if ids.size and (ids.min() < 0 or (vocab and ids.max() >= vocab)):
+                raise StateError(f"state_dict source: token ids outside the vocabulary "
+                                 f"[0, {vocab})")
+            source = [int(t) for t in ids]
+        position = read_int(sd, "position", 0, self.capacity)
+        return {"cross": cross, "mask": mask, "source": source, "position": position}
+
+    def _resume(self, batch: int, extra: dict[str, Any]) -> None:
+        self._cross, self._mask, self._source = extra["cross"], extra["mask"], extra["source"]
+        self.position = extra["position"]
+        self._bind(batch)
 
     # -- encoder ---------------------------------------------------------------------------
     def encode(self, source: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
@@ -84,12 +148,17 @@ class Seq2SeqSession:
         """Empty self-attention caches for ``rows`` decoding rows over the encoded source."""
         if not self._cross:
             raise ValueError("nothing encoded: call encode() first")
+        self._bind(rows)
+        self._state = None  # the old caches go before the new ones are allocated (peak memory)
+        self._state = self.model.init_state(rows)
+        self.position = 0
+
+    def _bind(self, rows: int) -> None:
+        """The encoded source as the decoder's feeds, repeated for ``rows`` rows."""
         self._rows = rows
         self._feeds = {k: np.repeat(v, rows, axis=0) for k, v in self._cross.items()}
         if self._mask is not None:
             self._feeds["encoder_attention_mask"] = np.repeat(self._mask, rows, axis=0)
-        self._state = self.model.init_state(rows)
-        self.position = 0
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Feed one token per row at the current position; return logits (rows, v)."""

@@ -1,9 +1,9 @@
-"""A loaded bundle on one backend: ``generate``, ``stream``, ``reset``, ``state_dict``/``load_state``.
+"""``load`` (a bundle on one backend, opened as its task's session) and the causal-LM
+``Session``: ``generate``, ``stream``, and the stream's ``reset``, ``fork``,
+``state_dict``/``load_state`` (``edgeseq.runtime.base_session``).
 
-Weights are shared, state is per stream (whisper.cpp splits context and state the same way): a
-``Session`` is one stream over a ``LoadedModel``; ``Session.fork()`` opens another stream on the
-same weights. Memory is constant in the stream's length: state has a fixed size and prompts are
-prefilled in chunks of at most the graph's ``max_chunk`` tokens.
+Memory is constant in the stream's length: state has a fixed size and prompts are prefilled in
+chunks of at most the graph's ``max_chunk`` tokens.
 """
 from __future__ import annotations
 
@@ -16,26 +16,19 @@ import numpy as np
 from edgeseq import tokenize
 from edgeseq.bundle import BundleError, Manifest, read_manifest
 from edgeseq.limits import check_finite_array
-from edgeseq.registry import get_backend
+from edgeseq.registry import get_backend, get_task
 from edgeseq.runtime.backends.base import LoadedModel
+from edgeseq.runtime.base_session import STATE_PREFIX, BaseSession, StateError, read_int
 from edgeseq.runtime.decoding import SamplingConfig, next_token
 
-STATE_PREFIX = "state."
+__all__ = ["Session", "StateError", "STATE_PREFIX", "load", "SPECULATIVE_GRAPHS"]
 
 
-class StateError(BundleError, ValueError):
-    """A saved stream (``load_state``) that this bundle cannot resume; names the key."""
-
-
-class Session:
+class Session(BaseSession):
     """One stream of a causal LM bundle."""
 
     def __init__(self, root: Path, manifest: Manifest, backend: str, model: LoadedModel):
-        self.root = root
-        self.manifest = manifest
-        self.backend = backend
-        self.model = model
-        self.tokenizer = tokenize.load(root, manifest.tokenizer)
+        super().__init__(root, manifest, backend, model)
         self.max_chunk = manifest.graphs["prefill"].max_chunk or 64
         self.reset()
 
@@ -49,14 +42,8 @@ class Session:
         self._rng = np.random.default_rng()
         self.position = 0
 
-    def fork(self) -> "Session":
-        """A new, fresh stream sharing this session's loaded weights."""
-        return Session(self.root, self.manifest, self.backend, self.model)
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Everything needed to resume this stream, as named numpy arrays (safetensors-ready)."""
-        out = {f"{STATE_PREFIX}{s.name}": a
-               for s, a in zip(self.model.specs, self.model.to_numpy(self._state))}
+    def _stream_state(self) -> dict[str, np.ndarray]:
+        out = {}
         if self._logits is not None:
             out["logits"] = self._logits.copy()
         if self._pending is not None:
@@ -66,32 +53,7 @@ class Session:
         out["rng"] = np.frombuffer(rng, dtype=np.uint8).copy()
         return out
 
-    def load_state(self, sd: dict[str, np.ndarray]) -> None:
-        """Resume a stream saved by ``state_dict`` (possibly in another process).
-
-        A resume file is untrusted input: every entry is checked (shape, dtype, finite values,
-        token ids inside the vocabulary, a well-formed RNG state) before anything is replaced,
-        so a refused file leaves this stream as it was. Raises :class:`StateError` naming the
-        key."""
-        arrays = []
-        batch: int | None = None
-        for s in self.model.specs:
-            key = f"{STATE_PREFIX}{s.name}"
-            if key not in sd:
-                raise StateError(f"state_dict lacks {key}")
-            a = np.asarray(sd[key])
-            if a.ndim != len(s.shape) or a.shape[1:] != tuple(s.shape[1:]) \
-                    or a.dtype != np.dtype(s.dtype):
-                raise StateError(f"state_dict {key}: shape {a.shape} dtype {a.dtype} does not "
-                                 f"match the bundle's {s.shape} {s.dtype}")
-            batch = a.shape[0] if batch is None else batch
-            if a.shape[0] != batch or batch < 1:
-                raise StateError(f"state_dict {key}: batch {a.shape[0]}, the other state "
-                                 f"entries have {batch}")
-            if a.dtype.kind == "f" and not np.isfinite(a).all():
-                raise StateError(f"state_dict {key}: holds NaN or inf")
-            arrays.append(a)
-        batch = batch or 1
+    def _read_stream_state(self, sd: dict[str, np.ndarray], batch: int) -> dict[str, Any]:
         vocab = self._vocab_size()
         logits = pending = None
         if "logits" in sd:
@@ -112,13 +74,7 @@ class Session:
                 raise StateError(f"state_dict pending: token ids {pending.tolist()} are outside "
                                  f"the vocabulary [0, {vocab})")
             pending = pending.astype(np.int64)
-        position = 0
-        if "position" in sd:
-            pos = np.asarray(sd["position"])
-            if pos.dtype.kind not in "iu" or pos.shape != (1,) or int(pos[0]) < 0:
-                raise StateError(f"state_dict position: expected one integer >= 0, got shape "
-                                 f"{pos.shape} dtype {pos.dtype}")
-            position = int(pos[0])
+        position = read_int(sd, "position", 0)
         rng = np.random.default_rng()
         if "rng" in sd:
             raw = np.asarray(sd["rng"])
@@ -130,13 +86,12 @@ class Session:
                 msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
                 raise StateError(f"state_dict rng: not a saved random generator state "
                                  f"({msg})") from None
-        self._batch = batch
-        self._state = self.model.from_numpy(arrays)
-        self._logits, self._pending, self.position, self._rng = logits, pending, position, rng
+        return {"logits": logits, "pending": pending, "position": position, "rng": rng}
 
-    def _vocab_size(self) -> int | None:
-        v = self.manifest.config.get("vocab_size")
-        return int(v) if isinstance(v, int) and v > 0 else None
+    def _resume(self, batch: int, extra: dict[str, Any]) -> None:
+        self._batch = batch
+        self._logits, self._pending = extra["logits"], extra["pending"]
+        self.position, self._rng = extra["position"], extra["rng"]
 
     # -- model calls ----------------------------------------------------------------------
     def prefill(self, input_ids: np.ndarray | Sequence[int], last_only: bool = False
@@ -317,13 +272,6 @@ def _as_batch(input_ids: Sequence[int] | np.ndarray) -> np.ndarray:
 
 # Graphs only speculative decoding calls: a plain session leaves them unloaded (memory).
 SPECULATIVE_GRAPHS = ("verify", "decoder_chunk", "exit_step", "draft_loop")
-# The graphs each task's session runs: one of each group must be in the bundle.
-TASK_GRAPHS = {"causal_lm": (("step",), ("prefill", "verify")),
-               "seq2seq": (("encoder",), ("decoder_step", "decoder_chunk")),
-               "speech_seq2seq": (("encoder",), ("decoder_step", "decoder_chunk")),
-               "classification": (("step",), ("chunk", "step"))}
-
-
 def load(path: str | Path, backend: str = "ort", threads: int | None = None,
          graphs: set[str] | None = None, prepack: frozenset[str] = frozenset(),
          manifest: Manifest | None = None) -> Any:
@@ -355,21 +303,16 @@ def load(path: str | Path, backend: str = "ort", threads: int | None = None,
             raise BundleError(f"{root}: graph {name} was not lowered for {be.name} "
                               f"(format {be.format}; bundle has: {have})")
         entries[name] = g
-    if manifest.task not in TASK_GRAPHS:
-        raise BundleError(f"{root}: task {manifest.task!r} has no session type in this edgeseq")
+    try:
+        task = get_task(manifest.task)
+    except KeyError:
+        raise BundleError(f"{root}: task {manifest.task!r} has no session type in this "
+                          f"edgeseq") from None
     # each group: the session runs one of these graphs (a speculative plan may load either)
-    missing = [" or ".join(group) for group in TASK_GRAPHS[manifest.task]
+    missing = [" or ".join(group) for group in task.graphs
                if not any(g in manifest.graphs for g in group)]
     if missing:
         raise BundleError(f"{root / 'manifest.json'}: task {manifest.task} needs graph "
                           f"{', '.join(missing)}; the bundle has {', '.join(manifest.graphs)}")
     model = be.load(root, manifest, entries, threads, prepack)
-    if manifest.task in ("seq2seq", "speech_seq2seq"):
-        from edgeseq.runtime.seq2seq import Seq2SeqSession
-
-        return Seq2SeqSession(root, manifest, be.name, model)
-    if manifest.task == "classification":
-        from edgeseq.runtime.classify import ClassifierSession
-
-        return ClassifierSession(root, manifest, be.name, model)
-    return Session(root, manifest, be.name, model)
+    return task.part("session")(root, manifest, be.name, model)

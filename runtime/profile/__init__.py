@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from edgeseq.bundle import Manifest, read_manifest
-from edgeseq.registry import backends, format_of
+from edgeseq.registry import backends, format_of, tasks
 from edgeseq.runtime.profile.child import _worker_main, measure
 from edgeseq.runtime.cost import (STATE_COPIES, GraphCost, _scheme, analyze,
                                   state_bytes_per_position, weight_bytes)
@@ -52,7 +52,6 @@ __all__ = ["ProfileError", "ProfileOptions", "profile", "parse_size", "measure",
            "check_bundle", "resolve_devices", "host_profile", "main"]
 
 SCHEMA = 1
-TASKS = ("causal_lm", "seq2seq", "speech_seq2seq", "classification")
 
 
 # =============================================================================================
@@ -121,9 +120,10 @@ def check_bundle(bundle: str | Path, backend: str) -> Manifest:
         have = sorted({f for g in man.graphs.values() for f in g.files})
         raise ProfileError(f"{bundle}: graph {missing[0]} was not lowered for {backend} (format "
                            f"{fmt}; bundle has: {', '.join(have) or 'none'})")
-    if man.task not in TASKS:
+    profiled = [name for name, t in tasks().items() if getattr(t, "profile_driver", None)]
+    if man.task not in profiled:
         raise ProfileError(f"{bundle}: task {man.task!r} cannot be profiled; known: "
-                           f"{', '.join(TASKS)}")
+                           f"{', '.join(profiled)}")
     return man
 
 

@@ -134,7 +134,10 @@ class _Progress:
             self.emit(f"{self.what} {i}/{self.total}")
 
 
-def _drive_causal_lm(sess: Any, log: _CallLog, a: dict, emit: Callable) -> dict[str, Any]:
+def drive_causal_lm(sess: Any, log: _CallLog, a: dict, emit: Callable) -> dict[str, Any]:
+    """The causal-LM workload (a profile driver, ``edgeseq/tasks/``): a synthetic prompt of
+    ``a["prompt_len"]`` tokens, then ``a["tokens"]`` decode steps; ``a["light"]``: no warm-up
+    and no repeats (the per-operator run)."""
     prompt = np.asarray(synthetic_prompt(a["prompt_len"], sess.manifest.config.get("vocab_size")))
     n = a["tokens"]
     if not a.get("light"):
@@ -167,7 +170,9 @@ def _drive_causal_lm(sess: Any, log: _CallLog, a: dict, emit: Callable) -> dict[
             "state_dims": {"batch": 1}}
 
 
-def _drive_seq2seq(sess: Any, log: _CallLog, a: dict, emit: Callable) -> dict[str, Any]:
+def drive_seq2seq(sess: Any, log: _CallLog, a: dict, emit: Callable) -> dict[str, Any]:
+    """The encoder-decoder workload: one source (synthetic ids, or a window of synthetic audio
+    for speech) encoded, then ``a["tokens"]`` decoder steps."""
     from edgeseq import audio as A
 
     cfg = sess.config
@@ -252,7 +257,9 @@ def _frame_rate(cfg: Mapping[str, Any]) -> float | None:
     return None
 
 
-def _drive_classification(sess: Any, log: _CallLog, a: dict, emit: Callable) -> dict[str, Any]:
+def drive_classification(sess: Any, log: _CallLog, a: dict, emit: Callable) -> dict[str, Any]:
+    """The classifier workload: ``a["tokens"]`` random frames pushed one by one, then the same
+    frames in chunks."""
     n = max(2, a["tokens"])
     x = np.random.default_rng(0).random((n, sess.features), dtype=np.float32)
     if not a.get("light"):
@@ -290,10 +297,6 @@ def _drive_classification(sess: Any, log: _CallLog, a: dict, emit: Callable) -> 
             "first_calls": first_calls, "step_graph": "step", "state_dims": {"batch": 1}}
 
 
-_DRIVERS = {"causal_lm": _drive_causal_lm, "seq2seq": _drive_seq2seq,
-            "speech_seq2seq": _drive_seq2seq, "classification": _drive_classification}
-
-
 def _import_backend(backend: str) -> None:
     """Import the backend's libraries before the baseline RSS is taken, so that they count as
     ``other`` rather than as arena."""
@@ -325,7 +328,8 @@ def measure_in_process(bundle: str | Path, backend: str = "ort", tokens: int = 1
     after_load = _rss()
     log = _CallLog(sess.model, man)
     emit(f"loaded in {load_ms:.0f} ms; measuring")
-    res = _DRIVERS[man.task](sess, log, {"tokens": tokens, "prompt_len": prompt_len}, emit)
+    res = sess.task.part("profile_driver")(sess, log, {"tokens": tokens,
+                                                       "prompt_len": prompt_len}, emit)
     peak = _rss("VmHWM")
     res.update(load_ms=load_ms, baseline_rss_bytes=baseline, after_load_rss_bytes=after_load,
                peak_rss_bytes=peak, end_rss_bytes=_rss(), graphs=log.summary(),

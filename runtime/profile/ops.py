@@ -11,7 +11,7 @@ import numpy as np
 from edgeseq.bundle import read_manifest
 from edgeseq.registry import get_backend
 from edgeseq.runtime.profile.errors import ProfileError
-from edgeseq.runtime.profile.measure import _DRIVERS, _CallLog, _import_backend
+from edgeseq.runtime.profile.measure import _CallLog, _import_backend
 
 
 TOP_OPS = 10
@@ -39,8 +39,8 @@ def ops_in_process(bundle: str | Path, backend: str = "ort", tokens: int = 64,
         log = _CallLog(sess.model, man)
         # "light": no warm-up and no repeats, so that the profiler's event buffer (several MB
         # per prefill with ONNX Runtime) keeps this child's peak RSS below the measurement's.
-        _DRIVERS[man.task](sess, log, {"tokens": tokens, "prompt_len": prompt_len,
-                                       "light": True}, emit)
+        sess.task.part("profile_driver")(sess, log, {"tokens": tokens, "prompt_len": prompt_len,
+                                                     "light": True}, emit)
         return {"source": profiler.SOURCE,
                 "graphs": profiler.collect(sess.model, tmp, log.sequence)}
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
-from edgeseq.registry import runtime_memory
+from edgeseq.registry import get_task, runtime_memory
 from edgeseq.runtime.cost import GraphCost
 
 
@@ -93,22 +93,23 @@ def project(measured: Mapping[str, Any], costs: Mapping[str, GraphCost],
                 if g in graphs)
     out: dict[str, Any] = {"device": device.id, "unit": "cpu", "step_ms": step,
                            "first_token_ms": first, "graphs": graphs}
-    if task in ("causal_lm", "seq2seq", "speech_seq2seq"):
+    kind = get_task(task)
+    if kind.generates:
         out["tokens_per_s"] = 1e3 / step if step else None
     latency = step
-    if task == "speech_seq2seq":
+    if kind.latency_unit == "window":
         n_dec = measured.get("decoder_calls_per_window") or measured.get("new_tokens", 1)
         window = graphs["encoder"]["ms"] + n_dec * (step or 0.0)
         out.update(window_ms=window, rtf=window / (measured["audio_s"] * 1e3),
                    encoder_ms=graphs["encoder"]["ms"])
         latency = window
-    elif task == "seq2seq":
+    elif kind.encoder:
         out["encoder_ms"] = graphs["encoder"]["ms"]
-    elif task == "classification":
+    elif kind.step_unit == "frame":
         rate = measured.get("frame_rate")
         out.update(frames_per_s=1e3 / step if step else None, ms_per_frame=step,
                    rtf=step / (1e3 / rate) if rate and step else None)
-    if task == "causal_lm" and "prefill" in graphs:
+    if kind.decoder_only and "prefill" in graphs:
         out["prefill_ms"] = sum(graphs["prefill"]["ms"] * n for g, n in
                                 (measured.get("first_calls") or {}).items() if g == "prefill")
     mem = measured["memory"]
@@ -128,6 +129,7 @@ def advise(p: Mapping[str, Any], measured: Mapping[str, Any], costs: Mapping[str
            task: str, scheme: str, known_devices: Iterable[Any] = ()) -> list[str]:
     """What to change when a projection misses its memory budget or latency target."""
     tips: list[str] = []
+    kind = get_task(task)
     mem = p["memory"]
     if not p["fits"]:
         over = p["peak_bytes"] - p["budget_bytes"]
@@ -139,21 +141,14 @@ def advise(p: Mapping[str, Any], measured: Mapping[str, Any], costs: Mapping[str
                         f"smaller than {scheme}): peak ~{_mb(new)}"
                         + (" - fits" if new <= p["budget_bytes"] else " - still too large"))
         per_pos = measured.get("state_bytes_per_position") or 0
-        if task in ("seq2seq", "speech_seq2seq") and per_pos:
+        if kind.encoder and per_pos:
             room = p["budget_bytes"] - (p["peak_bytes"] - mem["state"])
             n = int(room // per_pos) if room > 0 else 0
             tips.append(f"  cache capacity: `--max-target-len N` bounds the self-attention "
                         f"cache ({_mb(per_pos)} per position); N <= {n} fits the budget"
                         if n > 1 else "  cache capacity: even a 1-position cache does not fit")
         if mem["arena"] > 0.25 * p["peak_bytes"]:
-            what = {"causal_lm": "prefill in smaller chunks (Session.max_chunk, the manifest's "
-                                 "max_chunk by default: prefill activations grow with it)",
-                    "classification": "frame-by-frame steps instead of chunks (the chunk graph's "
-                                      "activations are larger)",
-                    "speech_seq2seq": "a shorter encoder window (`--window`, activations grow "
-                                      "with it)",
-                    "seq2seq": "shorter sources (encoder activations grow with the source)"}
-            tips.append(f"  arena {_mb(mem['arena'])}: {what.get(task, 'smaller inputs')}")
+            tips.append(f"  arena {_mb(mem['arena'])}: {kind.arena_advice}")
     if p.get("meets_latency") is False:
         tgt, lat = p["target_latency_ms"], p["latency_ms"]
         tips.append(f"latency: {lat:.3g} ms exceeds the target of {tgt:.3g} ms "
@@ -171,7 +166,8 @@ def advise(p: Mapping[str, Any], measured: Mapping[str, Any], costs: Mapping[str
             tips.append(f"  the host ran at {g['efficiency']:.0%} of its roofline bound: per-call "
                         "overhead or thread contention dominates; try --threads (fewer threads "
                         "contend less) or larger chunks")
-        if cost is not None and g.get("bound") == "memory" and task != "speech_seq2seq":
+        # a window's latency is not one memory-bound call: no bandwidth figure for it
+        if cost is not None and g.get("bound") == "memory" and kind.latency_unit == "step":
             need = cost.bytes_moved / (tgt / 1e3 * eff) if tgt > 0 else float("inf")
             faster = [d.id for d in known_devices if not d.placeholder
                       and d.memory.bandwidth_bytes_per_s >= need]

@@ -39,7 +39,7 @@ from typing import Any
 
 from edgeseq.bundle import BundleError, Manifest, read_manifest
 from edgeseq.limits import max_source as max_source_tokens
-from edgeseq.registry import runtime_memory
+from edgeseq.registry import get_task, runtime_memory
 from edgeseq.runtime.cost import (MB, activation_bytes, file_bytes, prepack_bytes,
                                   resident_state_bytes, resident_weight_bytes, state_bytes)
 
@@ -112,10 +112,10 @@ class _Costs:
     def __init__(self, root: Path, man: Manifest, backend: str, max_source: int | None = None,
                  max_length: int | None = None):
         self.root, self.man, self.backend = root, man, backend
-        self.task = man.task
+        self.task = get_task(man.task)
         self.vocab = int(man.config["vocab_size"])
         cap = _planned_len(man)
-        self.length = min(cap, max_length or cap) if self.task != "causal_lm" else 0
+        self.length = min(cap, max_length or cap) if self.task.encoder else 0
         table = max_source_tokens(man.config)
         self.source = min(table, max_source or table)
 
@@ -127,7 +127,7 @@ class _Costs:
         """The graphs plain decoding loads. ``lean`` (speculation, which loads a chunk graph as
         well): 1, without the one-token step graph (single tokens go through the chunk graph);
         2, a causal LM without prefill either (prompts go through ``verify``)."""
-        if self.task == "causal_lm":
+        if not self.task.encoder:
             return [{"prefill", "step"}, {"prefill"}, set()][lean]
         return {"encoder"} if lean else {"encoder", "decoder_step"}
 
@@ -173,7 +173,7 @@ def make_plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | 
               **kw: Any) -> MemoryPlan:
     """``_plan``, with the planned encoder-decoder lengths recorded on the plan."""
     plan = _plan(root, man, backend, kind, budget, **kw)
-    if man.task != "causal_lm":
+    if get_task(man.task).encoder:
         costs = _Costs(root, man, backend, kw.get("max_source"), kw.get("max_length"))
         plan.max_source, plan.max_length = costs.source, costs.length
     return plan
@@ -193,13 +193,13 @@ def _plan(root: Path, man: Manifest, backend: str, kind: str, budget: int | None
         BundleError: the budget cannot hold plain decoding at the smallest prefill chunk.
     """
     costs = _Costs(root, man, backend, max_source, max_length)
-    seq2seq = man.task != "causal_lm"
+    seq2seq = costs.task.encoder
     chunk_graph = "decoder_chunk" if seq2seq else ("verify" if "verify" in man.graphs
                                                   else "prefill")
     max_chunk = int(man.graphs[chunk_graph].max_chunk or 16) if chunk_graph in man.graphs else 1
     requested = kind
     if kind == "auto":
-        kind = "input" if (seq2seq and man.task != "speech_seq2seq") else "ngram"
+        kind = costs.task.speculate_auto
     fits = lambda fp: budget is None or sum(fp.values()) <= budget  # noqa: E731
 
     # plain decoding at the largest prefill chunk that fits
@@ -382,7 +382,7 @@ def plain_minimum(root: Path, man: Manifest, backend: str, max_source: int | Non
 
 def _prefill_chunks(man: Manifest) -> list[int | None]:
     """The prefill chunks a plan may use, largest first (None: an encoder-decoder has none)."""
-    if man.task != "causal_lm":
+    if get_task(man.task).encoder:
         return [None]
     bound = int(man.graphs["prefill"].max_chunk or 64)
     if man.config.get("prefill_static_chunk"):

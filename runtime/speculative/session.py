@@ -14,14 +14,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgeseq.bundle import BundleError, Manifest, read_manifest
+from edgeseq.registry import tasks
 from edgeseq.runtime.decoding import SamplingConfig
 from edgeseq.runtime.speculative.drafts import DraftSource, make_source
 from edgeseq.runtime.speculative.engine import (DraftModelSource, EarlyExitSource,
                                                 SpeculativeDecoder, SpecStats)
 from edgeseq.runtime.speculative.plan import MemoryPlan, make_plan, parse_speculate
 from edgeseq.runtime.speculative.targets import CausalTarget, Seq2SeqTarget
-
-GENERATING = ("causal_lm", "seq2seq", "speech_seq2seq")
 
 
 class SpeculativeSession:
@@ -30,17 +29,15 @@ class SpeculativeSession:
     def __init__(self, session: Any, plan: MemoryPlan, draft_session: Any = None):
         self.session = session
         self.plan = plan
-        self.task = session.manifest.task
+        self.task = session.task
         self.stats = SpecStats()
         self.decoder: SpeculativeDecoder | None = None
         if plan.prefill_chunk and hasattr(session, "max_chunk"):
             session.max_chunk = plan.prefill_chunk
         if plan.mode == "off":
             return
-        if self.task == "causal_lm":
-            target: Any = CausalTarget(session, plan.rollback)
-        else:
-            target = Seq2SeqTarget(session)
+        target: Any = (Seq2SeqTarget(session) if self.task.encoder
+                       else CausalTarget(session, plan.rollback))
         self.target = target
         vocab = target.vocab
         kind = plan.mode
@@ -68,7 +65,7 @@ class SpeculativeSession:
             return self._plain(inputs, max_new_tokens, cfg, seed, stop_at_eos, ignore_eos)
         rng = np.random.default_rng(seed)
         s = self.session
-        if self.task == "causal_lm":
+        if not self.task.encoder:
             ids = [int(t) for t in np.asarray(inputs).reshape(-1)]
             if not ids:
                 raise ValueError("input_ids is empty: give at least one token")
@@ -101,7 +98,7 @@ class SpeculativeSession:
         s = self.session
         kw = dict(do_sample=cfg.do_sample, temperature=cfg.temperature, top_k=cfg.top_k,
                   top_p=cfg.top_p, seed=seed)
-        if self.task == "causal_lm":
+        if not self.task.encoder:
             toks = list(s.stream(np.asarray(inputs).reshape(-1), max_new, stop_at_eos=stop_at_eos,
                                  **kw))
             self.stats.emitted += len(toks)
@@ -151,9 +148,11 @@ def load(path: str | Path, backend: str = "ort", speculate: str = "auto",
     if memory_budget is not None:
         bound_allocator()
     man = manifest if manifest is not None else read_manifest(root)
-    if man.task not in GENERATING:
+    kind = tasks().get(man.task)
+    if kind is None or not kind.generates:
+        generating = [name for name, t in tasks().items() if t.generates]
         raise BundleError(f"{root}: task {man.task!r} does not generate; speculation applies to "
-                          f"{', '.join(GENERATING)}")
+                          f"{', '.join(generating)}")
     kind, arg = parse_speculate(speculate)
     draft_man = None
     draft_backend = None
