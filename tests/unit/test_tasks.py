@@ -74,26 +74,3 @@ def test_no_module_outside_the_task_plugins_compares_a_task_name():
             if hit:
                 found.append(f"{p.relative_to(ROOT)}:{node.lineno if hasattr(node, 'lineno') else ''}")
     assert found == [], found
-
-
-def test_layers_import_downward_only():
-    """core (edgeseq/*) -> runtime -> quant -> convert -> cli: no module imports a higher layer
-    at module level (a function may, when called from above). The zoo's training scripts are
-    run by hand, above every layer."""
-    layers = {"edgeseq": 0, "edgeseq.runtime": 1, "edgeseq.quant": 2, "edgeseq.convert": 3,
-              "edgeseq.cli": 4}
-
-    def layer(mod):
-        keys = [k for k in layers if mod == k or mod.startswith(k + ".")]
-        return layers[max(keys, key=len)] if keys else None
-
-    found = []
-    for p, mod in _sources():
-        if mod.startswith("edgeseq.zoo.train_") or layer(mod) is None:
-            continue
-        for node in ast.parse(p.read_text()).body:
-            targets = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                       [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
-            found += [f"{mod} imports {t}" for t in targets
-                      if layer(t) is not None and layer(t) > layer(mod)]
-    assert found == [], found
