@@ -244,6 +244,9 @@ class Manifest:
     #: every file of the bundle but manifest.json: {relative path: {"bytes": n, "sha256": hex}},
     #: written by convert once the bundle is complete; None in bundles older than the record
     files: dict[str, dict[str, Any]] | None = None
+    #: files lowering wrote besides the graphs, per format and role (``{"onnx":
+    #: {"activation_table": "onnx_activation_table.json"}}``: each backend's ``side_files``)
+    side_files: dict[str, dict[str, str]] = field(default_factory=dict)
     #: SHA-256 of manifest.json as ``read_manifest`` parsed it (not written): the trust record's
     #: fingerprint comes from the bytes read, without reading the file again
     read_sha256: str | None = field(default=None, compare=False, repr=False)
@@ -254,6 +257,8 @@ class Manifest:
              "dtype": self.dtype, "quantization": self.quantization, "target": self.target,
              "tokenizer": self.tokenizer, "config": self.config,
              "graphs": {k: g.to_json() for k, g in self.graphs.items()}}
+        if self.side_files:
+            d["side_files"] = self.side_files
         if self.files is not None:
             d["files"] = self.files
         return d
@@ -265,12 +270,23 @@ class Manifest:
                 isinstance(v, dict) and isinstance(v.get("bytes"), int)
                 and isinstance(v.get("sha256"), str) for v in files.values())):
             raise ValueError('"files" must map each path to {"bytes": int, "sha256": str}')
+        sides = d.get("side_files") or {}
+        if not (isinstance(sides, dict) and all(
+                isinstance(v, dict) and all(isinstance(k, str) for k in v)
+                for v in sides.values())):
+            raise ValueError('"side_files" must map each format to {role: file}')
         return cls(family=d["family"], task=d["task"], source=d["source"],
                    graphs={k: GraphEntry.from_json(k, g) for k, g in d["graphs"].items()},
                    tokenizer=d.get("tokenizer"), dtype=d.get("dtype", "float32"),
                    quantization=d.get("quantization"), target=d.get("target", "host"),
                    config=d.get("config", {}), schema_version=d["schema_version"],
-                   created_by=d.get("created_by", "edgeseq"), files=files)
+                   created_by=d.get("created_by", "edgeseq"), files=files,
+                   side_files=sides)
+
+    def side_file(self, fmt: str, role: str) -> str | None:
+        """The bundle-relative file of a side file (None: the bundle has none, e.g. one
+        converted before it was declared)."""
+        return self.side_files.get(fmt, {}).get(role)
 
     @property
     def quant(self) -> Quantization | None:
@@ -328,6 +344,9 @@ class Manifest:
         for name, g in self.graphs.items():
             for backend, f in g.files.items():
                 add(f, f"graph {name}: {backend} file")
+        for fmt, sides in self.side_files.items():
+            for role, f in sides.items():
+                add(f, f"{fmt} side file ({role})")
         try:
             for f in tokenizer_files(self.tokenizer):
                 add(f, "tokenizer file")
