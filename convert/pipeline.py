@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgeseq import generation, tokenize, zoo
-from edgeseq.bundle import (BundleError, GraphEntry, Manifest, atomic_folder, file_records,
-                            record_converted, sha256_of, write_json)
+from edgeseq.bundle import BundleError, GraphEntry, Manifest
+from edgeseq.output import atomic_folder, write_json
+from edgeseq.trust import file_records, record_converted, sha256_of
 from edgeseq.checkpoint import (checkpoint_folder, read_config, source_files, stored_dtype,
                                  weight_files)
 from edgeseq.convert.workers import Beside

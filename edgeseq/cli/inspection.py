@@ -48,7 +48,8 @@ def _quant_parity_lines(info: dict[str, Any]) -> list[str]:
 def _verify(bundle: str) -> None:
     """``inspect --verify``: every problem on its own ``edgeseq: error:`` line (a swapped file
     and an unlisted one are separate facts a user acts on separately)."""
-    from edgeseq.bundle import read_manifest, verify_bundle
+    from edgeseq.bundle import read_manifest
+    from edgeseq.trust import verify_bundle
 
     problems = verify_bundle(bundle)
     for msg in problems:
@@ -85,7 +86,7 @@ def _parity_record(path: Path) -> dict[str, Any] | None:
 
 
 def _inspect(root: Path, man: Any) -> dict[str, Any]:
-    from edgeseq.bundle import size_problems
+    from edgeseq.trust import size_problems
     from edgeseq.runtime.cost import (format_files, state_bytes, state_bytes_per_position,
                                       weight_bytes_by_dtype)
 

@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from edgeseq.bundle import (BundleError, GraphEntry, Manifest, StateSpec, TensorSpec,
-                            atomic_folder, read_manifest)
+from edgeseq.bundle import BundleError, GraphEntry, Manifest, StateSpec, TensorSpec, read_manifest
+from edgeseq.output import atomic_folder
 
 
 def _manifest(**kw):
