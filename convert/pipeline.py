@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgeseq import generation, tokenize, zoo
-from edgeseq.bundle import (BundleError, GraphEntry, Manifest, atomic_folder, file_records,
-                            record_converted, sha256_of, write_json)
+from edgeseq.bundle import BundleError, GraphEntry, Manifest
+from edgeseq.output import atomic_folder, write_json
+from edgeseq.trust import file_records, record_converted, sha256_of
 from edgeseq.checkpoint import (checkpoint_folder, read_config, source_files, stored_dtype,
                                  weight_files)
 from edgeseq.convert.workers import Beside
@@ -90,7 +91,7 @@ def _manifest(c: "_Conversion", quantization: Any) -> Manifest:
         graphs={name: GraphEntry(name, g.inputs, g.outputs, g.state, c.files[name], g.max_chunk)
                 for name, g in c.graphs.items()},
         tokenizer=c.tok_spec, dtype=c.dtype, target=c.target,
-        config=dict(c.model_config), quantization=quantization)
+        config=dict(c.model_config), quantization=quantization, side_files=dict(c.side_files))
 
 
 class ConversionError(BundleError):
@@ -187,6 +188,7 @@ class _Conversion:
     tokenizer: Any = None
     model_config: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, str]] = field(default_factory=dict)
+    side_files: dict[str, dict[str, str]] = field(default_factory=dict)
     q_formats: dict[str, Any] = field(default_factory=dict)
     quant_record: dict[str, Any] | None = None
 
@@ -284,6 +286,9 @@ def _lower(c: _Conversion, tmp: Path) -> None:
             raise ConversionError(f"{c.src_label}: cannot lower to {fmt}: {e}") from None
         for name, f in written.items():
             c.files[name][fmt] = f
+        sides = {role: f for role, f in backend.side_files.items() if (tmp / f).is_file()}
+        if sides:
+            c.side_files[fmt] = sides
         c.say(f"      {fmt}: {', '.join(sorted(set(written.values())))} "
               f"in {time.perf_counter() - t:.1f}s")
     tokenize.copy_files(c.folder, c.tok_spec, tmp)

@@ -5,30 +5,24 @@ Every family, whatever its maths, is reduced to pure step functions
 is an explicit, named, typed tensor (see ``shared/ARCHITECTURE.md``). A *bundle* is the folder that
 ``edgeseq convert`` writes: ``manifest.json``, the graph files per backend, the tokenizer and
 ``parity.json``. The runtime needs only the manifest, never the family's PyTorch code.
+Whether its files are the recorded ones is ``edgeseq.trust``'s; writing one is
+``edgeseq.output``'s.
 
 Shapes use named dimensions: ``batch`` and ``chunk`` are dynamic; other dims are integers.
 """
 from __future__ import annotations
 
-import dataclasses
-import errno
-import fcntl
 import hashlib
 import json
 import os
-import shutil
 import stat
-import tempfile
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
 from edgeseq.errors import BundleError
-from edgeseq.paths import cache_root
 from edgeseq.tokenize import files as tokenizer_files
 
 SCHEMA_VERSION = 1
@@ -244,6 +238,9 @@ class Manifest:
     #: every file of the bundle but manifest.json: {relative path: {"bytes": n, "sha256": hex}},
     #: written by convert once the bundle is complete; None in bundles older than the record
     files: dict[str, dict[str, Any]] | None = None
+    #: files lowering wrote besides the graphs, per format and role (``{"onnx":
+    #: {"activation_table": "onnx_activation_table.json"}}``: each backend's ``side_files``)
+    side_files: dict[str, dict[str, str]] = field(default_factory=dict)
     #: SHA-256 of manifest.json as ``read_manifest`` parsed it (not written): the trust record's
     #: fingerprint comes from the bytes read, without reading the file again
     read_sha256: str | None = field(default=None, compare=False, repr=False)
@@ -254,6 +251,8 @@ class Manifest:
              "dtype": self.dtype, "quantization": self.quantization, "target": self.target,
              "tokenizer": self.tokenizer, "config": self.config,
              "graphs": {k: g.to_json() for k, g in self.graphs.items()}}
+        if self.side_files:
+            d["side_files"] = self.side_files
         if self.files is not None:
             d["files"] = self.files
         return d
@@ -265,12 +264,23 @@ class Manifest:
                 isinstance(v, dict) and isinstance(v.get("bytes"), int)
                 and isinstance(v.get("sha256"), str) for v in files.values())):
             raise ValueError('"files" must map each path to {"bytes": int, "sha256": str}')
+        sides = d.get("side_files") or {}
+        if not (isinstance(sides, dict) and all(
+                isinstance(v, dict) and all(isinstance(k, str) for k in v)
+                for v in sides.values())):
+            raise ValueError('"side_files" must map each format to {role: file}')
         return cls(family=d["family"], task=d["task"], source=d["source"],
                    graphs={k: GraphEntry.from_json(k, g) for k, g in d["graphs"].items()},
                    tokenizer=d.get("tokenizer"), dtype=d.get("dtype", "float32"),
                    quantization=d.get("quantization"), target=d.get("target", "host"),
                    config=d.get("config", {}), schema_version=d["schema_version"],
-                   created_by=d.get("created_by", "edgeseq"), files=files)
+                   created_by=d.get("created_by", "edgeseq"), files=files,
+                   side_files=sides)
+
+    def side_file(self, fmt: str, role: str) -> str | None:
+        """The bundle-relative file of a side file (None: the bundle has none, e.g. one
+        converted before it was declared)."""
+        return self.side_files.get(fmt, {}).get(role)
 
     @property
     def quant(self) -> Quantization | None:
@@ -328,6 +338,9 @@ class Manifest:
         for name, g in self.graphs.items():
             for backend, f in g.files.items():
                 add(f, f"graph {name}: {backend} file")
+        for fmt, sides in self.side_files.items():
+            for role, f in sides.items():
+                add(f, f"{fmt} side file ({role})")
         try:
             for f in tokenizer_files(self.tokenizer):
                 add(f, "tokenizer file")
@@ -429,336 +442,3 @@ def read_manifest(bundle: str | os.PathLike) -> Manifest:
     return manifest
 
 
-# -- integrity: hashes, and what this machine has converted or verified ---------------------------
-TRUST_FILE = "verified-bundles.json"
-#: bundles remembered as converted, and as verified, here (each list keeps its newest): a bundle
-#: that falls out is hashed again on its next load, and (converted) loses --backend torch
-MAX_TRUST_ENTRIES = 2048
-
-
-def _trust_path() -> Path:
-    return cache_root() / TRUST_FILE
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_records(root: Path) -> dict[str, dict[str, Any]]:
-    """``{relative path: {"bytes", "sha256"}}`` for every file under ``root`` but the
-    manifest: what convert records once the bundle is complete."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root).as_posix()
-        if p.is_file() and not p.is_symlink() and rel != MANIFEST_FILE:
-            out[rel] = {"bytes": p.stat().st_size, "sha256": _file_sha256(p)}
-    return out
-
-
-def size_problems(root: Path, man: Manifest) -> list[str]:
-    """Recorded files whose size differs from the record (after ``read_manifest``, which made
-    sure each is a regular file inside the bundle): the cheap check every load makes."""
-    problems = []
-    for f, rec in (man.files or {}).items():
-        size = os.stat(root / f).st_size
-        if size != rec["bytes"]:
-            problems.append(f"{root / f}: {size} bytes, the manifest records {rec['bytes']} "
-                            f"(truncated or replaced)")
-    return problems
-
-
-def verify_bundle(root: str | os.PathLike) -> list[str]:
-    """Every integrity problem of a bundle (empty: intact): the manifest's checks
-    (``read_manifest``), then each recorded file's SHA-256 against the record, and files in the
-    folder that the record does not list. For ``edgeseq inspect --verify``."""
-    root = Path(root)
-    try:
-        man = read_manifest(root)
-    except BundleError as e:
-        return [str(e)]
-    if man.files is None:
-        return [f"{root / MANIFEST_FILE}: no files record (a bundle written before edgeseq "
-                "recorded sizes and hashes): nothing to verify against; convert it again"]
-    problems = size_problems(root, man)
-    problems += [f"{root / f}: SHA-256 differs from the manifest's record (modified or replaced)"
-                 for f, rec in man.files.items() if _file_sha256(root / f) != rec["sha256"]]
-    extra = set(file_records_names(root)) - set(man.files)
-    problems += [f"{root / f}: not in the manifest's files record" for f in sorted(extra)]
-    return problems
-
-
-def file_records_names(root: Path) -> list[str]:
-    """Every entry under ``root`` that is not a folder (symlinks, FIFOs included), but the
-    manifest."""
-    return [rel for p in root.rglob("*")
-            if (rel := p.relative_to(root).as_posix()) != MANIFEST_FILE
-            and (p.is_symlink() or not p.is_dir())]
-
-
-def _fingerprint(root: Path, man: Manifest) -> dict[str, Any]:
-    st = {f: os.stat(root / f) for f in (man.files or {})}
-    return {"manifest": man.read_sha256 or _file_sha256(root / MANIFEST_FILE),
-            "files": {f: [s.st_size, s.st_mtime_ns] for f, s in st.items()}}
-
-
-@contextmanager
-def _trust_db() -> Iterator[dict[str, Any]]:
-    """The record of bundles converted or verified here, read and rewritten under a lock (two
-    processes loading at once must not drop each other's entries). Where the cache cannot be
-    written (a read-only home) the record lives for the call only: bundles are hashed on every
-    load, and --backend torch is refused."""
-    path = _trust_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(path.with_name(f".{TRUST_FILE}.lock"), "w")
-    except OSError:
-        yield {"converted": {}, "verified": {}}
-        return
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            db = json.loads(path.read_text())
-        except (OSError, ValueError):
-            db = {}   # a missing or broken record only costs a re-hash
-        db = {key: db[key] if isinstance(db, dict) and isinstance(db.get(key), dict) else {}
-              for key in ("converted", "verified")}
-        before = json.dumps(db, sort_keys=True)
-        yield db
-        for key in ("converted", "verified"):    # oldest first out: the record stays small
-            for k in list(db[key])[:max(0, len(db[key]) - MAX_TRUST_ENTRIES)]:
-                del db[key][k]
-        if json.dumps(db, sort_keys=True) != before:
-            tmp = path.with_name(f".{TRUST_FILE}.{os.getpid()}.tmp")
-            try:
-                tmp.write_text(json.dumps(db))
-                tmp.replace(path)
-            except OSError:
-                tmp.unlink(missing_ok=True)
-
-
-#: the partial folders this process is writing: its own conversion's parity loads them
-_WRITING: set[str] = set()
-
-
-def record_converted(root: str | os.PathLike) -> None:
-    """Remember a bundle this machine has just converted: its manifest's hash (so the bundle
-    is recognised wherever it is moved) and its files' sizes and times (no re-hash on load)."""
-    root = Path(root)
-    man = read_manifest(root)
-    fp = _fingerprint(root, man)
-    with _trust_db() as db:
-        db["converted"].pop(fp["manifest"], None)
-        db["converted"][fp["manifest"]] = True
-        db["verified"].pop(os.path.realpath(root), None)
-        db["verified"][os.path.realpath(root)] = fp
-
-
-def check_integrity(root: str | os.PathLike, man: Manifest) -> str:
-    """At load, after ``read_manifest``: hash a bundle's files against its record the first
-    time this machine sees it (a download), remember the result by path, sizes and modification
-    times, and afterwards check those only. Returns how far the bundle is trusted: ``written``
-    (this process is converting it), ``converted`` (this machine converted it, files intact),
-    ``verified`` (its files match its own record) or ``unrecorded`` (an old bundle without a
-    record: warned, accepted as is). Raises BundleError naming each modified file."""
-    root = Path(root)
-    if os.path.realpath(root) in _WRITING:
-        return "written"
-    if man.files is None:
-        warnings.warn(f"{root}: bundle has no files record (written before edgeseq recorded "
-                      "sizes and hashes); its files are not verified: convert it again",
-                      stacklevel=2)
-        return "unrecorded"
-    sizes = size_problems(root, man)
-    if sizes:
-        raise BundleError(f"{root / MANIFEST_FILE}: " + "; ".join(sizes))
-    fp = _fingerprint(root, man)
-    key = os.path.realpath(root)
-    with _trust_db() as db:
-        known = db["verified"].get(key) == fp
-        converted = fp["manifest"] in db["converted"]
-        if not known:
-            bad = [f for f, rec in man.files.items() if _file_sha256(root / f) != rec["sha256"]]
-            if bad:
-                raise BundleError(f"{root / MANIFEST_FILE}: " + "; ".join(
-                    f"{f}: SHA-256 differs from the manifest's record (modified or replaced)"
-                    for f in bad))
-            db["verified"].pop(key, None)
-            db["verified"][key] = fp
-    return "converted" if converted else "verified"
-
-
-def trusted_to_unpickle(root: str | os.PathLike, man: Manifest) -> str | None:
-    """None if ``root``'s files (``man``: its manifest, as read for this load) are what this
-    machine's own convert wrote (safe to hand to a loader that unpickles), else why not."""
-    root = Path(root)
-    if os.path.realpath(root) in _WRITING:
-        return None
-    if man.files is None:
-        return "it has no files record (a bundle from an older edgeseq)"
-    if check_integrity(root, man) != "converted":
-        return "it was not converted on this machine"
-    return None
-
-
-def sha256_of(paths: Sequence[Path]) -> str:
-    """Hash of the given files (sorted by name), streamed so large checkpoints stay cheap."""
-    h = hashlib.sha256()
-    for p in sorted(paths, key=lambda p: p.name):
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _normal_permissions(root: Path) -> None:
-    """What a folder made by ``mkdir`` and files made by ``open`` would have under the umask
-    (0755/0644 under 022): ``mkdtemp`` makes the folder 0700, so a shared bundle was unreadable
-    to everyone else."""
-    mask = _umask()
-    os.chmod(root, 0o777 & ~mask)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            os.chmod(os.path.join(dirpath, d), 0o777 & ~mask, follow_symlinks=False)
-        for f in filenames:
-            path = os.path.join(dirpath, f)
-            if not os.path.islink(path):
-                os.chmod(path, 0o666 & ~mask)
-
-
-def _rename_noreplace(src: Path, dst: Path) -> None:
-    """``rename`` that fails if ``dst`` exists (plain rename replaces an empty folder that
-    appeared meanwhile): Linux's renameat2(RENAME_NOREPLACE), else check then rename."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        renameat2 = None
-    if renameat2 is not None:
-        at_fdcwd, noreplace = -100, 1
-        if renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), noreplace) == 0:
-            return
-        err = ctypes.get_errno()
-        if err not in (errno.ENOSYS, errno.EINVAL):   # filesystems without the flag fall back
-            raise OSError(err, os.strerror(err), str(dst))
-    if os.path.lexists(dst):
-        raise FileExistsError(errno.EEXIST, "exists", str(dst))
-    src.rename(dst)
-
-
-@contextmanager
-def _dest_lock(dest: Path) -> Iterator[None]:
-    """An exclusive, non-blocking lock on ``.<name>.lock`` beside ``dest``, removed on release.
-    A waiter that locked a lock file since removed (its holder finished between the open and
-    the lock) tries again on the file now at the path."""
-    path = dest.with_name(f".{dest.name}.lock")
-    while True:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise BundleError(f"{dest}: another edgeseq convert is writing {dest} (lock "
-                              f"{path}); wait for it to finish") from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    try:
-        yield
-    finally:
-        # unlinked before unlocking: a waiter holding the old file then sees it is gone
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-
-
-def stale_partials(dest: Path) -> list[Path]:
-    """``.<name>.XXXXXXXX.partial`` folders beside ``dest`` (what ``atomic_folder`` makes; a
-    killed convert leaves one) and a leftover ``.<name>.old``. Only a holder of ``dest``'s lock
-    may remove them: every writer of such a folder holds that lock while it lives."""
-    import re
-
-    pat = re.compile(rf"\.{re.escape(dest.name)}\.[A-Za-z0-9_]{{8}}\.partial")
-    if not dest.parent.is_dir():
-        return []
-    return [p for p in dest.parent.iterdir()
-            if pat.fullmatch(p.name) or p.name == f".{dest.name}.old"]
-
-
-@contextmanager
-def atomic_folder(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``dest``; rename it to ``dest`` only if the body succeeds.
-
-    A failed conversion therefore leaves no half-written bundle behind. The destination is
-    locked for the whole write (a second writer fails at once), partial folders of killed
-    writers are removed, the destination is checked again before the rename (without
-    ``overwrite`` a folder that appeared meanwhile is never replaced), and the bundle gets the
-    permissions the umask gives.
-    """
-    dest = Path(dest).absolute()
-    if dest.exists() and not overwrite:
-        raise BundleError(f"{dest}: already exists (use --overwrite to replace it)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with _dest_lock(dest):
-        for old in stale_partials(dest):
-            shutil.rmtree(old, ignore_errors=True)
-        if dest.exists() and not overwrite:
-            raise BundleError(f"{dest}: already exists (use --overwrite to replace it)")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
-        key = os.path.realpath(tmp)
-        _WRITING.add(key)
-        try:
-            yield tmp
-            _WRITING.discard(key)
-            _normal_permissions(tmp)
-            if overwrite and os.path.lexists(dest):
-                old = dest.with_name(f".{dest.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                dest.rename(old)
-                _rename_noreplace(tmp, dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                try:
-                    _rename_noreplace(tmp, dest)
-                except FileExistsError:
-                    raise BundleError(f"{dest}: appeared while converting; not replaced (use "
-                                      f"--overwrite to replace it)") from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        finally:
-            _WRITING.discard(key)
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(o: Any) -> Any:
-    if dataclasses.is_dataclass(o):
-        return dataclasses.asdict(o)
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o)}")

@@ -166,7 +166,6 @@ def resident_state_bytes(man: Manifest, dims: Mapping[str, int]) -> int:
 
 
 # -- activations ------------------------------------------------------------------------------
-ACTIVATION_TABLE = "onnx_activation_table.json"
 
 SECONDARY = ("past", "source", "frames")
 
@@ -275,14 +274,13 @@ def activation_bytes(root: Path, man: Manifest, backend: str, graph: str,
                      dims: dict[str, int]) -> int:
     fmt = format_of(backend)
     if fmt == "pte":
-        from edgeseq.runtime.backends.executorch import PLANNED_FILE
-
-        planned = root / PLANNED_FILE
-        if planned.is_file():
-            return int(json.loads(planned.read_text()).get(graph, 0))
+        planned = man.side_file("pte", "planned_memory")
+        if planned is not None:
+            return int(_tables(str(root / planned)).get(graph, 0))
         return 8 * file_bytes(root, man.graphs[graph].files["pte"])   # older bundle: a safe guess
     if fmt == "onnx":
-        tables = _tables(str(root / ACTIVATION_TABLE))
+        table = man.side_file("onnx", "activation_table")
+        tables = _tables(str(root / table)) if table is not None else {}
         if graph in tables:
             return int(runtime_memory(backend).activation_factor
                        * _from_table(tables[graph], dims))
@@ -299,7 +297,8 @@ def prepack_bytes(root: Path, man: Manifest, backend: str, graph: str) -> int:
     # the manifest in hand, not the file again: the plan asks this for every graph
     if format_of(backend) != "onnx" or packs_anyway(man.quant):
         return 0
-    table = _tables(str(root / ACTIVATION_TABLE)).get(graph, {})
+    name = man.side_file("onnx", "activation_table")
+    table = _tables(str(root / name)).get(graph, {}) if name is not None else {}
     return int(PREPACK_MARGIN * int(table.get("prepack_bytes", 0)))
 
 

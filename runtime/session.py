@@ -281,7 +281,7 @@ def load(path: str | Path, backend: str = "ort", threads: int | None = None,
     graphs whose weights the backend may repack at load (a private copy; the plan's call).
     ``manifest``: the bundle's, where the caller has read it already; ``manifest.json`` is read
     once per load and passed down, never re-read."""
-    from edgeseq.bundle import check_integrity
+    from edgeseq.trust import check_integrity
 
     root = Path(path)
     if manifest is None:

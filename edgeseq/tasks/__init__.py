@@ -4,10 +4,10 @@ run the task in the higher layers.
 
 A task's parts live in the layer that owns their kind of work: the session in ``runtime/``, the
 profile driver in ``runtime/profile/``, the calibration reader and the accuracy gate in
-``quant/``, the parity check in ``convert/``, the command-line runner in ``edgeseq/cli.py``. The
+``quant/``, the parity check in ``convert/``, the command-line runner in ``edgeseq/cli/runners.py``. The
 task records name them by import path (``"module:attribute"``) and :meth:`Task.part` imports
 one on first use, as transformers' lazy auto mappings do: this core package imports no higher
-layer, so the layers stay acyclic (core -> runtime -> quant -> convert -> cli) however the parts
+layer, so the layers stay acyclic (core -> runtime -> build -> cli: tests/unit/test_imports.py) however the parts
 call each other, and adding a task stays one file here plus its parts. (The alternative, each
 layer registering its part against the task name at import, would leave a task half-registered
 until every layer happened to be imported, and spread one task over as many registries.)

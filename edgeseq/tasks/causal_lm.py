@@ -19,4 +19,4 @@ class CausalLM(Task):
     gate = "edgeseq.quant.gates:lm_gate"
     calibration = "edgeseq.quant.static:calibrate_causal"
     profile_driver = "edgeseq.runtime.profile.measure:drive_causal_lm"
-    cli_runner = "edgeseq.cli:run_causal"
+    cli_runner = "edgeseq.cli.runners:run_causal"

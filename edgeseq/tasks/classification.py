@@ -19,4 +19,4 @@ class Classification(Task):
     gate = "edgeseq.quant.gates:classifier_gate"
     calibration = "edgeseq.quant.static:calibrate_classifier"
     profile_driver = "edgeseq.runtime.profile.measure:drive_classification"
-    cli_runner = "edgeseq.cli:run_classify"
+    cli_runner = "edgeseq.cli.runners:run_classify"

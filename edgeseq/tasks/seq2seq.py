@@ -20,4 +20,4 @@ class Seq2Seq(Task):
     gate = "edgeseq.quant.gates:seq2seq_gate"
     calibration = "edgeseq.quant.static:calibrate_seq2seq"
     profile_driver = "edgeseq.runtime.profile.measure:drive_seq2seq"
-    cli_runner = "edgeseq.cli:run_seq2seq"
+    cli_runner = "edgeseq.cli.runners:run_seq2seq"

@@ -25,4 +25,4 @@ class SpeechSeq2Seq(Task):
     gate = "edgeseq.quant.gates:seq2seq_gate"
     calibration = "edgeseq.quant.static:calibrate_seq2seq"
     profile_driver = "edgeseq.runtime.profile.measure:drive_seq2seq"
-    cli_runner = "edgeseq.cli:run_speech"
+    cli_runner = "edgeseq.cli.runners:run_speech"

@@ -11,7 +11,7 @@ read pixel by pixel, row-major: 64 frames of one feature, value = pixel / 16 in 
 ``train_test_split(X, y, test_size=0.2, random_state=0, stratify=y)`` (1437 train, 360 test).
 No augmentation; the test set is only reported (no model selection on it: the last epoch ships).
 
-Model: ``edgeseq.families.lmu.LMUFormer`` with embed_dims 32, one block, mlp_ratio 2, the default
+Model: ``edgeseq.families.lmu_model.LMUFormer`` with embed_dims 32, one block, mlp_ratio 2, the default
 memory size (32; 64 when spiking), theta = seq_len = 64 (the LMU window covers the whole image).
 The non-spiking patch embedding uses 2 conv layers (+ the rpe conv, so a lookahead of 3 frames);
 the spiking one is fixed by the architecture (4 conv/BN/LIF stages + rpe).
@@ -60,7 +60,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgeseq.families.lmu import LMUFormer, LMUFormerConfig
+from edgeseq.families.lmu_model import LMUFormer, LMUFormerConfig
 
 FRAMES = 64
 SCALING = "8x8 digit image read row-major, one pixel per frame, pixel value / 16 (0..1)"

@@ -149,6 +149,10 @@ class Backend:
     #: the ``convert --quant`` schemes it implements, either on the torch graphs before lowering
     #: (``quantize_graphs``) or on its lowered files (``quantize_files``); empty: it does not
     #: quantize, and convert refuses ``--quant`` for its format
+    #: files its lowering writes besides the graphs, by role (``{"activation_table": "..."}``):
+    #: the manifest declares those a bundle holds (``Manifest.side_files``), and readers find
+    #: them there
+    side_files: dict[str, str] = {}
     quant_schemes: tuple[str, ...] = ()
 
     def available(self) -> str | None:

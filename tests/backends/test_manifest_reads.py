@@ -28,7 +28,7 @@ def count_reads(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["ort", "executorch", "torch"])
 def test_one_read_per_load(bundle_of, count_reads, backend):
-    from edgeseq.bundle import record_converted
+    from edgeseq.trust import record_converted
 
     bundle = bundle_of("mamba")
     # this run converted it, but maybe under another cache folder (a module that moves

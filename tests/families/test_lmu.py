@@ -9,6 +9,7 @@ import torch
 
 import edgeseq
 from edgeseq.families import lmu as L
+from edgeseq.families import lmu_model as M
 
 from ..cli.test_cli import edgeseq as cli
 
@@ -17,9 +18,9 @@ from ..cli.test_cli import edgeseq as cli
 def test_zoh_matches_scipy(order, theta):
     from scipy.signal import cont2discrete
 
-    a, b = L.legendre_continuous(order, theta)
+    a, b = M.legendre_continuous(order, theta)
     ad, bd, *_ = cont2discrete((a, b, np.ones((1, order)), np.zeros((1,))), dt=1.0, method="zoh")
-    got_a, got_b = L.legendre_discrete(order, theta)
+    got_a, got_b = M.legendre_discrete(order, theta)
     np.testing.assert_allclose(got_a, ad, atol=1e-6, rtol=0)
     np.testing.assert_allclose(got_b, bd, atol=1e-6, rtol=0)
 
@@ -29,7 +30,7 @@ def test_lmu_memory_holds_a_delayed_window():
     from numpy.polynomial import legendre
 
     order, theta = 12, 50.0
-    ad, bd = L.legendre_discrete(order, theta)
+    ad, bd = M.legendre_discrete(order, theta)
     t = np.arange(400)
     u = np.sin(2 * np.pi * t / 97.0)
     m = np.zeros(order)
@@ -43,19 +44,19 @@ def test_lmu_memory_holds_a_delayed_window():
 
 def test_lmu_cell_parallel_equals_recurrent():
     torch.manual_seed(0)
-    cell = L.LMUCell(3, 8, order=6, theta=20.0)
+    cell = M.LMUCell(3, 8, order=6, theta=20.0)
     x = torch.randn(2, 50, 3)
     with torch.no_grad():
         assert cell.parallel
         torch.testing.assert_close(cell(x), cell.forward_recurrent(x), atol=1e-5, rtol=0)
-        fb = L.LMUCell(3, 8, order=6, theta=20.0, hidden_to_memory=True, memory_to_memory=True,
+        fb = M.LMUCell(3, 8, order=6, theta=20.0, hidden_to_memory=True, memory_to_memory=True,
                        hidden_to_hidden=True)
         assert not fb.parallel
         torch.testing.assert_close(fb(x), fb.forward_recurrent(x))
 
 
 def test_lif_dynamics_and_surrogate():
-    lif = L.LIF(tau=2.0, v_threshold=1.0)
+    lif = M.LIF(tau=2.0, v_threshold=1.0)
     x = torch.full((1, 4, 1), 1.5)
     # v: 0.75 -> 1.125 (spike, reset 0) -> 0.75 -> 1.125 (spike)
     assert lif(x)[0, :, 0].tolist() == [0.0, 1.0, 0.0, 1.0]
@@ -103,7 +104,7 @@ def test_spiking_test_model_really_spikes(tmp_path):
     model = fam.load(fam.make_test_checkpoint(tmp_path, spiking=True))
     rates = []
     for mod in model.modules():
-        if isinstance(mod, L.LIF):
+        if isinstance(mod, M.LIF):
             mod.register_forward_hook(lambda m, i, o: rates.append(float(o.mean())))
     model(fam.parity_inputs(model, 2))
     assert len(rates) >= 10 and all(0.02 < r < 0.98 for r in rates), rates

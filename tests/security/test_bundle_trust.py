@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from edgeseq import bundle as bundle_mod
-from edgeseq.bundle import BundleError, file_records, read_manifest, verify_bundle
+from edgeseq import trust as trust_mod
+from edgeseq.bundle import BundleError, read_manifest
+from edgeseq.trust import file_records, verify_bundle
 from edgeseq.runtime.session import load
 
 BACKENDS = ("ort", "executorch", "torch")
@@ -129,8 +130,8 @@ def test_swapped_bytes_are_refused_by_hash_on_first_load(copy):
 def test_a_verified_bundle_is_hashed_once(copy, monkeypatch):
     load(copy, backend="ort")          # a copy of a bundle not converted under this cache
     calls = []
-    real = bundle_mod._file_sha256
-    monkeypatch.setattr(bundle_mod, "_file_sha256",
+    real = trust_mod._file_sha256
+    monkeypatch.setattr(trust_mod, "_file_sha256",
                         lambda p: (calls.append(Path(p).name), real(p))[1])
     load(copy, backend="ort")
     # no file is hashed again: the bundle is recognised by its manifest's bytes, hashed as
@@ -228,7 +229,7 @@ def test_torch_backend_loads_only_bundles_converted_here(copy):
     with pytest.raises(BundleError) as e:      # the cache here never saw this conversion
         load(copy, backend="torch")
     assert "not converted on this machine" in one_line(e)
-    bundle_mod.record_converted(copy)          # as convert does
+    trust_mod.record_converted(copy)          # as convert does
     assert len(load(copy, backend="torch").generate([1, 2, 3], 2)) == 2
     p = copy / "step.pt2"                      # then modified: refused before unpickling
     data = bytearray(p.read_bytes())

@@ -53,7 +53,7 @@ def bundle(mamba_bytes_bundle, tmp_path):
 def _write_parity(root: Path, content: str) -> None:
     """A parity.json as the bundle's author ships it: the files record matches (what an
     attacker who controls the whole bundle does), so only its content is wrong."""
-    from edgeseq.bundle import file_records
+    from edgeseq.trust import file_records
 
     (root / "parity.json").write_text(content)
     _edit_manifest(root, lambda d: d.update(files=file_records(root)))

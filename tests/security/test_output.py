@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from edgeseq.bundle import BundleError, atomic_folder
+from edgeseq.bundle import BundleError
+from edgeseq.output import atomic_folder
 
 
 def _leftovers(parent, name):
@@ -34,7 +35,8 @@ def test_a_second_writer_fails_at_once(tmp_path):
 _WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from edgeseq.bundle import BundleError, atomic_folder
+    from edgeseq.bundle import BundleError
+    from edgeseq.output import atomic_folder
     try:
         with atomic_folder(sys.argv[1]) as tmp:
             (tmp / "who").write_text(sys.argv[2])
@@ -158,7 +160,7 @@ def test_a_failed_body_leaves_nothing(tmp_path):
 def test_two_cli_converts_to_one_folder(tmp_path):
     """The race as users meet it: a second ``edgeseq convert`` to a folder being written fails
     at once with one line; the first finishes, and its bundle verifies."""
-    from edgeseq.bundle import verify_bundle
+    from edgeseq.trust import verify_bundle
 
     def convert():
         return subprocess.Popen([sys.executable, "-c", "from edgeseq.cli import main; main()",

@@ -74,15 +74,15 @@ def test_a_bundle_without_the_recorded_size_is_never_packed(bundle_of, tmp_path:
     import json
     import shutil
 
-    from edgeseq.runtime.cost import ACTIVATION_TABLE
     from edgeseq.runtime.speculative.plan import make_plan
 
     old = tmp_path / "old"
     shutil.copytree(bundle_of("t5"), old)
-    table = json.loads((old / ACTIVATION_TABLE).read_text())
+    path = old / read_manifest(old).side_file("onnx", "activation_table")
+    table = json.loads(path.read_text())
     for t in table.values():
         t.pop("prepack_bytes")
-    (old / ACTIVATION_TABLE).write_text(json.dumps(table))
+    path.write_text(json.dumps(table))
     plan = make_plan(old, read_manifest(old), "ort", "input", None, max_source=24,
                      max_length=25)
     assert plan.mode == "input" and plan.prepack == set()

@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from edgeseq.bundle import (BundleError, GraphEntry, Manifest, StateSpec, TensorSpec,
-                            atomic_folder, read_manifest)
+from edgeseq.bundle import BundleError, GraphEntry, Manifest, StateSpec, TensorSpec, read_manifest
+from edgeseq.output import atomic_folder
 
 
 def _manifest(**kw):
@@ -84,3 +84,18 @@ def test_quantization_is_a_typed_record(scheme, compute, integer):
 def test_a_quantization_record_convert_does_not_write_is_a_problem(record):
     problems = _manifest(quantization=record).validate()
     assert any('"quantization' in p for p in problems), problems
+
+
+def test_side_files_are_declared_and_stay_inside_the_bundle(tmp_path):
+    m = _manifest()
+    m.side_files = {"onnx": {"activation_table": "onnx_activation_table.json"}}
+    (tmp_path / "step.onnx").write_bytes(b"x")
+    (tmp_path / "onnx_activation_table.json").write_text("{}")
+    (tmp_path / "manifest.json").write_text(json.dumps(m.to_json()))
+    back = read_manifest(tmp_path)
+    assert back.side_file("onnx", "activation_table") == "onnx_activation_table.json"
+    assert back.side_file("pte", "planned_memory") is None
+    m.side_files = {"onnx": {"activation_table": "../outside.json"}}
+    (tmp_path / "manifest.json").write_text(json.dumps(m.to_json()))
+    with pytest.raises(BundleError, match="side file"):
+        read_manifest(tmp_path)

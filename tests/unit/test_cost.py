@@ -75,3 +75,17 @@ def test_weight_bytes_match_onnx_and_count_shared_tensors_once(bundle_of):
     # the graphs share one weights file: together they cost less than apart
     apart = sum(sum(cost.weight_bytes_by_dtype(root, [f]).values()) for f in files)
     assert sum(by_dtype.values()) < apart
+
+
+def test_a_converted_bundle_declares_its_side_files(bundle_of):
+    """Each backend's side files are in the manifest (and in its files record): the cost
+    module reads them from there."""
+    from edgeseq.registry import get_backend
+
+    root = bundle_of("mamba")
+    man = read_manifest(root)
+    for fmt in ("onnx", "pte"):
+        want = get_backend(fmt).side_files
+        assert want and man.side_files[fmt] == want
+        for f in want.values():
+            assert f in man.files and (root / f).is_file()

@@ -15,17 +15,15 @@ from edgeseq.bundle import GraphEntry, Manifest, StreamingGraph
 from edgeseq.registry import register_backend
 from edgeseq.runtime.backends.base import MB, Backend, LoadedModel, OpsProfiler, RuntimeMemory
 
-#: planned activation memory per method, written at lowering: the runtime's pybindings do not
-#: expose it, and speculative decoding's memory plan needs it before loading anything
-PLANNED_FILE = "pte_planned_memory.json"
-
-
 @register_backend("executorch")
 class ExecuTorchBackend(Backend):
     format = "pte"
     aliases = ("et",)
     memory = RuntimeMemory(base=24 * MB, per_graph=3 * MB, activation_factor=1.0)
     quant_schemes = ("int8", "int4")
+    #: planned activation memory per method, written at lowering: the runtime's pybindings do
+    #: not expose it, and speculative decoding's memory plan needs it before loading anything
+    side_files = {"planned_memory": "pte_planned_memory.json"}
 
     def available(self) -> str | None:
         try:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from edgeseq.bundle import StreamingGraph
-from edgeseq.runtime.backends.executorch import PLANNED_FILE
+from edgeseq.runtime.backends.executorch import ExecuTorchBackend
 
 PTE_FILE = "model.pte"
 
@@ -44,7 +44,7 @@ def lower(graphs: dict[str, StreamingGraph], out: Path, dtype: str,
     # loading anything.
     planned = {plan.name: int(sum(plan.non_const_buffer_sizes))
                for plan in prog.executorch_program.execution_plan}
-    (out / PLANNED_FILE).write_text(json.dumps(planned, indent=1))
+    (out / ExecuTorchBackend.side_files["planned_memory"]).write_text(json.dumps(planned, indent=1))
     return {name: PTE_FILE for name in graphs}
 
 

@@ -49,7 +49,8 @@ def lower(graphs: dict[str, StreamingGraph], out: Path, dtype: str) -> dict[str,
         models = {name: onnx.load(paths[name]) for name in graphs}
     finally:
         shutil.rmtree(stage)
-    from edgeseq.runtime.cost import ACTIVATION_TABLE, activation_table
+    from edgeseq.runtime.backends.onnxruntime import OrtBackend
+    from edgeseq.runtime.cost import activation_table
 
     share_weights(models, out / WEIGHTS_FILE)
     files = {}
@@ -64,7 +65,7 @@ def lower(graphs: dict[str, StreamingGraph], out: Path, dtype: str) -> dict[str,
         proto = onnx.load(str(out / f), load_external_data=False)
         tables[name] = activation_table(proto, graphs[name])
         tables[name]["prepack_bytes"] = prepacked_bytes(proto)
-    (out / ACTIVATION_TABLE).write_text(json.dumps(tables))
+    (out / OrtBackend.side_files["activation_table"]).write_text(json.dumps(tables))
     return files
 
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from edgeseq.bundle import (BundleError, GraphEntry, Manifest, shared_state_specs,
-                            trusted_to_unpickle)
+from edgeseq.bundle import BundleError, GraphEntry, Manifest, shared_state_specs
+from edgeseq.trust import trusted_to_unpickle
 from edgeseq.runtime.backends.base import LoadedModel
 from edgeseq.runtime.backends.reference import TorchBackend
 

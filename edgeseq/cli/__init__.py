@@ -4,41 +4,25 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 
 from edgeseq.bundle import BundleError
+from edgeseq.cli.common import DEBUG_ENV, _describe, _fail, _finite, _json
+from edgeseq.cli.inspection import _inspect, _quant_parity_lines, _verify
+from edgeseq.cli.runners import RunOptions, _run_speculative
 from edgeseq.families.base import DRAFT_LOOP_MAX
 from edgeseq.generation import CAUSAL_MAX_NEW_TOKENS
 from edgeseq.quiet import quiet_third_party
+from edgeseq.registry import backends
 
 quiet_third_party()
 
-#: set to show the traceback of an unexpected error instead of its one-line summary
-DEBUG_ENV = "EDGESEQ_DEBUG"
-
-
-def _one_line(text: str, limit: int = 400) -> str:
-    """``text`` on one line: a library message that lists several problems joins them with
-    "; " so that a script reading stderr still gets exactly one error line."""
-    parts = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
-    line = "; ".join(parts)
-    return line if len(line) <= limit else line[:limit - 3] + "..."
-
-
-def _fail(msg: str, code: int = 2) -> NoReturn:
-    click.echo(f"edgeseq: error: {_one_line(msg, 2000)}", err=True)
-    sys.exit(code)
-
-
-def _describe(e: BaseException) -> str:
-    """An exception as a short phrase: its message, else its type."""
-    msg = _one_line(str(e))
-    return msg or type(e).__name__
-
+#: ``--quant``: fp16, and every scheme a registered backend implements (``Backend.quant_schemes``)
+_QUANT_CHOICES = list(dict.fromkeys(
+    ["fp16", *(s for cls in backends().values() for s in cls.quant_schemes)]))
 
 class _Command(click.Command):
     """A command whose every failure ends in one ``edgeseq: error:`` line: the library raises
@@ -87,37 +71,6 @@ class _Group(click.Group):
     command_class = _Command
 
 
-def _json(obj: Any, what: str, **kw: Any) -> None:
-    """Print ``obj`` as JSON that every parser reads: a NaN or infinity (which Python would
-    write as the non-standard ``NaN``) is an error naming ``what`` instead."""
-    try:
-        text = json.dumps(obj, allow_nan=False, **kw)
-    except ValueError:
-        _fail(f"{what}: the result holds a non-finite number (NaN or infinity); refusing to "
-              f"print invalid JSON", 1)
-    click.echo(text)
-
-
-def _finite(name: str, value: float | None) -> float | None:
-    """A float option as given, refusing NaN and infinity (``float("nan")`` is what click's
-    float type accepts for "nan", and a NaN temperature samples token 0 forever)."""
-    from edgeseq.limits import LimitError, check_finite
-
-    if value is None:
-        return None
-    try:
-        return check_finite(name, value)
-    except LimitError as e:
-        _fail(str(e))
-
-
-def _write(text: str) -> None:
-    """A piece of a stream, shown at once (``click.echo`` costs 15 µs a call: 1.5% of a token)."""
-    if text:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
-
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edgeseq")
 def main() -> None:
@@ -140,7 +93,7 @@ def main() -> None:
 @click.option("--max-target-len", type=click.IntRange(2), default=None,
               help="Encoder-decoders: a fixed-capacity self-attention cache of N positions "
                    "(static shapes, for NPUs and ExecuTorch) instead of a growing one.")
-@click.option("--quant", type=click.Choice(["fp16", "int8", "int4", "int8-static", "int4-tensor"]),
+@click.option("--quant", type=click.Choice(_QUANT_CHOICES),
               default=None,
               help="Quantize: fp16 (= --dtype fp16); int8 (per-channel weights, dynamic "
                    "activations) or int4 (grouped weights; ONNX Runtime MatMulNBits, ExecuTorch "
@@ -240,7 +193,7 @@ def convert(checkpoint: str, output: str, fmt: str | None, dtype: str, parity_to
               help="Most new tokens (default: the checkpoint's generation config for "
                    "encoder-decoders: max_new_tokens, else max_length, as transformers; "
                    f"{CAUSAL_MAX_NEW_TOKENS} for causal LMs).")
-@click.option("--backend", type=click.Choice(["ort", "executorch", "torch"]), default="ort",
+@click.option("--backend", type=click.Choice(list(backends())), default="ort",
               show_default=True)
 @click.option("--do-sample/--greedy", default=None,
               help="Sample, or decode greedily (default: the checkpoint's generation config for "
@@ -333,376 +286,6 @@ def run(bundle: str, prompt: str | None, prompt_file: str | None, prompt_ids: st
         _fail(f"{bundle}: {e}", 1)
 
 
-@dataclass
-class RunOptions:
-    """``edgeseq run``'s options, as each task's runner (``edgeseq/tasks/``) reads them."""
-
-    bundle: str
-    prompt: str | None
-    prompt_ids: str | None
-    audio: str | None
-    input_npy: str | None
-    early_exit: float | None
-    stream_audio: bool
-    chunk_seconds: float
-    window_s: float | None
-    agreement: int
-    language: str | None
-    task: str | None
-    timestamps: bool
-    num_beams: int | None
-    num_beam_groups: int | None
-    diversity_penalty: float | None
-    length_penalty: float | None
-    max_new_tokens: int | None
-    do_sample: bool | None
-    temperature: float | None
-    top_k: int | None
-    top_p: float | None
-    seed: int | None
-    as_json: bool
-    source_name: str
-
-
-def run_causal(sess: Any, o: RunOptions) -> None:
-    """``edgeseq run`` for a causal LM: stream a completion of the prompt."""
-    from edgeseq.runtime.streaming import TextStream, timed_stream
-
-    prompt, prompt_ids, as_json = o.prompt, o.prompt_ids, o.as_json
-    if prompt_ids is not None:
-        try:
-            ids = [int(x) for x in prompt_ids.split(",") if x.strip()]
-        except ValueError:
-            _fail(f"--prompt-ids: expected comma-separated integers, got {prompt_ids!r}")
-        vocab = sess.manifest.config.get("vocab_size")
-        if vocab and any(not 0 <= i < vocab for i in ids):
-            _fail(f"--prompt-ids: ids must be in [0, {vocab})")
-    else:
-        ids = sess.encode_array(prompt)
-    if len(ids) == 0:
-        _fail("the prompt is empty")
-    out = TextStream(sess.decode)
-
-    def show(tok: int) -> None:
-        _write(out.push(tok))
-
-    if not as_json and prompt is not None:
-        click.echo(prompt, nl=False)
-    cfg = _causal_sampling(o.do_sample, o.temperature, o.top_k, o.top_p)
-    res = timed_stream(sess, ids, CAUSAL_MAX_NEW_TOKENS if o.max_new_tokens is None
-                       else o.max_new_tokens, on_token=None if as_json else show,
-                       do_sample=cfg.do_sample, temperature=cfg.temperature,
-                       top_k=cfg.top_k, top_p=cfg.top_p, seed=o.seed)
-    if as_json:
-        _json({
-            "tokens": res.tokens, "text": sess.decode(res.tokens), "prompt_tokens": len(ids),
-            "backend": sess.backend, "first_token_ms": round(res.first_token_ms, 3),
-            "tokens_per_s": round(res.tokens_per_s, 3), "total_ms": round(res.total_ms, 3)},
-            o.bundle)
-    else:
-        _write(out.finish())
-        click.echo("")
-        click.echo(f"-- {len(res.tokens)} tokens on {sess.backend}: first token "
-                   f"{res.first_token_ms:.1f} ms (prompt {len(ids)} tokens), "
-                   f"{res.tokens_per_s:.1f} tokens/s", err=True)
-
-
-def _run_speculative(bundle: str, backend: str, threads: int | None, speculate: str,
-                     budget_text: str | None, device_id: str | None, text: str | None,
-                     ids_text: str | None, max_new_tokens: int | None, do_sample: bool | None,
-                     temperature: float | None, top_k: int | None, top_p: float | None,
-                     seed: int | None,
-                     as_json: bool, source_name: str = "--text") -> None:
-    import time
-
-    from edgeseq.runtime.profile import parse_size
-    from edgeseq.runtime.speculative import session as spec
-
-    budget = None
-    try:
-        if budget_text is not None:
-            budget = parse_size(budget_text)
-        elif device_id is not None:
-            from edgeseq.devices import DeviceError, get_profile
-
-            try:
-                budget = get_profile(device_id).app_memory
-            except DeviceError as e:
-                _fail(str(e))
-    except ValueError as e:
-        _fail(f"--memory-budget: {e}")
-    from edgeseq import tokenize
-    from edgeseq.bundle import read_manifest
-    from edgeseq.registry import tasks
-
-    try:
-        # the source is known before loading: the plan is made for its length
-        man = read_manifest(Path(bundle))
-        kind = tasks().get(man.task)
-        if kind is None:
-            _fail(f"{bundle}: task {man.task!r} has no session type in this edgeseq")
-        seq2seq = kind.encoder
-        if kind.audio:  # the command's speculative path reads text only
-            _fail("--speculate with a speech bundle: use the library (edgeseq.runtime.speculative)")
-        if ids_text is not None:
-            ids = _parse_ids(ids_text, man.config.get("vocab_size"))
-        else:
-            tok = tokenize.load(Path(bundle), man.tokenizer)
-            if tok is None:
-                _fail(f"{bundle}: bundle has no tokenizer; pass --prompt-ids")
-            ids = (tokenize.source_ids(tok, text or "", man.config) if seq2seq
-                   else tok.encode(text or ""))
-        if not ids or (text is not None and not text.strip()):
-            _fail("the prompt is empty")
-        if seq2seq:
-            # the plan is made for this source; one past what the encoder takes would fail
-            # later with advice (a larger max_source) that only the library can follow
-            _check_source(len(ids), man.config, source_name)
-        if seq2seq:  # the checkpoint's generation config, as a plain run
-            from edgeseq import generation
-            from edgeseq.runtime.decoding import SamplingConfig
-
-            gen = man.config.get("generation") or {}
-            if max_new_tokens is None:
-                max_new_tokens = generation.default_max_new_tokens(
-                    gen, len(man.config.get("decoder_prompt") or [0]))
-            cfg = SamplingConfig.from_generation(gen, do_sample, temperature, top_k, top_p)
-        else:
-            max_new_tokens = CAUSAL_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
-            cfg = _causal_sampling(do_sample, temperature, top_k, top_p)
-        do_sample, temperature, top_k, top_p = cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p
-        ss = spec.load(bundle, backend=backend, speculate=speculate, memory_budget=budget,
-                       threads=threads, max_source=len(ids) if seq2seq else None,
-                       max_length=(len(man.config.get("decoder_prompt") or [0]) + max_new_tokens)
-                       if seq2seq else None, manifest=man)
-        s = ss.session
-        t0 = time.perf_counter()
-        toks = ss.generate(ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
-                           top_k=top_k, top_p=top_p, seed=seed)
-        total = time.perf_counter() - t0
-    except (BundleError, ValueError) as e:
-        _fail(str(e))
-    rep = ss.report()
-    rate = len(toks) / total if total > 0 else 0.0
-    out_text = s.decode(toks)
-    if as_json:
-        _json({"tokens": [int(t) for t in toks], "text": out_text,
-               "prompt_tokens": len(ids), "backend": s.backend,
-               "tokens_per_s": round(rate, 3), "total_ms": round(total * 1e3, 3), **rep}, bundle)
-        return
-    click.echo(out_text if seq2seq else (text or "") + out_text)
-    plan = ss.plan
-    how = ("plain decoding (" + plan.reason + ")" if plan.mode == "off" else
-           f"{plan.mode}, k<={plan.k_max}, width {plan.width}, rollback {plan.rollback}"
-           + "".join(f", {g} packed" for g in sorted(plan.prepack)))
-    click.echo(f"-- {len(toks)} tokens on {s.backend} in {total * 1e3:.0f} ms ({rate:.1f} "
-               f"tokens/s); speculation: {how}; acceptance {rep['acceptance_rate']:.2f}, "
-               f"{rep['tokens_per_verify']:.2f} tokens per verification; planned footprint "
-               f"{plan.total / 2**20:.1f} MiB"
-               + (f" of {budget / 2**20:.1f} MiB" if budget else ""), err=True)
-
-
-def _check_source(n: int, config: dict[str, Any], source_name: str) -> None:
-    """Refuse a source longer than the encoder takes before anything runs (with or without
-    --speculate: a speculative plan would otherwise be made for it)."""
-    from edgeseq.limits import LimitError, check_source
-
-    try:
-        check_source(n, config, source_name)
-    except LimitError as e:
-        _fail(str(e))
-
-
-def _parse_ids(text: str, vocab: int | None) -> list[int]:
-    try:
-        ids = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        _fail(f"--prompt-ids: expected comma-separated integers, got {text!r}")
-    if vocab and any(not 0 <= i < vocab for i in ids):
-        _fail(f"--prompt-ids: ids must be in [0, {vocab})")
-    return ids
-
-
-def _causal_sampling(do_sample: bool | None, temperature: float | None, top_k: int | None,
-                     top_p: float | None) -> Any:
-    """Sampling settings for a causal LM: the flags given, else greedy / 1.0 / 0 / 1.0 (a causal
-    checkpoint that sets sampling fields is refused at convert time: edgeseq.generation)."""
-    from edgeseq.runtime.decoding import SamplingConfig
-
-    return SamplingConfig(bool(do_sample), 1.0 if temperature is None else temperature,
-                          top_k or 0, 1.0 if top_p is None else top_p)
-
-
-def run_seq2seq(sess: Any, o: RunOptions) -> None:
-    """``edgeseq run`` for a text encoder-decoder: translate or correct the source text."""
-    import time
-
-    from edgeseq.runtime.streaming import TextStream
-
-    text, ids_text, max_new_tokens, num_beams = o.prompt, o.prompt_ids, o.max_new_tokens, o.num_beams
-    groups, diversity, length_penalty = o.num_beam_groups, o.diversity_penalty, o.length_penalty
-    do_sample, temperature, top_k, top_p = o.do_sample, o.temperature, o.top_k, o.top_p
-    seed, as_json, task, source_name = o.seed, o.as_json, o.task, o.source_name
-    if task is not None:  # T5's task_specific_params: its prefix and generation settings
-        try:
-            sess.use_task(task)
-        except BundleError as e:
-            _fail(str(e))
-        if ids_text is not None:
-            _fail(f"--task {task}: a task prefix applies to --text, not --prompt-ids")
-    ids = _parse_ids(ids_text, sess.config.get("vocab_size")) if ids_text is not None \
-        else sess.encode_text(text or "")
-    if not ids or (text is not None and not text.strip()):
-        _fail("the source is empty")
-    _check_source(len(ids), sess.config, source_name)
-    t0 = time.perf_counter()
-    sess.encode(ids)
-    beams = num_beams if num_beams is not None else int(sess.gen.get("num_beams") or 1)
-    if beams > 1:
-        toks = sess.generate(None, max_new_tokens, num_beams=beams, num_beam_groups=groups,
-                             diversity_penalty=diversity, length_penalty=length_penalty,
-                             do_sample=do_sample)
-        total = time.perf_counter() - t0
-        first_ms = None  # a beam search settles its first token only at the end
-        if not as_json:
-            click.echo(sess.decode(toks))
-    else:
-        toks, first_ms, out = [], 0.0, TextStream(sess.decode)
-        for tok in sess.stream(None, max_new_tokens, do_sample=do_sample,
-                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed):
-            if not toks:
-                first_ms = (time.perf_counter() - t0) * 1e3
-            toks.append(tok)
-            if not as_json:
-                _write(out.push(tok))
-        total = time.perf_counter() - t0
-        if not as_json:
-            _write(out.finish())
-            click.echo("")
-    if first_ms is None:
-        rate = len(toks) / total if total > 0 else 0.0
-    else:
-        rate = (len(toks) - 1) / (total - first_ms / 1e3) if len(toks) > 1 and total > first_ms / 1e3 else 0.0
-    if as_json:
-        _json({
-            "tokens": [int(t) for t in toks], "text": sess.decode(toks), "source_tokens": len(ids),
-            "num_beams": beams, "backend": sess.backend, "first_token_ms": None if first_ms is None else round(first_ms, 3),
-            "tokens_per_s": round(rate, 3), "total_ms": round(total * 1e3, 3)},
-            str(getattr(sess, "root", "the bundle")))
-    else:
-        first = "" if first_ms is None else f"first token {first_ms:.1f} ms, "
-        click.echo(f"-- {len(toks)} tokens on {sess.backend} "
-                   f"({'beams ' + str(beams) if beams > 1 else 'greedy'}, source {len(ids)} tokens): "
-                   f"{first}{rate:.1f} tokens/s, {total * 1e3:.0f} ms in all", err=True)
-
-
-def run_classify(sess: Any, o: RunOptions) -> None:
-    """``edgeseq run`` for a sequence classifier: classify the frames of ``--input``."""
-    import time
-
-    from edgeseq.limits import NumericError
-
-    path, early_exit, as_json = o.input_npy, o.early_exit, o.as_json
-    if path is None:
-        _fail("this is a sequence classifier: give --input FILE.npy (frames x features)")
-    from edgeseq.limits import read_npy
-
-    p = Path(path)
-    try:
-        x = read_npy(p)  # the header is checked before anything its size is allocated
-    except ValueError as e:
-        _fail(str(e))
-    spec = sess.config["input"]
-    try:
-        t0 = time.perf_counter()
-        res = sess.classify(x)
-        total = time.perf_counter() - t0
-    except ValueError as e:
-        want = f"{spec.get('frames') or 'any number of'} frames x {spec['features']} features"
-        _fail(f"{p}: {e} (this model reads {want}; {spec.get('scaling') or 'no scaling given'})")
-    except NumericError as e:  # finite frames that overflow inside the model
-        _fail(f"{p}: {e}", 1)
-    out: dict[str, Any] = {
-        "class": res.label, "label": sess.label_name(res.label),
-        "probs": [round(v, 6) for v in res.probs], "frames": res.frames,
-        "backend": sess.backend, "lookahead": sess.lookahead,
-        "ms_per_frame": round(total * 1e3 / max(1, res.frames), 4)}
-    if early_exit is not None:
-        ef, df = res.exit_frame(early_exit), res.decided_frame(early_exit)
-        out.update({"early_exit": early_exit, "exit_frame": ef,
-                    "exit_fraction": None if ef is None else round((ef + 1) / res.frames, 4),
-                    "decided_frame": df,
-                    "decided_class": None if df is None else int(res.running[df].argmax())})
-    if as_json:
-        _json(out, str(p))
-        return
-    click.echo(f"class {out['label']} (p={max(res.probs):.3f})")
-    if early_exit is not None:
-        ef = out["exit_frame"]
-        click.echo(f"early exit at {early_exit}: " + ("never (the prediction is not stable at "
-                   "that confidence)" if ef is None else
-                   f"frame {ef} of {res.frames} ({out['exit_fraction']:.0%} of the sequence)"))
-    click.echo(f"-- {res.frames} frames on {sess.backend}: {out['ms_per_frame']:.3f} ms/frame "
-               f"(lookahead {sess.lookahead} frames)", err=True)
-
-
-def run_speech(sess: Any, o: RunOptions) -> None:
-    """``edgeseq run`` for a speech model: transcribe (or stream) the WAV file of ``--audio``."""
-    from edgeseq import audio as A
-    from edgeseq.runtime.speech import Transcriber, chunked
-
-    path, stream, chunk_s, window_s = o.audio, o.stream_audio, o.chunk_seconds, o.window_s
-    num_beams, as_json, agreement, timestamps = o.num_beams, o.as_json, o.agreement, o.timestamps
-    language, task = o.language, o.task
-    if path is None:
-        _fail("this is a speech model: give --audio FILE.wav")
-    if timestamps and window_s is not None:
-        _fail("--window does not combine with --timestamps: timestamped decoding seeks through "
-              "the audio in the encoder's full window, as transformers does")
-    wav = A.read_wav(path)
-    tr = Transcriber(sess, window_s=window_s, num_beams=num_beams or 1, agreement=agreement,
-                     timestamps=timestamps, language=language, task=task)
-    if stream:
-        def show(rep: Any) -> None:
-            if not as_json:
-                if timestamps:   # each decoded window's segments, one line each
-                    for seg in rep.segments:
-                        click.echo(_timed_line(seg))
-                elif rep.stable_text:
-                    click.echo(rep.stable_text + " ", nl=False)
-                click.echo(f"[chunk {rep.index} @ {rep.audio_s:.1f}s: {rep.latency_ms:.0f} ms]",
-                           err=True)
-        res = tr.stream(chunked(wav, chunk_s), on_chunk=show)
-        if not as_json and not timestamps:
-            click.echo("")
-    else:
-        res = tr.transcribe(wav)
-        if not as_json:
-            click.echo("\n".join(_timed_line(seg) for seg in res.segments) if timestamps
-                       else res.text)
-    lat = [c.latency_ms for c in res.chunks]
-    if as_json:
-        _json({
-            "text": res.text, "language": tr.language_code, "audio_s": round(res.audio_s, 3),
-            "backend": sess.backend,
-            "compute_s": round(res.compute_s, 3), "rtf": round(res.rtf, 4),
-            "segments": [{"start": round(a, 3), "end": round(b, 3), "text": t}
-                         for a, b, t in res.segments],
-            "chunk_latency_ms": [round(x, 2) for x in lat]}, str(path))
-    else:
-        extra = (f", chunk latency mean {sum(lat) / len(lat):.0f} ms max {max(lat):.0f} ms"
-                 if lat else "")
-        lang = f" (language {tr.language_code})" if tr.language_code else ""
-        click.echo(f"-- {res.audio_s:.1f} s of audio on {sess.backend}{lang}: real-time factor "
-                   f"{res.rtf:.3f}{extra}", err=True)
-
-
-def _timed_line(seg: tuple[float, float, str]) -> str:
-    """A timestamped segment as text: ``[0.00 -> 2.40] text``."""
-    start, end, text = seg
-    return f"[{start:.2f} -> {end:.2f}] {text}"
-
-
 @main.command()
 @click.argument("bundle")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
@@ -744,107 +327,6 @@ def inspect(bundle: str, as_json: bool, verify: bool) -> None:
     for fmt, w in info["weights"].items():
         click.echo(f"  weights ({fmt}): " + ", ".join(f"{k} {v / 1e6:.3f} MB" for k, v in w.items()))
     click.echo("\n".join(tail))
-
-
-def _quant_parity_lines(info: dict[str, Any]) -> list[str]:
-    """The quantization and parity lines of ``inspect``, built before anything is printed."""
-    lines: list[str] = []
-    q = info["quantization"]
-    if q:
-        if isinstance(q, dict) and "formats" in q:
-            lines.append(f"  quantization: {q['scheme']}"
-                       + (f", group {q['group_size']}" if q.get("group_size") else "")
-                       + f"; state {q['state']}; kept in float: {', '.join(q['keep_float']) or 'nothing'}")
-            for fmt, rec in q["formats"].items():
-                for name, r in rec["graphs"].items():
-                    lines.append(f"    {fmt} {name}: {r['how']}")
-                    lines.append(f"      quantized ({len(r['quantized'])}): {', '.join(r['quantized'])}")
-                    if r["kept_float"]:
-                        lines.append(f"      float ({len(r['kept_float'])}): {', '.join(r['kept_float'])}")
-        else:
-            lines.append(f"  quantization: {q}")
-    p = info["parity"]
-    if p is None:
-        lines.append("  parity: no parity.json")
-    elif "gates" in p:
-        for fmt, g in p["gates"].items():
-            lines.append(f"  accuracy gate ({fmt}): {'passed' if g.get('passed') else 'FAILED'}: "
-                       + ", ".join(f"{k} {v:.4f}" for k, v in g.items() if isinstance(v, float))
-                       + f" on {g.get('data')}")
-    else:
-        lines.append(f"  parity: {'skipped' if p.get('skipped') else ('passed' if p.get('passed') else 'FAILED')}"
-                   + "".join(f"; {c.get('format')}{' ' + str(c['graph']) if 'graph' in c else ''} "
-                             f"{'ok' if c.get('passed') else 'FAILED'}"
-                             for c in p.get("checks", []) + p.get("graph_checks", [])))
-    return lines
-
-
-def _verify(bundle: str) -> None:
-    """``inspect --verify``: every problem on its own ``edgeseq: error:`` line (a swapped file
-    and an unlisted one are separate facts a user acts on separately)."""
-    from edgeseq.bundle import read_manifest, verify_bundle
-
-    problems = verify_bundle(bundle)
-    for msg in problems:
-        click.echo(f"edgeseq: error: {_one_line(msg, 2000)}", err=True)
-    if problems:
-        sys.exit(1)
-    man = read_manifest(bundle)
-    click.echo(f"{bundle}: verified {len(man.files or {})} files")
-
-
-def _parity_record(path: Path) -> dict[str, Any] | None:
-    """``parity.json`` as ``inspect`` shows it, refusing one that is not the report convert
-    writes (it comes with the bundle, so from anyone)."""
-    if not path.is_file():
-        return None
-    from edgeseq.limits import LimitError, read_file_bytes
-
-    try:
-        rec = json.loads(read_file_bytes(path, "parity report", "input_bytes"))
-    except LimitError as e:
-        raise BundleError(str(e)) from None
-    except ValueError as e:
-        raise BundleError(f"{path}: not valid JSON ({_describe(e)})") from None
-    ok = isinstance(rec, dict) and (
-        isinstance(rec.get("gates"), dict) and all(isinstance(g, dict)
-                                                   for g in rec["gates"].values())
-        if "gates" in rec else
-        all(isinstance(rec.get(k, []), list) and all(isinstance(c, dict) for c in rec.get(k, []))
-            for k in ("checks", "graph_checks")))
-    if not ok:
-        raise BundleError(f"{path}: not a parity report (expected an object with checks, "
-                          f"graph_checks or gates)")
-    return rec
-
-
-def _inspect(root: Path, man: Any) -> dict[str, Any]:
-    from edgeseq.bundle import size_problems
-    from edgeseq.runtime.cost import (format_files, state_bytes, state_bytes_per_position,
-                                      weight_bytes_by_dtype)
-
-    sizes = size_problems(root, man)
-    if sizes:     # a truncated or swapped file: say so before any parser meets it
-        raise BundleError(f"{root / 'manifest.json'}: " + "; ".join(sizes))
-    graphs = {n: {"inputs": [t.to_json() for t in g.inputs], "outputs": [t.to_json() for t in g.outputs],
-                  "files": g.files} for n, g in man.graphs.items()}
-    b1 = {"batch": 1, "past": 0, "source": 0}
-    tensors = [{**s.to_json(), "bytes_batch1": s.nbytes(b1)} for s in man.state_specs]
-    weights: dict[str, dict[str, int]] = {}
-    onnx_files = format_files(man, "onnx")
-    if onnx_files:
-        weights["onnx"] = weight_bytes_by_dtype(root, onnx_files)
-    for fmt in ("pte", "pt2"):
-        fs = format_files(man, fmt)
-        if fs:
-            weights[fmt] = {"file bytes": sum((root / f).stat().st_size for f in fs)}
-    parity = _parity_record(root / "parity.json")
-    return {"family": man.family, "task": man.task, "dtype": man.dtype, "target": man.target,
-            "graphs": graphs,
-            "state": {"tensors": tensors, "bytes_batch1": state_bytes(man, b1),
-                      "bytes_per_position": state_bytes_per_position(man)},
-            "weights": weights, "quantization": man.quantization, "parity": parity,
-            "config": man.config}
 
 
 @main.command("zoo")
@@ -1010,6 +492,3 @@ def entry() -> NoReturn:
             pass
     os._exit(code or 0)
 
-
-if __name__ == "__main__":
-    entry()

@@ -1,0 +1,4 @@
+"""``python -m edgeseq.cli``."""
+from edgeseq.cli import entry
+
+entry()

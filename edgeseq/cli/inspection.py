@@ -1,0 +1,115 @@
+"""``edgeseq inspect``: what a bundle holds, built whole before anything is printed."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgeseq.bundle import BundleError
+from edgeseq.cli.common import _describe, _one_line
+
+
+def _quant_parity_lines(info: dict[str, Any]) -> list[str]:
+    """The quantization and parity lines of ``inspect``, built before anything is printed."""
+    lines: list[str] = []
+    q = info["quantization"]
+    if q:
+        if isinstance(q, dict) and "formats" in q:
+            lines.append(f"  quantization: {q['scheme']}"
+                       + (f", group {q['group_size']}" if q.get("group_size") else "")
+                       + f"; state {q['state']}; kept in float: {', '.join(q['keep_float']) or 'nothing'}")
+            for fmt, rec in q["formats"].items():
+                for name, r in rec["graphs"].items():
+                    lines.append(f"    {fmt} {name}: {r['how']}")
+                    lines.append(f"      quantized ({len(r['quantized'])}): {', '.join(r['quantized'])}")
+                    if r["kept_float"]:
+                        lines.append(f"      float ({len(r['kept_float'])}): {', '.join(r['kept_float'])}")
+        else:
+            lines.append(f"  quantization: {q}")
+    p = info["parity"]
+    if p is None:
+        lines.append("  parity: no parity.json")
+    elif "gates" in p:
+        for fmt, g in p["gates"].items():
+            lines.append(f"  accuracy gate ({fmt}): {'passed' if g.get('passed') else 'FAILED'}: "
+                       + ", ".join(f"{k} {v:.4f}" for k, v in g.items() if isinstance(v, float))
+                       + f" on {g.get('data')}")
+    else:
+        lines.append(f"  parity: {'skipped' if p.get('skipped') else ('passed' if p.get('passed') else 'FAILED')}"
+                   + "".join(f"; {c.get('format')}{' ' + str(c['graph']) if 'graph' in c else ''} "
+                             f"{'ok' if c.get('passed') else 'FAILED'}"
+                             for c in p.get("checks", []) + p.get("graph_checks", [])))
+    return lines
+
+
+def _verify(bundle: str) -> None:
+    """``inspect --verify``: every problem on its own ``edgeseq: error:`` line (a swapped file
+    and an unlisted one are separate facts a user acts on separately)."""
+    from edgeseq.bundle import read_manifest
+    from edgeseq.trust import verify_bundle
+
+    problems = verify_bundle(bundle)
+    for msg in problems:
+        click.echo(f"edgeseq: error: {_one_line(msg, 2000)}", err=True)
+    if problems:
+        sys.exit(1)
+    man = read_manifest(bundle)
+    click.echo(f"{bundle}: verified {len(man.files or {})} files")
+
+
+def _parity_record(path: Path) -> dict[str, Any] | None:
+    """``parity.json`` as ``inspect`` shows it, refusing one that is not the report convert
+    writes (it comes with the bundle, so from anyone)."""
+    if not path.is_file():
+        return None
+    from edgeseq.limits import LimitError, read_file_bytes
+
+    try:
+        rec = json.loads(read_file_bytes(path, "parity report", "input_bytes"))
+    except LimitError as e:
+        raise BundleError(str(e)) from None
+    except ValueError as e:
+        raise BundleError(f"{path}: not valid JSON ({_describe(e)})") from None
+    ok = isinstance(rec, dict) and (
+        isinstance(rec.get("gates"), dict) and all(isinstance(g, dict)
+                                                   for g in rec["gates"].values())
+        if "gates" in rec else
+        all(isinstance(rec.get(k, []), list) and all(isinstance(c, dict) for c in rec.get(k, []))
+            for k in ("checks", "graph_checks")))
+    if not ok:
+        raise BundleError(f"{path}: not a parity report (expected an object with checks, "
+                          f"graph_checks or gates)")
+    return rec
+
+
+def _inspect(root: Path, man: Any) -> dict[str, Any]:
+    from edgeseq.trust import size_problems
+    from edgeseq.runtime.cost import (format_files, state_bytes, state_bytes_per_position,
+                                      weight_bytes_by_dtype)
+
+    sizes = size_problems(root, man)
+    if sizes:     # a truncated or swapped file: say so before any parser meets it
+        raise BundleError(f"{root / 'manifest.json'}: " + "; ".join(sizes))
+    graphs = {n: {"inputs": [t.to_json() for t in g.inputs], "outputs": [t.to_json() for t in g.outputs],
+                  "files": g.files} for n, g in man.graphs.items()}
+    b1 = {"batch": 1, "past": 0, "source": 0}
+    tensors = [{**s.to_json(), "bytes_batch1": s.nbytes(b1)} for s in man.state_specs]
+    weights: dict[str, dict[str, int]] = {}
+    onnx_files = format_files(man, "onnx")
+    if onnx_files:
+        weights["onnx"] = weight_bytes_by_dtype(root, onnx_files)
+    for fmt in ("pte", "pt2"):
+        fs = format_files(man, fmt)
+        if fs:
+            weights[fmt] = {"file bytes": sum((root / f).stat().st_size for f in fs)}
+    parity = _parity_record(root / "parity.json")
+    return {"family": man.family, "task": man.task, "dtype": man.dtype, "target": man.target,
+            "graphs": graphs,
+            "state": {"tensors": tensors, "bytes_batch1": state_bytes(man, b1),
+                      "bytes_per_position": state_bytes_per_position(man)},
+            "weights": weights, "quantization": man.quantization, "parity": parity,
+            "config": man.config}
+
