@@ -67,6 +67,7 @@ def _only(bundle: Path, dest: Path, fmt: str) -> Path:
     man = json.loads((dest / "manifest.json").read_text())
     for g in man["graphs"].values():
         g["files"] = {k: v for k, v in g["files"].items() if k == fmt}
+    man["side_files"] = {k: v for k, v in man.get("side_files", {}).items() if k == fmt}
     # the size and hash record lists what is there
     man["files"] = {f: r for f, r in man.get("files", {}).items() if (dest / f).is_file()}
     (dest / "manifest.json").write_text(json.dumps(man))
