@@ -30,29 +30,25 @@ class UnknownNameError(KeyError):
         return str(self.args[0])
 
 
-def register_family(name: str) -> Callable[[T], T]:
+def _register(table: dict[str, Any], name: str) -> Callable[[T], T]:
     def deco(cls: T) -> T:
-        _FAMILIES[name] = cls
+        table[name] = cls
         cls.name = name  # type: ignore[attr-defined]
         return cls
     return deco
+
+
+def register_family(name: str) -> Callable[[T], T]:
+    return _register(_FAMILIES, name)
 
 
 def register_backend(name: str) -> Callable[[T], T]:
-    def deco(cls: T) -> T:
-        _BACKENDS[name] = cls
-        cls.name = name  # type: ignore[attr-defined]
-        return cls
-    return deco
+    return _register(_BACKENDS, name)
 
 
 def register_task(name: str) -> Callable[[T], T]:
     """Register a ``edgeseq.tasks.Task`` subclass; ``get_task`` returns an instance of it."""
-    def deco(cls: T) -> T:
-        _TASKS[name] = cls
-        cls.name = name  # type: ignore[attr-defined]
-        return cls
-    return deco
+    return _register(_TASKS, name)
 
 
 def _load(modules: tuple[str, ...]) -> None:
