@@ -119,6 +119,27 @@ class Mamba2Step(_Mamba2Graph):
         return (self._head(hs), *new_state)
 
 
+def ssd_chunk(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+              C: torch.Tensor, D: torch.Tensor, h0: torch.Tensor, causal: torch.Tensor,
+              strict: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SSD's closed form over a chunk (``Mamba2Prefill``'s docstring): x (b, h, l, p), dt
+    (b, h, l), A (h,), B, C (b, h, l, n), D (h,), h0 (b, h, p, n); ``causal``/``strict`` the
+    (l, l) masks s <= t / s < t. Returns (y (b, h, l, p), the state after the chunk)."""
+    l = x.shape[2]
+    a = dt * A.unsqueeze(-1)  # (b, h, l)
+    seg = torch.cumsum(a.unsqueeze(-1).expand(-1, -1, -1, l).masked_fill(~strict, 0.0),
+                       dim=-2)  # (b, h, l, l) [t, s]
+    decay = torch.exp(seg.masked_fill(~causal, -math.inf))  # (b, h, l, l)
+    xdt = x * dt.unsqueeze(-1)  # (b, h, l, p)
+    y = ((C @ B.transpose(-1, -2)) * decay) @ xdt  # (b, h, l, p)
+    into = torch.exp(torch.cumsum(a, dim=-1)).unsqueeze(-1)  # (b, h, l, 1): h_0 -> t
+    y = y + into * (C @ h0.transpose(-1, -2)) + D[:, None, None] * x
+    to_end = decay[:, :, l - 1, :].unsqueeze(-1)  # (b, h, l, 1): s -> last
+    ssm = into[:, :, l - 1, :].unsqueeze(-1) * h0 \
+        + (xdt * to_end).transpose(-1, -2) @ B  # (b, h, p, n)
+    return y, ssm
+
+
 class Mamba2Prefill(_Mamba2Graph):
     """A chunk of l tokens from a given state, in closed form (no sequential loop in the graph).
 
@@ -148,17 +169,8 @@ class Mamba2Prefill(_Mamba2Graph):
             B = self._heads(B).transpose(1, 2)  # (b, h, l, n)
             C = self._heads(C).transpose(1, 2)  # (b, h, l, n)
             dt = self._dt(dt, mix).transpose(1, 2)  # (b, h, l)
-            a = dt * -torch.exp(mix.A_log).unsqueeze(-1)  # (b, h, l)
-            seg = torch.cumsum(a.unsqueeze(-1).expand(-1, -1, -1, l).masked_fill(~strict, 0.0),
-                               dim=-2)  # (b, h, l, l) [t, s]
-            decay = torch.exp(seg.masked_fill(~causal, -math.inf))  # (b, h, l, l)
-            xdt = x * dt.unsqueeze(-1)  # (b, h, l, p)
-            y = ((C @ B.transpose(-1, -2)) * decay) @ xdt  # (b, h, l, p)
-            into = torch.exp(torch.cumsum(a, dim=-1)).unsqueeze(-1)  # (b, h, l, 1): h_0 -> t
-            y = y + into * (C @ ssm_state.transpose(-1, -2)) + mix.D[:, None, None] * x
-            to_end = decay[:, :, l - 1, :].unsqueeze(-1)  # (b, h, l, 1): s -> last
-            ssm = into[:, :, l - 1, :].unsqueeze(-1) * ssm_state \
-                + (xdt * to_end).transpose(-1, -2) @ B  # (b, h, p, n)
+            y, ssm = ssd_chunk(x, dt, -torch.exp(mix.A_log), B, C, mix.D, ssm_state,
+                               causal, strict)
             hs = hs + self._out(layer, y.transpose(1, 2).reshape(bsz, l, self.e), z)
             new_state += [window[:, :, window.shape[-1] - (self.k - 1):], ssm]
         return (self._head(hs), *new_state)
