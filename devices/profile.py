@@ -7,7 +7,8 @@ One TOML file per device (``devices/data/<id>.toml``; users add their own, see
 
 - ``id`` (``[a-z0-9][a-z0-9._-]*``), ``name``, ``kind`` (one of ``KINDS``), ``revision``,
   ``backends`` (preferred first: ``ort:<Name>ExecutionProvider`` for ONNX Runtime execution
-  providers, ``executorch:<delegate>`` for ExecuTorch delegates), ``notes``, ``placeholder``
+  providers, ``executorch:<delegate>`` for ExecuTorch delegates), ``notes``, ``soc`` (the
+  system-on-chip's part number, e.g. ``SM8650``, which an NPU compiler targets), ``placeholder``
   (true only for ``host.toml``, whose numbers are filled by ``edgeseq.devices.calibrate``).
 - ``[memory]``: ``total_bytes`` (physical RAM); ``app_bytes`` (what one app can actually use
   before the OS kills it or it swaps: Android's low-memory killer, iOS jetsam limits, the
@@ -236,6 +237,9 @@ class DeviceProfile:
     revision: int = 1
     placeholder: bool = False
     notes: str = ""
+    #: the system-on-chip's part number (``SM8650``), which NPU compilers take as their target
+    #: (QNN's ``soc_model``: ``runtime/backends/qnn``); empty where none is needed
+    soc: str = ""
     file: Path | None = field(default=None, compare=False)
 
     # -- what the profiler asks --------------------------------------------------------------
@@ -357,6 +361,8 @@ class DeviceProfile:
             d["placeholder"] = True
         if self.notes:
             d["notes"] = self.notes
+        if self.soc:
+            d["soc"] = self.soc
         d["backends"] = list(self.backends)
         d["memory"] = _table(self.memory, ("type", "total_bytes", "app_bytes",
                                            "bandwidth_bytes_per_s", "mt_per_s", "bus_bits"))
@@ -582,6 +588,7 @@ def _parse_profile(data: Mapping[str, Any], problems: list[str],
                          backends=tuple(r.get("backends", "strs") or ()),
                          revision=1 if revision is None else revision,
                          placeholder=bool(r.get("placeholder", "bool")),
-                         notes=r.get("notes", "str") or "", file=file)
+                         notes=r.get("notes", "str") or "", soc=r.get("soc", "str") or "",
+                         file=file)
     r.finish()
     return prof

@@ -125,11 +125,17 @@ def classifier_gate(family: Any, model: Any, bundle: Path, backend: str, tokeniz
         source = "32 random sequences (the family's parity inputs)"
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy().argmax(-1)
+    from edgeseq.registry import get_backend
+
     sess = load(bundle, backend=backend)
-    sess.reset(len(x))
-    sess.push(x)
-    sess.finish()
-    pred = sess.running()[:, -1].argmax(-1)
+    rows = get_backend(backend).max_batch or len(x)
+    preds = []
+    for i in range(0, len(x), rows):
+        sess.reset(len(x[i:i + rows]))
+        sess.push(x[i:i + rows])
+        sess.finish()
+        preds.append(sess.running()[:, -1].argmax(-1))
+    pred = np.concatenate(preds)
     drop = _max_drop(family, max_drop)
     res = {"metric": "prediction agreement with fp32" + (" and accuracy" if y is not None else ""),
            "data": source, "sequences": int(len(x)), "agreement": float((pred == ref).mean()),

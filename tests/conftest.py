@@ -35,7 +35,15 @@ def backend_cases(names: list[str]) -> list[tuple[str, str]]:
     every family, but a backend that names its ``suite_families`` (the slow example backend)
     only on those."""
     return [(f, b) for f in names for b in BACKENDS
-            if f in getattr(backends()[b], "suite_families", (f,))]
+            if f in getattr(backends()[b], "suite_families", (f,)) and backends()[b].exact]
+
+
+def accelerator_cases(names: list[str]) -> list[tuple[str, str]]:
+    """(family, backend) pairs for the accelerators' suite (``tests/backends/
+    test_accelerators.py``): the backends that compute in their own precision (``exact`` False),
+    held to the accuracy gate, on the families they name."""
+    return [(f, b) for f in names for b in BACKENDS if not backends()[b].exact
+            and f in getattr(backends()[b], "suite_families", (f,))]
 # the fixed-capacity cache used by the encoder-decoder tests
 FIXED_LEN = 40
 

@@ -17,9 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "runtime" / "backends"
 #: where backend folders live: the shipped ones, and the example of docs/architecture.md
 BACKEND_ROOTS = (SHIPPED, REPO / "tests" / "backends")
-#: the shared suite every backend runs through, and one of its parametrized tests
-SUITE = "tests/backends/test_backends.py"
-SUITE_TEST = "test_greedy_64_identical_and_last_logits"
+#: the shared suites every backend runs through (exact parity, or the accelerators' gate:
+#: ``Backend.exact``), and one parametrized test of each
+SUITES = {"tests/backends/test_backends.py": "test_greedy_64_identical_and_last_logits",
+          "tests/backends/test_accelerators.py": "test_gate_on_the_accelerator"}
 
 
 def test_registries_are_covered():
@@ -48,7 +49,7 @@ def test_every_backend_folder_is_registered_and_every_backend_is_a_folder():
         assert Path(inspect.getfile(cls)).name == "__init__.py", name
         assert _folder(cls).parent in {r.resolve() for r in BACKEND_ROOTS}, name
     assert {n for n, c in backends().items() if _folder(c).parent == SHIPPED.resolve()} == \
-        {"ort", "executorch", "torch"}
+        {"ort", "executorch", "torch", "qnn"}
 
 
 def test_every_backend_provides_the_whole_interface():
@@ -97,12 +98,16 @@ def test_every_backend_runs_through_the_shared_suite():
     """The suite's collected test ids name every registered backend (a backend the suite's
     parametrization left out would pass everything by never running)."""
     out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
-                          "-p", "no:cacheprovider", SUITE], cwd=REPO, capture_output=True,
+                          "-p", "no:cacheprovider", *SUITES], cwd=REPO, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    ids = [ln for ln in out.stdout.splitlines() if f"::{SUITE_TEST}[" in ln]
-    ran = {ln.rsplit("-", 1)[1].rstrip("]") for ln in ids}
-    assert ran == set(backends()), (sorted(ran), sorted(backends()))
+    ran = {}
+    for suite, test in SUITES.items():
+        ids = [ln for ln in out.stdout.splitlines() if f"{suite}::{test}[" in ln]
+        ran[suite] = {ln.rsplit("-", 1)[1].rstrip("]") for ln in ids}
+    exact, gated = ran.values()
+    assert exact | gated == set(backends()), (ran, sorted(backends()))
+    assert exact == {n for n, c in backends().items() if c.exact}, ran
 
 
 def test_every_family_can_make_a_test_checkpoint(checkpoints):

@@ -154,6 +154,13 @@ class Backend:
     #: them there
     side_files: dict[str, str] = {}
     quant_schemes: tuple[str, ...] = ()
+    #: the most sequences one call may carry (None: any); an NPU compiled for fixed shapes
+    #: serves one, and callers with more (a gate's batch) split their rows
+    max_batch: int | None = None
+    #: it runs a graph at the precision it was lowered in, so parity with the reference is
+    #: exact (to float rounding); False for an accelerator that computes in its own precision
+    #: (the HTP runs float graphs in fp16): its results are held to the accuracy gate instead
+    exact: bool = True
 
     def available(self) -> str | None:
         """None if usable here, else why not (a missing package, say)."""

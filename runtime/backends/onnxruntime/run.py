@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -24,9 +24,23 @@ from edgeseq.runtime.backends.base import KeptBuffers, LoadedModel, check_io, st
 from edgeseq.runtime.backends.onnxruntime import WEIGHTS_FILE, OrtBackend
 
 
+class ExecutionProvider(Protocol):
+    """An ONNX Runtime execution provider other than the CPU one, as a backend that runs
+    the ONNX files through it sets it up (``runtime/backends/qnn``): ``configure`` adds it to
+    each session's options; a session it did not join is refused rather than run on the CPU."""
+
+    name: str
+
+    def configure(self, opts: Any) -> None:
+        ...
+
+
 def load(root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
          threads: int | None = None,
-         prepack: frozenset[str] = frozenset()) -> LoadedModel:
+         prepack: frozenset[str] = frozenset(),
+         ep: ExecutionProvider | None = None) -> LoadedModel:
+    """The bundle's ONNX graphs as ONNX Runtime sessions on the CPU provider, or on ``ep``
+    (then each runner's ``assigned`` counts the nodes each provider took)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -65,20 +79,41 @@ def load(root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
     for name, e in entries.items():
         path = root / e.files[OrtBackend.format]
         sess_opts = weights.bind(path, opts, prepack=name in prepack)
+        if ep is not None:
+            ep.configure(sess_opts)
+            sess_opts.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
         try:
             sess = ort.InferenceSession(str(path), sess_options=sess_opts,
-                                        providers=["CPUExecutionProvider"])
+                                        providers=None if ep else ["CPUExecutionProvider"])
         except Exception as err:  # ORT's own types (Fail, InvalidGraph, ...) name no file
-            raise BundleError(f"{path}: ONNX Runtime cannot load it ("
+            via = f" with {ep.name}" if ep else ""
+            raise BundleError(f"{path}: ONNX Runtime cannot load it{via} ("
                               f"{_first_line(err)})") from None
+        if ep is not None and ep.name not in sess.get_providers():
+            # ONNX Runtime's Python layer retries on the CPU alone when a provider fails
+            raise BundleError(f"{path}: {ep.name} could not be set up for graph {name} "
+                              f"(ONNX Runtime fell back to the CPU; its log says why)")
         check_io(path, e, {i.name: (_ORT_DTYPES.get(i.type, i.type), list(i.shape))
                            for i in sess.get_inputs()})
         runners[name] = _OrtRunner(e, sess)
+        if ep is not None:
+            runners[name].assigned = assigned_nodes(sess)
     if packs:
         weights.release_pages()
     model = _OrtModel(runners, shared_state_specs(entries))
     model.weights = weights  # the sessions read these buffers: keep them alive
     return model
+
+
+def assigned_nodes(sess: Any) -> dict[str, dict[str, int]]:
+    """{provider: {operator type: nodes}} of a session created with graph-assignment
+    recording on: which provider runs what, after ONNX Runtime's own graph optimizations."""
+    out: dict[str, dict[str, int]] = {}
+    for sub in sess.get_provider_graph_assignment_info():
+        ops = out.setdefault(sub.ep_name, {})
+        for node in sub.get_nodes():
+            ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return out
 
 
 def packs_anyway(quant: Quantization | None) -> bool:
@@ -124,6 +159,8 @@ class _OrtRunner:
 
         self.ort = onnxruntime
         self.entry = entry
+        #: {provider: {op type: nodes}} when a provider besides the CPU's was asked for
+        self.assigned: dict[str, dict[str, int]] | None = None
         self.sess = sess
         self.io = sess.io_binding()
         # (input, axis) whose length is the number of tokens fed: a growing cache grows by it

@@ -1,0 +1,131 @@
+"""ONNX Runtime's QNN execution provider on the HTP: its set-up for a target SoC, the runners
+(the ONNX Runtime backend's, through the provider) and what the provider took of each graph.
+
+The HTP compiles each graph for fixed shapes, so every named dimension the runner can fix is
+fixed at load: ``batch`` to 1 (the NPU serves one stream). Graphs with a dimension that moves
+from call to call (a prompt chunk's length, a growing cache) keep those parts on the CPU, or
+are refused by the provider; ``partition`` reports which.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeseq.bundle import BundleError, GraphEntry, Manifest
+from edgeseq.runtime.backends.base import LoadedModel
+
+EP_NAME = "QNNExecutionProvider"
+
+#: QNN's SoC enumeration (``QnnTypes.h``'s ``QNN_SOC_MODEL_*``) and the HTP generation of each
+#: part a device profile may name (``soc`` in ``devices/data/*.toml``); the provider compiles
+#: for that HTP. Facts of the QNN SDK, listed for the parts our profiles use and their kin.
+SOCS: dict[str, tuple[int, int]] = {
+    "SM8550": (43, 73),     # Snapdragon 8 Gen 2
+    "SM8650": (57, 75),     # Snapdragon 8 Gen 3
+    "SC8380XP": (60, 73),   # Snapdragon X Elite
+    "SM7550": (64, 73),     # Snapdragon 7 Gen 3
+}
+#: the SoC compiled for when the bundle's target names none: a 2024 flagship phone's
+DEFAULT_SOC = "SM8650"
+
+_registered = False
+
+
+def missing() -> str | None:
+    """None when the provider can be used here, else what is missing."""
+    if importlib.util.find_spec("onnxruntime_qnn") is None:
+        return "onnxruntime-qnn is not installed (pip install onnxruntime-qnn)"
+    try:
+        _register()
+    except Exception as e:  # the provider library's own errors
+        return f"onnxruntime-qnn cannot be registered with ONNX Runtime ({e})"
+    return None
+
+
+def _register() -> None:
+    """Register the provider's library with ONNX Runtime once per process."""
+    global _registered
+    if _registered:
+        return
+    import onnxruntime as ort
+    import onnxruntime_qnn
+
+    ort.register_execution_provider_library(EP_NAME, onnxruntime_qnn.get_library_path())
+    _registered = True
+
+
+def soc_for(manifest: Manifest) -> str:
+    """The SoC to compile for: the bundle's target device's, else ``DEFAULT_SOC``."""
+    from edgeseq.devices.catalog import get_profile
+
+    try:
+        soc = get_profile(manifest.target).soc if manifest.target else ""
+    except Exception:  # an unknown or host target names no SoC
+        soc = ""
+    return soc if soc in SOCS else DEFAULT_SOC
+
+
+@dataclass
+class QnnHtp:
+    """The provider on the HTP of one SoC (``configure`` is ``run.load``'s ``ep`` hook)."""
+
+    soc: str = DEFAULT_SOC
+    name: str = EP_NAME
+
+    def options(self) -> dict[str, str]:
+        import onnxruntime_qnn
+
+        model, arch = SOCS[self.soc]
+        # float operators run in fp16 on the HTP (it has no fp32 units); integer QDQ
+        # operators in int8/uint8 as quantized
+        return {"backend_path": onnxruntime_qnn.get_qnn_htp_path(), "soc_model": str(model),
+                "htp_arch": str(arch), "enable_htp_fp16_precision": "1"}
+
+    def configure(self, opts: Any) -> None:
+        import onnxruntime as ort
+
+        _register()
+        devices = [d for d in ort.get_ep_devices() if d.ep_name == EP_NAME]
+        if not devices:
+            raise BundleError(f"{EP_NAME}: onnxruntime-qnn is registered but offers no device")
+        opts.add_provider_for_devices(devices, self.options())
+        from edgeseq.runtime.backends.qnn import QnnBackend
+
+        opts.add_free_dimension_override_by_name("batch", QnnBackend.max_batch)
+
+
+def load(root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
+         threads: int | None = None) -> LoadedModel:
+    from edgeseq.runtime.backends.onnxruntime.run import load as ort_load
+
+    from edgeseq.registry import get_task
+
+    why = missing()
+    if why:
+        raise BundleError(why)
+    if get_task(manifest.task).encoder:
+        # the HTP compiles fixed shapes; these graphs take a source of any length and a cache
+        # that grows (a fixed-length encoder and cache layout for NPUs is issue #25's next step)
+        raise BundleError(f"{root}: the QNN backend runs causal LMs and classifiers so far; "
+                          f"this {manifest.task} bundle's encoder takes a source of any length, "
+                          f"which the HTP cannot compile")
+    model = ort_load(root, manifest, entries, threads, ep=QnnHtp(soc_for(manifest)))
+    model.partition = {name: r.assigned for name, r in model.runners.items()}
+    return model
+
+
+def partition(assigned: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """One graph's report: nodes on the NPU and on the CPU, the NPU's share, and the operator
+    types left on the CPU (what a user reads before shipping)."""
+    npu = sum(assigned.get(EP_NAME, {}).values())
+    cpu = sum(n for ep, ops in assigned.items() if ep != EP_NAME for n in ops.values())
+    fallback: dict[str, int] = {}
+    for ep, ops in assigned.items():
+        if ep != EP_NAME:
+            for op, n in ops.items():
+                fallback[op] = fallback.get(op, 0) + n
+    return {"npu_nodes": npu, "cpu_nodes": cpu,
+            "npu_share": round(npu / (npu + cpu), 4) if npu + cpu else 0.0,
+            "cpu_ops": dict(sorted(fallback.items(), key=lambda kv: -kv[1]))}
