@@ -30,7 +30,7 @@ class QnnBackend(Backend):
     max_batch = 1
     exact = False
     #: the shared backend suite runs it on these families (the simulator is slow)
-    suite_families = ("mamba", "mamba2", "s4d", "lmuformer")
+    suite_families = ("mamba", "mamba2", "s4d", "lmuformer", "whisper")
 
     def available(self) -> str | None:
         from edgeseq.runtime.backends.qnn.run import missing

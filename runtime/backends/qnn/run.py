@@ -9,7 +9,7 @@ are refused by the provider; ``partition`` reports which.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +67,36 @@ def soc_for(manifest: Manifest) -> str:
     return soc if soc in SOCS else DEFAULT_SOC
 
 
+def static_dims(root: Path, manifest: Manifest, task: Any) -> dict[str, int]:
+    """The named dimensions fixed for the HTP: ``batch`` (one stream), and for speech the
+    window (``frames``) and the encoder's output length (``source``), which the runner always
+    pads to. Text encoder-decoders take a source of any length, and a decoder with a growing
+    cache a ``past`` that moves every step: the HTP cannot compile them (refused, one line)."""
+    from edgeseq.runtime.backends.qnn import QnnBackend
+
+    dims = {"batch": QnnBackend.max_batch}
+    if not task.encoder:
+        return dims
+    cfg = manifest.config
+    if not task.audio:
+        raise BundleError(f"{root}: the QNN backend runs speech encoder-decoders, causal LMs "
+                          f"and classifiers; this {manifest.task} bundle's encoder takes a "
+                          f"source of any length, which the HTP cannot compile")
+    if cfg.get("cache_layout") != "fixed":
+        raise BundleError(f"{root}: the QNN backend needs a fixed-capacity decoder cache (the "
+                          f"HTP compiles fixed shapes): convert with --max-target-len N")
+    dims["frames"] = int(cfg["audio"]["window_frames"])
+    dims["source"] = int(cfg["max_source_positions"])
+    return dims
+
+
 @dataclass
 class QnnHtp:
-    """The provider on the HTP of one SoC (``configure`` is ``run.load``'s ``ep`` hook)."""
+    """The provider on the HTP of one SoC (``configure`` is ``run.load``'s ``ep`` hook),
+    with the named dimensions fixed for it (``static_dims``)."""
 
     soc: str = DEFAULT_SOC
+    dims: dict[str, int] = field(default_factory=dict)
     name: str = EP_NAME
 
     def options(self) -> dict[str, str]:
@@ -91,9 +116,8 @@ class QnnHtp:
         if not devices:
             raise BundleError(f"{EP_NAME}: onnxruntime-qnn is registered but offers no device")
         opts.add_provider_for_devices(devices, self.options())
-        from edgeseq.runtime.backends.qnn import QnnBackend
-
-        opts.add_free_dimension_override_by_name("batch", QnnBackend.max_batch)
+        for dim, size in self.dims.items():
+            opts.add_free_dimension_override_by_name(dim, size)
 
 
 def load(root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
@@ -105,13 +129,8 @@ def load(root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
     why = missing()
     if why:
         raise BundleError(why)
-    if get_task(manifest.task).encoder:
-        # the HTP compiles fixed shapes; these graphs take a source of any length and a cache
-        # that grows (a fixed-length encoder and cache layout for NPUs is issue #25's next step)
-        raise BundleError(f"{root}: the QNN backend runs causal LMs and classifiers so far; "
-                          f"this {manifest.task} bundle's encoder takes a source of any length, "
-                          f"which the HTP cannot compile")
-    model = ort_load(root, manifest, entries, threads, ep=QnnHtp(soc_for(manifest)))
+    dims = static_dims(root, manifest, get_task(manifest.task))
+    model = ort_load(root, manifest, entries, threads, ep=QnnHtp(soc_for(manifest), dims=dims))
     model.partition = {name: r.assigned for name, r in model.runners.items()}
     return model
 
