@@ -154,6 +154,10 @@ class Backend:
     #: them there
     side_files: dict[str, str] = {}
     quant_schemes: tuple[str, ...] = ()
+    #: the entries of device profiles' ``backends`` lists (``devices/data/*.toml``) whose
+    #: bundles it produces: ``convert --target`` lowers for the first of a profile's entries
+    #: some backend names here (``openvino:GPU``: the part after the colon is the device)
+    targets: tuple[str, ...] = ()
 
     def available(self) -> str | None:
         """None if usable here, else why not (a missing package, say)."""
@@ -187,6 +191,13 @@ class Backend:
         """Quantize the lowered graph ``files`` under ``folder`` in place; a report per
         graph."""
         raise NotImplementedError(f"{self.name} does not quantize its files")
+
+    def partition(self, root: Path, files: dict[str, str], device: str | None
+                  ) -> dict[str, Any] | None:
+        """Which device runs each operator of the lowered ``files`` under ``root`` when they
+        are compiled for ``device`` (``edgeseq.bundle.Partition``'s record), or None: the
+        backend runs every operator on the one processor it names (the CPU)."""
+        return None
 
     def ops_profiler(self) -> OpsProfiler | None:
         """Its operator profiler (``ops.py`` in its folder), or None: it has none, and
