@@ -13,6 +13,7 @@ import pytest
 
 import edgeseq
 from edgeseq.bundle import BundleError, Partition, read_manifest
+from edgeseq.registry import families
 
 pytest.importorskip("openvino")
 
@@ -132,3 +133,14 @@ def test_quantization_is_refused_for_openvino(checkpoints, tmp_path):
 
     with pytest.raises(BundleError, match="--quant int8: the openvino backend does not quantize"):
         convert(checkpoints["s4d"], tmp_path / "q", formats=("onnx", "openvino"), quant="int8")
+
+
+@pytest.mark.parametrize("family", sorted(families()))
+def test_every_familys_shared_bundle_passes_parity_on_openvino(bundle_of, family):
+    """Every family (causal LMs, encoder-decoders, speech, the classifier): the shared bundle's
+    parity report holds an OpenVINO check that passed, drafting graphs included."""
+    report = json.loads((bundle_of(family) / "parity.json").read_text())
+    checks = [c for c in report["checks"] + report.get("graph_checks", [])
+              if c["format"] == "openvino"]
+    assert checks and all(c["passed"] for c in checks), checks
+    assert read_manifest(bundle_of(family)).partition("openvino") is not None

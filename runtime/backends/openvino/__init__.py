@@ -1,6 +1,7 @@
 """The OpenVINO backend: ``lower.py`` (the ONNX lowering's files -> OpenVINO IR, the build
-side), ``run.py`` (compiled models as runners), ``partition.py`` (which device runs each
-operator, the manifest's ``partitions`` record).
+side), ``run.py`` (compiled models as runners, and ``partition``: which device runs each
+operator, the manifest's ``partitions`` record). No ``ops.py``: ``edgeseq profile`` does not
+offer it yet, and no ``quantize.py`` (``quant_schemes`` is empty).
 
 The bundle format is OpenVINO's own IR (``<graph>.xml`` and one shared ``weights.openvino.bin``),
 converted from the files ONNX Runtime's lowering writes, so the graphs are exported from PyTorch
