@@ -36,7 +36,7 @@ FP16_NOTE = {"scheme": "fp16",
              "onnx": "fp16 weights (>= 1024 elements), fp32 compute and state",
              "pte": "fp16 weights and compute (XNNPACK), fp32 state at the interface",
              "pt2": "fp16 weights and compute, fp32 state at the interface",
-             "openvino": "fp16 weights (>= 1024 elements, from the ONNX lowering), f32 "
+             "openvino": "fp16 weights (OpenVINO's compress_to_fp16: float constants), f32 "
                          "inference precision and state"}
 
 Progress = Callable[[str], None]

@@ -144,3 +144,17 @@ def test_every_familys_shared_bundle_passes_parity_on_openvino(bundle_of, family
               if c["format"] == "openvino"]
     assert checks and all(c["passed"] for c in checks), checks
     assert read_manifest(bundle_of(family)).partition("openvino") is not None
+
+
+def test_openvino_alone_and_fp16(bundle_of, checkpoints, tmp_path):
+    """Without --format onnx the lowering stages its own ONNX files and leaves none behind;
+    --dtype fp16 halves the weights file (OpenVINO's frontend would fold the ONNX files' fp16
+    weights back to fp32), parity still holding."""
+    from edgeseq.convert.pipeline import convert
+
+    out = convert(checkpoints["s4d"], tmp_path / "fp16", formats=("openvino",), dtype="fp16",
+                  parity_tokens=8)
+    assert not list(out.glob("*.onnx*")) and not (out / ".openvino").exists()
+    assert json.loads((out / "parity.json").read_text())["passed"]
+    fp32 = (bundle_of("s4d") / "weights.openvino.bin").stat().st_size     # same checkpoint
+    assert (out / "weights.openvino.bin").stat().st_size < 0.6 * fp32

@@ -42,9 +42,10 @@ def lower(graphs: dict[str, StreamingGraph], out: Path, dtype: str) -> dict[str,
             except Exception as e:  # OpenVINO's frontend errors name no graph
                 raise ValueError(f"graph {name}: OpenVINO cannot read its ONNX "
                                  f"({_first_line(e)})") from None
-            # fp16 weights are the --dtype fp16 lowering's choice (ONNX keeps fp16 weights
-            # cast at use); OpenVINO must not compress fp32 ones on its own
-            ov.save_model(model, str(stage / f"{name}.xml"), compress_to_fp16=False)
+            # OpenVINO's frontend folds the fp16 ONNX weights' casts back into fp32
+            # constants, so --dtype fp16 asks save_model for fp16 constants (decompressed at
+            # load; compute stays f32); under fp32 it must not compress on its own
+            ov.save_model(model, str(stage / f"{name}.xml"), compress_to_fp16=dtype == "fp16")
             saved[name] = stage / f"{name}.xml"
         files = share_weights(saved, out)
     finally:
