@@ -57,9 +57,9 @@ def plan(profile: Any) -> TargetPlan:
         if cls.format in out.formats:     # openvino:GPU then openvino:CPU: one bundle format
             continue
         out.formats.append(cls.format)
-        device = entry.partition(":")[2]
-        if cls.format not in ("onnx", "pte"):   # the ORT and ExecuTorch entries name a runtime
-            out.devices[cls.format] = device    # part, not a device to compile for
+        device = cls().target_device(entry)
+        if device is not None:
+            out.devices[cls.format] = device
     if not out.formats:
         raise BundleError(f"--target {profile.id}: none of its backends can be produced here ("
                           + "; ".join(out.skipped) + ")")

@@ -192,6 +192,12 @@ class Backend:
         graph."""
         raise NotImplementedError(f"{self.name} does not quantize its files")
 
+    def target_device(self, entry: str) -> str | None:
+        """The device a profile's ``entry`` (one of ``targets``) asks this backend to compile
+        for, or None: the entry names a runtime part (an execution provider, a delegate), not
+        a device."""
+        return None
+
     def partition(self, root: Path, files: dict[str, str], device: str | None
                   ) -> dict[str, Any] | None:
         """Which device runs each operator of the lowered ``files`` under ``root`` when they

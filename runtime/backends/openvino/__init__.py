@@ -56,6 +56,9 @@ class OpenVinoBackend(Backend):
 
         return load(root, manifest, entries, threads)
 
+    def target_device(self, entry: str) -> str | None:
+        return entry.partition(":")[2] if entry in self.targets else None
+
     def partition(self, root: Path, files: dict[str, str], device: str | None
                   ) -> dict[str, Any]:
         from edgeseq.runtime.backends.openvino.run import partition
