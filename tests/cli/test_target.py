@@ -134,3 +134,11 @@ def test_target_and_format_together_are_refused(checkpoints, tmp_path):
                 check=False)
     assert p.returncode != 0 and "unknown device 'nosuch'" in error_line(p)
     assert not (tmp_path / "b").exists()
+
+
+def test_profile_entries_name_an_openvino_device():
+    prof = get_profile(LAPTOP)
+    assert not prof.validate()
+    bad = dataclasses.replace(prof, backends=("openvino:TPU", "openvino:GPU"))
+    assert bad.validate() == ["backend 'openvino:TPU' must be ort:<Name>ExecutionProvider, "
+                              "executorch:<delegate> or openvino:<CPU|GPU|NPU>"]
