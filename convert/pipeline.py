@@ -35,7 +35,9 @@ DTYPES = ("fp32", "fp16")
 FP16_NOTE = {"scheme": "fp16",
              "onnx": "fp16 weights (>= 1024 elements), fp32 compute and state",
              "pte": "fp16 weights and compute (XNNPACK), fp32 state at the interface",
-             "pt2": "fp16 weights and compute, fp32 state at the interface"}
+             "pt2": "fp16 weights and compute, fp32 state at the interface",
+             "openvino": "fp16 weights (OpenVINO's compress_to_fp16: float constants), f32 "
+                         "inference precision and state"}
 
 Progress = Callable[[str], None]
 
@@ -58,6 +60,11 @@ def _check_quant(quant: str, formats: tuple[str, ...], dtype: str, family: Any,
         raise BundleError(f"{calibration}: calibration file not found")
     if "pt2" in formats:
         raise BundleError(f"--quant {quant}: pt2 (the PyTorch reference format) is not quantized; "
+                          f"use --format onnx, pte or onnx,pte")
+    plain = [f for f in formats if f not in ("onnx", "pte")
+             and not get_backend(FORMATS[f]).quant_schemes]
+    if plain:
+        raise BundleError(f"--quant {quant}: the {plain[0]} backend does not quantize; "
                           f"use --format onnx, pte or onnx,pte")
     if "pte" in formats and quant not in ET_SCHEMES:
         raise BundleError(f"--quant {quant} exists for ONNX Runtime only (ExecuTorch: "
@@ -91,7 +98,8 @@ def _manifest(c: "_Conversion", quantization: Any) -> Manifest:
         graphs={name: GraphEntry(name, g.inputs, g.outputs, g.state, c.files[name], g.max_chunk)
                 for name, g in c.graphs.items()},
         tokenizer=c.tok_spec, dtype=c.dtype, target=c.target,
-        config=dict(c.model_config), quantization=quantization, side_files=dict(c.side_files))
+        config=dict(c.model_config), quantization=quantization, side_files=dict(c.side_files),
+        partitions=dict(c.partitions), backends=[FORMATS[f] for f in c.preferred])
 
 
 class ConversionError(BundleError):
@@ -105,7 +113,8 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
             keep: list[str] | None = None, quantize_all: bool = False,
             eval_file: str | Path | None = None, max_drop: float | None = None,
             calibration: str | Path | None = None, early_exit: int | None = None,
-            draft_loop: int | None = None, progress: Progress | None = None) -> Path:
+            draft_loop: int | None = None, progress: Progress | None = None,
+            devices: dict[str, str] | None = None, preferred: tuple[str, ...] = ()) -> Path:
     """Convert a checkpoint folder (or ``zoo:NAME``) into a bundle at ``out``.
 
     Args:
@@ -125,6 +134,11 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
             layers plus the head, for self-speculative drafting (``--speculate early-exit:N``).
         draft_loop: causal LMs: also write ``draft_loop``, that many greedy steps in one call,
             for a bundle that serves as another model's draft (``--speculate draft:PATH``).
+        devices: per format, the accelerator its backend compiles for (``openvino``: ``GPU``),
+            as ``convert.targets.plan`` reads a device profile; its partition record
+            (``Manifest.partitions``) says which operators run there.
+        preferred: the formats in the target's order of preference (``Manifest.backends``:
+            ``load`` runs the first by default); empty: ONNX Runtime, as always.
     Returns:
         The bundle folder.
     Raises:
@@ -134,7 +148,8 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
     say = progress or (lambda msg: None)
     c = _Conversion(src_label=str(src), t0=time.perf_counter(), say=say, formats=formats,
                     dtype=dtype, target=target, quant=quant, group_size=group_size,
-                    calibration=calibration)
+                    calibration=calibration, devices=dict(devices or {}),
+                    preferred=tuple(preferred))
     _validate(c, out, overwrite)
     _load(c, max_target_len, keep, quantize_all)
     _build_graphs(c, early_exit, draft_loop)
@@ -172,6 +187,8 @@ class _Conversion:
     quant: str | None
     group_size: int
     calibration: str | Path | None
+    devices: dict[str, str] = field(default_factory=dict)
+    preferred: tuple[str, ...] = ()
     out: Path = Path()
     src: Path = Path()
     config: dict[str, Any] = field(default_factory=dict)
@@ -190,6 +207,7 @@ class _Conversion:
     files: dict[str, dict[str, str]] = field(default_factory=dict)
     side_files: dict[str, dict[str, str]] = field(default_factory=dict)
     q_formats: dict[str, Any] = field(default_factory=dict)
+    partitions: dict[str, Any] = field(default_factory=dict)
     quant_record: dict[str, Any] | None = None
 
 
@@ -261,7 +279,10 @@ def _lower(c: _Conversion, tmp: Path) -> None:
     """Every graph lowered per format (ExecuTorch quantizes while lowering), and the tokenizer
     files copied."""
     c.files = {name: {} for name in c.graphs}
-    for i, fmt in enumerate(c.formats):
+    # in the registry's order, not the user's: a backend that converts another's files (the
+    # OpenVINO IR from the ONNX files) then finds them written
+    order = sorted(c.formats, key=list(FORMATS).index)
+    for i, fmt in enumerate(order):
         backend = get_backend(FORMATS[fmt])
         why = backend.available()
         if why:
@@ -289,6 +310,12 @@ def _lower(c: _Conversion, tmp: Path) -> None:
         sides = {role: f for role, f in backend.side_files.items() if (tmp / f).is_file()}
         if sides:
             c.side_files[fmt] = sides
+        try:
+            placed = backend.partition(tmp, written, c.devices.get(fmt))
+        except BundleError as e:
+            raise ConversionError(f"{c.src_label}: {fmt}: {e}") from None
+        if placed is not None:
+            c.partitions[fmt] = placed
         c.say(f"      {fmt}: {', '.join(sorted(set(written.values())))} "
               f"in {time.perf_counter() - t:.1f}s")
     tokenize.copy_files(c.folder, c.tok_spec, tmp)

@@ -7,7 +7,9 @@ One TOML file per device (``devices/data/<id>.toml``; users add their own, see
 
 - ``id`` (``[a-z0-9][a-z0-9._-]*``), ``name``, ``kind`` (one of ``KINDS``), ``revision``,
   ``backends`` (preferred first: ``ort:<Name>ExecutionProvider`` for ONNX Runtime execution
-  providers, ``executorch:<delegate>`` for ExecuTorch delegates), ``notes``, ``soc`` (the
+  providers, ``executorch:<delegate>`` for ExecuTorch delegates, ``openvino:<CPU|GPU|NPU>``
+  for OpenVINO's own runtime on that device; ``convert --target`` lowers for the first
+  entries edgeseq can produce, ``convert/targets.py``), ``notes``, ``soc`` (the
   system-on-chip's part number, e.g. ``SM8650``, which an NPU compiler targets), ``placeholder``
   (true only for ``host.toml``, whose numbers are filled by ``edgeseq.devices.calibrate``).
 - ``[memory]``: ``total_bytes`` (physical RAM); ``app_bytes`` (what one app can actually use
@@ -61,7 +63,8 @@ DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": 
                  "bfloat16": "bf16", "uint8": "int8", "qint8": "int8", "quint8": "int8",
                  "uint4": "int4"}
 _ID = re.compile(r"[a-z0-9][a-z0-9._-]*\Z")
-_BACKEND = re.compile(r"(ort:[A-Za-z0-9]+ExecutionProvider|executorch:[a-z0-9_]+)\Z")
+_BACKEND = re.compile(r"(ort:[A-Za-z0-9]+ExecutionProvider|executorch:[a-z0-9_]+"
+                      r"|openvino:(CPU|GPU|NPU))\Z")
 _TOLERANCE = 0.01  # derived numbers (bandwidth, cluster peaks) must match to 1 %
 
 
@@ -298,8 +301,8 @@ class DeviceProfile:
             p.append("backends is empty (list the preferred backends, best first)")
         for b in self.backends:
             if not isinstance(b, str) or not _BACKEND.match(b):
-                p.append(f"backend {b!r} must be ort:<Name>ExecutionProvider or "
-                         "executorch:<delegate>")
+                p.append(f"backend {b!r} must be ort:<Name>ExecutionProvider, "
+                         "executorch:<delegate> or openvino:<CPU|GPU|NPU>")
         dup = sorted({b for b in self.backends if list(self.backends).count(b) > 1}, key=str)
         p += [f"backend {b!r} is listed twice" for b in dup]
         if self.memory is None:

@@ -220,6 +220,62 @@ class Quantization:
         return cls(record["scheme"].lower(), group)
 
 
+@dataclass(frozen=True)
+class Partition:
+    """Which device runs each operator of a bundle's graphs in one format (a backend that
+    places operators on an accelerator writes it at lowering: ``Backend.partition``), so a
+    user sees before shipping whether the GPU or NPU really runs the model. Read from the
+    manifest's ``partitions`` record (``Manifest.partition``), validated at ``read_manifest``."""
+
+    device: str        # the device the bundle targets (OpenVINO's CPU, GPU, NPU)
+    #: the device whose plugin placed the operators: ``device``, or the CPU where this machine
+    #: lacks it (then every count is the CPU's, and says nothing of the target's)
+    checked_on: str
+    #: per graph, per device, operator type -> count (compute operators; parameters,
+    #: constants and results are not counted)
+    graphs: dict[str, dict[str, dict[str, int]]]
+    precision: str | None = None       # the inference precision the runtime is told to use
+
+    def counts(self, graph: str) -> dict[str, int]:
+        """{device: operators} of one graph."""
+        return {d: sum(t.values()) for d, t in self.graphs.get(graph, {}).items()}
+
+    def share(self, graph: str) -> float:
+        """The fraction of a graph's operators on the target device."""
+        c = self.counts(graph)
+        total = sum(c.values())
+        return c.get(self.device, 0) / total if total else 0.0
+
+    def to_record(self) -> dict[str, Any]:
+        return {"device": self.device, "checked_on": self.checked_on,
+                "precision": self.precision, "graphs": self.graphs}
+
+    @classmethod
+    def from_record(cls, record: Any) -> "Partition":
+        """The typed view of one format's record; ValueError for one convert does not write."""
+        if not isinstance(record, dict):
+            raise ValueError("a partition record must be an object")
+        for key in ("device", "checked_on"):
+            if not (isinstance(record.get(key), str) and record[key]):
+                raise ValueError(f'a partition record needs a "{key}" string')
+        precision = record.get("precision")
+        if precision is not None and not isinstance(precision, str):
+            raise ValueError('a partition record\'s "precision" must be a string or null')
+        graphs = record.get("graphs")
+
+        def counts_ok(types: Any) -> bool:
+            return isinstance(types, dict) and all(
+                isinstance(t, str) and type(n) is int and n >= 0 for t, n in types.items())
+
+        if not (isinstance(graphs, dict) and all(
+                isinstance(devs, dict) and all(isinstance(d, str) and counts_ok(types)
+                                               for d, types in devs.items())
+                for devs in graphs.values())):
+            raise ValueError('a partition record\'s "graphs" must map each graph to '
+                             '{device: {operator type: count}} with counts >= 0')
+        return cls(record["device"], record["checked_on"], graphs, precision)
+
+
 @dataclass
 class Manifest:
     """``manifest.json``: everything a runtime needs to drive the bundle's graphs."""
@@ -241,6 +297,12 @@ class Manifest:
     #: files lowering wrote besides the graphs, per format and role (``{"onnx":
     #: {"activation_table": "onnx_activation_table.json"}}``: each backend's ``side_files``)
     side_files: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: per format, which device runs each operator (``Partition`` records, written by backends
+    #: that place operators on an accelerator: ``{"openvino": {...}}``)
+    partitions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the backends ``target``'s device profile prefers, in its order, among those the bundle
+    #: was lowered for (``convert --target``): ``load`` runs the first by default; empty: ORT
+    backends: list[str] = field(default_factory=list)
     #: SHA-256 of manifest.json as ``read_manifest`` parsed it (not written): the trust record's
     #: fingerprint comes from the bytes read, without reading the file again
     read_sha256: str | None = field(default=None, compare=False, repr=False)
@@ -253,6 +315,10 @@ class Manifest:
              "graphs": {k: g.to_json() for k, g in self.graphs.items()}}
         if self.side_files:
             d["side_files"] = self.side_files
+        if self.partitions:
+            d["partitions"] = self.partitions
+        if self.backends:
+            d["backends"] = list(self.backends)
         if self.files is not None:
             d["files"] = self.files
         return d
@@ -269,18 +335,30 @@ class Manifest:
                 isinstance(v, dict) and all(isinstance(k, str) for k in v)
                 for v in sides.values())):
             raise ValueError('"side_files" must map each format to {role: file}')
+        parts = d.get("partitions") or {}
+        if not isinstance(parts, dict):
+            raise ValueError('"partitions" must map each format to a partition record')
+        prefer = d.get("backends") or []
+        if not (isinstance(prefer, list) and all(isinstance(b, str) for b in prefer)):
+            raise ValueError('"backends" must be a list of backend names')
         return cls(family=d["family"], task=d["task"], source=d["source"],
                    graphs={k: GraphEntry.from_json(k, g) for k, g in d["graphs"].items()},
                    tokenizer=d.get("tokenizer"), dtype=d.get("dtype", "float32"),
                    quantization=d.get("quantization"), target=d.get("target", "host"),
                    config=d.get("config", {}), schema_version=d["schema_version"],
                    created_by=d.get("created_by", "edgeseq"), files=files,
-                   side_files=sides)
+                   side_files=sides, partitions=parts, backends=prefer)
 
     def side_file(self, fmt: str, role: str) -> str | None:
         """The bundle-relative file of a side file (None: the bundle has none, e.g. one
         converted before it was declared)."""
         return self.side_files.get(fmt, {}).get(role)
+
+    def partition(self, fmt: str) -> Partition | None:
+        """The typed partition record of a format (None: its backend wrote none), checked by
+        ``validate``."""
+        rec = self.partitions.get(fmt)
+        return None if rec is None else Partition.from_record(rec)
 
     @property
     def quant(self) -> Quantization | None:
@@ -323,6 +401,15 @@ class Manifest:
                 check()
             except ValueError as e:
                 problems.append(str(e))
+        for fmt in self.partitions:
+            try:
+                rec = self.partition(fmt)
+            except ValueError as e:
+                problems.append(f"partitions.{fmt}: {e}")
+                continue
+            stray = sorted(set(rec.graphs) - set(self.graphs))
+            if stray:
+                problems.append(f"partitions.{fmt}: graph {stray[0]} is not in the bundle")
         if root is not None:
             problems += self._file_problems(Path(root))
         return problems

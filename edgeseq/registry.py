@@ -19,7 +19,8 @@ _FAMILY_MODULES = ("edgeseq.families.mamba", "edgeseq.families.mamba2", "edgeseq
 # One line per backend folder (runtime/backends/<name>/), in the order their formats are listed
 # and lowered (the deployable ones first)
 _BACKEND_MODULES = ("edgeseq.runtime.backends.onnxruntime", "edgeseq.runtime.backends.executorch",
-                    "edgeseq.runtime.backends.reference", "edgeseq.runtime.backends.qnn")
+                    "edgeseq.runtime.backends.openvino", "edgeseq.runtime.backends.reference",
+                    "edgeseq.runtime.backends.qnn")
 # one plug-in file per task (``edgeseq/tasks/``), in the order error messages list them
 _TASK_MODULES = ("edgeseq.tasks.causal_lm", "edgeseq.tasks.seq2seq",
                  "edgeseq.tasks.speech_seq2seq", "edgeseq.tasks.classification")

@@ -29,6 +29,8 @@ from edgeseq.bundle import DTYPES as BUNDLE_DTYPES, BundleError, GraphEntry, Man
 from edgeseq.registry import format_of, runtime_memory
 
 MB = 1 << 20
+#: the weights file of an OpenVINO bundle (``runtime/backends/openvino``)
+OPENVINO_WEIGHTS = "weights.openvino.bin"
 
 #: Copies of the state a stream holds: the live one and the one being written (ONNX Runtime's
 #: ping-pong buffers; ExecuTorch's planned outputs and the runner's clone; for encoder-decoders
@@ -108,11 +110,14 @@ def format_files(man: Manifest, fmt: str, graphs: set[str] | None = None) -> lis
 
 def weight_bytes(root: Path, man: Manifest, backend: str) -> int:
     """Bytes of the bundle's weights for ``backend`` (as ``edgeseq inspect`` counts them): ONNX
-    initializers, each shared tensor once; the ``.pte`` file size for ExecuTorch."""
+    initializers, each shared tensor once; the ``.pte`` file size for ExecuTorch; OpenVINO's
+    shared weights file (each constant once)."""
     fmt = format_of(backend)
     files = format_files(man, fmt)
     if fmt == "onnx":
         return sum(weight_bytes_by_dtype(root, files).values())
+    if fmt == "openvino" and files:
+        return file_bytes(root, OPENVINO_WEIGHTS)
     return sum((root / f).stat().st_size for f in files)
 
 
@@ -123,6 +128,10 @@ def resident_weight_bytes(root: Path, man: Manifest, backend: str, graphs: set[s
     total = sum(file_bytes(root, f) for f in format_files(man, fmt, graphs))
     if fmt == "onnx":
         total += sum(p.stat().st_size for p in root.glob("*.onnx.data"))
+    if fmt == "openvino" and total:
+        # the mapped weights file and the CPU plugin's own (repacked) copy in each compiled
+        # graph that reads them: counted as one copy, like XNNPACK's
+        total = 2 * (total + file_bytes(root, OPENVINO_WEIGHTS))
     if fmt == "pte":
         total *= 2          # the program buffer and XNNPACK's packed weights
     return total

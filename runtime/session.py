@@ -272,11 +272,25 @@ def _as_batch(input_ids: Sequence[int] | np.ndarray) -> np.ndarray:
 
 # Graphs only speculative decoding calls: a plain session leaves them unloaded (memory).
 SPECULATIVE_GRAPHS = ("verify", "decoder_chunk", "exit_step", "draft_loop")
-def load(path: str | Path, backend: str = "ort", threads: int | None = None,
+def default_backend(manifest: Manifest) -> str:
+    """The backend a load runs when none is named: the first of the bundle's target backends
+    (``convert --target``: ``Manifest.backends``, the device's order) usable here, else ONNX
+    Runtime."""
+    for name in manifest.backends:
+        try:
+            be = get_backend(name)
+        except KeyError:        # a backend of a newer edgeseq: the next one
+            continue
+        if be.available() is None:
+            return be.name
+    return "ort"
+
+
+def load(path: str | Path, backend: str | None = None, threads: int | None = None,
          graphs: set[str] | None = None, prepack: frozenset[str] = frozenset(),
          manifest: Manifest | None = None) -> Any:
     """Open a bundle written by ``edgeseq convert`` on one backend (``ort``, ``executorch``,
-    ``torch``). ``graphs``: which graphs to load (default: all but the speculative ones;
+    ``openvino``, ``torch``; None: ``default_backend``, the bundle's target's first). ``graphs``: which graphs to load (default: all but the speculative ones;
     ``edgeseq.runtime.speculative.load`` asks for those its memory plan affords). ``prepack``:
     graphs whose weights the backend may repack at load (a private copy; the plan's call).
     ``manifest``: the bundle's, where the caller has read it already; ``manifest.json`` is read
@@ -288,7 +302,7 @@ def load(path: str | Path, backend: str = "ort", threads: int | None = None,
         manifest = read_manifest(root)
     # sizes were checked by read_manifest; hashes on this machine's first sight of the bundle
     check_integrity(root, manifest)
-    be = get_backend(backend)
+    be = get_backend(backend or default_backend(manifest))
     why = be.available()
     if why:
         raise BundleError(f"backend {be.name} is unavailable: {why}")

@@ -28,14 +28,26 @@ SEQ2SEQ = sorted(n for n, c in families().items() if c.task in ("seq2seq", "spee
 #: sequence classifiers (step + chunk graphs, running predictions)
 CLASSIFIERS = sorted(n for n, c in families().items() if c.task == "classification")
 BACKENDS = sorted(backends())
+#: formats whose backend is an optional install (a shipped backend whose package may be absent):
+#: the shared bundles carry them where the package is here, and their tests skip where not
+OPTIONAL_FORMATS = tuple(f for f in ("openvino",) if backends()[f]().available() is None)
 
 
-def backend_cases(names: list[str]) -> list[tuple[str, str]]:
+def backend_cases(names: list[str]) -> list:
     """(family, backend) pairs for a shared suite over the families ``names``: every backend on
     every family, but a backend that names its ``suite_families`` (the slow example backend)
-    only on those."""
-    return [(f, b) for f in names for b in BACKENDS
-            if f in getattr(backends()[b], "suite_families", (f,)) and backends()[b].exact]
+    only on those; a backend whose package is not installed is skipped, saying why. Backends
+    that compute in their own precision (``exact`` False) run the accelerators' suite instead
+    (``accelerator_cases``)."""
+    cases = []
+    for f in names:
+        for b in BACKENDS:
+            if f not in getattr(backends()[b], "suite_families", (f,)) or not backends()[b].exact:
+                continue
+            why = backends()[b]().available()
+            cases.append(pytest.param(f, b, marks=pytest.mark.skipif(why is not None,
+                                                                     reason=str(why))))
+    return cases
 
 
 def accelerator_cases(names: list[str]) -> list[tuple[str, str]]:
@@ -107,7 +119,8 @@ _BUNDLES: dict[tuple, Path] = {}
 @pytest.fixture(scope="session")
 def bundle_of(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
     """Convert (once per session) a family's tiny checkpoint, parity included: every format, or
-    for an encoder-decoder with a fixed-capacity cache (``max_target_len``) ONNX and ExecuTorch.
+    for an encoder-decoder with a fixed-capacity cache (``max_target_len``) ONNX and ExecuTorch,
+    and the ``OPTIONAL_FORMATS`` installed here (OpenVINO).
     Generating families carry ``exit_step`` (``early_exit=1``) for the speculative tests."""
     from edgeseq.convert.pipeline import convert
 
@@ -117,6 +130,7 @@ def bundle_of(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFac
         key = (family, max_target_len)
         if key not in _BUNDLES:
             formats = ("onnx", "pte", "pt2") if max_target_len is None else ("onnx", "pte")
+            formats += OPTIONAL_FORMATS
             # generating families also get the self-speculative drafter (the first layer)
             early = 1 if families()[family].task != "classification" else None
             ckpt = checkpoints[family]

@@ -49,7 +49,7 @@ def test_every_backend_folder_is_registered_and_every_backend_is_a_folder():
         assert Path(inspect.getfile(cls)).name == "__init__.py", name
         assert _folder(cls).parent in {r.resolve() for r in BACKEND_ROOTS}, name
     assert {n for n, c in backends().items() if _folder(c).parent == SHIPPED.resolve()} == \
-        {"ort", "executorch", "torch", "qnn"}
+        {"ort", "executorch", "openvino", "torch", "qnn"}
 
 
 def test_every_backend_provides_the_whole_interface():

@@ -11,7 +11,7 @@ import click
 
 from edgeseq.bundle import BundleError
 from edgeseq.cli.common import DEBUG_ENV, _describe, _fail, _finite, _json
-from edgeseq.cli.inspection import _inspect, _quant_parity_lines, _verify
+from edgeseq.cli.inspection import _inspect, _quant_parity_lines, _verify, partition_lines
 from edgeseq.cli.runners import RunOptions, _run_speculative
 from edgeseq.families.base import DRAFT_LOOP_MAX
 from edgeseq.generation import CAUSAL_MAX_NEW_TOKENS
@@ -81,9 +81,14 @@ def main() -> None:
 @click.argument("checkpoint")
 @click.option("-o", "--output", "output", required=True, help="Bundle folder to write.")
 @click.option("--format", "fmt", default=None,
-              help="Comma-separated graph formats: onnx (ONNX Runtime), pte (ExecuTorch), pt2 "
-                   "(torch.export, the PyTorch reference backend); all = onnx,pte,pt2. "
+              help="Comma-separated graph formats: onnx (ONNX Runtime), pte (ExecuTorch), "
+                   "openvino (OpenVINO IR), pt2 (torch.export, the PyTorch reference backend); "
+                   "all = onnx,pte,openvino,pt2. "
                    "[default: onnx,pte; onnx with --quant int4-tensor]")
+@click.option("--target", "target", default=None, metavar="DEVICE_ID|FILE",
+              help="Lower for a device profile's preferred backends (edgeseq devices), in its "
+                   "order, skipping those that cannot be produced here (a line says what is "
+                   "missing); edgeseq run then uses the first by default. Not with --format.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--parity-tokens", type=click.IntRange(1, 4096), default=64, show_default=True,
               help="Greedy tokens compared against the source model.")
@@ -127,12 +132,30 @@ def convert(checkpoint: str, output: str, fmt: str | None, dtype: str, parity_to
             skip_parity: bool, force: bool, overwrite: bool, max_target_len: int | None,
             quant: str | None, group_size: int, keep: tuple[str, ...], quantize_all: bool,
             eval_file: str | None, max_drop: float | None, calibration: str | None,
-            early_exit: int | None, draft_loop: int | None, quiet: bool) -> None:
+            early_exit: int | None, draft_loop: int | None, quiet: bool,
+            target: str | None) -> None:
     """Convert CHECKPOINT (a folder, or zoo:NAME) into a bundle."""
     from edgeseq.convert.pipeline import ALL_FORMATS, convert as _convert
 
     if quant == "fp16":
         dtype, quant = "fp16", None
+    extra: dict = {}
+    if target is not None:
+        if fmt is not None:
+            _fail("give --target (the device's preferred formats) or --format, not both")
+        from edgeseq.convert.targets import plan
+        from edgeseq.devices import DeviceError
+        from edgeseq.devices.catalog import get_profile
+
+        try:
+            chosen = plan(get_profile(target))
+        except (DeviceError, BundleError) as e:
+            _fail(str(e))
+        for line in chosen.skipped:
+            click.echo(f"--target {chosen.device_id}: skipping {line}", err=True)
+        fmt = ",".join(chosen.formats)
+        extra = dict(target=chosen.device_id, devices=chosen.devices,
+                     preferred=tuple(chosen.formats))
     if fmt is None:
         fmt = "onnx" if quant in ("int4-tensor", "int8-static") else "onnx,pte"
     formats = ALL_FORMATS if fmt == "all" else tuple(f.strip() for f in fmt.split(",") if f.strip())
@@ -145,7 +168,7 @@ def convert(checkpoint: str, output: str, fmt: str | None, dtype: str, parity_to
                  keep=list(keep), quantize_all=quantize_all,
                  eval_file=eval_file, max_drop=max_drop, calibration=calibration,
                  early_exit=early_exit, draft_loop=draft_loop,
-                 progress=None if quiet else (lambda m: click.echo(m, err=True)))
+                 progress=None if quiet else (lambda m: click.echo(m, err=True)), **extra)
     except BundleError as e:
         _fail(str(e))
 
@@ -193,8 +216,9 @@ def convert(checkpoint: str, output: str, fmt: str | None, dtype: str, parity_to
               help="Most new tokens (default: the checkpoint's generation config for "
                    "encoder-decoders: max_new_tokens, else max_length, as transformers; "
                    f"{CAUSAL_MAX_NEW_TOKENS} for causal LMs).")
-@click.option("--backend", type=click.Choice(list(backends())), default="ort",
-              show_default=True)
+@click.option("--backend", type=click.Choice(list(backends())), default=None,
+              help="The runtime to run the bundle on [default: the first of the bundle's "
+                   "target backends (convert --target) available here, else ort].")
 @click.option("--do-sample/--greedy", default=None,
               help="Sample, or decode greedily (default: the checkpoint's generation config for "
                    "encoder-decoders, which samples when it sets do_sample; greedy for causal "
@@ -308,13 +332,15 @@ def inspect(bundle: str, as_json: bool, verify: bool) -> None:
         _json(info, bundle, indent=2)
         return
     try:
-        tail = _quant_parity_lines(info)
+        tail = partition_lines(info) + _quant_parity_lines(info)
     except (KeyError, TypeError, AttributeError, ValueError):
         # parity.json's shape was checked on reading; the quantization record is the manifest's
         _fail(f"{Path(bundle) / 'manifest.json'}: quantization record is not what convert "
               f"writes (or {Path(bundle) / 'parity.json'} is not its report)")
     click.echo(f"{bundle}: {info['family']} ({info['task']}), interface dtype {info['dtype']}, "
-               f"target {info['target']}")
+               f"target {info['target']}"
+               + (f" (backends, preferred first: {', '.join(info['backends'])})"
+                  if info["backends"] else ""))
     for name, g in info["graphs"].items():
         ins = ", ".join(f"{t['name']} {tuple(t['shape'])}" for t in g["inputs"])
         outs = ", ".join(f"{t['name']} {tuple(t['shape'])}" for t in g["outputs"])

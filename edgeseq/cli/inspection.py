@@ -45,6 +45,31 @@ def _quant_parity_lines(info: dict[str, Any]) -> list[str]:
     return lines
 
 
+def partition_lines(info: dict[str, Any]) -> list[str]:
+    """Per format and graph, how many operators run on the target device and which fall back
+    to the CPU (the manifest's ``partitions``, validated by ``read_manifest``)."""
+    from edgeseq.bundle import Partition
+
+    lines = []
+    for fmt, rec in info["partitions"].items():
+        p = Partition.from_record(rec)
+        head = f"  partition ({fmt}): target device {p.device}"
+        if p.checked_on != p.device:
+            head += (f"; this machine has no {p.device} plugin, so the {p.checked_on} plugin "
+                     f"placed the operators (the counts are the {p.checked_on}'s)")
+        lines.append(head + (f"; inference precision {p.precision}" if p.precision else ""))
+        for graph in p.graphs:
+            counts = p.counts(graph)
+            total = sum(counts.values())
+            per = ", ".join(f"{d} {n}" for d, n in counts.items())
+            lines.append(f"    {graph}: {total} operators: {per} "
+                         f"({100 * p.share(graph):.0f}% on {p.device})")
+            for d, types in p.graphs[graph].items():
+                if d != p.device:
+                    lines.append(f"      on {d}: " + ", ".join(f"{t} {n}" for t, n in types.items()))
+    return lines
+
+
 def _verify(bundle: str) -> None:
     """``inspect --verify``: every problem on its own ``edgeseq: error:`` line (a swapped file
     and an unlisted one are separate facts a user acts on separately)."""
@@ -88,7 +113,7 @@ def _parity_record(path: Path) -> dict[str, Any] | None:
 def _inspect(root: Path, man: Any) -> dict[str, Any]:
     from edgeseq.trust import size_problems
     from edgeseq.runtime.cost import (format_files, state_bytes, state_bytes_per_position,
-                                      weight_bytes_by_dtype)
+                                      weight_bytes, weight_bytes_by_dtype)
 
     sizes = size_problems(root, man)
     if sizes:     # a truncated or swapped file: say so before any parser meets it
@@ -101,15 +126,17 @@ def _inspect(root: Path, man: Any) -> dict[str, Any]:
     onnx_files = format_files(man, "onnx")
     if onnx_files:
         weights["onnx"] = weight_bytes_by_dtype(root, onnx_files)
-    for fmt in ("pte", "pt2"):
+    for fmt in ("pte", "pt2", "openvino"):
         fs = format_files(man, fmt)
         if fs:
-            weights[fmt] = {"file bytes": sum((root / f).stat().st_size for f in fs)}
+            weights[fmt] = {"file bytes": weight_bytes(root, man, fmt)}
     parity = _parity_record(root / "parity.json")
     return {"family": man.family, "task": man.task, "dtype": man.dtype, "target": man.target,
             "graphs": graphs,
             "state": {"tensors": tensors, "bytes_batch1": state_bytes(man, b1),
                       "bytes_per_position": state_bytes_per_position(man)},
             "weights": weights, "quantization": man.quantization, "parity": parity,
+            "partitions": {fmt: man.partition(fmt).to_record() for fmt in man.partitions},
+            "backends": list(man.backends),
             "config": man.config}
 

@@ -87,7 +87,7 @@ def run_causal(sess: Any, o: RunOptions) -> None:
                    f"{res.tokens_per_s:.1f} tokens/s", err=True)
 
 
-def _run_speculative(bundle: str, backend: str, threads: int | None, speculate: str,
+def _run_speculative(bundle: str, backend: str | None, threads: int | None, speculate: str,
                      budget_text: str | None, device_id: str | None, text: str | None,
                      ids_text: str | None, max_new_tokens: int | None, do_sample: bool | None,
                      temperature: float | None, top_k: int | None, top_p: float | None,

@@ -161,6 +161,10 @@ class Backend:
     #: exact (to float rounding); False for an accelerator that computes in its own precision
     #: (the HTP runs float graphs in fp16): its results are held to the accuracy gate instead
     exact: bool = True
+    #: the entries of device profiles' ``backends`` lists (``devices/data/*.toml``) whose
+    #: bundles it produces: ``convert --target`` lowers for the first of a profile's entries
+    #: some backend names here (``openvino:GPU``: the part after the colon is the device)
+    targets: tuple[str, ...] = ()
 
     def available(self) -> str | None:
         """None if usable here, else why not (a missing package, say)."""
@@ -194,6 +198,19 @@ class Backend:
         """Quantize the lowered graph ``files`` under ``folder`` in place; a report per
         graph."""
         raise NotImplementedError(f"{self.name} does not quantize its files")
+
+    def target_device(self, entry: str) -> str | None:
+        """The device a profile's ``entry`` (one of ``targets``) asks this backend to compile
+        for, or None: the entry names a runtime part (an execution provider, a delegate), not
+        a device."""
+        return None
+
+    def partition(self, root: Path, files: dict[str, str], device: str | None
+                  ) -> dict[str, Any] | None:
+        """Which device runs each operator of the lowered ``files`` under ``root`` when they
+        are compiled for ``device`` (``edgeseq.bundle.Partition``'s record), or None: the
+        backend runs every operator on the one processor it names (the CPU)."""
+        return None
 
     def ops_profiler(self) -> OpsProfiler | None:
         """Its operator profiler (``ops.py`` in its folder), or None: it has none, and

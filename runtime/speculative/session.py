@@ -118,7 +118,7 @@ class SpeculativeSession:
                 "memory_plan": self.plan.to_json()}
 
 
-def load(path: str | Path, backend: str = "ort", speculate: str = "auto",
+def load(path: str | Path, backend: str | None = None, speculate: str = "auto",
          memory_budget: int | None = None, threads: int | None = None,
          k: int | None = None, width: int | None = None, max_source: int | None = None,
          max_length: int | None = None, exit_threshold: float = 0.3,
@@ -142,12 +142,13 @@ def load(path: str | Path, backend: str = "ort", speculate: str = "auto",
         BundleError: the bundle is not a generating model, the speculation asks for a graph the
             bundle lacks, or the budget cannot hold the model at all (before loading anything).
     """
-    from edgeseq.runtime.session import load as load_session
+    from edgeseq.runtime.session import default_backend, load as load_session
 
     root = Path(path)
     if memory_budget is not None:
         bound_allocator()
     man = manifest if manifest is not None else read_manifest(root)
+    backend = backend or default_backend(man)
     kind = tasks().get(man.task)
     if kind is None or not kind.generates:
         generating = [name for name, t in tasks().items() if t.generates]

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from ..conftest import FAMILIES
+from ..conftest import FAMILIES, OPTIONAL_FORMATS
 
 EDGESEQ = [sys.executable, "-m", "edgeseq.cli"]
 
@@ -136,7 +136,7 @@ def test_bundle_is_self_describing(bundle_of):
     assert m["schema_version"] == 1 and m["family"] == FAMILIES[0]
     assert len(m["source"]["sha256"]) == 64
     for g in m["graphs"].values():
-        assert set(g["files"]) == {"onnx", "pte", "pt2"}
+        assert set(g["files"]) == {"onnx", "pte", "pt2", *OPTIONAL_FORMATS}
         for s in g["state"]:
             assert {"name", "shape", "dtype", "kind", "init"} <= set(s)
             assert s["shape"][0] == "batch"

@@ -11,7 +11,7 @@ import pytest
 
 import edgeseq
 
-from ..conftest import FIXED_LEN, SEQ2SEQ
+from ..conftest import FIXED_LEN, OPTIONAL_FORMATS, SEQ2SEQ
 
 LAYOUTS = [None, FIXED_LEN]
 
@@ -35,6 +35,7 @@ def test_parity_greedy_and_beams(bundle_of, family, layout):
     rep = json.loads((bundle_of(family, layout) / "parity.json").read_text())
     assert rep["passed"]
     want = {"onnx", "pte", "pt2"} if layout is None else {"onnx", "pte"}
+    want |= set(OPTIONAL_FORMATS)
     assert {c["format"] for c in rep["checks"]} == want
     for c in rep["checks"]:
         assert c["tokens_identical"] and c["beam_tokens_identical"], c

@@ -17,7 +17,10 @@ from edgeseq.bundle import BundleError, read_manifest
 from edgeseq.trust import file_records, verify_bundle
 from edgeseq.runtime.session import load
 
-BACKENDS = ("ort", "executorch", "torch")
+from ..conftest import OPTIONAL_FORMATS
+
+#: the OpenVINO backend's name is its format's (tests/conftest.py: installed here or not)
+BACKENDS = ("ort", "executorch", "torch", *OPTIONAL_FORMATS)
 
 
 @pytest.fixture
@@ -194,11 +197,14 @@ def test_the_payload_runs_code_when_unpickled(tmp_path):
 
 BUNDLE_FILES = ("prefill.onnx", "step.onnx", "weights.onnx.data", "model.pte", "prefill.pt2",
                 "step.pt2", "onnx_activation_table.json", "pte_planned_memory.json",
-                "parity.json")
+                "parity.json") + (("prefill.xml", "step.xml", "weights.openvino.bin")
+                                  if "openvino" in OPTIONAL_FORMATS else ())
 # the files each backend parses at load (a planted pickle there must be refused by the parser;
 # weights.onnx.data is only numbers to ONNX Runtime, whatever its bytes)
 READS = {"ort": {"prefill.onnx", "step.onnx"}, "executorch": {"model.pte"},
-         "torch": {"prefill.pt2", "step.pt2"}}
+         "torch": {"prefill.pt2", "step.pt2"},
+         # weights.openvino.bin is only numbers to OpenVINO (its offsets are checked)
+         "openvino": {"prefill.xml", "step.xml"}}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

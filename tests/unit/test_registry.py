@@ -7,7 +7,7 @@ def test_unknown_names_list_the_known_ones():
     with pytest.raises(UnknownNameError, match="unknown family 'gpt2'; known: bart, lmuformer, mamba, mamba2, marian, s4d, t5, whisper"):
         get_family("gpt2")
     # the example backend of tests/backends/example/ is registered in the test process
-    with pytest.raises(UnknownNameError, match="known: example, executorch, ort, qnn, torch$"):
+    with pytest.raises(UnknownNameError, match="known: example, executorch, openvino, ort, qnn, torch$"):
         get_backend("tensorrt")
 
 
@@ -28,7 +28,7 @@ def test_the_backend_format_map_is_written_once():
     # backends that run the files another backend lowers: the example (onnx's reference
     # evaluator) and QNN (ONNX Runtime's QNN provider)
     RUN_ONNX_FILES = {"example", "qnn"}
-    assert fmts == {"onnx": "ort", "pte": "executorch", "pt2": "torch"}
+    assert fmts == {"onnx": "ort", "pte": "executorch", "openvino": "openvino", "pt2": "torch"}
     for name, cls in backends().items():
         # a format names the backend that lowers it, the first registered for it (the example
         # backend runs the ONNX files ORT lowers)

@@ -21,6 +21,8 @@ class ExecuTorchBackend(Backend):
     aliases = ("et",)
     memory = RuntimeMemory(base=24 * MB, per_graph=3 * MB, activation_factor=1.0)
     quant_schemes = ("int8", "int4")
+    #: the device-profile entry its bundles serve (its one execution delegate)
+    targets = ("executorch:xnnpack",)
     #: planned activation memory per method, written at lowering: the runtime's pybindings do
     #: not expose it, and speculative decoding's memory plan needs it before loading anything
     side_files = {"planned_memory": "pte_planned_memory.json"}

@@ -28,6 +28,8 @@ class OrtBackend(Backend):
     #: ``int8-static`` calibrates on the user's data (``edgeseq.quant.static``), then rewrites
     #: the files through ``rewrite_files``; the others are ``quantize.quantize_model``'s
     quant_schemes = ("int8", "int4", "int4-tensor", "int8-static")
+    #: the device-profile entry its bundles serve (its one execution provider)
+    targets = ("ort:CPUExecutionProvider",)
     #: what each call of each graph allocates, tabled at lowering (``edgeseq.runtime.cost``), so
     #: memory plans need no ``onnx`` at run time
     side_files = {"activation_table": "onnx_activation_table.json"}
