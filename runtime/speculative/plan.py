@@ -49,13 +49,13 @@ RECYCLE_BYTES = 2 * MB
 
 
 def parse_speculate(spec: str) -> tuple[str, str | None]:
-    """``auto|off|input|ngram|recycle|draft:PATH|early-exit:N`` -> (kind, argument)."""
+    """``auto|off|input|ngram|recycle|draft[:PATH]|early-exit:N`` -> (kind, argument)."""
     kind, _, arg = str(spec).partition(":")
     if kind not in SOURCES:
         raise BundleError(f"--speculate {spec!r}: unknown; give one of auto, off, input, ngram, "
-                          f"recycle, draft:PATH, early-exit:N")
-    if kind == "draft" and not arg:
-        raise BundleError("--speculate draft:PATH needs the draft bundle's folder")
+                          f"recycle, draft, draft:PATH, early-exit:N")
+    # "draft" alone: the draft bundle recorded in the target's manifest (convert --distill
+    # draft); the session finds it, or says how to make one
     if kind == "early-exit" and arg and not arg.isdigit():
         raise BundleError(f"--speculate {spec!r}: N must be a number of layers")
     return kind, (arg or None)
