@@ -298,6 +298,11 @@ class Seq2SeqDraft(Draft):
         student = copy.deepcopy(self.teacher.model)
         layers = _get(student, path)
         kept = torch.nn.ModuleList([layers[i] for i in self._keep()])
+        for i, layer in enumerate(kept):
+            # attention modules index the decoding cache by their layer: renumbered as kept
+            for mod in layer.modules():
+                if isinstance(getattr(mod, "layer_idx", None), int):
+                    mod.layer_idx = i
         parent, _, name = path.rpartition(".")
         setattr(_get(student, parent), name, kept)
         setattr(student.config, key, len(kept))

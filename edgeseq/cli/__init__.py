@@ -192,10 +192,12 @@ def convert(checkpoint: str, output: str, fmt: str | None, dtype: str, parity_to
                    "curve.")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run from its checkpoint (OUTPUT.resume/).")
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
+              help="Intra-op threads per process (more cores: more processes, torchrun).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or messages.")
 def distill(checkpoint: str, output: str, recipe: str, data: str | None, steps: int | None,
-            seconds: float | None, seed: int, resume: bool, overwrite: bool,
+            seconds: float | None, seed: int, resume: bool, threads: int, overwrite: bool,
             quiet: bool) -> None:
     """Distill CHECKPOINT (a folder, or zoo:NAME; the teacher) into a student checkpoint
     folder. Runs under torchrun for several processes (rank 0 writes)."""
@@ -206,7 +208,7 @@ def distill(checkpoint: str, output: str, recipe: str, data: str | None, steps: 
         _distill(checkpoint, output, recipe, data=data, steps=steps, seconds=seconds,
                  seed=seed, resume=resume, overwrite=overwrite,
                  progress=None if quiet else (lambda m: click.echo(m, err=True)),
-                 bar=not quiet)
+                 bar=not quiet, threads=threads)
     except Interrupted as e:
         _fail(str(e), 130)
     finally:
