@@ -61,6 +61,18 @@ def parse_speculate(spec: str) -> tuple[str, str | None]:
     return kind, (arg or None)
 
 
+def draft_folder(root: Path, man: Manifest, arg: str | None) -> Path:
+    """The draft bundle of ``--speculate draft[:PATH]``: PATH, else the one recorded in the
+    target's manifest (``convert --distill draft``)."""
+    if arg:
+        return Path(arg)
+    inside = man.draft_root(root)
+    if inside is None:
+        raise BundleError(f"{root}: no draft recorded in its manifest; convert with "
+                          f"--distill draft, or give --speculate draft:PATH")
+    return inside
+
+
 @dataclass
 class MemoryPlan:
     mode: str                        # off | input | ngram | recycle | draft | early-exit

@@ -19,7 +19,8 @@ from edgeseq.runtime.decoding import SamplingConfig
 from edgeseq.runtime.speculative.drafts import DraftSource, make_source
 from edgeseq.runtime.speculative.engine import (DraftModelSource, EarlyExitSource,
                                                 SpeculativeDecoder, SpecStats)
-from edgeseq.runtime.speculative.plan import MemoryPlan, make_plan, parse_speculate
+from edgeseq.runtime.speculative.plan import (MemoryPlan, draft_folder, make_plan,
+                                              parse_speculate)
 from edgeseq.runtime.speculative.targets import CausalTarget, Seq2SeqTarget
 
 
@@ -157,13 +158,8 @@ def load(path: str | Path, backend: str = "ort", speculate: str = "auto",
     kind, arg = parse_speculate(speculate)
     draft_man = None
     draft_backend = None
-    if kind == "draft" and arg is None:
-        inside = man.draft_root(root)
-        if inside is None:
-            raise BundleError(f"{root}: no draft recorded in its manifest; convert with "
-                              f"--distill draft, or give --speculate draft:PATH")
-        arg = str(inside)
     if kind == "draft":
+        arg = str(draft_folder(root, man, arg))
         draft_man = read_manifest(Path(arg))
         check_draft(root, man, Path(arg), draft_man)
         draft_backend = _draft_backend(Path(arg), draft_man, backend)

@@ -81,3 +81,31 @@ def test_draft_student_of_each_causal_family(family, checkpoints, tmp_path) -> N
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert n(student) < n(teacher) / 2
     assert student.config.vocab_size == teacher.config.vocab_size
+
+
+def test_seq2seq_draft_keeps_the_encoder_and_greedy(checkpoints, tmp_path) -> None:
+    """An encoder-decoder's draft: the teacher's encoder (unchanged) and one decoder layer, in
+    the target's bundle; greedy speculative decoding with it is plain greedy decoding."""
+    import torch
+
+    from edgeseq.convert.distill.chain import convert_distilled
+    from edgeseq.families.t5 import T5Family
+    from edgeseq.runtime import session
+    from edgeseq.runtime.speculative import session as spec
+
+    out = convert_distilled(str(checkpoints["t5"]), tmp_path / "t5", "draft", steps=3, bar=False,
+                            formats=("onnx",), parity_tokens=16)
+    man = read_manifest(out)
+    dman = read_manifest(man.draft_root(out))
+    assert dman.family == "t5" and "decoder_step" in dman.graphs
+    teacher = T5Family().load(checkpoints["t5"])
+    assert len(teacher.decoder.block) == 2
+    plain = session.load(out, backend="ort", threads=1)
+    s = spec.load(out, backend="ort", speculate="draft", threads=1)
+    assert s.plan.mode == "draft"
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        src = rng.integers(8, 24, size=8).tolist() + [teacher.config.eos_token_id]
+        want = [int(t) for t in plain.generate(src, 12, num_beams=1)]
+        assert s.generate(src, 12) == want
+    del torch
