@@ -354,6 +354,10 @@ class Seq2SeqDraft(Draft):
             prompt = fam.reference_prompt(model, src)
             out = fam.reference_generate(model, src, self.max_new_tokens)
             self._pool.append((src, prompt + [int(t) for t in out]))
+        if not any(len(d) > len(fam.reference_prompt(model, s)) for s, d in self._pool):
+            raise BundleError(f"{self.teacher.label}: the teacher decodes nothing (only EOS) "
+                              f"for {'--data' if self.data else 'the built-in sources'}; give "
+                              f"--data it transcribes or translates")
         self._held_out = self._pool[-min(8, len(self._pool)):]
 
     def _inputs(self, rows: list[tuple[Any, list[int]]]) -> dict[str, torch.Tensor]:
