@@ -196,12 +196,12 @@ def _share_needed(root: Path, backend: str, speculate: str, **kw: Any) -> float:
     decoding plus f times what unconstrained speculation adds (its own accounting): SpecMemo's
     reading asks for f = 0.4."""
     from edgeseq.bundle import read_manifest
-    from edgeseq.runtime.speculative.plan import make_plan, parse_speculate
+    from edgeseq.runtime.speculative.plan import draft_folder, make_plan, parse_speculate
 
     man = read_manifest(root)
     kind, arg = parse_speculate(speculate)
     if kind == "draft":
-        kw.update(draft_root=Path(arg), draft_backend=backend)
+        kw.update(draft_root=draft_folder(root, man, arg), draft_backend=backend)
     free = make_plan(root, man, backend, kind, None, **kw)
     lo, hi = 0.0, 1.0
     for _ in range(12):     # bisection to 1/4096 of the share

@@ -113,7 +113,8 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
             keep: list[str] | None = None, quantize_all: bool = False,
             eval_file: str | Path | None = None, max_drop: float | None = None,
             calibration: str | Path | None = None, early_exit: int | None = None,
-            draft_loop: int | None = None, progress: Progress | None = None,
+            draft_loop: int | None = None, draft: str | Path | None = None,
+            progress: Progress | None = None,
             devices: dict[str, str] | None = None, preferred: tuple[str, ...] = ()) -> Path:
     """Convert a checkpoint folder (or ``zoo:NAME``) into a bundle at ``out``.
 
@@ -139,6 +140,8 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
             (``Manifest.partitions``) says which operators run there.
         preferred: the formats in the target's order of preference (``Manifest.backends``:
             ``load`` runs the first by default); empty: ONNX Runtime, as always.
+        draft: a converted draft bundle (``convert --distill draft``) to ship inside this one,
+            in ``draft/``, and record in the manifest (``--speculate draft`` finds it).
     Returns:
         The bundle folder.
     Raises:
@@ -161,6 +164,8 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
         _lower(c, tmp)
         if quant is not None:
             _quantize(c, tmp)
+        if draft is not None:
+            _add_draft(c, tmp, Path(draft))
         manifest = _write_manifest(c, tmp, early_exit, draft_loop)
         if skip_parity:
             parity: dict[str, Any] = {"dtype": dtype, "checks": [], "skipped": True}
@@ -209,6 +214,7 @@ class _Conversion:
     q_formats: dict[str, Any] = field(default_factory=dict)
     partitions: dict[str, Any] = field(default_factory=dict)
     quant_record: dict[str, Any] | None = None
+    draft: dict[str, Any] | None = None
 
 
 def _validate(c: _Conversion, out: str | Path, overwrite: bool) -> None:
@@ -368,9 +374,33 @@ def _quantize(c: _Conversion, tmp: Path) -> None:
                       "formats": {f: c.q_formats[f] for f in c.formats}}
 
 
+#: where a bundle keeps the draft bundle shipped inside it
+DRAFT_FOLDER = "draft"
+
+
+def _add_draft(c: _Conversion, tmp: Path, draft: Path) -> None:
+    """Copy a converted draft bundle into ``tmp/draft`` once it is known to serve this model
+    (same task, vocabulary and tokenizer), with the formats this bundle has."""
+    import shutil
+
+    from edgeseq.bundle import read_manifest
+    from edgeseq.runtime.speculative.session import check_draft
+
+    dman = read_manifest(draft)
+    check_draft(c.out, _manifest(c, None), draft, dman)
+    have = {fmt for g in dman.graphs.values() for fmt in g.files}
+    missing = [f for f in c.formats if FORMATS[f] not in have and f not in have]
+    if missing:
+        raise BundleError(f"{draft}: the draft has no {', '.join(missing)} graphs; convert it "
+                          f"with the target's formats")
+    shutil.copytree(draft, tmp / DRAFT_FOLDER, symlinks=False)
+    c.draft = {"path": DRAFT_FOLDER, "recipe": "draft"}
+
+
 def _write_manifest(c: _Conversion, tmp: Path, early_exit: int | None,
                     draft_loop: int | None) -> Manifest:
     manifest = _manifest(c, c.quant_record or (FP16_NOTE if c.dtype == "fp16" else None))
+    manifest.draft = c.draft
     if early_exit is not None:
         manifest.config["early_exit_layers"] = int(early_exit)
     if draft_loop is not None:

@@ -276,6 +276,32 @@ class Partition:
         return cls(record["device"], record["checked_on"], graphs, precision)
 
 
+@dataclass(frozen=True)
+class DraftRecord:
+    """The manifest's ``draft`` record: a draft bundle shipped inside this one (``edgeseq
+    convert --distill draft``), which ``--speculate draft`` (no path) drafts with. ``path`` is
+    the bundle-relative folder holding the draft's own ``manifest.json``; its files are in this
+    bundle's files record too, so the draft is checked with the target."""
+
+    path: str
+    recipe: str = "draft"
+
+    @classmethod
+    def from_record(cls, record: Any) -> "DraftRecord | None":
+        """The typed view of a manifest's record; ValueError for one convert does not write."""
+        if record is None:
+            return None
+        if not isinstance(record, dict) or not isinstance(record.get("path"), str) \
+                or not isinstance(record.get("recipe", "draft"), str):
+            raise ValueError('"draft" must be null or a record with a "path" string (and a '
+                             '"recipe" string)')
+        return cls(record["path"], record.get("recipe", "draft"))
+
+    @property
+    def manifest_file(self) -> str:
+        return f"{self.path}/{MANIFEST_FILE}"
+
+
 @dataclass
 class Manifest:
     """``manifest.json``: everything a runtime needs to drive the bundle's graphs."""
@@ -303,6 +329,8 @@ class Manifest:
     #: the backends ``target``'s device profile prefers, in its order, among those the bundle
     #: was lowered for (``convert --target``): ``load`` runs the first by default; empty: ORT
     backends: list[str] = field(default_factory=list)
+    #: the draft bundle inside this one (``DraftRecord``'s fields), or None
+    draft: dict[str, Any] | None = None
     #: SHA-256 of manifest.json as ``read_manifest`` parsed it (not written): the trust record's
     #: fingerprint comes from the bytes read, without reading the file again
     read_sha256: str | None = field(default=None, compare=False, repr=False)
@@ -319,6 +347,8 @@ class Manifest:
             d["partitions"] = self.partitions
         if self.backends:
             d["backends"] = list(self.backends)
+        if self.draft is not None:
+            d["draft"] = self.draft
         if self.files is not None:
             d["files"] = self.files
         return d
@@ -347,7 +377,8 @@ class Manifest:
                    quantization=d.get("quantization"), target=d.get("target", "host"),
                    config=d.get("config", {}), schema_version=d["schema_version"],
                    created_by=d.get("created_by", "edgeseq"), files=files,
-                   side_files=sides, partitions=parts, backends=prefer)
+                   side_files=sides, partitions=parts, backends=prefer,
+                   draft=d.get("draft"))
 
     def side_file(self, fmt: str, role: str) -> str | None:
         """The bundle-relative file of a side file (None: the bundle has none, e.g. one
@@ -364,6 +395,16 @@ class Manifest:
     def quant(self) -> Quantization | None:
         """The quantization as a typed record (None: float weights), checked by ``validate``."""
         return Quantization.from_record(self.quantization)
+
+    @property
+    def draft_record(self) -> DraftRecord | None:
+        """The draft bundle shipped inside this one (None: none), checked by ``validate``."""
+        return DraftRecord.from_record(self.draft)
+
+    def draft_root(self, root: str | os.PathLike) -> Path | None:
+        """The folder of the draft bundle inside the bundle at ``root`` (None: none)."""
+        rec = self.draft_record
+        return None if rec is None else Path(root) / rec.path
 
     @property
     def state_specs(self) -> list[StateSpec]:
@@ -396,7 +437,8 @@ class Manifest:
                            for d in s.shape):
                     problems.append(f"graph {name}: {s.name} has a bad shape {list(s.shape)} "
                                     f"(named dims or integers 0..{MAX_DIM})")
-        for check in (lambda: shared_state_specs(self.graphs), lambda: self.quant):
+        for check in (lambda: shared_state_specs(self.graphs), lambda: self.quant,
+                      lambda: self.draft_record):
             try:
                 check()
             except ValueError as e:
@@ -433,6 +475,14 @@ class Manifest:
                 add(f, "tokenizer file")
         except (KeyError, TypeError, AttributeError):
             add(repr(self.tokenizer), "tokenizer entry (malformed)")
+        try:
+            rec = self.draft_record
+        except ValueError:
+            rec = None      # reported by validate
+        if rec is not None:
+            # the draft's manifest is a file of this bundle: a path leaving the folder, or a
+            # draft that is not in the files record, is refused as any other file is
+            add(rec.manifest_file, "draft bundle")
         return refs
 
     def _file_problems(self, root: Path) -> list[str]:

@@ -127,13 +127,24 @@ def main() -> None:
 @click.option("--draft-loop", type=click.IntRange(1, DRAFT_LOOP_MAX), default=None, metavar="K",
               help="Causal LMs used as draft models: also write draft_loop (K greedy steps in "
                    "one call), which --speculate draft:PATH then drafts with.")
+@click.option("--distill", "distill_recipe", default=None, metavar="RECIPE",
+              help="Distill CHECKPOINT first (edgeseq distill; docs/distill.md): draft writes "
+                   "the model's bundle with its distilled draft inside, recorded in the "
+                   "manifest for --speculate draft.")
+@click.option("--distill-data", type=click.Path(dir_okay=False), default=None,
+              help="With --distill: the data (as edgeseq distill --data).")
+@click.option("--distill-steps", type=click.IntRange(1), default=None,
+              help="With --distill: training steps (default: the recipe's).")
+@click.option("--distill-time", type=click.FloatRange(0, min_open=True), default=None,
+              help="With --distill: training seconds at most (default: the recipe's).")
 @click.option("-q", "--quiet", is_flag=True)
 def convert(checkpoint: str, output: str, fmt: str | None, dtype: str, parity_tokens: int,
             skip_parity: bool, force: bool, overwrite: bool, max_target_len: int | None,
             quant: str | None, group_size: int, keep: tuple[str, ...], quantize_all: bool,
             eval_file: str | None, max_drop: float | None, calibration: str | None,
-            early_exit: int | None, draft_loop: int | None, quiet: bool,
-            target: str | None) -> None:
+            early_exit: int | None, draft_loop: int | None, distill_recipe: str | None,
+            distill_data: str | None, distill_steps: int | None, distill_time: float | None,
+            quiet: bool, target: str | None) -> None:
     """Convert CHECKPOINT (a folder, or zoo:NAME) into a bundle."""
     from edgeseq.convert.pipeline import ALL_FORMATS, convert as _convert
 
@@ -161,16 +172,69 @@ def convert(checkpoint: str, output: str, fmt: str | None, dtype: str, parity_to
     formats = ALL_FORMATS if fmt == "all" else tuple(f.strip() for f in fmt.split(",") if f.strip())
     if not formats:  # "," would write a bundle with no graphs whose parity trivially passed
         _fail(f"--format {fmt!r}: no format given; use onnx, pte, pt2 (comma-separated) or all")
+    progress = None if quiet else (lambda m: click.echo(m, err=True))
+    kw = dict(formats=formats, dtype=dtype, parity_tokens=parity_tokens,
+              overwrite=overwrite, skip_parity=skip_parity, force=force,
+              max_target_len=max_target_len, quant=quant, group_size=group_size,
+              keep=list(keep), quantize_all=quantize_all,
+              eval_file=eval_file, max_drop=max_drop, calibration=calibration,
+              early_exit=early_exit, draft_loop=draft_loop, progress=progress, **extra)
     try:
-        _convert(checkpoint, output, formats=formats, dtype=dtype, parity_tokens=parity_tokens,
-                 overwrite=overwrite, skip_parity=skip_parity, force=force,
-                 max_target_len=max_target_len, quant=quant, group_size=group_size,
-                 keep=list(keep), quantize_all=quantize_all,
-                 eval_file=eval_file, max_drop=max_drop, calibration=calibration,
-                 early_exit=early_exit, draft_loop=draft_loop,
-                 progress=None if quiet else (lambda m: click.echo(m, err=True)), **extra)
+        if distill_recipe is None:
+            if distill_data or distill_steps or distill_time:
+                _fail("--distill-data/--distill-steps/--distill-time need --distill RECIPE")
+            _convert(checkpoint, output, **kw)
+            return
+        from edgeseq.convert.distill.chain import convert_distilled
+
+        convert_distilled(checkpoint, output, distill_recipe, data=distill_data,
+                          steps=distill_steps, seconds=distill_time, bar=not quiet, **kw)
     except BundleError as e:
         _fail(str(e))
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.option("-o", "--output", "output", required=True,
+              help="Student checkpoint folder to write (edgeseq convert takes it).")
+@click.option("--recipe", default="draft", show_default=True,
+              help="draft: a small model of the teacher's family and tokenizer for speculative "
+                   "decoding (docs/distill.md).")
+@click.option("--data", type=click.Path(dir_okay=False), default=None,
+              help="Training data: text lines (text models), WAV paths one per line (speech), "
+                   "an .npy (examples, frames, features) (classifiers). Default: built-in "
+                   "prompts continued by the teacher's own generations.")
+@click.option("--steps", type=click.IntRange(1), default=None,
+              help="Training steps (default: the recipe's, within 15 minutes on 2 cores for "
+                   "the zoo's teachers).")
+@click.option("--time", "seconds", type=click.FloatRange(0, min_open=True), default=None,
+              help="Stop training after this many seconds (default: the recipe's).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds the student, the data and its order: the same seed, the same loss "
+                   "curve.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from its checkpoint (OUTPUT.resume/).")
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
+              help="Intra-op threads per process (more cores: more processes, torchrun).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or messages.")
+def distill(checkpoint: str, output: str, recipe: str, data: str | None, steps: int | None,
+            seconds: float | None, seed: int, resume: bool, threads: int, overwrite: bool,
+            quiet: bool) -> None:
+    """Distill CHECKPOINT (a folder, or zoo:NAME; the teacher) into a student checkpoint
+    folder. Runs under torchrun for several processes (rank 0 writes)."""
+    from edgeseq.convert.distill import distill as _distill
+    from edgeseq.convert.distill.loop import Interrupted, close_distributed
+
+    try:
+        _distill(checkpoint, output, recipe, data=data, steps=steps, seconds=seconds,
+                 seed=seed, resume=resume, overwrite=overwrite,
+                 progress=None if quiet else (lambda m: click.echo(m, err=True)),
+                 bar=not quiet, threads=threads)
+    except Interrupted as e:
+        _fail(str(e), 130)
+    finally:
+        close_distributed()
 
 
 @main.command()

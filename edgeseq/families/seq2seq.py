@@ -526,18 +526,24 @@ class Seq2SeqFamily(Family):
         gen.do_sample = False
         for k2, val in kw.items():
             setattr(gen, k2, val)
-        saved = model.generation_config.eos_token_id
+        saved = model.generation_config
+        eos = saved.eos_token_id
         if ignore_eos:  # generate() would refill it from the model's own config
             gen.eos_token_id = None
-            model.generation_config.eos_token_id = None
+        # generate() replaces every field of the given config that holds transformers' global
+        # default with the model's own value ("model-specific defaults"): num_beams=1 became
+        # the checkpoint's num_beams=4, so the "greedy" reference of a checkpoint that beams
+        # by default was a beam search. With the given config as the model's own, nothing is
+        # replaced.
+        model.generation_config = gen
         try:
             with torch.no_grad():
                 out = model.generate(**self.reference_encode_inputs(source), generation_config=gen)
         finally:
-            model.generation_config.eos_token_id = saved
+            model.generation_config = saved
         toks = out[0].tolist()
         n_prompt = 0 if self.speech else 1  # Whisper's generate strips its prompt itself
-        return _trim_after_eos(toks[n_prompt:], None if ignore_eos else saved)
+        return _trim_after_eos(toks[n_prompt:], None if ignore_eos else eos)
 
     def reference_logits(self, model: Any, source: Any, decoder_ids: list[int]) -> Any:
         """Teacher-forced decoder logits (len(decoder_ids), v) of the reference."""

@@ -49,16 +49,28 @@ RECYCLE_BYTES = 2 * MB
 
 
 def parse_speculate(spec: str) -> tuple[str, str | None]:
-    """``auto|off|input|ngram|recycle|draft:PATH|early-exit:N`` -> (kind, argument)."""
+    """``auto|off|input|ngram|recycle|draft[:PATH]|early-exit:N`` -> (kind, argument)."""
     kind, _, arg = str(spec).partition(":")
     if kind not in SOURCES:
         raise BundleError(f"--speculate {spec!r}: unknown; give one of auto, off, input, ngram, "
-                          f"recycle, draft:PATH, early-exit:N")
-    if kind == "draft" and not arg:
-        raise BundleError("--speculate draft:PATH needs the draft bundle's folder")
+                          f"recycle, draft, draft:PATH, early-exit:N")
+    # "draft" alone: the draft bundle recorded in the target's manifest (convert --distill
+    # draft); the session finds it, or says how to make one
     if kind == "early-exit" and arg and not arg.isdigit():
         raise BundleError(f"--speculate {spec!r}: N must be a number of layers")
     return kind, (arg or None)
+
+
+def draft_folder(root: Path, man: Manifest, arg: str | None) -> Path:
+    """The draft bundle of ``--speculate draft[:PATH]``: PATH, else the one recorded in the
+    target's manifest (``convert --distill draft``)."""
+    if arg:
+        return Path(arg)
+    inside = man.draft_root(root)
+    if inside is None:
+        raise BundleError(f"{root}: no draft recorded in its manifest; convert with "
+                          f"--distill draft, or give --speculate draft:PATH")
+    return inside
 
 
 @dataclass

@@ -19,7 +19,8 @@ from edgeseq.runtime.decoding import SamplingConfig
 from edgeseq.runtime.speculative.drafts import DraftSource, make_source
 from edgeseq.runtime.speculative.engine import (DraftModelSource, EarlyExitSource,
                                                 SpeculativeDecoder, SpecStats)
-from edgeseq.runtime.speculative.plan import MemoryPlan, make_plan, parse_speculate
+from edgeseq.runtime.speculative.plan import (MemoryPlan, draft_folder, make_plan,
+                                              parse_speculate)
 from edgeseq.runtime.speculative.targets import CausalTarget, Seq2SeqTarget
 
 
@@ -128,7 +129,8 @@ def load(path: str | Path, backend: str | None = None, speculate: str = "auto",
     Args:
         manifest: the bundle's manifest if the caller has read it already (it is read once).
         speculate: ``auto`` (the plan picks a model-free source that fits), ``off``, ``input``,
-            ``ngram``, ``recycle``, ``draft:PATH`` (another bundle, same tokenizer) or
+            ``ngram``, ``recycle``, ``draft:PATH`` (another bundle, same tokenizer), ``draft``
+            (the draft bundle recorded in the manifest: ``convert --distill draft``) or
             ``early-exit:N`` (needs ``edgeseq convert --early-exit N``).
         memory_budget: bytes the process may grow by (weights, state, buffers, drafter);
             None = unconstrained.
@@ -158,8 +160,9 @@ def load(path: str | Path, backend: str | None = None, speculate: str = "auto",
     draft_man = None
     draft_backend = None
     if kind == "draft":
+        arg = str(draft_folder(root, man, arg))
         draft_man = read_manifest(Path(arg))
-        _check_draft(root, man, Path(arg), draft_man)
+        check_draft(root, man, Path(arg), draft_man)
         draft_backend = _draft_backend(Path(arg), draft_man, backend)
     if kind == "early-exit":
         have = man.config.get("early_exit_layers")
@@ -225,7 +228,9 @@ def _draft_backend(draft_root: Path, dman: Any, backend: str) -> str:
                       f"(formats: {', '.join(sorted(have)) or 'none'})")
 
 
-def _check_draft(root: Path, man: Any, draft_root: Path, dman: Any) -> None:
+def check_draft(root: Path, man: Any, draft_root: Path, dman: Any) -> None:
+    """Refuse a draft bundle that cannot serve the target: another task, vocabulary or
+    tokenizer (``convert --distill draft`` checks its draft with this too)."""
     if dman.task != man.task:
         raise BundleError(f"{draft_root}: a {dman.task} draft cannot serve a {man.task} target")
     if int(dman.config["vocab_size"]) != int(man.config["vocab_size"]):
