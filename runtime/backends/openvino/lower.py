@@ -16,6 +16,7 @@ from pathlib import Path
 
 from edgeseq.bundle import StreamingGraph
 from edgeseq.runtime.backends.openvino import WEIGHTS_FILE
+from edgeseq.runtime.backends.openvino.run import error_line
 
 ALIGN = 64
 
@@ -41,7 +42,7 @@ def lower(graphs: dict[str, StreamingGraph], out: Path, dtype: str) -> dict[str,
                 model = ov.convert_model(str(path))
             except Exception as e:  # OpenVINO's frontend errors name no graph
                 raise ValueError(f"graph {name}: OpenVINO cannot read its ONNX "
-                                 f"({_first_line(e)})") from None
+                                 f"({error_line(e)})") from None
             # OpenVINO's frontend folds the fp16 ONNX weights' casts back into fp32
             # constants, so --dtype fp16 asks save_model for fp16 constants (decompressed at
             # load; compute stays f32); under fp32 it must not compress on its own
@@ -80,7 +81,3 @@ def share_weights(saved: dict[str, Path], out: Path) -> dict[str, str]:
             files[name] = f"{name}.xml"
     return files
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__

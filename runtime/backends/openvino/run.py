@@ -79,7 +79,7 @@ def load(root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
             compiled = ov_core.compile_model(model, device, cfg)
         except Exception as err:  # OpenVINO's own error types name no file
             raise BundleError(f"{path}: OpenVINO cannot compile it for {device} "
-                              f"({_first_line(err)})") from None
+                              f"({error_line(err)})") from None
         check_io(path, e, {p.get_any_name(): (_dtype(p.get_element_type()),
                                               _dims(p.get_partial_shape()))
                            for p in compiled.inputs})
@@ -111,11 +111,13 @@ def read_ir(ov_core: Any, xml: Path, weights: Path) -> Any:
                 raise BundleError(f"{xml}: constant {layer.get('name')!r} reads {length} bytes "
                                   f"at {start}, outside {weights.name} ({size} bytes)")
     except (ET.ParseError, ValueError) as e:
-        raise BundleError(f"{xml}: not an OpenVINO IR ({_first_line(e)})") from None
+        raise BundleError(f"{xml}: not an OpenVINO IR ({error_line(e)})") from None
     try:
         return ov_core.read_model(str(xml), str(weights))
     except Exception as e:
-        raise BundleError(f"{xml}: OpenVINO cannot read it ({_first_line(e)})") from None
+        # either file may be at fault (a damaged constant fails shape inference): name both
+        raise BundleError(f"{xml}: OpenVINO cannot read it with {weights.name} "
+                          f"({error_line(e)})") from None
 
 
 class _OvRunner:
@@ -189,6 +191,9 @@ def _dims(shape: Any) -> list[Any]:
     return [d.get_length() if d.is_static else "?" for d in shape]
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__
+def error_line(err: BaseException) -> str:
+    """The line of an OpenVINO error that says what is wrong: its messages open with the
+    source location ("Exception from src/...") and end with the reason."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    said = [ln for ln in lines if not ln.startswith(("Exception from", "Check '"))]
+    return (said or lines or [type(err).__name__])[-1][:200]
