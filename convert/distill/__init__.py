@@ -24,7 +24,8 @@ from typing import Any, Callable, ClassVar
 from edgeseq.errors import BundleError
 
 #: recipe name -> the module holding its ``RECIPE`` class
-RECIPES = {"draft": "edgeseq.convert.distill.draft"}
+RECIPES = {"draft": "edgeseq.convert.distill.draft",
+           "shrink": "edgeseq.convert.distill.shrink"}
 #: the teacher's files a student carries unchanged (tokenizer, generation settings)
 SIDE_FILES = ("generation_config.json",)
 REPORT_FILE = "distill.json"

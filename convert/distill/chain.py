@@ -7,6 +7,7 @@ interrupted or failed run leaves nothing there. For a resumable run, use ``edges
 
 - ``draft``: the teacher's bundle with the draft's bundle inside (``draft/``), recorded in the
   teacher's manifest, so ``edgeseq run OUT --speculate draft`` finds it.
+- any other recipe (``shrink``): the student's bundle.
 """
 from __future__ import annotations
 
@@ -32,9 +33,6 @@ def convert_distilled(teacher: str, out: str | Path, recipe: str, data: str | No
     out = Path(out)
     if out.exists() and not convert_kw.get("overwrite"):
         raise BundleError(f"{out}: already exists (use --overwrite to replace it)")
-    if recipe != "draft":
-        raise BundleError(f"--distill {recipe}: convert chains the draft recipe; run edgeseq "
-                          f"distill, then convert the student")
     say = convert_kw.get("progress") or (lambda m: None)
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.distill.",
@@ -42,6 +40,10 @@ def convert_distilled(teacher: str, out: str | Path, recipe: str, data: str | No
         student = distill(teacher, Path(work) / "student", recipe, data=data, steps=steps,
                           seconds=seconds, seed=seed, progress=convert_kw.get("progress"),
                           bar=bar)
+        if recipe != "draft":
+            # the student replaces the teacher: it is the bundle
+            say(f"[distill] converting the student ({student})")
+            return convert(student, out, **convert_kw)
         draft_kw = {k: v for k, v in convert_kw.items()
                     if k not in ("overwrite", "early_exit", "draft_loop", "eval_file",
                                  "calibration", "max_target_len")}

@@ -130,7 +130,7 @@ def main() -> None:
 @click.option("--distill", "distill_recipe", default=None, metavar="RECIPE",
               help="Distill CHECKPOINT first (edgeseq distill; docs/distill.md): draft writes "
                    "the model's bundle with its distilled draft inside, recorded in the "
-                   "manifest for --speculate draft.")
+                   "manifest for --speculate draft; shrink writes the student's bundle.")
 @click.option("--distill-data", type=click.Path(dir_okay=False), default=None,
               help="With --distill: the data (as edgeseq distill --data).")
 @click.option("--distill-steps", type=click.IntRange(1), default=None,
@@ -199,7 +199,8 @@ def convert(checkpoint: str, output: str, fmt: str | None, dtype: str, parity_to
               help="Student checkpoint folder to write (edgeseq convert takes it).")
 @click.option("--recipe", default="draft", show_default=True,
               help="draft: a small model of the teacher's family and tokenizer for speculative "
-                   "decoding (docs/distill.md).")
+                   "decoding; shrink: the teacher's first and last layers, trained to replace "
+                   "it (docs/distill.md).")
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
               help="Training data: text lines (text models), WAV paths one per line (speech), "
                    "an .npy (examples, frames, features) (classifiers). Default: built-in "
@@ -300,7 +301,8 @@ def distill(checkpoint: str, output: str, recipe: str, data: str | None, steps: 
 @click.option("--speculate", default=None, metavar="SOURCE",
               help="Speculative decoding (greedy output unchanged): auto, off, input (copy the "
                    "input: Aggressive Decoding), ngram (prompt lookup), recycle (Token "
-                   "Recycling), draft:PATH (a smaller bundle, same tokenizer), early-exit:N "
+                   "Recycling), draft:PATH (a smaller bundle, same tokenizer), draft (the one "
+                   "convert --distill draft recorded in the bundle), early-exit:N "
                    "(the first N layers; convert with --early-exit N).")
 @click.option("--memory-budget", default=None, metavar="SIZE",
               help="Bytes the process may grow by (512M, 2G): the memory plan picks draft "
