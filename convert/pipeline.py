@@ -99,7 +99,7 @@ def _manifest(c: "_Conversion", quantization: Any) -> Manifest:
                 for name, g in c.graphs.items()},
         tokenizer=c.tok_spec, dtype=c.dtype, target=c.target,
         config=dict(c.model_config), quantization=quantization, side_files=dict(c.side_files),
-        partitions=dict(c.partitions), backends=[FORMATS[f] for f in c.preferred])
+        partitions=dict(c.partitions), backends=list(c.preferred))
 
 
 class ConversionError(BundleError):
@@ -138,7 +138,7 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
         devices: per format, the accelerator its backend compiles for (``openvino``: ``GPU``),
             as ``convert.targets.plan`` reads a device profile; its partition record
             (``Manifest.partitions``) says which operators run there.
-        preferred: the formats in the target's order of preference (``Manifest.backends``:
+        preferred: the backends in the target's order of preference (``Manifest.backends``:
             ``load`` runs the first by default); empty: ONNX Runtime, as always.
         draft: a converted draft bundle (``convert --distill draft``) to ship inside this one,
             in ``draft/``, and record in the manifest (``--speculate draft`` finds it).
@@ -164,6 +164,7 @@ def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FOR
         _lower(c, tmp)
         if quant is not None:
             _quantize(c, tmp)
+        _place(c, tmp)
         if draft is not None:
             _add_draft(c, tmp, Path(draft))
         manifest = _write_manifest(c, tmp, early_exit, draft_loop)
@@ -321,10 +322,30 @@ def _lower(c: _Conversion, tmp: Path) -> None:
         except BundleError as e:
             raise ConversionError(f"{c.src_label}: {fmt}: {e}") from None
         if placed is not None:
-            c.partitions[fmt] = placed
+            c.partitions[backend.name] = placed
         c.say(f"      {fmt}: {', '.join(sorted(set(written.values())))} "
               f"in {time.perf_counter() - t:.1f}s")
     tokenize.copy_files(c.folder, c.tok_spec, tmp)
+
+
+def _place(c: _Conversion, tmp: Path) -> None:
+    """The partition of the target's backends that run another backend's files (QNN runs the
+    ONNX files): after quantization, which decides what an NPU takes."""
+    for name in c.preferred:
+        backend = get_backend(name)
+        if FORMATS[backend.format] == backend.name or name in c.partitions:
+            continue
+        files = {g: f[backend.format] for g, f in c.files.items() if backend.format in f}
+        t = time.perf_counter()
+        try:
+            placed = backend.partition(tmp, files, c.devices.get(name) or c.target,
+                                       task=c.task, config=c.model_config)
+        except BundleError as e:
+            raise ConversionError(f"{c.src_label}: {name}: {e}") from None
+        if placed is not None:
+            c.partitions[name] = placed
+            c.say(f"      {name}: partition of {len(files)} graphs in "
+                  f"{time.perf_counter() - t:.1f}s")
 
 
 def _quantize(c: _Conversion, tmp: Path) -> None:

@@ -32,6 +32,9 @@ class TargetPlan:
 
     device_id: str
     formats: list[str] = field(default_factory=list)     # in the profile's order
+    #: the backends that run them, in the profile's order (``Manifest.backends``): QNN runs the
+    #: ONNX files ONNX Runtime lowers, so a format may serve two
+    backends: list[str] = field(default_factory=list)
     #: per format, the device its backend compiles for (``openvino``: ``GPU``)
     devices: dict[str, str] = field(default_factory=dict)
     #: "<entry>: <what is missing>", one per entry skipped
@@ -54,9 +57,12 @@ def plan(profile: Any) -> TargetPlan:
         if why:
             out.skipped.append(f"{entry}: {why}")
             continue
-        if cls.format in out.formats:     # openvino:GPU then openvino:CPU: one bundle format
+        name = cls().name
+        if name in out.backends:     # openvino:GPU then openvino:CPU: one bundle format
             continue
-        out.formats.append(cls.format)
+        out.backends.append(name)
+        if cls.format not in out.formats:
+            out.formats.append(cls.format)
         device = cls().target_device(entry)
         if device is not None:
             out.devices[cls.format] = device

@@ -166,7 +166,7 @@ def convert(checkpoint: str, output: str, fmt: str | None, dtype: str, parity_to
             click.echo(f"--target {chosen.device_id}: skipping {line}", err=True)
         fmt = ",".join(chosen.formats)
         extra = dict(target=chosen.device_id, devices=chosen.devices,
-                     preferred=tuple(chosen.formats))
+                     preferred=tuple(chosen.backends))
     if fmt is None:
         fmt = "onnx" if quant in ("int4-tensor", "int8-static") else "onnx,pte"
     formats = ALL_FORMATS if fmt == "all" else tuple(f.strip() for f in fmt.split(",") if f.strip())

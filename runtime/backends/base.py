@@ -205,11 +205,14 @@ class Backend:
         a device."""
         return None
 
-    def partition(self, root: Path, files: dict[str, str], device: str | None
+    def partition(self, root: Path, files: dict[str, str], device: str | None,
+                  task: Any = None, config: dict[str, Any] | None = None
                   ) -> dict[str, Any] | None:
         """Which device runs each operator of the lowered ``files`` under ``root`` when they
         are compiled for ``device`` (``edgeseq.bundle.Partition``'s record), or None: the
-        backend runs every operator on the one processor it names (the CPU)."""
+        backend runs every operator on the one processor it names (the CPU). ``task`` and
+        ``config`` (the bundle's task plug-in and model config) say which shapes an
+        accelerator compiling fixed shapes would fix."""
         return None
 
     def ops_profiler(self) -> OpsProfiler | None:

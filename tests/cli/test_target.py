@@ -142,3 +142,28 @@ def test_profile_entries_name_an_openvino_device():
     bad = dataclasses.replace(prof, backends=("openvino:TPU", "openvino:GPU"))
     assert bad.validate() == ["backend 'openvino:TPU' must be ort:<Name>ExecutionProvider, "
                               "executorch:<delegate> or openvino:<CPU|GPU|NPU>"]
+
+
+def test_a_qualcomm_target_runs_on_the_npu_by_default(checkpoints, tmp_path):
+    """A profile that prefers ONNX Runtime's QNN provider: the ONNX files, QNN first in the
+    manifest with its partition (the step wholly on the NPU), and ``run`` on it by default,
+    giving ONNX Runtime's tokens (the HTP runs the tiny S4D in fp16)."""
+    if backends()["qnn"]().available() is not None:
+        pytest.skip(backends()["qnn"]().available())
+    text = (Path(get_profile("android-sd8gen3").file).read_text()
+            .replace('id = "android-sd8gen3"', 'id = "my-phone"'))
+    text = "\n".join('backends = ["ort:QNNExecutionProvider", "ort:CPUExecutionProvider"]'
+                     if line.startswith("backends = ") else line for line in text.splitlines())
+    (tmp_path / "phone.toml").write_text(text)
+    out = tmp_path / "bundle"
+    edgeseq("convert", checkpoints["s4d"], "-o", out, "--target", tmp_path / "phone.toml",
+            "--parity-tokens", "8")
+    man = read_manifest(out)
+    assert man.backends == ["qnn", "ort"]
+    assert {f for g in man.graphs.values() for f in g.files} == {"onnx"}
+    part = man.partition("qnn")
+    assert part.device == "NPU" and part.share("step") == 1.0 and part.share("prefill") < 1.0
+    args = ("run", out, "--prompt-ids", "1,2,3", "-n", "6", "--json")
+    first = json.loads(edgeseq(*args).stdout)
+    assert first["backend"] == "qnn"
+    assert json.loads(edgeseq(*args, "--backend", "ort").stdout)["tokens"] == first["tokens"]

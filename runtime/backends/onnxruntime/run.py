@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from contextlib import nullcontext
+from typing import Any, ContextManager, Protocol
 
 import numpy as np
 
@@ -32,6 +33,10 @@ class ExecutionProvider(Protocol):
     name: str
 
     def configure(self, opts: Any) -> None:
+        ...
+
+    def creating(self) -> ContextManager[None]:
+        """Wraps each session's creation (where the provider loads and compiles)."""
         ...
 
 
@@ -83,8 +88,9 @@ def load(root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
             ep.configure(sess_opts)
             sess_opts.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
         try:
-            sess = ort.InferenceSession(str(path), sess_options=sess_opts,
-                                        providers=None if ep else ["CPUExecutionProvider"])
+            with ep.creating() if ep is not None else nullcontext():
+                sess = ort.InferenceSession(str(path), sess_options=sess_opts,
+                                            providers=None if ep else ["CPUExecutionProvider"])
         except Exception as err:  # ORT's own types (Fail, InvalidGraph, ...) name no file
             via = f" with {ep.name}" if ep else ""
             raise BundleError(f"{path}: ONNX Runtime cannot load it{via} ("

@@ -59,8 +59,8 @@ class OpenVinoBackend(Backend):
     def target_device(self, entry: str) -> str | None:
         return entry.partition(":")[2] if entry in self.targets else None
 
-    def partition(self, root: Path, files: dict[str, str], device: str | None
-                  ) -> dict[str, Any]:
+    def partition(self, root: Path, files: dict[str, str], device: str | None,
+                  task: Any = None, config: dict[str, Any] | None = None) -> dict[str, Any]:
         from edgeseq.runtime.backends.openvino.run import partition
 
         return partition(root, files, device or "CPU")

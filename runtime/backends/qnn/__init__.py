@@ -11,6 +11,7 @@ runs on the NPU.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from edgeseq.bundle import GraphEntry, Manifest, StreamingGraph
 from edgeseq.registry import get_backend, register_backend
@@ -22,6 +23,8 @@ class QnnBackend(Backend):
     # the ONNX files ONNX Runtime's lowering writes (which lowers ``--format onnx``)
     format = "onnx"
     aliases = ("qnn-htp",)
+    #: the device profiles' entry it serves (``convert --target``: the ONNX files, placed)
+    targets = ("ort:QNNExecutionProvider",)
     # not measured on a device; on the simulator the QNN libraries map ~250 MB of code
     memory = RuntimeMemory(base=64 * MB, per_graph=8 * MB, activation_factor=1.5)
     # it quantizes nothing itself: ``--quant int8-static`` (ONNX Runtime's QDQ) is what the
@@ -47,6 +50,13 @@ class QnnBackend(Backend):
         from edgeseq.runtime.backends.qnn.run import load
 
         return load(root, manifest, entries, threads)
+
+    def partition(self, root: Path, files: dict[str, str], device: str | None,
+                  task: Any = None, config: dict[str, Any] | None = None
+                  ) -> dict[str, Any] | None:
+        from edgeseq.runtime.backends.qnn.run import placement
+
+        return placement(root, files, task, config or {}, device)
 
     def import_runtime(self) -> None:
         import onnxruntime  # noqa: F401

@@ -9,9 +9,12 @@ are refused by the provider; ``partition`` reports which.
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from edgeseq.bundle import BundleError, GraphEntry, Manifest
 from edgeseq.runtime.backends.base import LoadedModel
@@ -58,16 +61,21 @@ def _register() -> None:
 
 def soc_for(manifest: Manifest) -> str:
     """The SoC to compile for: the bundle's target device's, else ``DEFAULT_SOC``."""
+    return soc_of(manifest.target)
+
+
+def soc_of(device_id: str | None) -> str:
+    """The SoC of a device profile (by id or file) that QNN knows, else ``DEFAULT_SOC``."""
     from edgeseq.devices.catalog import get_profile
 
     try:
-        soc = get_profile(manifest.target).soc if manifest.target else ""
+        soc = get_profile(device_id).soc if device_id else ""
     except Exception:  # an unknown or host target names no SoC
         soc = ""
     return soc if soc in SOCS else DEFAULT_SOC
 
 
-def static_dims(root: Path, manifest: Manifest, task: Any) -> dict[str, int]:
+def static_dims(where: str, task: Any, cfg: dict[str, Any]) -> dict[str, int]:
     """The named dimensions fixed for the HTP: ``batch`` (one stream), and for speech the
     window (``frames``) and the encoder's output length (``source``), which the runner always
     pads to. Text encoder-decoders take a source of any length, and a decoder with a growing
@@ -77,13 +85,12 @@ def static_dims(root: Path, manifest: Manifest, task: Any) -> dict[str, int]:
     dims = {"batch": QnnBackend.max_batch}
     if not task.encoder:
         return dims
-    cfg = manifest.config
     if not task.audio:
-        raise BundleError(f"{root}: the QNN backend runs speech encoder-decoders, causal LMs "
-                          f"and classifiers; this {manifest.task} bundle's encoder takes a "
+        raise BundleError(f"{where}: the QNN backend runs speech encoder-decoders, causal LMs "
+                          f"and classifiers; this {task.name} bundle's encoder takes a "
                           f"source of any length, which the HTP cannot compile")
     if cfg.get("cache_layout") != "fixed":
-        raise BundleError(f"{root}: the QNN backend needs a fixed-capacity decoder cache (the "
+        raise BundleError(f"{where}: the QNN backend needs a fixed-capacity decoder cache (the "
                           f"HTP compiles fixed shapes): convert with --max-target-len N")
     dims["frames"] = int(cfg["audio"]["window_frames"])
     dims["source"] = int(cfg["max_source_positions"])
@@ -108,6 +115,22 @@ class QnnHtp:
         return {"backend_path": onnxruntime_qnn.get_qnn_htp_path(), "soc_model": str(model),
                 "htp_arch": str(arch), "enable_htp_fp16_precision": "1"}
 
+    @contextmanager
+    def creating(self) -> Iterator[None]:
+        """The HTP library prints a notice to the process's stdout when it loads (" # LIBNATIVE:
+        No alternate configuration present ..."), which would corrupt ``run --json``: the
+        file descriptor is pointed at /dev/null while a session is created (errors still
+        reach stderr and the exception)."""
+        sys.stdout.flush()
+        saved = os.dup(1)
+        try:
+            with open(os.devnull, "w") as null:
+                os.dup2(null.fileno(), 1)
+            yield
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+
     def configure(self, opts: Any) -> None:
         import onnxruntime as ort
 
@@ -129,7 +152,7 @@ def load(root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
     why = missing()
     if why:
         raise BundleError(why)
-    dims = static_dims(root, manifest, get_task(manifest.task))
+    dims = static_dims(str(root), get_task(manifest.task), manifest.config)
     model = ort_load(root, manifest, entries, threads, ep=QnnHtp(soc_for(manifest), dims=dims))
     model.partition = {name: r.assigned for name, r in model.runners.items()}
     return model
@@ -148,3 +171,38 @@ def partition(assigned: dict[str, dict[str, int]]) -> dict[str, Any]:
     return {"npu_nodes": npu, "cpu_nodes": cpu,
             "npu_share": round(npu / (npu + cpu), 4) if npu + cpu else 0.0,
             "cpu_ops": dict(sorted(fallback.items(), key=lambda kv: -kv[1]))}
+
+
+#: the names the partition record gives the provider's and ONNX Runtime's own processors
+NPU, CPU = "NPU", "CPU"
+
+
+def placement(root: Path, files: dict[str, str], task: Any, config: dict[str, Any],
+              device: str | None = None) -> dict[str, Any]:
+    """The partition record (``edgeseq.bundle.Partition``) of the ONNX ``files`` under ``root``
+    on the HTP: per graph, the operator types the provider takes (``NPU``) and those left to
+    ONNX Runtime's CPU provider (``CPU``). The provider decides per node from the graph alone
+    (the simulator's answer is the device's, for the same SoC), so ``checked_on`` is the NPU.
+    ``device``: the target device profile, whose SoC it compiles for."""
+    import onnxruntime as ort
+
+    from edgeseq.runtime.backends.onnxruntime.run import assigned_nodes
+
+    ep = QnnHtp(soc_of(device), dims=static_dims(str(root), task, config))
+    graphs = {}
+    for name, f in files.items():
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        ep.configure(opts)
+        opts.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+        try:
+            with ep.creating():
+                sess = ort.InferenceSession(str(root / f), sess_options=opts)
+        except Exception as e:  # the provider's own error types
+            raise BundleError(f"{f}: the QNN provider cannot compile graph {name} "
+                              f"({str(e).splitlines()[0][:300]})") from None
+        by_ep = assigned_nodes(sess)
+        graphs[name] = {NPU if p == EP_NAME else CPU: ops for p, ops in by_ep.items()}
+        del sess
+    return {"device": NPU, "checked_on": NPU, "precision": "fp16 (float operators), int8 (QDQ operators)",
+            "graphs": graphs}
