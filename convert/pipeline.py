@@ -341,7 +341,11 @@ def _place(c: _Conversion, tmp: Path) -> None:
             placed = backend.partition(tmp, files, c.devices.get(name) or c.target,
                                        task=c.task, config=c.model_config)
         except BundleError as e:
-            raise ConversionError(f"{c.src_label}: {name}: {e}") from None
+            # the files serve the target's other backends; this one cannot take them (QNN: a
+            # text encoder's source of any length): said, and left out of the manifest
+            c.say(f"      {name}: left out of the target's backends: {e}")
+            c.preferred = tuple(b for b in c.preferred if b != name)
+            continue
         if placed is not None:
             c.partitions[name] = placed
             c.say(f"      {name}: partition of {len(files)} graphs in "

@@ -48,15 +48,16 @@ def test_a_backend_without_its_package_is_skipped_saying_so(monkeypatch):
 
 def test_nothing_producible_is_one_error_naming_each_missing_part():
     prof = dataclasses.replace(get_profile(LAPTOP), id="npu-only",
-                               backends=("executorch:qnn", "ort:QNNExecutionProvider"))
+                               backends=("executorch:qnn", "ort:TensorrtExecutionProvider"))
     with pytest.raises(BundleError) as e:
         plan(prof)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("--target npu-only: none of its backends can be "
                                               "produced here (executorch:qnn: edgeseq has no "
                                               "lowering to ExecuTorch's qnn delegate yet")
-    if not _ort_has("QNNExecutionProvider"):
-        assert msg.endswith("; ort:QNNExecutionProvider: QNN: onnxruntime-qnn not installed)")
+    if not _ort_has("TensorrtExecutionProvider"):
+        assert msg.endswith("; ort:TensorrtExecutionProvider: Tensorrt: onnxruntime-gpu not "
+                            "installed)")
 
 
 def test_every_builtin_profile_is_planned_or_refused_in_one_line():
@@ -144,19 +145,24 @@ def test_profile_entries_name_an_openvino_device():
                               "executorch:<delegate> or openvino:<CPU|GPU|NPU>"]
 
 
+def _phone(tmp_path: Path) -> Path:
+    """A user's Qualcomm profile preferring the QNN provider, then ONNX Runtime's CPU."""
+    text = (Path(get_profile("android-sd8gen3").file).read_text()
+            .replace('id = "android-sd8gen3"', 'id = "my-phone"'))
+    text = "\n".join('backends = ["ort:QNNExecutionProvider", "ort:CPUExecutionProvider"]'
+                     if line.startswith("backends = ") else line for line in text.splitlines())
+    (tmp_path / "phone.toml").write_text(text)
+    return tmp_path / "phone.toml"
+
+
 def test_a_qualcomm_target_runs_on_the_npu_by_default(checkpoints, tmp_path):
     """A profile that prefers ONNX Runtime's QNN provider: the ONNX files, QNN first in the
     manifest with its partition (the step wholly on the NPU), and ``run`` on it by default,
     giving ONNX Runtime's tokens (the HTP runs the tiny S4D in fp16)."""
     if backends()["qnn"]().available() is not None:
         pytest.skip(backends()["qnn"]().available())
-    text = (Path(get_profile("android-sd8gen3").file).read_text()
-            .replace('id = "android-sd8gen3"', 'id = "my-phone"'))
-    text = "\n".join('backends = ["ort:QNNExecutionProvider", "ort:CPUExecutionProvider"]'
-                     if line.startswith("backends = ") else line for line in text.splitlines())
-    (tmp_path / "phone.toml").write_text(text)
     out = tmp_path / "bundle"
-    edgeseq("convert", checkpoints["s4d"], "-o", out, "--target", tmp_path / "phone.toml",
+    edgeseq("convert", checkpoints["s4d"], "-o", out, "--target", _phone(tmp_path),
             "--parity-tokens", "8")
     man = read_manifest(out)
     assert man.backends == ["qnn", "ort"]
@@ -167,3 +173,16 @@ def test_a_qualcomm_target_runs_on_the_npu_by_default(checkpoints, tmp_path):
     first = json.loads(edgeseq(*args).stdout)
     assert first["backend"] == "qnn"
     assert json.loads(edgeseq(*args, "--backend", "ort").stdout)["tokens"] == first["tokens"]
+
+
+def test_a_model_the_npu_cannot_take_keeps_the_targets_other_backends(checkpoints, tmp_path):
+    """A text encoder-decoder's source has any length, which the HTP cannot compile: the
+    conversion says so and the bundle serves the profile's next backend."""
+    if backends()["qnn"]().available() is not None:
+        pytest.skip(backends()["qnn"]().available())
+    out = tmp_path / "bundle"
+    p = edgeseq("convert", checkpoints["t5"], "-o", out, "--target", _phone(tmp_path),
+                "--parity-tokens", "8")
+    assert "qnn: left out of the target's backends" in p.stderr
+    man = read_manifest(out)
+    assert man.backends == ["ort"] and "qnn" not in man.partitions
