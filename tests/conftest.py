@@ -14,6 +14,11 @@ from typing import Callable, Iterator
 
 import pytest
 
+if not __import__("torch").cuda.is_available():
+    # before anything imports triton (torch's compiler stack may): its kernels then run under
+    # the interpreter on the CPU (edgeseq/kernels/triton_env.py)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from edgeseq.quiet import quiet_third_party
 
 quiet_third_party()

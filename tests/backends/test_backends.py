@@ -105,7 +105,7 @@ def test_executorch_runs_batches_row_by_row(bundle_of):
 def test_load_errors(tmp_path, bundle_of):
     with pytest.raises(edgeseq.bundle.BundleError, match="no such bundle"):
         edgeseq.load(tmp_path / "missing")
-    with pytest.raises(KeyError, match="unknown backend 'tflite'; known: example, executorch, openvino, ort, torch$"):
+    with pytest.raises(KeyError, match="unknown backend 'tflite'; known: example, executorch, openvino, ort, qnn, torch$"):
         edgeseq.load(bundle_of(FAMILIES[0]), backend="tflite")
 
 
