@@ -89,6 +89,8 @@ class ShrinkSeq2Seq(Seq2SeqDraft):
     def evaluate(self, student: Any) -> dict[str, float]:
         """Agreement (teacher-forced), and the student's greedy outputs against the
         teacher's on the held-out sources: exact match and token error rate."""
+        from edgeseq.quant.gates import edit_distance
+
         out = super().evaluate(student)
         fam = self.teacher.family
         was = student.training
@@ -98,7 +100,7 @@ class ShrinkSeq2Seq(Seq2SeqDraft):
             want = dec[len(fam.reference_prompt(self.teacher.model, src)):]
             got = fam.reference_generate(student, src, self.max_new_tokens)
             exact += got == want
-            errors += _edits(got, want)
+            errors += edit_distance(got, want)
             total += max(1, len(want))
         student.train(was)
         n = len(self._held_out)
@@ -110,17 +112,6 @@ def layer_idx_renumber(layer: Any, i: int) -> None:
     for mod in layer.modules():
         if isinstance(getattr(mod, "layer_idx", None), int):
             mod.layer_idx = i
-
-
-def _edits(a: list[int], b: list[int]) -> int:
-    """Levenshtein distance between two token lists."""
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i]
-        for j, y in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
-        prev = cur
-    return prev[-1]
 
 
 RECIPE = Shrink
