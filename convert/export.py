@@ -53,11 +53,36 @@ def example_args(graph: StreamingGraph, *, dynamic_batch: bool = True, batch: in
                  max_batch: int = 64, chunk_max: int | None = None
                  ) -> tuple[dict[str, Any], tuple]:
     """The named dynamic dims (``Dim`` or None) and example arguments to trace the graph with."""
+    dims, example, _ = _example_sizes(graph, dynamic_batch, batch, max_batch, chunk_max)
+    return dims, graph.example_inputs(example, vocab_size=_vocab(graph))
+
+
+def example_pair(graph: StreamingGraph, *, chunk_max: int | None = None) -> tuple[tuple, tuple]:
+    """Two example arguments (dynamic batch) whose every dynamic axis differs in size: what
+    tells a traced stage which of its axes are dynamic (``edgeseq.convert.stages``)."""
+    dims, example, bounds = _example_sizes(graph, True, 1, 64, chunk_max)
+    for name, (hi, step) in bounds.items():
+        if step > 1 and name in graph.example_dims:
+            # not traced at the upper bound as for ExecuTorch's plan: each stage runs eagerly
+            # on these, and a 30 s Whisper window costs seconds
+            example[name] = max(step, graph.example_dims[name] // step * step)
+    other = dict(example)
+    for name, (hi, step) in bounds.items():
+        other[name] = example[name] + step if example[name] + step <= hi else example[name] - step
+    return (graph.example_inputs(example, vocab_size=_vocab(graph)),
+            graph.example_inputs(other, vocab_size=_vocab(graph)))
+
+
+def _example_sizes(graph: StreamingGraph, dynamic_batch: bool, batch: int, max_batch: int,
+                   chunk_max: int | None
+                   ) -> tuple[dict[str, Any], dict[str, int], dict[str, tuple[int, int]]]:
+    """Dims (``Dim`` or None), example sizes, and per dynamic dim (upper bound, step)."""
     has_chunk = any("chunk" in s.shape for s in [*graph.inputs, *graph.state])
     dims: dict[str, Any] = {"batch": Dim("batch", min=1, max=max_batch) if dynamic_batch else None}
+    bounds: dict[str, tuple[int, int]] = {"batch": (max_batch, 1)} if dynamic_batch else {}
     example = {**graph.example_dims, "batch": 2 if dynamic_batch else batch, "chunk": 5}
-    for name, bounds in graph.dim_bounds.items():
-        lo, hi, multiple = (*bounds, 1)[:3]
+    for name, b in graph.dim_bounds.items():
+        lo, hi, multiple = (*b, 1)[:3]
         if hi <= lo:
             dims[name] = None
             example[name] = hi
@@ -66,17 +91,20 @@ def example_args(graph: StreamingGraph, *, dynamic_batch: bool = True, batch: in
             # ExecuTorch loses a derived dim's range in to_edge and plans memory from the example
             # size (the hint): trace at the upper bound so the plan covers every allowed size.
             example[name] = hi // multiple * multiple
+            bounds[name] = (hi, multiple)
         else:
             dims[name] = Dim(name, min=lo, max=hi)
+            bounds[name] = (hi, 1)
     if has_chunk:
         cmax = chunk_max or 4096
         if cmax > 1:
             dims["chunk"] = Dim("chunk", min=1, max=cmax)
             example["chunk"] = min(5, cmax)
+            bounds["chunk"] = (cmax, 1)
         else:
             dims["chunk"] = None
             example["chunk"] = 1
-    return dims, graph.example_inputs(example, vocab_size=_vocab(graph))
+    return dims, example, bounds
 
 
 def _vocab(graph: StreamingGraph) -> int:

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from edgeseq.convert.stages import Stage, run_stages, stack_stages
 from edgeseq.families.seq2seq import CrossKV, DecoderStep, Seq2SeqFamily, split_heads, merge_heads, fit_reversal
 from edgeseq.registry import register_family
 
@@ -49,9 +50,11 @@ class BartLikeStep(DecoderStep):
             x = self.layernorm_embedding(x)
         return x
 
-    def layer(self, i: int, x: torch.Tensor, self_attn: Callable, cross_attn: Callable
+    def layer_module(self, i: int) -> nn.Module:
+        return self.layers[i]
+
+    def layer(self, lay: nn.Module, x: torch.Tensor, self_attn: Callable, cross_attn: Callable
               ) -> torch.Tensor:
-        lay = self.layers[i]
         sa, ca, h = lay.self_attn, lay.encoder_attn, self.heads
 
         def block(x: torch.Tensor, norm: nn.Module, fn: Callable) -> torch.Tensor:
@@ -103,18 +106,53 @@ class BartLikeStep(DecoderStep):
 
 
 class TextEncoder(nn.Module):
-    """The library's encoder, then every decoder layer's cross K/V projections."""
+    """The library's BART-style encoder, then every decoder layer's cross K/V projections.
 
-    def __init__(self, encoder: nn.Module, cross: CrossKV):
+    As stages (``edgeseq.convert.stages``): the library's embedding, positions and mask, its
+    layers one by one, the final norm where the architecture has one and the cross projections.
+    ``embed_scale``: Marian scales its token embeddings in the encoder (BART's embedding module
+    scales itself); ``positions_from_ids``: BART's learned positions take the ids, Marian's
+    sinusoidal ones the shape."""
+
+    def __init__(self, encoder: nn.Module, cross: CrossKV, embed_scale: float = 1.0,
+                 positions_from_ids: bool = True):
         super().__init__()
         self.encoder = encoder
         self.cross = cross
+        self.embed_scale = embed_scale
+        self.positions_from_ids = positions_from_ids
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
                 ) -> tuple[torch.Tensor, ...]:
-        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
-                         return_dict=True).last_hidden_state                # (b, s, d)
-        return tuple(self.cross(h))
+        return run_stages(self.stages(), (input_ids, attention_mask))
+
+    def stages(self) -> list[Stage]:
+        return stack_stages(self, self.encoder.layers, 2, ["mask"], 2 * len(self.cross.k),
+                            "encoder_layer")
+
+    def prologue(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first layer's hidden states and 4-D additive mask, as the library makes them."""
+        enc = self.encoder
+        embeds = enc.embed_tokens(input_ids)
+        if self.embed_scale != 1.0:
+            embeds = embeds * self.embed_scale
+        pos = enc.embed_positions(input_ids if self.positions_from_ids else input_ids.shape)
+        x = embeds + pos
+        if getattr(enc, "layernorm_embedding", None) is not None:
+            x = enc.layernorm_embedding(x)
+        mask = enc._update_full_mask(attention_mask, embeds)
+        if mask is None:  # the library drops an all-ones mask outside tracing
+            b, s = attention_mask.shape
+            mask = torch.zeros(b, 1, s, s, dtype=x.dtype, device=x.device)
+        return x, mask
+
+    def layer_call(self, layer: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return layer(x, mask, layer_head_mask=None)[0]
+
+    def epilogue(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        norm = getattr(self.encoder, "layer_norm", None)
+        return tuple(self.cross(norm(x) if norm is not None else x))
 
 
 class _BartLike(Seq2SeqFamily):
@@ -131,7 +169,12 @@ class _BartLike(Seq2SeqFamily):
         layers = model.model.decoder.layers
         cross = CrossKV([(lay.encoder_attn.k_proj, lay.encoder_attn.v_proj) for lay in layers],
                         model.config.decoder_attention_heads)
-        return TextEncoder(model.model.encoder, cross)
+        enc = model.model.encoder
+        return TextEncoder(enc, cross, **self.encoder_embedding(enc))
+
+    def encoder_embedding(self, encoder: nn.Module) -> dict[str, Any]:
+        """How this architecture's encoder embeds (``TextEncoder``'s keywords)."""
+        return {}
 
     def embed_scale(self, model: Any) -> float:
         return 1.0
@@ -191,6 +234,9 @@ class MarianFamily(_BartLike):
 
     def embed_scale(self, model: Any) -> float:
         return float(model.model.decoder.embed_scale)
+
+    def encoder_embedding(self, encoder: nn.Module) -> dict[str, Any]:
+        return {"embed_scale": float(encoder.embed_scale), "positions_from_ids": False}
 
     def make_test_checkpoint(self, folder: Path, seed: int = 0, **overrides: Any) -> Path:
         from transformers import MarianConfig, MarianMTModel

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from edgeseq.bundle import BundleError, StateSpec, StreamingGraph, TensorSpec
+from edgeseq.convert.stages import Stage, arg, out, run_stages
 from edgeseq.checkpoint import checkpoint_folder, load_into, load_state_dict, read_config
 from edgeseq.families.base import Family
 from edgeseq.generation import GENERATION_FIELDS
@@ -104,6 +105,9 @@ class DecoderStep(nn.Module):
     *cross (2 per layer), *cache (2 per layer)) -> (logits (b, v), *cache')``.
     """
 
+    # whether ``self_bias`` gives a position bias (T5) rather than None
+    has_self_bias = False
+
     def __init__(self, n_layers: int, layout: str, has_mask: bool):
         super().__init__()
         if layout not in LAYOUTS:
@@ -121,8 +125,10 @@ class DecoderStep(nn.Module):
         """Position bias (1, h, 1, t) for the self-attention over t cache slots (T5), or None."""
         return None
 
-    def layer(self, i: int, x: torch.Tensor, self_attn: Callable, cross_attn: Callable
+    def layer(self, lay: nn.Module, x: torch.Tensor, self_attn: Callable, cross_attn: Callable
               ) -> torch.Tensor:
+        """One layer (``layer_module(i)``) over x; ``self_attn(q, k, v, scale)`` and
+        ``cross_attn(q, scale)`` attend with the layer's caches."""
         raise NotImplementedError
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,45 +150,16 @@ class DecoderStep(nn.Module):
         raise NotImplementedError
 
     # -- the step itself -----------------------------------------------------------------
+    def layer_module(self, i: int) -> nn.Module:
+        """The i-th decoder layer's module: what ``layer`` reads its weights from."""
+        raise NotImplementedError
+
     def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor, *rest: torch.Tensor
                 ) -> tuple[torch.Tensor, ...]:
-        n = self.n_layers
-        enc_bias = None
-        if self.has_mask:
-            enc_bias = mask_bias(rest[0], torch.float32)
-            rest = rest[1:]
-        cross, cache = rest[:2 * n], rest[2 * n:]
-        x = self.embed(input_ids, cache_position)                       # (b, 1, d)
-        t = cache[0].shape[2] + 1 if self.layout == "dynamic" else cache[0].shape[2]
-        bias = self.self_bias(cache_position, t)
-        if self.layout == "fixed":
-            slots = torch.arange(t, device=x.device)
-            hit = (slots == cache_position).view(1, 1, t, 1)              # where this step writes
-            future = torch.where(slots <= cache_position, 0.0, torch.finfo(torch.float32).min)
-            bias = future.view(1, 1, 1, t) if bias is None else bias + future.view(1, 1, 1, t)
-        new_cache: list[torch.Tensor] = []
-        for i in range(n):
-            k_past, v_past = cache[2 * i], cache[2 * i + 1]
-            k_x, v_x = cross[2 * i], cross[2 * i + 1]
+        return run_stages(self.stages(), (input_ids, cache_position, *rest))
 
-            def self_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                          k_past: torch.Tensor = k_past, v_past: torch.Tensor = v_past
-                          ) -> torch.Tensor:
-                if self.layout == "dynamic":
-                    k_all = torch.cat([k_past, k], dim=2)                 # (b, h, t, k)
-                    v_all = torch.cat([v_past, v], dim=2)
-                else:
-                    k_all = torch.where(hit, k, k_past)
-                    v_all = torch.where(hit, v, v_past)
-                new_cache.extend([k_all, v_all])
-                return attend(q, k_all, v_all, scale, bias)
-
-            def cross_attn(q: torch.Tensor, scale: float, k_x: torch.Tensor = k_x,
-                           v_x: torch.Tensor = v_x) -> torch.Tensor:
-                return attend_t(q, k_x, v_x, scale, enc_bias)
-
-            x = self.layer(i, x, self_attn, cross_attn)
-        return (self.head(x), *new_cache)
+    def stages(self) -> list[Stage]:
+        return decoder_stages(self, chunk=False)
 
 
 class DecoderChunk(nn.Module):
@@ -205,58 +182,134 @@ class DecoderChunk(nn.Module):
     def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor,
                 positions: torch.Tensor, tree_mask: torch.Tensor, *rest: torch.Tensor
                 ) -> tuple[torch.Tensor, ...]:
+        return run_stages(self.stages(), (input_ids, cache_position, positions, tree_mask, *rest))
+
+    def stages(self) -> list[Stage]:
+        return decoder_stages(self.step, chunk=True)
+
+
+def decoder_stages(step: DecoderStep, chunk: bool) -> list[Stage]:
+    """The decoder step (or chunk) as prologue, one stage per layer, epilogue
+    (``edgeseq.convert.stages``): the layers share one template."""
+    n = step.n_layers
+    first_cross = (4 if chunk else 2) + int(step.has_mask)
+    first_cache = first_cross + 2 * n
+    fixed = step.layout == "fixed"
+    ctx = ["bias"] if (chunk or fixed or step.has_self_bias) else []
+    if step.has_mask:
+        ctx.append("enc_bias")
+    if fixed:
+        ctx += ["write", "idx"] if chunk else ["hit"]
+    pro_in = [arg(j) for j in range(first_cross)] + [arg(first_cache)]
+    stages = [Stage(_DecoderPrologue(step, chunk, tuple(ctx)), tuple(pro_in), ("x0", *ctx))]
+    for i in range(n):
+        kv = (arg(first_cache + 2 * i), arg(first_cache + 2 * i + 1),
+              arg(first_cross + 2 * i), arg(first_cross + 2 * i + 1))
+        stages.append(Stage(_DecoderLayer(step, i, chunk, tuple(ctx)), (f"x{i}", *ctx, *kv),
+                            (f"x{i + 1}", out(1 + 2 * i), out(2 + 2 * i)),
+                            template="decoder_layer"))
+    stages.append(Stage(_DecoderEpilogue(step, chunk), (f"x{n}",), (out(0),)))
+    return stages
+
+
+class _DecoderPrologue(nn.Module):
+    """Embedding and the masks and biases every layer reads: ``(input_ids, cache_position,
+    [positions, tree_mask], [encoder_attention_mask], first layer's cached keys) -> (x, *ctx)``."""
+
+    def __init__(self, step: DecoderStep, chunk: bool, ctx: tuple[str, ...]):
+        super().__init__()
+        self.step, self.chunk, self.ctx = step, chunk, ctx
+
+    def forward(self, *a: torch.Tensor) -> tuple[torch.Tensor, ...]:
         st = self.step
-        n = st.n_layers
-        enc_bias = None
-        if st.has_mask:
-            enc_bias = mask_bias(rest[0], torch.float32)
-            rest = rest[1:]
-        cross, cache = rest[:2 * n], rest[2 * n:]
-        c = input_ids.shape[1]
-        neg = torch.finfo(torch.float32).min
-        tree = torch.where(tree_mask > 0, 0.0, neg)                       # (c, c)
-        x = st.embed_chunk(input_ids, positions)                          # (b, c, d)
-        write = idx = None
-        if st.layout == "dynamic":
-            past = cache[0].shape[2]
-            key_pos = torch.cat([torch.arange(past, device=x.device), positions])
-            bias = torch.cat([torch.zeros(c, past, device=x.device), tree], dim=1)  # (c, t)
+        if self.chunk:
+            input_ids, cache_position, positions, tree_mask = a[:4]
+            rest = a[4:]
         else:
-            slots = torch.arange(cache[0].shape[2], device=x.device)
-            rel = slots - cache_position                                  # (t,)
-            inside = (rel >= 0) & (rel < c)
-            idx = rel.clamp(0, c - 1)
-            key_pos = torch.where(inside, positions[idx], slots)
-            before = torch.where(rel < 0, 0.0, neg)                       # (t,) the past
-            bias = torch.where(inside.unsqueeze(0), tree[:, idx], before.unsqueeze(0))
-            write = inside.view(1, 1, -1, 1)
-        bias = bias[None, None]                                           # (1, 1, c, t)
-        pos_bias = st.chunk_bias(positions, key_pos)
-        if pos_bias is not None:
-            bias = bias + pos_bias
-        new_cache: list[torch.Tensor] = []
-        for i in range(n):
-            k_past, v_past = cache[2 * i], cache[2 * i + 1]
-            k_x, v_x = cross[2 * i], cross[2 * i + 1]
+            input_ids, cache_position = a[:2]
+            rest = a[2:]
+        k0 = rest[-1]
+        got: dict[str, torch.Tensor | None] = {}
+        if st.has_mask:
+            got["enc_bias"] = mask_bias(rest[0], torch.float32)
+        if self.chunk:
+            x = st.embed_chunk(input_ids, positions)                      # (b, c, d)
+            c = input_ids.shape[1]
+            neg = torch.finfo(torch.float32).min
+            tree = torch.where(tree_mask > 0, 0.0, neg)                   # (c, c)
+            if st.layout == "dynamic":
+                past = k0.shape[2]
+                key_pos = torch.cat([torch.arange(past, device=x.device), positions])
+                bias = torch.cat([torch.zeros(c, past, device=x.device), tree], dim=1)  # (c, t)
+            else:
+                slots = torch.arange(k0.shape[2], device=x.device)
+                rel = slots - cache_position                              # (t,)
+                inside = (rel >= 0) & (rel < c)
+                idx = rel.clamp(0, c - 1)
+                key_pos = torch.where(inside, positions[idx], slots)
+                before = torch.where(rel < 0, 0.0, neg)                   # (t,) the past
+                bias = torch.where(inside.unsqueeze(0), tree[:, idx], before.unsqueeze(0))
+                got["write"], got["idx"] = inside.view(1, 1, -1, 1), idx
+            bias = bias[None, None]                                       # (1, 1, c, t)
+            pos_bias = st.chunk_bias(positions, key_pos)
+            got["bias"] = bias if pos_bias is None else bias + pos_bias
+        else:
+            x = st.embed(input_ids, cache_position)                       # (b, 1, d)
+            t = k0.shape[2] + 1 if st.layout == "dynamic" else k0.shape[2]
+            bias = st.self_bias(cache_position, t)
+            if st.layout == "fixed":
+                slots = torch.arange(t, device=x.device)
+                got["hit"] = (slots == cache_position).view(1, 1, t, 1)  # where this step writes
+                future = torch.where(slots <= cache_position, 0.0, torch.finfo(torch.float32).min)
+                bias = future.view(1, 1, 1, t) if bias is None else bias + future.view(1, 1, 1, t)
+            got["bias"] = bias
+        return (x, *[got[name] for name in self.ctx])
 
-            def self_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                          k_past: torch.Tensor = k_past, v_past: torch.Tensor = v_past
-                          ) -> torch.Tensor:
-                if write is None:
-                    k_all = torch.cat([k_past, k], dim=2)
-                    v_all = torch.cat([v_past, v], dim=2)
-                else:
-                    k_all = torch.where(write, k[:, :, idx], k_past)
-                    v_all = torch.where(write, v[:, :, idx], v_past)
-                new_cache.extend([k_all, v_all])
-                return attend(q, k_all, v_all, scale, bias)
 
-            def cross_attn(q: torch.Tensor, scale: float, k_x: torch.Tensor = k_x,
-                           v_x: torch.Tensor = v_x) -> torch.Tensor:
-                return attend_t(q, k_x, v_x, scale, enc_bias)
+class _DecoderLayer(nn.Module):
+    """One decoder layer: ``(x, *ctx, k_past, v_past, k_cross, v_cross) -> (x, k, v)``.
+    Owns only its layer's weights (the template's parameter names); the maths is the step's."""
 
-            x = st.layer(i, x, self_attn, cross_attn)
-        return (st.head_chunk(x), *new_cache)
+    def __init__(self, step: DecoderStep, i: int, chunk: bool, ctx: tuple[str, ...]):
+        super().__init__()
+        self.lay = step.layer_module(i)
+        self.__dict__["_step"] = step         # not a submodule: its other weights are not ours
+        self.chunk, self.ctx = chunk, ctx
+
+    def forward(self, x: torch.Tensor, *a: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx = dict(zip(self.ctx, a))
+        k_past, v_past, k_x, v_x = a[len(self.ctx):]
+        bias, enc_bias = ctx.get("bias"), ctx.get("enc_bias")
+        new: list[torch.Tensor] = []
+
+        def self_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+                      ) -> torch.Tensor:
+            if "hit" in ctx:
+                k_all = torch.where(ctx["hit"], k, k_past)
+                v_all = torch.where(ctx["hit"], v, v_past)
+            elif "write" in ctx:
+                k_all = torch.where(ctx["write"], k[:, :, ctx["idx"]], k_past)
+                v_all = torch.where(ctx["write"], v[:, :, ctx["idx"]], v_past)
+            else:
+                k_all = torch.cat([k_past, k], dim=2)                     # (b, h, t, k)
+                v_all = torch.cat([v_past, v], dim=2)
+            new.extend([k_all, v_all])
+            return attend(q, k_all, v_all, scale, bias)
+
+        def cross_attn(q: torch.Tensor, scale: float) -> torch.Tensor:
+            return attend_t(q, k_x, v_x, scale, enc_bias)
+
+        x = self._step.layer(self.lay, x, self_attn, cross_attn)
+        return (x, *new)
+
+
+class _DecoderEpilogue(nn.Module):
+    def __init__(self, step: DecoderStep, chunk: bool):
+        super().__init__()
+        self.step, self.chunk = step, chunk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.step.head_chunk(x) if self.chunk else self.step.head(x)
 
 
 class CrossKV(nn.Module):

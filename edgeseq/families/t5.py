@@ -15,11 +15,14 @@ import torch
 from torch import nn
 
 from edgeseq.families.bart import TextEncoder
+from edgeseq.convert.stages import Stage, stack_stages
 from edgeseq.families.seq2seq import CrossKV, DecoderStep, Seq2SeqFamily, merge_heads, split_heads, fit_reversal
 from edgeseq.registry import register_family
 
 
 class T5Step(DecoderStep):
+    has_self_bias = True
+
     def __init__(self, model: nn.Module, layout: str):
         dec = model.decoder
         super().__init__(len(dec.block), layout, has_mask=True)
@@ -45,9 +48,12 @@ class T5Step(DecoderStep):
             rel, bidirectional=False, num_buckets=self.num_buckets, max_distance=self.max_distance)
         return self.rel_bias(buckets).transpose(0, 1)[None, :, None, :]  # (1, h, 1, t)
 
-    def layer(self, i: int, x: torch.Tensor, self_attn: Callable, cross_attn: Callable
+    def layer_module(self, i: int) -> nn.Module:
+        return self.blocks[i]
+
+    def layer(self, lay: nn.Module, x: torch.Tensor, self_attn: Callable, cross_attn: Callable
               ) -> torch.Tensor:
-        sa_layer, ca_layer, ff_layer = self.blocks[i].layer
+        sa_layer, ca_layer, ff_layer = lay.layer
         sa, ca, h = sa_layer.SelfAttention, ca_layer.EncDecAttention, self.heads
         y = sa_layer.layer_norm(x)
         a = self_attn(split_heads(sa.q(y), h), split_heads(sa.k(y), h), split_heads(sa.v(y), h), 1.0)
@@ -80,6 +86,31 @@ class T5Step(DecoderStep):
         return self.lm_head(x)
 
 
+class T5TextEncoder(TextEncoder):
+    """T5's stack: the first layer's relative position bias (plus the padding mask) is made
+    once in the prologue and handed to every layer, as the library's stack hands it on."""
+
+    def stages(self) -> list[Stage]:
+        return stack_stages(self, self.encoder.block, 2, ["bias"], 2 * len(self.cross.k),
+                            "encoder_layer")
+
+    def prologue(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.encoder
+        x = enc.dropout(enc.embed_tokens(input_ids))
+        mask = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+        s = input_ids.shape[1]
+        attn = enc.block[0].layer[0].SelfAttention
+        return x, attn.compute_bias(s, s, device=x.device) + mask
+
+    def layer_call(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return layer(x, None, bias)[0]
+
+    def epilogue(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        enc = self.encoder
+        return tuple(self.cross(enc.dropout(enc.final_layer_norm(x))))
+
+
 @register_family("t5")
 class T5Family(Seq2SeqFamily):
     """transformers ``T5ForConditionalGeneration`` (T5, T5 v1.1, ByT5, Flan-T5)."""
@@ -104,7 +135,7 @@ class T5Family(Seq2SeqFamily):
     def encoder_module(self, model: Any) -> nn.Module:
         cross = CrossKV([(b.layer[1].EncDecAttention.k, b.layer[1].EncDecAttention.v)
                          for b in model.decoder.block], model.config.num_heads)
-        return TextEncoder(model.encoder, cross)
+        return T5TextEncoder(model.encoder, cross)
 
     def step_module(self, model: Any, layout: str) -> DecoderStep:
         return T5Step(model, layout)

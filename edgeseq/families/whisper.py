@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgeseq.convert.stages import Stage, run_stages, stack_stages
 from edgeseq.families.bart import BartLikeStep
 from edgeseq.families.seq2seq import CrossKV, DecoderStep, Seq2SeqFamily, fit_reversal
 from edgeseq.generation import SAMPLING
@@ -40,11 +41,20 @@ class WhisperEncoder(nn.Module):
                               for lay in dec_layers], model.config.decoder_attention_heads)
 
     def forward(self, input_features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return run_stages(self.stages(), (input_features,))
+
+    def stages(self) -> list[Stage]:
+        return stack_stages(self, self.layers, 1, [], 2 * len(self.cross.k), "encoder_layer")
+
+    def prologue(self, input_features: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.conv1(input_features))
         x = F.gelu(self.conv2(x)).permute(0, 2, 1)                      # (b, s, d)
-        x = x + self.embed_positions.weight[:x.shape[1]]
-        for layer in self.layers:
-            x = layer(x, None, layer_head_mask=None)[0]
+        return x + self.embed_positions.weight[:x.shape[1]]
+
+    def layer_call(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return layer(x, None, layer_head_mask=None)[0]
+
+    def epilogue(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(self.cross(self.layer_norm(x)))
 
 

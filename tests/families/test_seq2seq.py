@@ -45,6 +45,25 @@ def test_parity_greedy_and_beams(bundle_of, family, layout):
     assert len(set(rep["reference_tokens"])) >= 4
 
 
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["dynamic", "fixed"])
+@pytest.mark.parametrize("family", SEQ2SEQ)
+def test_onnx_graphs_are_stamped_from_one_traced_layer(bundle_of, family, layout):
+    """The ONNX lowering traced each stack's layer once and stamped it per layer
+    (runtime/backends/onnxruntime/stamp.py): every graph's nodes carry their stage's prefix
+    ``s<k>/``, one stage per layer plus the prologue and epilogue. A silent fallback to the
+    whole-module export would leave the exporter's own names."""
+    import onnx
+
+    files = sorted(bundle_of(family, layout).rglob("*.onnx"))
+    assert {f.stem for f in files} >= {"encoder", "decoder_step"}
+    for f in files:
+        nodes = onnx.load(str(f), load_external_data=False).graph.node
+        prefixes = {n.name.split("/", 1)[0] for n in nodes}
+        assert all(p.startswith("s") and p[1:].isdigit() for p in prefixes), (f, prefixes - {
+            p for p in prefixes if p.startswith("s") and p[1:].isdigit()})
+        assert len(prefixes) >= 3, (f, prefixes)
+
+
 _REFERENCE_MODELS: dict = {}
 
 
