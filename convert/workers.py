@@ -52,9 +52,10 @@ def job_count(n: int, bytes_per_job: int = 0) -> int:
         return min(n, int(env))
     if sys.platform == "win32" or n <= 1:   # no fork
         return 1
-    # one more than the cores is fine: the jobs differ in length, so the short ones finish
-    # and leave the long one its core (3 graphs on 2 cores: 20.7 s against 23.9 s with 2)
-    jobs = min(n, 2 * (os.cpu_count() or 1))
+    # one per core: since the layers are traced once (onnxruntime/stamp.py) a graph's export
+    # is seconds, and a worker more than the cores only adds a fork and contention (Whisper
+    # tiny's three graphs on 2 cores: 5.1 s with 2 workers, 7.1 s with 3, 7.7 s in-process)
+    jobs = min(n, os.cpu_count() or 1)
     free = _available_memory()
     if bytes_per_job and free:
         jobs = min(jobs, max(1, free // (2 * bytes_per_job)))

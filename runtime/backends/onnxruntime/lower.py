@@ -80,7 +80,7 @@ def _lower_graph(g: StreamingGraph, dtype: str, path: Path) -> str:
     from edgeseq.convert.stages import stages_of
     from edgeseq.runtime.backends.onnxruntime.stamp import StampError, export_stamped
 
-    share_torchlib_registry()
+    tune_exporter()
     proto = None
     if stages_of(g.module):
         try:
@@ -106,7 +106,7 @@ def _warm_up() -> None:
     """Export a one-op module: the exporters' one-time set-up, done before workers fork."""
     import torch
 
-    share_torchlib_registry()
+    tune_exporter()
 
     class Twice(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,13 +116,35 @@ def _warm_up() -> None:
     torch.onnx.export(ep, dynamo=True, verbose=False, optimize=True)
 
 
-def share_torchlib_registry() -> None:
-    """Build the exporter's operator registry once per process, not once per export (0.35 s
-    each; a stamped graph is three exports). torch 2.13's exporter builds it afresh for every
-    ``torch.onnx.export`` and mutates it only for a ``custom_translation_table``, which edgeseq
-    never passes."""
-    from torch.onnx._internal.exporter import _registration
+def tune_exporter() -> None:
+    """Two costs of torch 2.13's ONNX exporter that buy edgeseq's graphs nothing, removed once
+    per process (docs/benchmarks.md, conversion cost):
 
+    - it builds its operator registry afresh for every ``torch.onnx.export`` (0.35 s each; a
+      stamped graph is three exports) and mutates it only for a ``custom_translation_table``,
+      which edgeseq never passes: built once here;
+    - it re-traces every program to decompose the operators the registry lacks, with symbolic
+      shapes, ~40 % of an export; where the program has no such operator that pass changes
+      nothing (the same ONNX graph, node for node, for every seq2seq graph): skipped then.
+    """
+    from torch.onnx._internal.exporter import _core, _registration
+
+    if not getattr(_core._prepare_exported_program_for_export, "_edgeseq_tuned", False):
+        full = _core._prepare_exported_program_for_export
+
+        def prepare(exported_program: Any, *, registry: Any) -> Any:
+            _plain_casts(exported_program.graph_module)
+            if not _all_registered(exported_program, registry):
+                return full(exported_program, registry=registry)
+            from torch.onnx._internal.exporter import _fx_passes
+
+            gm = exported_program.graph_module
+            _fx_passes.insert_type_promotion_nodes(gm)
+            exported_program._graph_module = _fx_passes.remove_assertion_nodes(gm)
+            return exported_program
+
+        prepare._edgeseq_tuned = True  # type: ignore[attr-defined]
+        _core._prepare_exported_program_for_export = prepare
     cls = _registration.ONNXRegistry
     if getattr(cls.from_torchlib, "_edgeseq_shared", False):
         return
@@ -137,6 +159,51 @@ def share_torchlib_registry() -> None:
 
     from_torchlib._edgeseq_shared = True  # type: ignore[attr-defined]
     cls.from_torchlib = classmethod(from_torchlib)  # type: ignore[method-assign]
+
+
+def _plain_casts(gm: Any) -> None:
+    """``Tensor.to(dtype)`` (a composite the exporter has no translation for, e.g. T5's norm
+    casting to float32): dropped where the dtype is already that, else the ``_to_copy`` it
+    decomposes to."""
+    import torch
+
+    aten = torch.ops.aten
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.to.dtype:
+            continue
+        src, dtype = node.args[0], node.args[1]
+        val = getattr(src, "meta", {}).get("val")
+        if val is not None and val.dtype == dtype:
+            node.replace_all_uses_with(src)
+            gm.graph.erase_node(node)
+        else:
+            node.target, node.args, node.kwargs = aten._to_copy.default, (src,), {"dtype": dtype}
+        changed = True
+    if changed:
+        gm.recompile()
+
+
+def _all_registered(exported_program: Any, registry: Any) -> bool:
+    """Every operator of the program has an ONNX translation as it stands (what the
+    exporter's decomposition pass would leave alone); higher-order operators never count."""
+    import operator
+
+    import torch
+
+    asserts = {torch.ops.aten._assert_tensor_metadata.default,
+               torch.ops.aten._assert_scalar.default,
+               torch.ops.aten.sym_constrain_range_for_size.default}
+    for node in exported_program.graph.nodes:
+        if node.op != "call_function" or node.target in asserts:
+            continue
+        t = node.target
+        if isinstance(t, torch._ops.OpOverload):
+            if not registry.is_registered(t):
+                return False
+        elif getattr(t, "__module__", None) not in (operator.__name__, "_operator"):
+            return False
+    return True
 
 
 def _has_chunk(g: StreamingGraph) -> bool:
