@@ -142,6 +142,7 @@ def _compose(g: StreamingGraph, stages: list[Stage], pieces: dict[str, _Piece],
     graph = model.graph
     graph.name = g.name
     outputs: dict[str, Any] = {}
+    env_dims: dict[str, list[str | None]] = {}    # an intermediate value's axes, named
     weights: dict[str, torch.Tensor] = {}
     opsets: dict[str, int] = {}
     for k, st in enumerate(stages):
@@ -190,7 +191,7 @@ def _compose(g: StreamingGraph, stages: list[Stage], pieces: dict[str, _Piece],
         def rn(v: str, prefix: str = prefix, rename: dict[str, str] = rename) -> str:
             return rename.get(v, prefix + v)
 
-        symbols = _symbols(gp, st, bound, g)
+        symbols = _symbols(gp, st, bound, g, env_dims)
         for node in gp.node:
             if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                    for a in node.attribute):
@@ -207,7 +208,9 @@ def _compose(g: StreamingGraph, stages: list[Stage], pieces: dict[str, _Piece],
         for vi in gp.value_info:
             _renamed(graph.value_info.add(), vi, rn(vi.name), symbols, k)
         for vi in gp.output:
-            target = bound.get(st.outputs[int(vi.name[3:])], "")
+            name = st.outputs[int(vi.name[3:])]
+            env_dims[name] = _dim_names(vi, symbols, k)
+            target = bound.get(name, "")
             if target in names_out:
                 outputs[target] = (vi, symbols, k)
     for name, t in weights.items():
@@ -234,22 +237,33 @@ def _compose(g: StreamingGraph, stages: list[Stage], pieces: dict[str, _Piece],
     return model
 
 
-def _symbols(gp: Any, st: Stage, bound: dict[str, str],
-             g: StreamingGraph) -> dict[str, str]:
-    """The piece's dimension symbols that are a graph input's named axis -> that name."""
+def _symbols(gp: Any, st: Stage, bound: dict[str, str], g: StreamingGraph,
+             env_dims: dict[str, list[str | None]]) -> dict[str, str]:
+    """The piece's dimension symbols -> the graph's names for those sizes: a graph input's
+    named axis, or what an earlier piece's output (``env_dims``) was named."""
     specs = {s.name: s for s in g.inputs}
     specs.update({s.input_name: s for s in g.state})
     got: dict[str, str] = {}
     for vi in gp.input:
         if vi.name.startswith("w:"):
             continue
-        spec = specs.get(bound.get(st.inputs[int(vi.name[2:])], ""))
-        if spec is None:
-            continue
-        for dim, want in zip(vi.type.tensor_type.shape.dim, spec.shape):
+        name = st.inputs[int(vi.name[2:])]
+        spec = specs.get(bound.get(name, ""))
+        wants = list(spec.shape) if spec is not None else env_dims.get(name, [])
+        for dim, want in zip(vi.type.tensor_type.shape.dim, wants):
             if dim.dim_param and isinstance(want, str):
                 got.setdefault(dim.dim_param, want)
     return got
+
+
+def _dim_names(vi: Any, symbols: dict[str, str], k: int) -> list[str | None]:
+    """``vi``'s axes as the composed graph names them (None: a fixed size)."""
+    return [_rename_expr(d.dim_param, symbols, k) if d.dim_param else None
+            for d in vi.type.tensor_type.shape.dim]
+
+
+def _rename_expr(expr: str, symbols: dict[str, str], k: int) -> str:
+    return _WORD.sub(lambda m: symbols.get(m.group(0), f"{_SYMBOL_PREFIX}{k}_{m.group(0)}"), expr)
 
 
 def _renamed(slot: Any, vi: Any, name: str, symbols: dict[str, str], k: int) -> None:
@@ -259,6 +273,4 @@ def _renamed(slot: Any, vi: Any, name: str, symbols: dict[str, str], k: int) -> 
     slot.name = name
     for dim in slot.type.tensor_type.shape.dim:
         if dim.dim_param:
-            dim.dim_param = _WORD.sub(
-                lambda m: symbols.get(m.group(0), f"{_SYMBOL_PREFIX}{k}_{m.group(0)}"),
-                dim.dim_param)
+            dim.dim_param = _rename_expr(dim.dim_param, symbols, k)
