@@ -55,9 +55,8 @@ class _Positional(nn.Module):
 def _weights(module: nn.Module, canonical: bool = False) -> dict[str, torch.Tensor]:
     """Parameters and buffers by name: every alias of a shared one, or (``canonical``) one name
     each."""
-    dup = not canonical
-    return {**dict(module.named_parameters(remove_duplicate=not dup)),
-            **dict(module.named_buffers(remove_duplicate=not dup))}
+    return {**dict(module.named_parameters(remove_duplicate=canonical)),
+            **dict(module.named_buffers(remove_duplicate=canonical))}
 
 
 def export_stamped(g: StreamingGraph, args_a: Sequence[torch.Tensor],
@@ -85,6 +84,7 @@ def export_stamped(g: StreamingGraph, args_a: Sequence[torch.Tensor],
 
 def _export_piece(st: Stage, env_a: dict[str, torch.Tensor], env_b: dict[str, torch.Tensor],
                   opset: int) -> _Piece:
+    import onnx_ir
     import onnxscript.optimizer
     import onnxscript.rewriter.onnx_fusions
     from torch.export import Dim
@@ -124,8 +124,6 @@ def _export_piece(st: Stage, env_a: dict[str, torch.Tensor], env_b: dict[str, to
         graph.inputs.append(value)
     onnxscript.optimizer.optimize_ir(model)        # what torch.onnx.export(optimize=True) runs
     onnxscript.rewriter.onnx_fusions.fuse(model)
-    import onnx_ir
-
     return _Piece(onnx_ir.serde.serialize_model(model))
 
 
@@ -135,6 +133,8 @@ def _compose(g: StreamingGraph, stages: list[Stage], pieces: dict[str, _Piece],
 
     names_in = [s.name for s in g.inputs] + [s.input_name for s in g.state]
     names_out = [s.name for s in g.outputs] + [s.output_name for s in g.state]
+    specs = {s.name: s for s in g.inputs}              # a graph input's spec by its name
+    specs.update({s.input_name: s for s in g.state})
     bound = {arg(j): n for j, n in enumerate(names_in)}
     bound.update({out(j): n for j, n in enumerate(names_out)})
     # built in place: copying a proto copies its weights (0.8 s for t5-small)
@@ -191,7 +191,7 @@ def _compose(g: StreamingGraph, stages: list[Stage], pieces: dict[str, _Piece],
         def rn(v: str, prefix: str = prefix, rename: dict[str, str] = rename) -> str:
             return rename.get(v, prefix + v)
 
-        symbols = _symbols(gp, st, bound, g, env_dims)
+        symbols = _symbols(gp, st, bound, specs, env_dims)
         for node in gp.node:
             if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                    for a in node.attribute):
@@ -220,8 +220,6 @@ def _compose(g: StreamingGraph, stages: list[Stage], pieces: dict[str, _Piece],
         init.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
         init.dims.extend(arr.shape)
         init.raw_data = arr.tobytes()
-    specs = {s.name: s for s in g.inputs}
-    specs.update({s.input_name: s for s in g.state})
     for n in names_in:
         graph.input.add().CopyFrom(helper.make_tensor_value_info(
             n, helper.np_dtype_to_tensor_dtype(np.dtype(specs[n].dtype)), list(specs[n].shape)))
@@ -237,12 +235,10 @@ def _compose(g: StreamingGraph, stages: list[Stage], pieces: dict[str, _Piece],
     return model
 
 
-def _symbols(gp: Any, st: Stage, bound: dict[str, str], g: StreamingGraph,
+def _symbols(gp: Any, st: Stage, bound: dict[str, str], specs: dict[str, Any],
              env_dims: dict[str, list[str | None]]) -> dict[str, str]:
     """The piece's dimension symbols -> the graph's names for those sizes: a graph input's
     named axis, or what an earlier piece's output (``env_dims``) was named."""
-    specs = {s.name: s for s in g.inputs}
-    specs.update({s.input_name: s for s in g.state})
     got: dict[str, str] = {}
     for vi in gp.input:
         if vi.name.startswith("w:"):
