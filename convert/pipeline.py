@@ -109,7 +109,7 @@ class ConversionError(BundleError):
 def convert(src: str | Path, out: str | Path, formats: tuple[str, ...] = ALL_FORMATS,
             dtype: str = "fp32", parity_tokens: int = 64, overwrite: bool = False,
             skip_parity: bool = False, force: bool = False, target: str = "host",
-            max_target_len: int | None = None, quant: str | None = None, group_size: int = 32,
+            max_target_len: int | None = None, quant: str | None = None, group_size: int | None = None,
             keep: list[str] | None = None, quantize_all: bool = False,
             eval_file: str | Path | None = None, max_drop: float | None = None,
             calibration: str | Path | None = None, early_exit: int | None = None,
@@ -191,7 +191,7 @@ class _Conversion:
     dtype: str
     target: str
     quant: str | None
-    group_size: int
+    group_size: int | None  # None: each backend's own (``Backend.int4_group``)
     calibration: str | Path | None
     devices: dict[str, str] = field(default_factory=dict)
     preferred: tuple[str, ...] = ()
@@ -300,14 +300,19 @@ def _lower(c: _Conversion, tmp: Path) -> None:
             if c.quant is not None and fmt == "pte":
                 from edgeseq.runtime.backends.executorch.quantize import float_weight_bytes
 
-                qgraphs, reports = backend.quantize_graphs(c.graphs, c.quant, c.keep,
-                                                           c.group_size, c.sensitive)
+                group = c.group_size or backend.int4_group
+                qgraphs, reports = backend.quantize_graphs(c.graphs, c.quant, c.keep, group,
+                                                           c.sensitive)
                 written = backend.lower(qgraphs, tmp, c.dtype, quantized=True)
                 c.q_formats["pte"] = {
                     "weight_bytes_fp32": float_weight_bytes(c.graphs),
                     "file_bytes": (tmp / written[next(iter(written))]).stat().st_size,
+                    **({"group_size": group} if "int4" in c.quant else {}),
                     "graphs": reports}
                 del qgraphs
+            elif fmt == "onnx":
+                written = backend.lower(c.graphs, tmp, c.dtype, fused=all(
+                    get_backend(b).onnx_contrib_ops for b in c.preferred))
             else:
                 written = backend.lower(c.graphs, tmp, c.dtype)
         except ValueError as e:
@@ -372,10 +377,12 @@ def _quantize(c: _Conversion, tmp: Path) -> None:
                                       Path(c.calibration), c.tokenizer)
             reports = quantize_static_bundle(tmp, onnx_files, feeds, keep + sensitive)
         else:
-            reports = get_backend(FORMATS["onnx"]).quantize_files(
-                tmp, onnx_files, quant, keep, c.group_size, sensitive)
+            ort = get_backend(FORMATS["onnx"])
+            group = c.group_size or ort.int4_group
+            reports = ort.quantize_files(tmp, onnx_files, quant, keep, group, sensitive)
         after = weight_bytes_by_dtype(tmp, list(onnx_files.values()))
         c.q_formats["onnx"] = {"weight_bytes_fp32": before, "weight_bytes": after,
+                               **({"group_size": group} if quant == "int4" else {}),
                                "graphs": reports}
     for fmt, rec in c.q_formats.items():
         before = rec["weight_bytes_fp32"]
@@ -392,7 +399,9 @@ def _quantize(c: _Conversion, tmp: Path) -> None:
     c.say(f"      kept in float: {', '.join(floats) or 'nothing'}"
           + (f"; int8 (sensitive): {', '.join(sensitive)}" if quant == "int4" and sensitive
              else ""))
-    c.quant_record = {"scheme": quant, "group_size": c.group_size if "int4" in quant else None,
+    # the group each format used (they may differ: each backend's default) is in its record
+    groups = {r["group_size"] for r in c.q_formats.values() if "group_size" in r}
+    c.quant_record = {"scheme": quant, "group_size": groups.pop() if len(groups) == 1 else None,
                       "keep_float": floats,
                       "int8_sensitive": sensitive if quant == "int4" else [],
                       "state": "float32 (every state tensor)",

@@ -120,10 +120,10 @@ def quantize_static_model(model: Any, feeds: list[dict[str, np.ndarray]], keep: 
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
 
-    from edgeseq.runtime.backends.onnxruntime.quantize import (gemm_to_matmul, matmul_weights,
+    from edgeseq.runtime.backends.onnxruntime.quantize import (matmul_weights, prepare,
                                                                quantize_embeddings)
 
-    gemm_to_matmul(model)
+    prepare(model)
     tables = quantize_embeddings(model, 8, keep)
     weights = matmul_weights(model)
     exclude = [n for n, w in weights.items() if any(fnmatch.fnmatch(w, p) for p in keep)]

@@ -425,6 +425,13 @@ def _onnx_cost(path: Path, entry: GraphEntry, dims: Mapping[str, int], seen: set
                     2.0 * float(np.prod(out)) * float(np.prod(w[1:])))
             else:
                 unresolved += 1
+        elif op == "MultiHeadAttention":  # fused (onnxruntime/fuse.py): Q K^T and P V
+            q, kv = shape(node.input[0]), shape(node.input[1])
+            if q is not None and kv is not None and len(q) == 3:
+                add(_dtype_name(shapes.get(node.input[0], ([], 1))[1]),
+                    4.0 * float(np.prod(q)) * kv[-2])
+            else:
+                unresolved += 1
         elif op in _ELEMENTWISE:
             src = shape(node.input[0]) if op.startswith("Reduce") else out
             if src is not None:

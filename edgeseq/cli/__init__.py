@@ -107,8 +107,9 @@ def main() -> None:
                    "ONNX only: for testing the gate). State stays float32.")
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None,
               help="int8-static: data to calibrate activation ranges on, in --eval's formats.")
-@click.option("--group-size", type=click.IntRange(16), default=32, show_default=True,
-              help="int4: weights per scale (a power of two).")
+@click.option("--group-size", type=click.IntRange(16), default=None,
+              help="int4: weights per scale (a power of two). Default: the backend's own "
+                   "(its kernels' fastest; docs/quant.md), recorded per format in the manifest.")
 @click.option("--keep", multiple=True,
               help="Weights (glob on weight names) to keep in float; repeatable. The family's "
                    "sensitive layers are kept apart anyway: float under int8, int8 under int4.")
@@ -140,7 +141,7 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True)
 def convert(checkpoint: str, output: str, fmt: str | None, dtype: str, parity_tokens: int,
             skip_parity: bool, force: bool, overwrite: bool, max_target_len: int | None,
-            quant: str | None, group_size: int, keep: tuple[str, ...], quantize_all: bool,
+            quant: str | None, group_size: int | None, keep: tuple[str, ...], quantize_all: bool,
             eval_file: str | None, max_drop: float | None, calibration: str | None,
             early_exit: int | None, draft_loop: int | None, distill_recipe: str | None,
             distill_data: str | None, distill_steps: int | None, distill_time: float | None,

@@ -18,8 +18,10 @@ def _quant_parity_lines(info: dict[str, Any]) -> list[str]:
     q = info["quantization"]
     if q:
         if isinstance(q, dict) and "formats" in q:
-            lines.append(f"  quantization: {q['scheme']}"
-                       + (f", group {q['group_size']}" if q.get("group_size") else "")
+            groups = ", ".join(f"{r['group_size']} ({fmt})" for fmt, r in q["formats"].items()
+                               if r.get("group_size"))
+            group = q.get("group_size") or groups
+            lines.append(f"  quantization: {q['scheme']}" + (f", group {group}" if group else "")
                        + f"; state {q['state']}; kept in float: {', '.join(q['keep_float']) or 'nothing'}")
             for fmt, rec in q["formats"].items():
                 for name, r in rec["graphs"].items():

@@ -154,6 +154,13 @@ class Backend:
     #: them there
     side_files: dict[str, str] = {}
     quant_schemes: tuple[str, ...] = ()
+    #: int4: weights per scale when the user names none (``convert --group-size``): the group
+    #: its kernels run fastest at good accuracy
+    int4_group: int = 32
+    #: it runs ONNX Runtime's ``com.microsoft`` operators where it runs the ONNX files (the
+    #: lowering may fuse attention into one, ``onnxruntime/fuse.py``); an NPU provider does not,
+    #: and a conversion that targets it writes the graphs unfused
+    onnx_contrib_ops: bool = True
     #: the most sequences one call may carry (None: any); an NPU compiled for fixed shapes
     #: serves one, and callers with more (a gate's batch) split their rows
     max_batch: int | None = None

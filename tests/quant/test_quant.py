@@ -134,7 +134,8 @@ def test_quant_refuses_formats_without_the_scheme(tmp_path):
 
 def test_inspect_text(lm_bundles):
     out = cli("inspect", lm_bundles["int4"]).stdout
-    assert "quantization: int4, group 32" in out
+    # each backend's own group (Backend.int4_group) when none is named
+    assert "quantization: int4, group 128 (onnx), 32 (pte)" in out
     assert "accuracy gate (onnx): passed" in out and "accuracy gate (pte): passed" in out
     assert "pte step: 8da4w" in out
     assert "layers.0.ssm" in out and "recurrent" in out and "uint8" in out

@@ -21,6 +21,9 @@ class ExecuTorchBackend(Backend):
     aliases = ("et",)
     memory = RuntimeMemory(base=24 * MB, per_graph=3 * MB, activation_factor=1.0)
     quant_schemes = ("int8", "int4")
+    # XNNPACK's 8da4w kernels take groups of 32; larger ones leave more layers in float on
+    # models whose widths are not multiples of them
+    int4_group = 32
     #: the device-profile entry its bundles serve (its one execution delegate)
     targets = ("executorch:xnnpack",)
     #: planned activation memory per method, written at lowering: the runtime's pybindings do

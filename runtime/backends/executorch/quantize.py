@@ -57,7 +57,8 @@ def _configs(scheme: str, group_size: int) -> tuple[Any, Any, str]:
 
 
 def quantize_graphs(graphs: dict[str, StreamingGraph], scheme: str, keep: list[str],
-                    group_size: int = 32, sensitive: list[str] | None = None
+                    group_size: int = ExecuTorchBackend.int4_group,
+                    sensitive: list[str] | None = None
                     ) -> tuple[dict[str, StreamingGraph], dict[str, Any]]:
     """Quantized deep copies of ``graphs``; returns them and a per-graph report.
 

@@ -28,9 +28,11 @@ ALIGN = 64
 FP16_MIN_ELEMENTS = 1024
 
 
-def lower(graphs: dict[str, StreamingGraph], out: Path, dtype: str) -> dict[str, str]:
+def lower(graphs: dict[str, StreamingGraph], out: Path, dtype: str, fused: bool = True
+          ) -> dict[str, str]:
     """``<graph>.onnx`` per graph and the shared weights file under ``out``, and the
-    activation table the memory plan reads; returns {graph: file}."""
+    activation table the memory plan reads; returns {graph: file}. ``fused``: ONNX Runtime's
+    fused attention where it applies (``fuse.py``)."""
     import onnx
 
     from edgeseq.convert.workers import job_count, run_jobs
@@ -42,7 +44,7 @@ def lower(graphs: dict[str, StreamingGraph], out: Path, dtype: str) -> dict[str,
     stage.mkdir()
     # longest first: the graphs with a chunk dimension carry the most nodes
     order = sorted(graphs, key=lambda n: not _has_chunk(graphs[n]))
-    jobs = {name: functools.partial(_lower_graph, graphs[name], dtype, stage / name)
+    jobs = {name: functools.partial(_lower_graph, graphs[name], dtype, stage / name, fused)
             for name in order}
     weight_bytes = max((_param_bytes(g) for g in graphs.values()), default=0)
     try:
@@ -70,14 +72,17 @@ def lower(graphs: dict[str, StreamingGraph], out: Path, dtype: str) -> dict[str,
     return files
 
 
-def _lower_graph(g: StreamingGraph, dtype: str, path: Path) -> str:
+def _lower_graph(g: StreamingGraph, dtype: str, path: Path, fused: bool = True) -> str:
     """One graph to an ONNX file at ``path`` (weights beside it): export, translation, the
-    bundle's dimension names, fp16 weights under ``dtype == "fp16"``."""
+    bundle's dimension names, linear weights in the one-row kernels' layout (``layout.py``),
+    fused attention (``fuse.py``) if ``fused``, fp16 weights under ``dtype == "fp16"``."""
     import onnx
     import torch
 
     from edgeseq.convert.export import example_pair, export_graph
     from edgeseq.convert.stages import stages_of
+    from edgeseq.runtime.backends.onnxruntime.fuse import fuse_attention
+    from edgeseq.runtime.backends.onnxruntime.layout import gemv_layout
     from edgeseq.runtime.backends.onnxruntime.stamp import StampError, export_stamped
 
     tune_exporter()
@@ -95,6 +100,9 @@ def _lower_graph(g: StreamingGraph, dtype: str, path: Path) -> str:
                                   opset_version=OPSET, dynamo=True, verbose=False,
                                   optimize=True).model_proto
     model = _strip_node_metadata(_name_dynamic_dims(proto, g))
+    gemv_layout(model)
+    if fused:
+        fuse_attention(model)
     if dtype == "fp16":
         model = weights_to_fp16(model)
     onnx.save_model(model, str(path), save_as_external_data=True,

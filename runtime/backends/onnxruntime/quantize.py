@@ -2,8 +2,11 @@
 
 Schemes:
 
-* ``int8``: per-channel symmetric int8 weights, activations quantized dynamically per call
-  (ONNX Runtime ``DynamicQuantizeMatMul``/``MatMulInteger``), for the matrix products.
+* ``int8``: symmetric int8 weights, one scale per ``INT8_BLOCK`` weights along the input dim,
+  activations quantized per block at run time (ONNX Runtime ``MatMulNBits`` with 8 bits,
+  ``accuracy_level`` 4). Its one-row kernel beat ``DynamicQuantizeMatMul`` (per-channel
+  weights, one activation scale per call), which it replaced: a Mamba-130M-shaped stack of
+  GEMVs 9.5 -> 6.5 ms at 1 thread, 6.1 -> 5.0 ms at 2 (docs/benchmarks.md).
 * ``int4``: weight-only 4-bit, symmetric, one scale per ``group_size`` weights along the input
   dim (ONNX Runtime ``MatMulNBits``, ``accuracy_level`` 4: int8 compute, the fast CPU path).
 * ``int4-tensor``: 16 levels with one scale for a whole weight matrix (no groups; stored as int8
@@ -14,8 +17,9 @@ Only matrix products with constant weights are quantized. State tensors are grap
 outputs and stay float32; so do normalisations, convolutions, SSM parameters (A, D, dt), and the
 families' sensitive layers (``Family.quant_sensitive``) unless the user includes them.
 
-The exporter writes linear layers as ``Gemm(x, W, b, transB=1)``; ONNX Runtime's quantizers take
-``MatMul`` with a (in, out) weight, so those Gemms are first rewritten to ``MatMul`` + ``Add``.
+ONNX Runtime's quantizers take ``MatMul`` with a (in, out) weight and embedding tables as row
+Gathers: ``prepare`` puts a graph in that form first (the lowering already stores float weights
+so, ``layout.py``; older bundles have the exporter's ``Gemm(x, W, b, transB=1)``).
 """
 from __future__ import annotations
 
@@ -26,53 +30,23 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeseq.runtime.backends.onnxruntime import OrtBackend
+from edgeseq.runtime.backends.onnxruntime.layout import (drop_unused_initializers, gemm_to_matmul,
+                                                        row_gathers)
 
 #: what ``quantize_model`` implements: the backend's schemes but ``int8-static``, which
 #: calibrates first (``edgeseq.quant.static``)
 SCHEMES = tuple(s for s in OrtBackend.quant_schemes if s != "int8-static")
-DEFAULT_GROUP = 32
+DEFAULT_GROUP = OrtBackend.int4_group
+#: int8's weights per scale: MatMulNBits' 8-bit kernel is fastest at 128 (64: 7.9 ms, 128: 6.5,
+#: 256: 7.1 on the stack above), and finer scales than one per output channel
+INT8_BLOCK = 128
 
 
-def _drop_unused_initializers(g: Any) -> None:
-    used = {i for node in g.node for i in node.input}
-    keep = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-
-
-def gemm_to_matmul(model: Any) -> int:
-    """Rewrite ``Gemm(A, W, [C], transB=1, alpha=beta=1)`` with constant W as MatMul (+ Add)."""
-    from onnx import helper, numpy_helper
-
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    new_nodes, n = [], 0
-    for node in g.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        ok = (node.op_type == "Gemm" and node.input[1] in inits and attrs.get("transB", 0) == 1
-              and attrs.get("transA", 0) == 0 and attrs.get("alpha", 1.0) == 1.0
-              and attrs.get("beta", 1.0) == 1.0)
-        if not ok:
-            new_nodes.append(node)
-            continue
-        w = numpy_helper.to_array(inits[node.input[1]])
-        wt_name = node.input[1] + ".T"
-        if wt_name not in inits:
-            t = numpy_helper.from_array(np.ascontiguousarray(w.T), wt_name)
-            g.initializer.append(t)
-            inits[wt_name] = t
-        has_bias = len(node.input) > 2 and node.input[2]
-        mm_out = node.output[0] + "_mm" if has_bias else node.output[0]
-        new_nodes.append(helper.make_node("MatMul", [node.input[0], wt_name], [mm_out],
-                                          name=node.name + "_matmul"))
-        if has_bias:
-            new_nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]],
-                                              name=node.name + "_bias"))
-        n += 1
-    del g.node[:]
-    g.node.extend(new_nodes)
-    _drop_unused_initializers(g)
-    return n
+def prepare(model: Any) -> None:
+    """A float graph in the form the quantizers take: linear weights as ``MatMul`` (in, out),
+    embedding tables gathered by row."""
+    gemm_to_matmul(model)
+    row_gathers(model)
 
 
 def matmul_weights(model: Any) -> dict[str, str]:
@@ -119,40 +93,46 @@ def quantize_model(model: Any, scheme: str, keep: list[str], group_size: int = D
     sensitive = list(sensitive or [])
     if scheme != "int4":
         keep, sensitive = keep + sensitive, []
-    gemm_to_matmul(model)
+    prepare(model)
     weights = matmul_weights(model)
     exclude = [node for node, w in weights.items()
                if any(fnmatch.fnmatch(w, pat) for pat in keep)]
     promoted = [node for node, w in weights.items() if node not in exclude
                 and any(fnmatch.fnmatch(w, pat) for pat in sensitive)]
     chosen = {node: w for node, w in weights.items() if node not in exclude + promoted}
-    # int4: a table tied to a quantized LM head is read from the head's MatMulNBits blob
-    tied = [w[:-2] for w in chosen.values() if scheme == "int4" and w.endswith(".T")]
+    bits, block = {"int4": (4, group_size), "int8": (8, INT8_BLOCK)}.get(scheme, (0, 0))
+    dims = {i.name: list(i.dims) for i in model.graph.initializer}
+    blocks = {node: block_for(dims[w][0], block) for node, w in chosen.items()} if bits else {}
+    # a table tied to a quantized LM head is read from the head's MatMulNBits blob, whose rows
+    # are whole blocks only where its block divides the table's width (else it is quantized on
+    # its own, or kept float if the group does not fit)
+    tied = [w[:-2] for node, w in chosen.items() if bits and w.endswith(".T")
+            and dims[w][0] % blocks[node] == 0]
     tables = [] if scheme == "int4-tensor" else quantize_embeddings(
         model, 8 if scheme == "int8" else 4, keep + tied, group_size)
 
     shared_tables: list[str] = []
-    if scheme == "int8":
-        model = _int8_dynamic(model, list(chosen), exclude)
-        shared = share_tied_int8(model, tables)
-        how = "int8 per-channel symmetric weights, dynamic int8 activations (DynamicQuantizeMatMul)"
-        if shared:
-            how += "; the tied embedding reads the LM head's int8 matrix"
-    elif scheme == "int4-tensor":
+    if scheme == "int4-tensor":
         _per_tensor_int4(model, sorted(set(chosen.values())))
         how = "int4 levels, one scale per weight matrix (int8 storage + DequantizeLinear)"
     else:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        q = MatMulNBitsQuantizer(model, bits=4, block_size=group_size, is_symmetric=True,
-                                 accuracy_level=4, nodes_to_exclude=exclude + promoted)
-        q.process()
-        model = q.model.model
-        how = (f"int4 weight-only, symmetric, group {group_size} (MatMulNBits, accuracy level 4: "
-               f"int8 compute)")
-        shared_tables = share_tied_int4(model, tied, group_size)
+        # one quantizer pass per block size (it takes one for all the nodes it quantizes)
+        for size in sorted(set(blocks.values()), reverse=True):
+            others = [n for n in weights if blocks.get(n) != size]
+            q = MatMulNBitsQuantizer(model, bits=bits, block_size=size, is_symmetric=True,
+                                     accuracy_level=4, nodes_to_exclude=others)
+            q.process()
+            model = q.model.model
+        smaller = sorted({b for b in blocks.values() if b != block}, reverse=True)
+        how = (f"int{bits} weights, symmetric, group {block}"
+               + (f" ({', '.join(map(str, smaller))} where a width is not a multiple of it)"
+                  if smaller else "") + " (MatMulNBits, accuracy level 4: int8 compute)")
+        shared_tables = share_tied_nbits(model, tied, bits)
         if shared_tables:
-            how += "; the tied embedding reads the LM head's int4 blocks (GatherBlockQuantized)"
+            how += (f"; the tied embedding reads the LM head's int{bits} blocks "
+                    f"(GatherBlockQuantized)")
         if promoted:
             model = _int8_dynamic(model, promoted, [])
             how += "; sensitive layers int8 per-channel (DynamicQuantizeMatMul)"
@@ -167,11 +147,21 @@ def quantize_model(model: Any, scheme: str, keep: list[str], group_size: int = D
     return model, report
 
 
-def share_tied_int4(model: Any, tied: list[str], group: int) -> list[str]:
+def block_for(k: int, block: int) -> int:
+    """The block of a weight with ``k`` inputs: ``block``, or the largest smaller power of two
+    (down to 16) that divides ``k`` - ``MatMulNBits`` pads a partial last block, which on a
+    192-wide model wastes a third of the bytes at 128."""
+    size = block
+    while k % size and size > 16:
+        size //= 2
+    return size if k % size == 0 else block
+
+
+def share_tied_nbits(model: Any, tied: list[str], bits: int) -> list[str]:
     """Embedding Gathers on a table whose transpose became a MatMulNBits weight read the same
-    4-bit blocks: ``GatherBlockQuantized`` dequantizes only the rows read, from the (vocab,
-    blocks, bytes) blob with its zero point 8 (measured identical to MatMulNBits' dequantized
-    weights). Its scales need a trailing block dim: a Reshape in the graph, so the file holds
+    4- or 8-bit blocks: ``GatherBlockQuantized`` dequantizes only the rows read, from the (vocab,
+    blocks, bytes) blob with its implicit zero point (8 or 128; measured identical to
+    MatMulNBits' dequantized weights). Its scales need a trailing block dim: a Reshape in the graph, so the file holds
     them once (ONNX Runtime may fold it into a copy in memory, 1/8 of the blob). Returns the
     tables."""
     from onnx import helper, numpy_helper
@@ -181,11 +171,12 @@ def share_tied_int4(model: Any, tied: list[str], group: int) -> list[str]:
     new_nodes, done = [], []
     for n in g.node:
         w = n.input[0] if n.op_type == "Gather" and n.input else ""
-        blob, scales = w + ".T_Q4", w + ".T_scales"
+        blob, scales = w + f".T_Q{bits}", w + ".T_scales"
         if w not in tied or blob not in inits or scales not in inits:
             new_nodes.append(n)
             continue
-        rows, blocks, _ = inits[blob].dims
+        rows, blocks, block_bytes = inits[blob].dims
+        group = block_bytes * 8 // bits
         k = blocks * group
         s3 = scales + "_3d"
         if w not in done:  # a Reshape node, not a second initializer: the file stores them once
@@ -198,7 +189,7 @@ def share_tied_int4(model: Any, tied: list[str], group: int) -> list[str]:
         new_nodes += [
             helper.make_node("GatherBlockQuantized", [blob, n.input[1], s3], [out + "_blocks"],
                              domain="com.microsoft", gather_axis=0, quantize_axis=2,
-                             block_size=group, bits=4, name=n.name + "_gbq"),
+                             block_size=group, bits=bits, name=n.name + "_gbq"),
             helper.make_node("Shape", [n.input[1]], [out + "_ids_shape"]),
             helper.make_node("Concat", [out + "_ids_shape", w + ".k"], [out + "_shape"], axis=0),
             helper.make_node("Reshape", [out + "_blocks", out + "_shape"], [out])]
@@ -210,7 +201,7 @@ def share_tied_int4(model: Any, tied: list[str], group: int) -> list[str]:
     g.node.extend(new_nodes)
     if done and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    _drop_unused_initializers(g)
+    drop_unused_initializers(g)
     return sorted(set(done))
 
 
@@ -323,41 +314,6 @@ def quantize_embeddings(model: Any, bits: int, keep: list[str], group: int = DEF
     del g.node[:]
     g.node.extend(new_nodes)
     return done
-
-
-def share_tied_int8(model: Any, tables: list[str]) -> list[str]:
-    """A tied embedding / LM head holds one int8 matrix: the embedding Gather reads the LM head's
-    quantized (in, vocab) matrix by column (its per-column scales are per vocabulary row), instead
-    of its own per-row copy. Returns the tables now shared."""
-    from onnx import helper
-
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in g.input}
-    shared, new_nodes = [], []
-    for n in g.node:
-        w = next((t for t in tables if n.op_type == "Gather" and n.input[0] == t + ".q"), None)
-        qt, st = (w + ".T_quantized", w + ".T_scale") if w else ("", "")
-        if w is None or qt not in inits or st not in inits or n.input[1] not in ranks:
-            if n.op_type == "Gather" and any(n.input[0] == t + ".scale" and t in shared
-                                             for t in tables):
-                n.input[0] = n.input[0][:-len(".scale")] + ".T_scale"
-            new_nodes.append(n)
-            continue
-        r = ranks[n.input[1]]
-        cols = n.output[0] + "_cols"
-        new_nodes += [helper.make_node("Gather", [qt, n.input[1]], [cols], axis=1,
-                                       name=n.name + "_cols"),
-                      helper.make_node("Transpose", [cols], [n.output[0]],
-                                       perm=[*range(1, r + 1), 0], name=n.name + "_t")]
-        shared.append(w)
-    for n in new_nodes:  # the scale Gathers may come before their row Gathers
-        if n.op_type == "Gather" and any(n.input[0] == t + ".scale" for t in shared):
-            n.input[0] = n.input[0][:-len(".scale")] + ".T_scale"
-    del g.node[:]
-    g.node.extend(new_nodes)
-    _drop_unused_initializers(g)
-    return shared
 
 
 def quantize_bundle_graphs(folder: Path, files: dict[str, str], scheme: str, keep: list[str],

@@ -31,6 +31,7 @@ class QnnBackend(Backend):
     # HTP runs in integer; float graphs run on the HTP in fp16
     #: the HTP graphs are compiled for one sequence (``run.QnnHtp.configure``)
     max_batch = 1
+    onnx_contrib_ops = False
     exact = False
     #: the shared backend suite runs it on these families (the simulator is slow)
     suite_families = ("mamba", "mamba2", "s4d", "lmuformer", "whisper")
@@ -42,7 +43,7 @@ class QnnBackend(Backend):
 
     def lower(self, graphs: dict[str, StreamingGraph], out: Path, dtype: str,
               quantized: bool = False) -> dict[str, str]:
-        return get_backend("ort").lower(graphs, out, dtype, quantized)
+        return get_backend("ort").lower(graphs, out, dtype, quantized, fused=False)
 
     def load(self, root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
              threads: int | None = None,
