@@ -18,7 +18,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -167,6 +167,14 @@ class GraphEntry:
                    [TensorSpec.from_json(s) for s in d["outputs"]],
                    [StateSpec.from_json(s) for s in d["state"]], dict(d["files"]),
                    d.get("max_chunk"))
+
+
+def one_row(inputs: Sequence[TensorSpec]) -> bool:
+    """Whether a graph with these inputs takes one position per sequence a call (a decode step,
+    one frame): its first input varies only in batch. Backends pick kernels by it (matrix-vector
+    rather than matrix-matrix products)."""
+    return bool(inputs) and all(not isinstance(d, str) or d == "batch"
+                                for d in inputs[0].shape)
 
 
 def shared_state_specs(entries: Mapping[str, GraphEntry]) -> list[StateSpec]:

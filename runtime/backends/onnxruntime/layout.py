@@ -7,7 +7,12 @@ transposed B (dot products along rows) runs at half the bandwidth. Measured on t
 2-core AVX2 host, without prepacking (how bundles run): a 768 x 50280 LM head 11.1 -> 6.2 ms at
 1 thread; a Mamba-130M-shaped stack of GEMVs (494 MB) 35.5 -> 27.6 ms (docs/benchmarks.md).
 
-``gemv_layout`` therefore stores every constant linear weight transposed once, as ``<name>.T``
+The layout is for the weights a one-row graph reads (``edgeseq.bundle.one_row``): for many rows a
+call (an encoder, a prefill chunk) the exporter's layout ran as fast or faster (t5-small's
+encoder, 33 tokens: 38 vs 40-50 ms), so weights only such graphs read keep it; a weight both
+kinds read (Mamba's prefill and step) takes the one-row layout, decoding being the longer part.
+
+``gemv_layout`` therefore stores those constant linear weights transposed once, as ``<name>.T``
 (the name the quantizers have always given it), read by ``MatMul`` (+ ``Add`` for a bias, which
 ONNX Runtime fuses back into a non-transposed ``Gemm``). A table both gathered (an embedding) and
 multiplied (a tied LM head) would then be stored twice; its ``Gather`` reads the transposed
@@ -19,7 +24,8 @@ before they run (and gives the table back its own name).
 """
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+from typing import Any, Container
 
 import numpy as np
 
@@ -35,9 +41,27 @@ def drop_unused_initializers(g: Any) -> None:
     g.initializer.extend(keep)
 
 
-def gemm_to_matmul(model: Any) -> int:
-    """Rewrite ``Gemm(A, W, [C], transB=1, alpha=beta=1)`` with constant W as
-    ``MatMul(A, W.T)`` (+ ``Add``); returns how many."""
+def content_key(init: Any) -> bytes:
+    """An initializer's identity across graphs, which may name the same weight differently
+    (a chunk graph's module holds the step's as ``step.``): its bytes, type and shape."""
+    return hashlib.sha1(init.raw_data).digest() + repr((init.data_type, list(init.dims))).encode()
+
+
+def linear_weights(model: Any) -> set[bytes]:
+    """The constant weights (``content_key``) the graph reads as ``Gemm(x, W, transB=1)``."""
+    from onnx import helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    return {content_key(inits[n.input[1]]) for n in model.graph.node
+            if n.op_type == "Gemm" and n.input[1] in inits
+            and any(a.name == "transB" and helper.get_attribute_value(a) == 1
+                    for a in n.attribute)}
+
+
+def gemm_to_matmul(model: Any, only: Container[bytes] | None = None) -> int:
+    """Rewrite ``Gemm(A, W, [C], transB=1, alpha=beta=1)`` with constant W (whose
+    ``content_key`` is in ``only``, if given) as ``MatMul(A, W.T)`` (+ ``Add``); returns how
+    many."""
     from onnx import helper, numpy_helper
 
     g = model.graph
@@ -47,7 +71,8 @@ def gemm_to_matmul(model: Any) -> int:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         ok = (node.op_type == "Gemm" and node.input[1] in inits and attrs.get("transB", 0) == 1
               and attrs.get("transA", 0) == 0 and attrs.get("alpha", 1.0) == 1.0
-              and attrs.get("beta", 1.0) == 1.0)
+              and attrs.get("beta", 1.0) == 1.0
+              and (only is None or content_key(inits[node.input[1]]) in only))
         if not ok:
             new_nodes.append(node)
             continue
@@ -81,23 +106,31 @@ def _ranks(model: Any) -> dict[str, int]:
     return ranks
 
 
-def gemv_layout(model: Any) -> int:
-    """Linear weights stored (in, out) for the one-row kernels, tied tables gathered by column
-    (module docstring); returns how many linear layers were rewritten."""
-    from onnx import helper
+def gemv_layout(model: Any, weights: Container[bytes] | None = None) -> int:
+    """Linear weights (of ``weights``, if given) stored (in, out) for the one-row kernels, tied
+    tables gathered by column (module docstring) - also a table another graph of the bundle
+    reads as one of ``weights`` (T5's encoder embedding, tied to the decoder's head), so the
+    bundle stores it once; returns how many linear layers were rewritten."""
+    from onnx import helper, numpy_helper
 
-    n = gemm_to_matmul(model)
+    n = gemm_to_matmul(model, weights)
     g = model.graph
-    inits = {i.name for i in g.initializer}
+    inits = {i.name: i for i in g.initializer}
     ranks = _ranks(model)
     new_nodes = []
     for node in g.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         table = node.input[0] if node.op_type == "Gather" and node.input else ""
-        if (not table or table + T not in inits or attrs.get("axis", 0) != 0
-                or node.input[1] not in ranks):
+        tied = table + T in inits or (table in inits and weights is not None
+                                      and content_key(inits[table]) in weights)
+        if (not table or not tied or attrs.get("axis", 0) != 0 or node.input[1] not in ranks
+                or len(inits[table + T].dims if table + T in inits else inits[table].dims) != 2):
             new_nodes.append(node)
             continue
+        if table + T not in inits:
+            arr = numpy_helper.to_array(inits[table])
+            inits[table + T] = numpy_helper.from_array(np.ascontiguousarray(arr.T), table + T)
+            g.initializer.append(inits[table + T])
         r = ranks[node.input[1]]
         cols = node.output[0] + _COLUMNS
         new_nodes += [helper.make_node("Gather", [table + T, node.input[1]], [cols], axis=1,

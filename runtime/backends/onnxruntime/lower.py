@@ -35,7 +35,9 @@ def lower(graphs: dict[str, StreamingGraph], out: Path, dtype: str, fused: bool 
     fused attention where it applies (``fuse.py``)."""
     import onnx
 
+    from edgeseq.bundle import one_row
     from edgeseq.convert.workers import job_count, run_jobs
+    from edgeseq.runtime.backends.onnxruntime.layout import gemv_layout, linear_weights
 
     # Each graph is exported on its own (in parallel workers where the machine allows,
     # ``edgeseq.convert.workers``), written to a staging folder inside the bundle's
@@ -55,6 +57,14 @@ def lower(graphs: dict[str, StreamingGraph], out: Path, dtype: str, fused: bool 
     from edgeseq.runtime.backends.onnxruntime import OrtBackend
     from edgeseq.runtime.cost import activation_table
 
+    # the one-row layout for the weights one-row graphs read, in every graph that reads them
+    # (layout.py), then fp16: both before the weights are shared
+    rows = set().union(*(linear_weights(models[n]) for n, g in graphs.items()
+                         if one_row(g.inputs)))
+    for model in models.values():
+        gemv_layout(model, rows)
+        if dtype == "fp16":
+            weights_to_fp16(model)
     share_weights(models, out / WEIGHTS_FILE)
     files = {}
     for name, model in models.items():
@@ -74,15 +84,13 @@ def lower(graphs: dict[str, StreamingGraph], out: Path, dtype: str, fused: bool 
 
 def _lower_graph(g: StreamingGraph, dtype: str, path: Path, fused: bool = True) -> str:
     """One graph to an ONNX file at ``path`` (weights beside it): export, translation, the
-    bundle's dimension names, linear weights in the one-row kernels' layout (``layout.py``),
-    fused attention (``fuse.py``) if ``fused``, fp16 weights under ``dtype == "fp16"``."""
+    bundle's dimension names, fused attention (``fuse.py``) if ``fused``."""
     import onnx
     import torch
 
     from edgeseq.convert.export import example_pair, export_graph
     from edgeseq.convert.stages import stages_of
     from edgeseq.runtime.backends.onnxruntime.fuse import fuse_attention
-    from edgeseq.runtime.backends.onnxruntime.layout import gemv_layout
     from edgeseq.runtime.backends.onnxruntime.stamp import StampError, export_stamped
 
     tune_exporter()
@@ -100,11 +108,8 @@ def _lower_graph(g: StreamingGraph, dtype: str, path: Path, fused: bool = True) 
                                   opset_version=OPSET, dynamo=True, verbose=False,
                                   optimize=True).model_proto
     model = _strip_node_metadata(_name_dynamic_dims(proto, g))
-    gemv_layout(model)
     if fused:
         fuse_attention(model)
-    if dtype == "fp16":
-        model = weights_to_fp16(model)
     onnx.save_model(model, str(path), save_as_external_data=True,
                     location=f"{path.name}.data", size_threshold=EXTERNAL_MIN_BYTES)
     return str(path)

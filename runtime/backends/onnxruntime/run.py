@@ -19,7 +19,8 @@ from typing import Any, ContextManager, Protocol
 
 import numpy as np
 
-from edgeseq.bundle import BundleError, GraphEntry, Manifest, Quantization, shared_state_specs
+from edgeseq.bundle import (BundleError, GraphEntry, Manifest, Quantization, one_row,
+                            shared_state_specs)
 from edgeseq.runtime.backends import base as backend_base
 from edgeseq.runtime.backends.base import KeptBuffers, LoadedModel, check_io, static_traces
 from edgeseq.runtime.backends.onnxruntime import WEIGHTS_FILE, OrtBackend
@@ -90,7 +91,8 @@ def load(root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
         try:
             with ep.creating() if ep is not None else nullcontext():
                 sess = ort.InferenceSession(str(path), sess_options=sess_opts,
-                                            providers=None if ep else ["CPUExecutionProvider"])
+                                            providers=None if ep else ["CPUExecutionProvider"],
+                                            disabled_optimizers=_disabled(e))
         except Exception as err:  # ORT's own types (Fail, InvalidGraph, ...) name no file
             via = f" with {ep.name}" if ep else ""
             raise BundleError(f"{path}: ONNX Runtime cannot load it{via} ("
@@ -109,6 +111,14 @@ def load(root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
     model = _OrtModel(runners, shared_state_specs(entries))
     model.weights = weights  # the sessions read these buffers: keep them alive
     return model
+
+
+def _disabled(e: GraphEntry) -> list[str]:
+    """ONNX Runtime graph optimizers a graph runs without. A one-row graph (a decode step) keeps
+    ``MatMul`` x scalar apart: fused, the scale sends the product from MLAS's one-row kernel
+    (which takes none) to its general GEMM - T5's scaled LM head: t5-small decode at 1 thread
+    49-56 -> 87-91 tokens/s without the fusion (docs/benchmarks.md)."""
+    return ["MatMulScaleFusion"] if one_row(e.inputs) else []
 
 
 def assigned_nodes(sess: Any) -> dict[str, dict[str, int]]:
