@@ -80,6 +80,11 @@ def load(root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
     # (training the zoo model hit this); they carry no signal (< 1.2e-38), so the session's
     # threads flush them. No effect on the speed of healthy states.
     opts.add_session_config_entry("session.set_denormal_as_zero", "1")
+    # Worker threads sleep between operators instead of spinning: with another process busy on
+    # a core (a phone is never idle), a spinning pool waits on its descheduled worker at every
+    # parallel operator. Mamba-130M int4, 2 threads, the second core busy: 60-72 tokens/s
+    # spinning, 97-117 not; on an idle host spinning gains ~5% (docs/benchmarks.md).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     weights = _SharedWeights(root / WEIGHTS_FILE)
     runners = {}
     for name, e in entries.items():
