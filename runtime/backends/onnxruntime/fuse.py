@@ -63,13 +63,12 @@ def fuse_attention(model: Any) -> int:
     returns how many were fused."""
     from onnx import helper, numpy_helper
 
+    from edgeseq.runtime.backends.onnxruntime.layout import consumers
+
     g = model.graph
     nodes = list(g.node)
     prod = {o: n for n in nodes for o in n.output}
-    users: dict[str, list[Any]] = {}
-    for n in nodes:
-        for x in n.input:
-            users.setdefault(x, []).append(n)
+    users = consumers(g)
     inits = {i.name: i for i in g.initializer}
     dims = _static_dims(model)
 

@@ -41,6 +41,15 @@ def drop_unused_initializers(g: Any) -> None:
     g.initializer.extend(keep)
 
 
+def consumers(g: Any) -> dict[str, list[Any]]:
+    """{value name: the nodes of graph ``g`` that read it}."""
+    out: dict[str, list[Any]] = {}
+    for node in g.node:
+        for x in node.input:
+            out.setdefault(x, []).append(node)
+    return out
+
+
 def content_key(init: Any) -> bytes:
     """An initializer's identity across graphs, which may name the same weight differently
     (a chunk graph's module holds the step's as ``step.``): its bytes, type and shape."""
@@ -151,16 +160,13 @@ def row_gathers(model: Any) -> int:
 
     g = model.graph
     inits = {i.name: i for i in g.initializer}
-    consumers: dict[str, list[Any]] = {}
-    for node in g.node:
-        for x in node.input:
-            consumers.setdefault(x, []).append(node)
+    readers = consumers(g)
     new_nodes, skip, n = [], set(), 0
     for node in g.node:
         if id(node) in skip:
             continue
         wt = node.input[0] if node.op_type == "Gather" and node.input else ""
-        users = consumers.get(node.output[0], []) if node.output else []
+        users = readers.get(node.output[0], []) if node.output else []
         if not (wt.endswith(T) and wt in inits and node.name.endswith(_COLUMNS)
                 and len(users) == 1 and users[0].op_type == "Transpose"):
             new_nodes.append(node)

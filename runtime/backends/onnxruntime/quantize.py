@@ -30,8 +30,8 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeseq.runtime.backends.onnxruntime import OrtBackend
-from edgeseq.runtime.backends.onnxruntime.layout import (drop_unused_initializers, gemm_to_matmul,
-                                                        row_gathers)
+from edgeseq.runtime.backends.onnxruntime.layout import (consumers, drop_unused_initializers,
+                                                        gemm_to_matmul, row_gathers)
 
 #: what ``quantize_model`` implements: the backend's schemes but ``int8-static``, which
 #: calibrates first (``edgeseq.quant.static``)
@@ -234,10 +234,7 @@ def quantize_embeddings(model: Any, bits: int, keep: list[str], group: int = DEF
 
     g = model.graph
     inits = {i.name: i for i in g.initializer}
-    users: dict[str, list[Any]] = {}
-    for n in g.node:
-        for x in n.input:
-            users.setdefault(x, []).append(n)
+    users = consumers(g)
     done, new_nodes = [], []
     targets = {}
     for n in g.node:
