@@ -101,6 +101,11 @@ def test_the_packed_session_decodes_the_same_tokens(bundle_of) -> None:
         assert opts.get_session_config_entry("session.disable_prepacking") == "0"
     opts = plain.model.runners["step"].sess.get_session_options()
     assert opts.get_session_config_entry("session.disable_prepacking") == "1"
+    # every option ``load`` sets reaches the sessions, through the per-session clone
+    for runner in [*plain.model.runners.values(), *ss.session.model.runners.values()]:
+        opts = runner.sess.get_session_options()
+        assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert opts.get_session_config_entry("session.set_denormal_as_zero") == "1"
     rng = np.random.default_rng(0)
     for _ in range(8):
         base = rng.integers(1, 30, int(rng.integers(2, 12)))

@@ -25,7 +25,7 @@ import tomllib
 REPO = Path(__file__).resolve().parents[2]
 LAYERS = ("core", "runtime", "build", "cli")
 #: a backend folder's build side: imported by convert, never by a running bundle
-BACKEND_BUILD = ("lower", "stamp", "layout", "quantize")
+BACKEND_BUILD = ("lower", "stamp", "layout", "fuse", "quantize")
 
 
 def _modules() -> dict[str, Path]:

@@ -41,6 +41,12 @@ class ExecutionProvider(Protocol):
         ...
 
 
+#: the config entries ``load`` sets on its base options; ``_clone_options`` carries each into
+#: every session (SessionOptions has no way to list them: one set missing here never applies)
+CONFIG_ENTRIES = ("session.disable_prepacking", "session.set_denormal_as_zero",
+                  "session.intra_op.allow_spinning")
+
+
 def load(root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
          threads: int | None = None,
          prepack: frozenset[str] = frozenset(),
@@ -444,7 +450,7 @@ def _clone_options(base: Any, prepack: bool = False) -> Any:
     for attr in ("intra_op_num_threads", "inter_op_num_threads", "graph_optimization_level",
                  "log_severity_level", "enable_cpu_mem_arena", "enable_mem_pattern"):
         setattr(opts, attr, getattr(base, attr))
-    for key in ("session.disable_prepacking", "session.set_denormal_as_zero"):
+    for key in CONFIG_ENTRIES:
         value = base.get_session_config_entry(key)
         if key == "session.disable_prepacking" and prepack:
             value = "0"
