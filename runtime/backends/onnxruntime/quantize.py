@@ -6,7 +6,9 @@ Schemes:
   activations quantized per block at run time (ONNX Runtime ``MatMulNBits`` with 8 bits,
   ``accuracy_level`` 4). Its one-row kernel beat ``DynamicQuantizeMatMul`` (per-channel
   weights, one activation scale per call), which it replaced: a Mamba-130M-shaped stack of
-  GEMVs 9.5 -> 6.5 ms at 1 thread, 6.1 -> 5.0 ms at 2 (docs/benchmarks.md).
+  GEMVs 9.5 -> 6.5 ms at 1 thread, 6.1 -> 5.0 ms at 2 (docs/benchmarks.md). Weights that
+  only many-row graphs read (an encoder's) keep ``DynamicQuantizeMatMul``: on 1500 rows its
+  GEMM is 2.4x faster (a 1500x384 @ 384x1536 product: 5.6 against 13.5 ms, 1 thread).
 * ``int4``: weight-only 4-bit, symmetric, one scale per ``group_size`` weights along the input
   dim (ONNX Runtime ``MatMulNBits``, ``accuracy_level`` 4: int8 compute, the fast CPU path).
 * ``int4-tensor``: 16 levels with one scale for a whole weight matrix (no groups; stored as int8
@@ -81,12 +83,42 @@ def _int8_dynamic(model: Any, nodes: list[str], exclude: list[str]) -> Any:
         root.setLevel(level)
 
 
+def one_row_graph(model: Any) -> bool:
+    """``edgeseq.bundle.one_row`` for an ONNX graph, from its first input's dims."""
+    from types import SimpleNamespace
+
+    from edgeseq.bundle import one_row
+
+    ins = [SimpleNamespace(shape=[d.dim_param or d.dim_value for d in
+                                  i.type.tensor_type.shape.dim]) for i in model.graph.input[:1]]
+    return one_row(ins)
+
+
+def many_row_weights(models: dict[str, Any]) -> dict[str, list[str]]:
+    """graph -> its MatMul nodes whose weight no one-row graph of the bundle reads (matched by
+    content, after ``prepare``): an encoder's. int8 gives them the many-row kernel."""
+    from edgeseq.runtime.backends.onnxruntime.layout import content_key
+
+    keys = {}
+    for name, model in models.items():
+        prepare(model)
+        inits = {i.name: i for i in model.graph.initializer}
+        keys[name] = {node: content_key(inits[w]) for node, w in matmul_weights(model).items()}
+    row_read = {k for name, model in models.items() if one_row_graph(model)
+                for k in keys[name].values()}
+    return {name: [node for node, k in keys[name].items() if k not in row_read]
+            for name, model in models.items() if not one_row_graph(model)}
+
+
 def quantize_model(model: Any, scheme: str, keep: list[str], group_size: int = DEFAULT_GROUP,
-                   sensitive: list[str] | None = None) -> tuple[Any, dict[str, Any]]:
+                   sensitive: list[str] | None = None, many_rows: list[str] | None = None
+                   ) -> tuple[Any, dict[str, Any]]:
     """Quantize one ONNX model in memory; returns it and a per-weight report.
 
     ``keep``: weights left in float. ``sensitive``: weights kept one step above the scheme: int8
-    under ``int4`` (float under ``int8``, where they join ``keep``).
+    under ``int4`` (float under ``int8``, where they join ``keep``). ``many_rows``: MatMul nodes
+    only many-row graphs read (``many_row_weights``): under ``int8`` they take
+    ``DynamicQuantizeMatMul``, whose GEMM is the faster on many rows.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; known: {', '.join(SCHEMES)}")
@@ -100,6 +132,10 @@ def quantize_model(model: Any, scheme: str, keep: list[str], group_size: int = D
     promoted = [node for node, w in weights.items() if node not in exclude
                 and any(fnmatch.fnmatch(w, pat) for pat in sensitive)]
     chosen = {node: w for node, w in weights.items() if node not in exclude + promoted}
+    # int8 on many rows: the per-channel GEMM (``_int8_dynamic``), after the blocked ones
+    gemm = [n for n in (many_rows or []) if n in chosen] if scheme == "int8" else []
+    for n in gemm:
+        del chosen[n]
     bits, block = {"int4": (4, group_size), "int8": (8, INT8_BLOCK)}.get(scheme, (0, 0))
     dims = {i.name: list(i.dims) for i in model.graph.initializer}
     blocks = {node: block_for(dims[w][0], block) for node, w in chosen.items()} if bits else {}
@@ -136,11 +172,16 @@ def quantize_model(model: Any, scheme: str, keep: list[str], group_size: int = D
         if promoted:
             model = _int8_dynamic(model, promoted, [])
             how += "; sensitive layers int8 per-channel (DynamicQuantizeMatMul)"
+        if gemm:
+            model = _int8_dynamic(model, gemm, [])
+            how += ("; weights only many-row graphs read int8 per-channel "
+                    "(DynamicQuantizeMatMul)")
     if tables:
         how += (f"; embedding tables {'int8 per row' if scheme == 'int8' else 'int4 per row group'}"
                 f" (dequantized after the Gather)")
     report = {"scheme": scheme, "how": how,
-              "quantized": sorted(set(chosen.values()) | set(tables) | set(shared_tables)),
+              "quantized": sorted(set(chosen.values()) | {weights[n] for n in gemm}
+                                  | set(tables) | set(shared_tables)),
               "kept_float": sorted({weights[n] for n in exclude})}
     if promoted:
         report["int8_sensitive"] = sorted({weights[n] for n in promoted})
@@ -317,23 +358,37 @@ def quantize_bundle_graphs(folder: Path, files: dict[str, str], scheme: str, kee
                            group_size: int = DEFAULT_GROUP, sensitive: list[str] | None = None
                            ) -> dict[str, Any]:
     """Quantize every ``<graph>.onnx`` of a bundle folder in place (weights re-shared once)."""
+    many: dict[str, list[str]] = {}
+
+    def survey(models: dict[str, Any]) -> None:
+        many.update(many_row_weights(models))
+
     return rewrite_bundle_graphs(
-        folder, files, lambda name, model: quantize_model(model, scheme, keep, group_size, sensitive))
+        folder, files, lambda name, model: quantize_model(model, scheme, keep, group_size,
+                                                          sensitive, many.get(name)),
+        survey)
 
 
 def rewrite_bundle_graphs(folder: Path, files: dict[str, str],
-                          rewrite: Callable[[str, Any], tuple[Any, Any]]) -> dict[str, Any]:
+                          rewrite: Callable[[str, Any], tuple[Any, Any]],
+                          survey: Callable[[dict[str, Any]], None] | None = None
+                          ) -> dict[str, Any]:
     """Load every graph of a bundle folder, ``rewrite(name, model) -> (model, report)`` it, and
-    save them back with their weights shared once; returns the reports by graph."""
+    save them back with their weights shared once; returns the reports by graph. ``survey``
+    sees all the graphs before the first rewrite (what one graph's rewrite depends on the
+    others for)."""
     import onnx
 
     from edgeseq.runtime.backends.onnxruntime import WEIGHTS_FILE
     from edgeseq.runtime.backends.onnxruntime.lower import share_weights
 
-    models, reports = {}, {}
-    for name, f in files.items():
-        model = onnx.load(str(folder / f), load_external_data=True)
-        models[name], reports[name] = rewrite(name, model)
+    models = {name: onnx.load(str(folder / f), load_external_data=True)
+              for name, f in files.items()}
+    if survey is not None:
+        survey(models)
+    reports = {}
+    for name in list(models):
+        models[name], reports[name] = rewrite(name, models[name])
     (folder / WEIGHTS_FILE).unlink(missing_ok=True)
     share_weights(models, folder / WEIGHTS_FILE)
     for name, model in models.items():
