@@ -177,12 +177,14 @@ def test_step_rate_agrees_with_the_family_benchmark(bundle):
     count and threads: the rate of the median step (1 / p50). The suite shares the host's two
     cores with another worker; a preempted run loses whole scheduler slices to a few steps, which
     moves a mean rate by up to 2x either way (measured under a two-thread load) but hardly the
-    median. Each side keeps its best of up to 4 runs and the test passes once the bests agree."""
+    median. Each side keeps its best of up to 6 runs and the test passes once the bests agree."""
     n, threads, prompt = 256, 1, list(range(1, 17))
     args = json.dumps({"ckpt": "-", "bundle": str(bundle), "prompt": prompt, "n": n,
                        "threads": threads})
     bench, prof = 0.0, 0.0
-    for _ in range(4):
+    # up to 6 pairs: under the other worker's heaviest modules 4 were once not enough (bench
+    # 2758 against profile 3273 steps/s; alone the first pair agrees)
+    for _ in range(6):
         out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ssm_decode.py"),
                               "--worker", "ort", "--args", args], capture_output=True, text=True,
                              timeout=300)
