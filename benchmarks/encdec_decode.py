@@ -579,7 +579,8 @@ def report(a: argparse.Namespace, work: Path, engines: list[str], models: list[s
           f"{'/'.join(map(str, threads))} thread(s); 1 warm-up + best of 3. Whisper input: "
           f"{clip_s:.0f} s clip as log-mel features padded to 30 s (3000 frames) unless noted; "
           f"T5 input: {SOURCE_LEN} source ids + EOS. int8 rows: CTranslate2 compute_type int8, "
-          f"edgeseq --quant int8 (8-bit MatMulNBits, a scale per 128 weights).")
+          f"edgeseq --quant int8 (8-bit MatMulNBits, a scale per 128 weights; an encoder's weights "
+          f"per-channel DynamicQuantizeMatMul).")
     keys = ("d_model", "encoder_layers", "decoder_layers", "num_layers", "vocab_size", "d_ff",
             "encoder_ffn_dim")
     desc = "; ".join(f"{m}: " + ", ".join(f"{k}={v}" for k, v in shapes[m].items() if k in keys)
