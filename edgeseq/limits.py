@@ -134,16 +134,24 @@ def check_file(path: str | Path, what: str, limit_name: str) -> int:
     return size
 
 
+def _open_within(p: Path, what: str, limit_name: str) -> tuple[Any, int]:
+    """An open binary file on the regular file ``p`` and its size, at most
+    ``limit(limit_name)`` bytes (checked before anything is read)."""
+    f = os.fdopen(_open_regular(p, what), "rb")
+    size = os.fstat(f.fileno()).st_size
+    if size > limit(limit_name):
+        f.close()
+        raise LimitError(f"{p}: {what} file is {size} bytes ({how_to_raise(limit_name)})")
+    return f, size
+
+
 def read_file_bytes(path: str | Path, what: str, limit_name: str) -> bytes:
     """The bytes of a regular file of at most ``limit(limit_name)`` bytes (checked before
     reading)."""
     p = Path(path)
     cap = limit(limit_name)
-    fd = _open_regular(p, what)
-    with os.fdopen(fd, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > cap:
-            raise LimitError(f"{p}: {what} file is {size} bytes ({how_to_raise(limit_name)})")
+    f, _ = _open_within(p, what, limit_name)
+    with f:
         # one byte past the cap: a file that grew after fstat is still bounded
         data = f.read(cap + 1)
     if len(data) > cap:
@@ -162,12 +170,8 @@ def read_text_file(path: str | Path, what: str = "text") -> str:
     import mmap
 
     p = Path(path)
-    cap = limit("input_bytes")
-    fd = _open_regular(p, what)
-    with os.fdopen(fd, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > cap:
-            raise LimitError(f"{p}: {what} file is {size} bytes ({how_to_raise('input_bytes')})")
+    f, size = _open_within(p, what, "input_bytes")
+    with f:
         if size == 0:
             return ""
         try:

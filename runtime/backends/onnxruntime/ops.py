@@ -16,23 +16,23 @@ SOURCE = "onnxruntime profiler (SessionOptions.enable_profiling)"
 
 @contextmanager
 def profiling(tmp: Path) -> Iterator[None]:
-    """Profile the sessions loaded inside the block. ``run.load`` builds its session options
-    internally; every session's pass through ``run._clone_options``, which is wrapped here."""
-    orig = run._clone_options
+    """Profile the sessions loaded inside the block. ``run.load`` builds each session's options
+    with ``run.session_options``, which is wrapped here."""
+    orig = run.session_options
     n = [0]
 
-    def clone(base: Any, prepack: bool = False) -> Any:
-        opts = orig(base, prepack)
+    def options(threads: int, packs: bool) -> Any:
+        opts = orig(threads, packs)
         n[0] += 1
         opts.enable_profiling = True  # one prefix per session: file names are per second
         opts.profile_file_prefix = str(tmp / f"ort{n[0]}")
         return opts
 
-    run._clone_options = clone
+    run.session_options = options
     try:
         yield
     finally:
-        run._clone_options = orig
+        run.session_options = orig
 
 
 def collect(model: LoadedModel, tmp: Path, sequence: list[str]) -> dict[str, Any]:

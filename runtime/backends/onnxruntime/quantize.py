@@ -104,10 +104,10 @@ def many_row_weights(models: dict[str, Any]) -> dict[str, list[str]]:
         prepare(model)
         inits = {i.name: i for i in model.graph.initializer}
         keys[name] = {node: content_key(inits[w]) for node, w in matmul_weights(model).items()}
-    row_read = {k for name, model in models.items() if one_row_graph(model)
-                for k in keys[name].values()}
+    rows = {name: one_row_graph(model) for name, model in models.items()}
+    row_read = {k for name in models if rows[name] for k in keys[name].values()}
     return {name: [node for node, k in keys[name].items() if k not in row_read]
-            for name, model in models.items() if not one_row_graph(model)}
+            for name in models if not rows[name]}
 
 
 def quantize_model(model: Any, scheme: str, keep: list[str], group_size: int = DEFAULT_GROUP,
@@ -363,10 +363,11 @@ def quantize_bundle_graphs(folder: Path, files: dict[str, str], scheme: str, kee
     def survey(models: dict[str, Any]) -> None:
         many.update(many_row_weights(models))
 
+    # only int8 has a many-row kernel of its own: the survey hashes every weight
     return rewrite_bundle_graphs(
         folder, files, lambda name, model: quantize_model(model, scheme, keep, group_size,
                                                           sensitive, many.get(name)),
-        survey)
+        survey if scheme == "int8" else None)
 
 
 def rewrite_bundle_graphs(folder: Path, files: dict[str, str],

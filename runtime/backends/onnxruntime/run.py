@@ -41,12 +41,6 @@ class ExecutionProvider(Protocol):
         ...
 
 
-#: the config entries ``load`` sets on its base options; ``_clone_options`` carries each into
-#: every session (SessionOptions has no way to list them: one set missing here never applies)
-CONFIG_ENTRIES = ("session.disable_prepacking", "session.set_denormal_as_zero",
-                  "session.intra_op.allow_spinning")
-
-
 def load(root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
          threads: int | None = None,
          prepack: frozenset[str] = frozenset(),
@@ -55,47 +49,13 @@ def load(root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
     (then each runner's ``assigned`` counts the nodes each provider took)."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or default_threads()
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    # No arena: it keeps the encoder's largest activations (a Whisper encoder's attention
-    # maps: ~100 MB for 30 s) for the life of the session and grows by powers of two;
-    # without it they go back to the system after each run. Measured: Whisper-tiny peak RSS
-    # 486 -> 398 MB, decode speed unchanged (docs/benchmarks.md).
-    opts.enable_cpu_mem_arena = False
-    # The memory pattern is one block per call for all intermediates: under a memory budget
-    # (a fixed 64 KiB mmap threshold) a fresh mapping each call (2.2 MB for mamba-bytes'
-    # verify) whose pages fault in zeroed; without it the (small) intermediates come from
-    # the heap. Measured on the code workload's budgeted draft: 2018 -> 2311 tokens/s, peak
-    # 31.2 -> 30.0 MiB. Without a budget the pattern is faster (2970 against 2537).
-    opts.enable_mem_pattern = not backend_base.ALLOCATOR_BOUNDED
-    # Private prepacked copies per session would undo the sharing; for decoding (one row per
-    # step) prepacking did not change speed on our CPUs. Graphs that take many rows a call
-    # (a speculative chunk) gain from it, and a memory plan that affords the packed copy
-    # names them in ``prepack`` (measured on the zoo's typo fixer, ORT, 1 thread:
-    # decoder_chunk at 16 tokens 527 -> 479 us; the input-guided loop ~10% faster).
-    # Quantized kernels (MatMulNBits, DynamicQuantizeMatMul) pack their weights once at load;
-    # without prepacking they repack on every call (measured at the Mamba-130M shape: int4
-    # decode at 0.13x of fp32 instead of 2.9x). Each session then holds its packed copy of
-    # the (small) quantized weights.
     packs = packs_anyway(manifest.quant)
-    opts.add_session_config_entry("session.disable_prepacking", "0" if packs else "1")
-    # Recurrent states can decay into denormal floats, which CPUs process many times slower
-    # (training the zoo model hit this); they carry no signal (< 1.2e-38), so the session's
-    # threads flush them. No effect on the speed of healthy states.
-    opts.add_session_config_entry("session.set_denormal_as_zero", "1")
-    # Worker threads sleep between operators instead of spinning: with another process busy on
-    # a core (a phone is never idle), a spinning pool waits on its descheduled worker at every
-    # parallel operator. Mamba-130M int4, 2 threads, the second core busy: 60-72 tokens/s
-    # spinning, 97-117 not; on an idle host spinning gains ~5% (docs/benchmarks.md).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    threads = threads or default_threads()
     weights = _SharedWeights(root / WEIGHTS_FILE)
     runners = {}
     for name, e in entries.items():
         path = root / e.files[OrtBackend.format]
-        sess_opts = weights.bind(path, opts, prepack=name in prepack)
+        sess_opts = weights.bind(path, session_options(threads, packs or name in prepack))
         if ep is not None:
             ep.configure(sess_opts)
             sess_opts.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
@@ -122,6 +82,49 @@ def load(root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
     model = _OrtModel(runners, shared_state_specs(entries))
     model.weights = weights  # the sessions read these buffers: keep them alive
     return model
+
+
+def session_options(threads: int, packs: bool) -> Any:
+    """One session's options (SessionOptions cannot be copied, and the shared weights are
+    attached to each session's own). ``packs``: the session prepacks its weights."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    # No arena: it keeps the encoder's largest activations (a Whisper encoder's attention
+    # maps: ~100 MB for 30 s) for the life of the session and grows by powers of two;
+    # without it they go back to the system after each run. Measured: Whisper-tiny peak RSS
+    # 486 -> 398 MB, decode speed unchanged (docs/benchmarks.md).
+    opts.enable_cpu_mem_arena = False
+    # The memory pattern is one block per call for all intermediates: under a memory budget
+    # (a fixed 64 KiB mmap threshold) a fresh mapping each call (2.2 MB for mamba-bytes'
+    # verify) whose pages fault in zeroed; without it the (small) intermediates come from
+    # the heap. Measured on the code workload's budgeted draft: 2018 -> 2311 tokens/s, peak
+    # 31.2 -> 30.0 MiB. Without a budget the pattern is faster (2970 against 2537).
+    opts.enable_mem_pattern = not backend_base.ALLOCATOR_BOUNDED
+    # Private prepacked copies per session would undo the sharing; for decoding (one row per
+    # step) prepacking did not change speed on our CPUs. Graphs that take many rows a call
+    # (a speculative chunk) gain from it, and a memory plan that affords the packed copy
+    # names them in ``prepack`` (measured on the zoo's typo fixer, ORT, 1 thread:
+    # decoder_chunk at 16 tokens 527 -> 479 us; the input-guided loop ~10% faster).
+    # Quantized kernels (MatMulNBits, DynamicQuantizeMatMul) pack their weights once at load;
+    # without prepacking they repack on every call (measured at the Mamba-130M shape: int4
+    # decode at 0.13x of fp32 instead of 2.9x). Each session then holds its packed copy of
+    # the (small) quantized weights.
+    opts.add_session_config_entry("session.disable_prepacking", "0" if packs else "1")
+    # Recurrent states can decay into denormal floats, which CPUs process many times slower
+    # (training the zoo model hit this); they carry no signal (< 1.2e-38), so the session's
+    # threads flush them. No effect on the speed of healthy states.
+    opts.add_session_config_entry("session.set_denormal_as_zero", "1")
+    # Worker threads sleep between operators instead of spinning: with another process busy on
+    # a core (a phone is never idle), a spinning pool waits on its descheduled worker at every
+    # parallel operator. Mamba-130M int4, 2 threads, the second core busy: 60-72 tokens/s
+    # spinning, 97-117 not; on an idle host spinning gains ~5% (docs/benchmarks.md).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
 
 
 def _disabled(e: GraphEntry) -> list[str]:
@@ -402,12 +405,12 @@ class _SharedWeights:
         if self._mmap is not None and hasattr(mmap, "MADV_DONTNEED"):
             self._mmap.madvise(mmap.MADV_DONTNEED)
 
-    def bind(self, model_path: Path, base: Any, prepack: bool = False) -> Any:
+    def bind(self, model_path: Path, opts: Any) -> Any:
+        """``opts`` with this graph's initializers attached, each read from the mapped file."""
         import onnxruntime as ort
 
         from edgeseq.runtime.backends.onnxruntime.records import EXTERNAL, ProtoError, initializers
 
-        opts = _clone_options(base, prepack)
         try:
             # the records only, without the onnx package (16 MB resident in every process)
             records = initializers(model_path.read_bytes())
@@ -439,20 +442,3 @@ class _SharedWeights:
                 self.values[key] = ort.OrtValue.ortvalue_from_numpy(arr)
             opts.add_initializer(init.name, self.values[key])
         return opts
-
-
-def _clone_options(base: Any, prepack: bool = False) -> Any:
-    """SessionOptions cannot be copied, and initializers added to one are per session.
-    ``prepack``: this session packs its weights (overrides the base's setting)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    for attr in ("intra_op_num_threads", "inter_op_num_threads", "graph_optimization_level",
-                 "log_severity_level", "enable_cpu_mem_arena", "enable_mem_pattern"):
-        setattr(opts, attr, getattr(base, attr))
-    for key in CONFIG_ENTRIES:
-        value = base.get_session_config_entry(key)
-        if key == "session.disable_prepacking" and prepack:
-            value = "0"
-        opts.add_session_config_entry(key, value)
-    return opts
