@@ -134,6 +134,9 @@ def half_precision(graphs: dict[str, StreamingGraph]) -> dict[str, StreamingGrap
     import dataclasses
 
     memo: dict[int, Any] = {}
+    # the control-flow variant is for backends that lower from float (ONNX Runtime's fp16 is
+    # a rewrite of the float graph): not carried into half precision
     return {name: dataclasses.replace(
-                g, module=_HalfPrecision(copy.deepcopy(g.module, memo).half()).eval())
+                g, module=_HalfPrecision(copy.deepcopy(g.module, memo).half()).eval(),
+                control_flow=None, serves=None)
             for name, g in graphs.items()}

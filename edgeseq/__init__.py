@@ -10,8 +10,10 @@ from typing import Any
 __version__ = "0.1.0"
 
 
-def load(path: Any, backend: str = "ort", threads: int | None = None) -> Any:
-    """Open a bundle; see :func:`edgeseq.runtime.session.load`."""
+def load(path: Any, backend: str = "ort", threads: int | None = None,
+         graphs: set[str] | None = None) -> Any:
+    """Open a bundle; see :func:`edgeseq.runtime.session.load` (``graphs``: which graphs to
+    load, e.g. ``{"prefill"}`` for one session that also serves a Mamba bundle's steps)."""
     from edgeseq.runtime.session import load as _load
 
-    return _load(path, backend=backend, threads=threads)
+    return _load(path, backend=backend, threads=threads, graphs=graphs)

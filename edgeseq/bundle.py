@@ -118,6 +118,14 @@ class StreamingGraph:
     dim_bounds: dict[str, tuple[int, ...]] = field(default_factory=dict)
     #: builds example inputs from concrete dims when random ones would be invalid (masks, positions)
     make_example: Any = None
+    #: the same graph written with control flow (torch's ``scan``: an ONNX ``Scan``), for
+    #: backends that run it: its cost follows the chunk's length, so a chunk of one costs
+    #: about what ``serves``' graph does, and a runtime may run both from one session (one
+    #: copy of the weights, packed once)
+    control_flow: Any = None
+    #: the one-position graph ``control_flow`` serves (``step``): the same state, and the same
+    #: inputs and outputs less the ``chunk`` axis
+    serves: str | None = None
 
     def example_inputs(self, dims: dict[str, int] | None = None, seed: int = 0,
                        vocab_size: int | None = None) -> tuple:

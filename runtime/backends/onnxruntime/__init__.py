@@ -18,6 +18,11 @@ from edgeseq.runtime.backends.base import MB, Backend, LoadedModel, OpsProfiler,
 
 #: the one file every graph of a bundle reads its large initializers from
 WEIGHTS_FILE = "weights.onnx.data"
+#: metadata keys of a graph lowered from its control-flow variant (``StreamingGraph.
+#: control_flow``): that it holds control flow (``Scan``), and the one-position graph whose
+#: calls it can serve (``StreamingGraph.serves``)
+CONTROL_FLOW_KEY = "edgeseq.control_flow"
+SERVES_KEY = "edgeseq.serves"
 
 
 @register_backend("ort")

@@ -34,8 +34,20 @@ T = ".T"
 _COLUMNS = "_columns"
 
 
+def reads(node: Any) -> list[str]:
+    """The names ``node`` reads from its graph: its inputs, and those its subgraphs (an
+    ``If``'s branches) read from the enclosing scope, which are no inputs of the node."""
+    out = list(node.input)
+    for a in node.attribute:
+        for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+            inner = ({o for n in sub.node for o in n.output}
+                     | {i.name for i in sub.initializer} | {i.name for i in sub.input})
+            out += [x for n in sub.node for x in reads(n) if x not in inner]
+    return out
+
+
 def drop_unused_initializers(g: Any) -> None:
-    used = {i for node in g.node for i in node.input}
+    used = {i for node in g.node for i in reads(node)}
     keep = [i for i in g.initializer if i.name in used]
     del g.initializer[:]
     g.initializer.extend(keep)
@@ -45,7 +57,7 @@ def consumers(g: Any) -> dict[str, list[Any]]:
     """{value name: the nodes of graph ``g`` that read it}."""
     out: dict[str, list[Any]] = {}
     for node in g.node:
-        for x in node.input:
+        for x in reads(node):
             out.setdefault(x, []).append(node)
     return out
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from edgeseq.bundle import StreamingGraph
-from edgeseq.runtime.backends.onnxruntime import WEIGHTS_FILE
+from edgeseq.runtime.backends.onnxruntime import CONTROL_FLOW_KEY, SERVES_KEY, WEIGHTS_FILE
 
 OPSET = 18
 # initializers at least this large go to the shared weights file; smaller ones stay inline
@@ -94,6 +94,10 @@ def _lower_graph(g: StreamingGraph, dtype: str, path: Path, fused: bool = True) 
     from edgeseq.runtime.backends.onnxruntime.stamp import StampError, export_stamped
 
     tune_exporter()
+    if g.control_flow is not None:
+        import dataclasses
+
+        g = dataclasses.replace(g, module=g.control_flow)
     proto = None
     if stages_of(g.module):
         try:
@@ -108,6 +112,9 @@ def _lower_graph(g: StreamingGraph, dtype: str, path: Path, fused: bool = True) 
                                   opset_version=OPSET, dynamo=True, verbose=False,
                                   optimize=True).model_proto
     model = _strip_node_metadata(_name_dynamic_dims(proto, g))
+    if g.control_flow is not None:
+        onnx.helper.set_model_props(model, {CONTROL_FLOW_KEY: "1",
+                                            **({SERVES_KEY: g.serves} if g.serves else {})})
     if fused:
         fuse_attention(model)
     onnx.save_model(model, str(path), save_as_external_data=True,
@@ -152,7 +159,10 @@ def tune_exporter() -> None:
             from torch.onnx._internal.exporter import _fx_passes
 
             gm = exported_program.graph_module
-            _fx_passes.insert_type_promotion_nodes(gm)
+            if not _has_scan(gm):
+                # its fake-tensor run of a ``scan`` over a dynamic batch fails (torch 2.13);
+                # a scan graph's operands are float already (Mamba's; parity checks it)
+                _fx_passes.insert_type_promotion_nodes(gm)
             exported_program._graph_module = _fx_passes.remove_assertion_nodes(gm)
             return exported_program
 
@@ -199,7 +209,20 @@ def _plain_casts(gm: Any) -> None:
 
 def _all_registered(exported_program: Any, registry: Any) -> bool:
     """Every operator of the program has an ONNX translation as it stands (what the
-    exporter's decomposition pass would leave alone); higher-order operators never count."""
+    exporter's decomposition pass would leave alone). Of higher-order operators only ``scan``
+    counts, where its body's operators do: the exporter translates it to an ONNX ``Scan``,
+    and its decomposition pass fails on a ``scan`` over a dynamic batch (torch 2.13)."""
+    return _registered_graph(exported_program.graph_module, registry)
+
+
+def _has_scan(gm: Any) -> bool:
+    import torch
+
+    return any(n.op == "call_function" and n.target is torch.ops.higher_order.scan
+               for n in gm.graph.nodes)
+
+
+def _registered_graph(gm: Any, registry: Any) -> bool:
     import operator
 
     import torch
@@ -207,12 +230,16 @@ def _all_registered(exported_program: Any, registry: Any) -> bool:
     asserts = {torch.ops.aten._assert_tensor_metadata.default,
                torch.ops.aten._assert_scalar.default,
                torch.ops.aten.sym_constrain_range_for_size.default}
-    for node in exported_program.graph.nodes:
+    for node in gm.graph.nodes:
         if node.op != "call_function" or node.target in asserts:
             continue
         t = node.target
         if isinstance(t, torch._ops.OpOverload):
             if not registry.is_registered(t):
+                return False
+        elif t is torch.ops.higher_order.scan:
+            body = getattr(gm, node.args[0].target, None)
+            if body is None or not _registered_graph(body, registry):
                 return False
         elif getattr(t, "__module__", None) not in (operator.__name__, "_operator"):
             return False

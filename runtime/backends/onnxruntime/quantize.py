@@ -389,7 +389,12 @@ def rewrite_bundle_graphs(folder: Path, files: dict[str, str],
         survey(models)
     reports = {}
     for name in list(models):
+        kept = {p.key: p.value for p in models[name].metadata_props}
         models[name], reports[name] = rewrite(name, models[name])
+        # ONNX Runtime's quantizers replace a model's metadata: the bundle's entries
+        # (``SERVES_KEY``) stay, the rewriter's own are added
+        props = {p.key: p.value for p in models[name].metadata_props}
+        onnx.helper.set_model_props(models[name], {**kept, **props})
     (folder / WEIGHTS_FILE).unlink(missing_ok=True)
     share_weights(models, folder / WEIGHTS_FILE)
     for name, model in models.items():

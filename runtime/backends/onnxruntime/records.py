@@ -2,14 +2,14 @@
 
 At load the ONNX Runtime backend needs, of each graph file, only where each initializer's bytes
 lie in the bundle's weights file (name, element type, shape, external-data location, offset and
-length), to hand ONNX Runtime the mapped weights instead of letting it read paths of the graph's
+length), and what the lowering stamped on the file (its metadata), to hand ONNX Runtime the mapped weights instead of letting it read paths of the graph's
 choosing. Importing ``onnx`` for that cost 16 MB of resident memory in every process that runs a
 bundle (measured at the Mamba-130M shape; docs/benchmarks.md) and parsed every node of the graph
 into Python objects. This reads the protobuf wire format of the few fields it needs and skips the
 rest by length.
 
 The file is untrusted: every length is checked against the buffer, varints are at most 10 bytes,
-nesting is fixed (model -> graph -> initializer -> external-data entry), and anything malformed is
+nesting is fixed (model -> graph -> initializer -> external-data entry; model -> metadata entry), and anything malformed is
 ``ProtoError``, which the backend reports as "not an ONNX model" naming the file.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ import numpy as np
 
 # onnx.proto field numbers (stable since the format's first release)
 _MODEL_GRAPH = 7
+_MODEL_METADATA_PROPS = 14
 _GRAPH_INITIALIZER = 5
 _TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_NAME, _TENSOR_RAW_DATA = 1, 2, 8, 9
 _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 13, 14
@@ -70,6 +71,27 @@ def initializers(data: bytes | memoryview) -> list[Initializer]:
     return out
 
 
+def model_props(data: bytes | memoryview) -> dict[str, str]:
+    """The model's ``metadata_props`` (what the lowering stamped on the graph file)."""
+    buf = memoryview(data)
+    out = {}
+    for num, wire, val in _fields(buf, 0, len(buf)):
+        if num == _MODEL_METADATA_PROPS and wire == 2:
+            out.update(_entry(buf, val))
+    return out
+
+
+def _entry(buf: memoryview, span: object) -> dict[str, str]:
+    """One ``StringStringEntryProto`` as {key: value}."""
+    key = value = ""
+    for num, wire, val in _fields(buf, *span):  # type: ignore[misc]
+        if num == _ENTRY_KEY and wire == 2:
+            key = _text(buf, val)
+        elif num == _ENTRY_VALUE and wire == 2:
+            value = _text(buf, val)
+    return {key: value}
+
+
 def _tensor(buf: memoryview, start: int, end: int) -> Initializer:
     t = Initializer()
     for num, wire, val in _fields(buf, start, end):
@@ -90,13 +112,7 @@ def _tensor(buf: memoryview, start: int, end: int) -> Initializer:
         elif num == _TENSOR_DATA_LOCATION and wire == 0:
             t.data_location = val
         elif num == _TENSOR_EXTERNAL_DATA and wire == 2:
-            key = value = ""
-            for enum, ewire, eval_ in _fields(buf, *val):
-                if enum == _ENTRY_KEY and ewire == 2:
-                    key = _text(buf, eval_)
-                elif enum == _ENTRY_VALUE and ewire == 2:
-                    value = _text(buf, eval_)
-            t.external_data[key] = value
+            t.external_data.update(_entry(buf, val))
     return t
 
 

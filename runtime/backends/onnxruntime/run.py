@@ -23,7 +23,8 @@ from edgeseq.bundle import (BundleError, GraphEntry, Manifest, Quantization, one
                             shared_state_specs)
 from edgeseq.runtime.backends import base as backend_base
 from edgeseq.runtime.backends.base import KeptBuffers, LoadedModel, check_io, static_traces
-from edgeseq.runtime.backends.onnxruntime import WEIGHTS_FILE, OrtBackend
+from edgeseq.runtime.backends.onnxruntime import (CONTROL_FLOW_KEY, SERVES_KEY, WEIGHTS_FILE,
+                                                  OrtBackend)
 
 
 class ExecutionProvider(Protocol):
@@ -52,10 +53,12 @@ def load(root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
     packs = packs_anyway(manifest.quant)
     threads = threads or default_threads()
     weights = _SharedWeights(root / WEIGHTS_FILE)
-    runners = {}
+    runners: dict[str, Any] = {}
     for name, e in entries.items():
         path = root / e.files[OrtBackend.format]
-        sess_opts = weights.bind(path, session_options(threads, packs or name in prepack))
+        data = _read_graph(path)
+        props = model_props_of(path, data)
+        sess_opts = weights.bind(path, session_options(threads, packs or name in prepack), data)
         if ep is not None:
             ep.configure(sess_opts)
             sess_opts.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
@@ -63,7 +66,7 @@ def load(root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
             with ep.creating() if ep is not None else nullcontext():
                 sess = ort.InferenceSession(str(path), sess_options=sess_opts,
                                             providers=None if ep else ["CPUExecutionProvider"],
-                                            disabled_optimizers=_disabled(e))
+                                            disabled_optimizers=_disabled(e, props))
         except Exception as err:  # ORT's own types (Fail, InvalidGraph, ...) name no file
             via = f" with {ep.name}" if ep else ""
             raise BundleError(f"{path}: ONNX Runtime cannot load it{via} ("
@@ -77,6 +80,13 @@ def load(root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
         runners[name] = _OrtRunner(e, sess)
         if ep is not None:
             runners[name].assigned = assigned_nodes(sess)
+        # A chunk graph that serves a one-position graph's calls (``StreamingGraph.serves``)
+        # runs them when that graph was not asked for: one session, one packed copy of the
+        # weights, for callers that put memory before step speed (docs/benchmarks.md)
+        target = props.get(SERVES_KEY)
+        if (ep is None and target and target not in entries and target in manifest.graphs
+                and serves(e, manifest.graphs[target])):
+            runners[target] = _OneRowRunner(manifest.graphs[target], e, sess)
     if packs:
         weights.release_pages()
     model = _OrtModel(runners, shared_state_specs(entries))
@@ -127,12 +137,39 @@ def session_options(threads: int, packs: bool) -> Any:
     return opts
 
 
-def _disabled(e: GraphEntry) -> list[str]:
+def _disabled(e: GraphEntry, props: dict[str, str]) -> list[str]:
     """ONNX Runtime graph optimizers a graph runs without. A one-row graph (a decode step) keeps
     ``MatMul`` x scalar apart: fused, the scale sends the product from MLAS's one-row kernel
     (which takes none) to its general GEMM - T5's scaled LM head: t5-small decode at 1 thread
-    49-56 -> 87-91 tokens/s without the fusion (docs/benchmarks.md)."""
-    return ["MatMulScaleFusion"] if one_row(e.inputs) else []
+    49-56 -> 87-91 tokens/s without the fusion (docs/benchmarks.md).
+
+    A graph with control flow (``CONTROL_FLOW_KEY``: Mamba's ``Scan`` prefill) runs without
+    the transpose optimizer: it pushes the transposes around a ``Scan`` into the constants of
+    the ops before it and reshapes such a constant in the graph (a (1536,) weight to (1, 1536,
+    1)), but a weight handed over as a mapped buffer (``_SharedWeights``) keeps its shape, and
+    the session fails on the mismatch (ONNX Runtime 1.31). Measured on the Mamba-130M int4
+    prefill: no slower without it (16 tokens 54 ms, 60 with)."""
+    out = ["MatMulScaleFusion"] if one_row(e.inputs) else []
+    if props.get(CONTROL_FLOW_KEY):
+        out += ["TransposeOptimizer", "TransposeOptimizer_CPUExecutionProvider"]
+    return out
+
+
+def _read_graph(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise BundleError(f"{path}: cannot read it ({_first_line(e)})") from None
+
+
+def model_props_of(path: Path, data: bytes) -> dict[str, str]:
+    """The graph file's metadata (``records.model_props``); a malformed file is refused."""
+    from edgeseq.runtime.backends.onnxruntime.records import ProtoError, model_props
+
+    try:
+        return model_props(data)
+    except ProtoError as e:
+        raise BundleError(f"{path}: not an ONNX model ({_first_line(e)})") from None
 
 
 def assigned_nodes(sess: Any) -> dict[str, dict[str, int]]:
@@ -303,6 +340,51 @@ class _OrtRunner:
         return _Bound(io, src, dst, fixed, kept)
 
 
+def serves(chunk: GraphEntry, one: GraphEntry) -> bool:
+    """Whether ``chunk``'s calls can stand for ``one``'s at a chunk of one: the same state, and
+    each of ``one``'s inputs and outputs is ``chunk``'s of that name less its ``chunk`` axis."""
+    def less_chunk(specs: list[Any]) -> dict[str, tuple[Any, ...]]:
+        return {s.name: (s.dtype, tuple(d for d in s.shape if d != "chunk")) for s in specs
+                if len(s.shape) > 1 and s.shape[1] == "chunk"}
+
+    def plain(specs: list[Any]) -> dict[str, tuple[Any, ...]]:
+        return {s.name: (s.dtype, tuple(s.shape)) for s in specs}
+
+    return (chunk.state == one.state and less_chunk(chunk.inputs) == plain(one.inputs)
+            and len(chunk.inputs) == len(one.inputs)
+            and less_chunk(chunk.outputs) == plain(one.outputs)
+            and len(chunk.outputs) == len(one.outputs))
+
+
+class _OneRowRunner:
+    """A one-position graph's calls (``step``: ids (b,), logits (b, v)) run by the session of
+    the chunk graph that serves them (``serves``), at a chunk of one: ids (b, 1), logits
+    (b, 1, v). Its IOBindings are kept across calls as the one-position graph's own would be
+    (``keeps_bindings``): a chunk of one has every output's shape known before the call."""
+
+    def __init__(self, entry: GraphEntry, chunk: GraphEntry, sess: Any):
+        self.entry = entry
+        self.sess = sess
+        self.assigned: dict[str, dict[str, int]] | None = None
+        self.inner = _OrtRunner(chunk, sess)
+        self.inner.reuse = keeps_bindings(entry) and (
+            len(self.inner.kept) + len(self.inner.fixed) == len(chunk.outputs))
+
+    @property
+    def reuse(self) -> bool:
+        return self.inner.reuse
+
+    @reuse.setter
+    def reuse(self, keep: bool) -> None:
+        self.inner.reuse = keep
+
+    def run(self, inputs: dict[str, np.ndarray], state: _OrtState
+            ) -> tuple[dict[str, np.ndarray], _OrtState]:
+        out, state = self.inner.run({k: np.asarray(v)[:, None] for k, v in inputs.items()},
+                                    state)
+        return {s.name: out[s.name][:, 0] for s in self.entry.outputs}, state
+
+
 def keeps_bindings(entry: GraphEntry) -> bool:
     """Whether the runner keeps this graph's IOBindings across calls (``_run_bound``): graphs
     fed one token a call (``step``, ``exit_step``, ``draft_loop``) over a state of fixed shape.
@@ -405,15 +487,16 @@ class _SharedWeights:
         if self._mmap is not None and hasattr(mmap, "MADV_DONTNEED"):
             self._mmap.madvise(mmap.MADV_DONTNEED)
 
-    def bind(self, model_path: Path, opts: Any) -> Any:
-        """``opts`` with this graph's initializers attached, each read from the mapped file."""
+    def bind(self, model_path: Path, opts: Any, data: bytes | None = None) -> Any:
+        """``opts`` with this graph's initializers attached, each read from the mapped file
+        (``data``: the graph file's bytes, where the caller has read them)."""
         import onnxruntime as ort
 
         from edgeseq.runtime.backends.onnxruntime.records import EXTERNAL, ProtoError, initializers
 
         try:
             # the records only, without the onnx package (16 MB resident in every process)
-            records = initializers(model_path.read_bytes())
+            records = initializers(model_path.read_bytes() if data is None else data)
         except (OSError, ProtoError) as e:
             raise BundleError(f"{model_path}: not an ONNX model ({_first_line(e)})") from None
         for init in records:
