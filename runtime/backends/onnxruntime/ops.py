@@ -39,7 +39,11 @@ def collect(model: LoadedModel, tmp: Path, sequence: list[str]) -> dict[str, Any
     """Per graph, the top operator types of its session's trace (``sequence`` is not
     needed: each graph has a session, and so a trace, of its own)."""
     out = {}
+    seen: set[int] = set()
     for name, runner in model.runners.items():
+        if id(runner.sess) in seen:  # a step served by the prefill's session: in its trace
+            continue
+        seen.add(id(runner.sess))
         path = Path(runner.sess.end_profiling())
         times: dict[str, dict[str, list[float]]] = {}
         runs = []
