@@ -29,9 +29,10 @@ from edgeseq.registry import register_family
 
 # Longest prefill chunk. The static scan (ExecuTorch's prefill, every backend's ``verify``) runs
 # over this length (a chunk is padded to it), so a longer bound costs every call more; ONNX
-# Runtime's prefill scans the chunk's own length (``MambaPrefill.scan_op``). Measured on mamba-bytes (ORT, 1 thread): 32 tokens take
-# 2.6 ms (0.08 ms a token, against 0.37 for a step) and one token 1.6 ms; a bound of 64 took
-# 5.7 ms (no cheaper a token). ExecuTorch plans memory for it.
+# Runtime's prefill scans the chunk's own length (``MambaPrefill.scan_op``). Measured with the
+# static scan on mamba-bytes (ORT, 1 thread): 32 tokens take 2.6 ms (0.08 ms a token, against
+# 0.37 for a step) and one token 1.6 ms; a bound of 64 took 5.7 ms (no cheaper a token).
+# ExecuTorch plans memory for it.
 MAX_CHUNK = 32
 # Longest chunk of the ``verify`` graph (speculative decoding: the last token plus a draft of up
 # to 15). A ``draft_loop`` drafter's acceptance comes in long runs (the zoo drafter accepted all
