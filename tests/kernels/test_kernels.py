@@ -45,13 +45,19 @@ def test_selective_scan_ref_is_the_mamba_graphs_scan(trace: bool) -> None:
     x, dt, A, B, C, D, h0 = _mamba_inputs(2, 7, 16, 40, seed=0)
     # the graph's scan over a static length of 8 with a 7-token chunk: the padded position
     # must leave the state alone, as the kernel (which has no padding) does
-    graph = SimpleNamespace(length=8, trace=trace)
+    graph = SimpleNamespace(length=8, trace=trace, scan_op=False,
+                            _static_scan=lambda *a: MambaPrefill._static_scan(graph, *a))
     y_g, states_g, last_g = MambaPrefill._scan(graph, dt, dt * x, B, C, A, h0)
     y, last, states = selective_scan_ref(x, dt, A, B, C, None, h0, trace=trace)
     torch.testing.assert_close(y, y_g, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(last, last_g, rtol=1e-5, atol=1e-5)
     if trace:
         torch.testing.assert_close(states, states_g[:, :7], rtol=1e-5, atol=1e-5)
+    else:
+        # the scan as torch's scan operator (ONNX Runtime's prefill: an ONNX Scan)
+        y_s, _, last_s = MambaPrefill._scanned(dt, dt * x, B, C, A, h0)
+        torch.testing.assert_close(y, y_s, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(last, last_s, rtol=1e-5, atol=1e-5)
 
 
 @needs_triton

@@ -81,10 +81,13 @@ def load(root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
         if ep is not None:
             runners[name].assigned = assigned_nodes(sess)
         # A chunk graph that serves a one-position graph's calls (``StreamingGraph.serves``)
-        # runs them when that graph was not asked for: one session, one packed copy of the
-        # weights, for callers that put memory before step speed (docs/benchmarks.md)
+        # runs them when it is the one stateful graph asked for: one session, one packed copy
+        # of the weights, for callers that put memory before step speed (docs/benchmarks.md).
+        # With other stateful graphs loaded (a speculative plan's ``verify``), the caller's
+        # choice of graphs stands as it made it.
         target = props.get(SERVES_KEY)
-        if (ep is None and target and target not in entries and target in manifest.graphs
+        alone = [n for n, x in entries.items() if x.state] == [name]
+        if (ep is None and alone and target and target in manifest.graphs
                 and serves(e, manifest.graphs[target])):
             runners[target] = _OneRowRunner(manifest.graphs[target], e, sess)
     if packs:
