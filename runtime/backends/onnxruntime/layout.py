@@ -34,15 +34,19 @@ T = ".T"
 _COLUMNS = "_columns"
 
 
+def subgraphs(node: Any) -> list[Any]:
+    """The graphs a node holds as attributes (a ``Scan``'s body, an ``If``'s branches)."""
+    return [g for a in node.attribute for g in ([a.g] if a.HasField("g") else []) + list(a.graphs)]
+
+
 def reads(node: Any) -> list[str]:
-    """The names ``node`` reads from its graph: its inputs, and those its subgraphs (an
-    ``If``'s branches) read from the enclosing scope, which are no inputs of the node."""
+    """The names ``node`` reads from its graph: its inputs, and those its subgraphs read from
+    the enclosing scope, which are no inputs of the node."""
     out = list(node.input)
-    for a in node.attribute:
-        for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-            inner = ({o for n in sub.node for o in n.output}
-                     | {i.name for i in sub.initializer} | {i.name for i in sub.input})
-            out += [x for n in sub.node for x in reads(n) if x not in inner]
+    for sub in subgraphs(node):
+        inner = ({o for n in sub.node for o in n.output}
+                 | {i.name for i in sub.initializer} | {i.name for i in sub.input})
+        out += [x for n in sub.node for x in reads(n) if x not in inner]
     return out
 
 

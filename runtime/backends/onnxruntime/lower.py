@@ -287,12 +287,13 @@ def _strip_node_metadata(model: Any) -> Any:
     """Drop the exporter's per-node metadata (the FX node, its Python stack trace with the
     converting machine's paths, name scopes): three quarters of a Mamba prefill graph's bytes
     (479 of 659 kB), read by nothing at run time; inside subgraphs too (a ``Scan``'s body)."""
+    from edgeseq.runtime.backends.onnxruntime.layout import subgraphs
+
     def strip(graph: Any) -> None:
         for node in graph.node:
             del node.metadata_props[:]
-            for a in node.attribute:
-                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                    strip(sub)
+            for sub in subgraphs(node):
+                strip(sub)
 
     strip(model.graph)
     return model

@@ -54,6 +54,7 @@ def load(root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
     threads = threads or default_threads()
     weights = _SharedWeights(root / WEIGHTS_FILE)
     runners: dict[str, Any] = {}
+    stateful = [n for n, x in entries.items() if x.state]
     for name, e in entries.items():
         path = root / e.files[OrtBackend.format]
         data = _read_graph(path)
@@ -86,8 +87,7 @@ def load(root: Path, manifest: Manifest, entries: dict[str, GraphEntry],
         # With other stateful graphs loaded (a speculative plan's ``verify``), the caller's
         # choice of graphs stands as it made it.
         target = props.get(SERVES_KEY)
-        alone = [n for n, x in entries.items() if x.state] == [name]
-        if (ep is None and alone and target and target in manifest.graphs
+        if (ep is None and stateful == [name] and target and target in manifest.graphs
                 and serves(e, manifest.graphs[target])):
             runners[target] = _OneRowRunner(manifest.graphs[target], e, sess)
     if packs:
@@ -224,7 +224,9 @@ class _OrtState:
 
 
 class _OrtRunner:
-    def __init__(self, entry: GraphEntry, sess: Any):
+    def __init__(self, entry: GraphEntry, sess: Any, keep: bool | None = None):
+        """``keep``: whether calls may keep their bindings (default ``keeps_bindings(entry)``;
+        a chunk graph serving one-position calls takes that graph's answer)."""
         import onnxruntime
 
         self.ort = onnxruntime
@@ -256,7 +258,7 @@ class _OrtRunner:
         self._bufs = KeptBuffers()
         self.static = static_traces(entry)
         self.fixed = [s for s in entry.outputs if s not in self.kept and known(s)]
-        self.reuse = (keeps_bindings(entry)
+        self.reuse = ((keeps_bindings(entry) if keep is None else keep)
                       and len(self.kept) + len(self.fixed) == len(entry.outputs))
 
     def run(self, inputs: dict[str, np.ndarray], state: _OrtState
@@ -369,9 +371,7 @@ class _OneRowRunner:
         self.entry = entry
         self.sess = sess
         self.assigned: dict[str, dict[str, int]] | None = None
-        self.inner = _OrtRunner(chunk, sess)
-        self.inner.reuse = keeps_bindings(entry) and (
-            len(self.inner.kept) + len(self.inner.fixed) == len(chunk.outputs))
+        self.inner = _OrtRunner(chunk, sess, keep=keeps_bindings(entry))
 
     @property
     def reuse(self) -> bool:
@@ -490,17 +490,17 @@ class _SharedWeights:
         if self._mmap is not None and hasattr(mmap, "MADV_DONTNEED"):
             self._mmap.madvise(mmap.MADV_DONTNEED)
 
-    def bind(self, model_path: Path, opts: Any, data: bytes | None = None) -> Any:
+    def bind(self, model_path: Path, opts: Any, data: bytes) -> Any:
         """``opts`` with this graph's initializers attached, each read from the mapped file
-        (``data``: the graph file's bytes, where the caller has read them)."""
+        (``data``: the graph file's bytes)."""
         import onnxruntime as ort
 
         from edgeseq.runtime.backends.onnxruntime.records import EXTERNAL, ProtoError, initializers
 
         try:
             # the records only, without the onnx package (16 MB resident in every process)
-            records = initializers(model_path.read_bytes() if data is None else data)
-        except (OSError, ProtoError) as e:
+            records = initializers(data)
+        except ProtoError as e:
             raise BundleError(f"{model_path}: not an ONNX model ({_first_line(e)})") from None
         for init in records:
             if init.data_location != EXTERNAL:
